@@ -1,0 +1,64 @@
+"""The chunk handed to handlers, and the two exceptions handlers raise to steer retries.
+
+These names are public API: handlers written by users import them from ``chunkd``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+__all__ = ["Chunk", "PermanentError", "RetryLater"]
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One claimed chunk, immutable so a handler cannot corrupt what the worker reports.
+
+    ``idempotency_key`` stays the same across attempts of the same chunk: handlers run at
+    least once, so anything they write outside Postgres should be keyed on it.
+    """
+
+    queue_id: UUID
+    chunk_id: UUID
+    sync_job_id: UUID
+    seq: int
+    attempt: int
+    kind: str
+    payload: Any
+    job_payload: Any
+
+    @property
+    def idempotency_key(self) -> str:
+        # The chunk id never changes between attempts (the queue row may be re-claimed,
+        # the chunk definition may not), so it is the stable key.
+        return f"chunkd:{self.chunk_id}"
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The wire form used by the http and exec handlers."""
+        return {
+            "queue_id": str(self.queue_id),
+            "chunk_id": str(self.chunk_id),
+            "sync_job_id": str(self.sync_job_id),
+            "seq": self.seq,
+            "attempt": self.attempt,
+            "kind": self.kind,
+            "payload": self.payload,
+            "job_payload": self.job_payload,
+            "idempotency_key": self.idempotency_key,
+        }
+
+
+class PermanentError(Exception):
+    """Raised by a handler when retrying cannot help: the chunk fails at once."""
+
+
+class RetryLater(Exception):
+    """Raised by a handler to retry after ``delay_s`` seconds (an attempt is still spent)."""
+
+    def __init__(self, delay_s: float, message: str = "") -> None:
+        if delay_s < 0:
+            raise ValueError("RetryLater delay_s must be >= 0")
+        super().__init__(message or f"retry requested in {delay_s}s")
+        self.delay_s = float(delay_s)

@@ -1,0 +1,71 @@
+"""The daemon's settings: one frozen, validated object, durations always in seconds (``_s``)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+__all__ = ["RunSettings", "parse_duration"]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(text: str | float | int) -> float:
+    """``30``, ``30s``, ``500ms``, ``5m``, ``2h``, ``7d`` → seconds."""
+    if isinstance(text, int | float):
+        seconds = float(text)
+    else:
+        match = _DURATION.match(text)
+        if not match:
+            raise ValueError(f"{text!r} is not a duration (examples: 30, 30s, 500ms, 5m, 2h, 7d)")
+        seconds = float(match[1]) * _UNIT_S[match[2]]
+    if seconds < 0:
+        raise ValueError(f"duration {text!r} must not be negative")
+    return seconds
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    dsn: str
+    handlers: tuple[str, ...] = ()
+    concurrency: int = 10
+    lease_s: float = 60.0
+    reap_interval_s: float = 30.0
+    poll_interval_s: float = 30.0
+    chunk_timeout_s: float = 300.0
+    shutdown_timeout_s: float = 30.0
+    retry_base_s: float = 2.0
+    retry_cap_s: float = 600.0
+    metrics_port: int | None = None
+    http_headers: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError("--concurrency must be at least 1")
+        if self.lease_s < 1:
+            raise ValueError("--lease must be at least 1s (heartbeats run every lease/3)")
+        for name in ("reap_interval_s", "poll_interval_s", "chunk_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name[:-2].replace('_', '-')} must be positive")
+        if self.retry_cap_s < self.retry_base_s:
+            raise ValueError("--retry-cap must not be below --retry-base")
+
+    def public_dict(self) -> dict[str, object]:
+        """What start-up logs: no DSN password, no header values."""
+        from chunkd.db import redact_dsn
+
+        return {
+            "dsn": redact_dsn(self.dsn),
+            "handlers": list(self.handlers),
+            "concurrency": self.concurrency,
+            "lease_s": self.lease_s,
+            "reap_interval_s": self.reap_interval_s,
+            "poll_interval_s": self.poll_interval_s,
+            "chunk_timeout_s": self.chunk_timeout_s,
+            "shutdown_timeout_s": self.shutdown_timeout_s,
+            "retry_base_s": self.retry_base_s,
+            "retry_cap_s": self.retry_cap_s,
+            "metrics_port": self.metrics_port,
+            "http_headers": sorted(self.http_headers),
+        }

@@ -1,0 +1,110 @@
+"""Small wrappers over the public SQL contract, so tests read as the behaviour they check."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+
+async def create_job(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    n: int | list[Any],
+    *,
+    kind: str = "test",
+    max_concurrency: int | None = None,
+    max_attempts: int = 3,
+    priority: int = 0,
+    payload: Any = None,
+) -> UUID:
+    chunks = [{"i": i} for i in range(n)] if isinstance(n, int) else n
+    return await conn.fetchval(
+        "SELECT chunkd.create_sync_job($1, $2::jsonb, $3::jsonb, $4, $5, $6)",
+        kind,
+        json.dumps(chunks),
+        json.dumps(payload if payload is not None else {}),
+        max_concurrency,
+        max_attempts,
+        priority,
+    )
+
+
+async def claim(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    worker: str,
+    batch: int = 1,
+    *,
+    kinds: list[str] | None = None,
+    lease: timedelta = timedelta(minutes=10),
+) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT * FROM chunkd.claim_next_chunk_job_safe($1, $2, $3, $4)",
+        worker,
+        batch,
+        kinds,
+        lease,
+    )
+
+
+async def complete(
+    conn: asyncpg.Connection, queue_id: UUID, worker: str, attempt: int, result: Any = None
+) -> bool:
+    return await conn.fetchval(
+        "SELECT chunkd.complete_chunk_job_safe($1, $2, $3, $4::jsonb)",
+        queue_id,
+        worker,
+        attempt,
+        json.dumps(result) if result is not None else None,
+    )
+
+
+async def fail(
+    conn: asyncpg.Connection,
+    queue_id: UUID,
+    worker: str,
+    attempt: int,
+    error: str = "boom",
+    *,
+    retryable: bool = True,
+    base: timedelta = timedelta(seconds=2),
+    cap: timedelta = timedelta(minutes=10),
+    retry_in: timedelta | None = None,
+) -> str | None:
+    return await conn.fetchval(
+        "SELECT chunkd.fail_chunk_job_safe($1, $2, $3, $4, $5, $6, $7, $8)",
+        queue_id,
+        worker,
+        attempt,
+        error,
+        retryable,
+        retry_in,
+        base,
+        cap,
+    )
+
+
+async def queue_row(conn: asyncpg.Connection, queue_id: UUID) -> asyncpg.Record:
+    return await conn.fetchrow(
+        "SELECT * FROM chunkd.chunk_processing_queue WHERE id = $1", queue_id
+    )
+
+
+async def status_counts(conn: asyncpg.Connection, job_id: UUID) -> dict[str, int]:
+    rows = await conn.fetch(
+        "SELECT status, count(*)::int AS n FROM chunkd.chunk_processing_queue "
+        "WHERE parent_sync_job_id = $1 GROUP BY status",
+        job_id,
+    )
+    return {r["status"]: r["n"] for r in rows}
+
+
+async def expire_leases(conn: asyncpg.Connection, job_id: UUID | None = None) -> None:
+    """Moves leases into the past, as if the lease time had elapsed without a heartbeat."""
+    await conn.execute(
+        "UPDATE chunkd.chunk_processing_queue SET lease_expires_at = now() - interval '1 second' "
+        "WHERE status = 'processing' AND ($1::uuid IS NULL OR parent_sync_job_id = $1)",
+        job_id,
+    )

@@ -1,0 +1,141 @@
+"""``chunkd migrate``: idempotent, safe concurrently, ``--check``, and clear connection errors."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+from chunkd.db import connect, redact_dsn
+
+
+async def _chunkd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k not in ("CHUNKD_DSN", "DATABASE_URL")}
+    full_env.update(env or {})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "chunkd.cli", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=full_env,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    return subprocess.CompletedProcess(args, proc.returncode, out.decode(), err.decode())
+
+
+async def _empty_database(pg_server, name: str) -> str:
+    admin = await connect(pg_server.admin_dsn)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    return pg_server.dsn(name)
+
+
+async def _drop(pg_server, name: str) -> None:
+    admin = await connect(pg_server.admin_dsn)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def test_migrate_twice_is_a_noop_and_check_reports(pg_server) -> None:
+    dsn = await _empty_database(pg_server, "chunkd_migrate_twice")
+    try:
+        behind = await _chunkd("migrate", "--check", "--dsn", dsn)
+        assert behind.returncode == 1
+        assert behind.stderr.strip() == (
+            "chunkd: error: database has no chunkd schema: run `chunkd migrate`"
+        )
+        first = await _chunkd("migrate", "--dsn", dsn)
+        assert first.returncode == 0, first.stderr
+        assert "applied migration(s) 1" in first.stdout
+        conn = await connect(dsn)
+        try:
+            before = await conn.fetchval(
+                "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = 'chunkd'"
+            )
+            second = await _chunkd("migrate", env={"DATABASE_URL": dsn})
+            assert second.returncode == 0 and "already current" in second.stdout
+            after = await conn.fetchval(
+                "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = 'chunkd'"
+            )
+            assert before == after
+            ok = await _chunkd("migrate", "--check", env={"CHUNKD_DSN": dsn})
+            assert ok.returncode == 0 and "current (version 1)" in ok.stdout
+            await conn.execute("INSERT INTO chunkd.schema_migrations VALUES (2, 'future')")
+            ahead = await _chunkd("migrate", "--check", "--dsn", dsn)
+            assert ahead.returncode == 1 and "does not know" in ahead.stderr
+            assert len(ahead.stderr.strip().splitlines()) == 1
+            refused = await _chunkd("migrate", "--dsn", dsn)
+            assert refused.returncode == 2 and "upgrade chunkd" in refused.stderr
+        finally:
+            await conn.close()
+    finally:
+        await _drop(pg_server, "chunkd_migrate_twice")
+
+
+async def test_two_concurrent_migrate_processes_apply_the_schema_once(pg_server) -> None:
+    dsn = await _empty_database(pg_server, "chunkd_migrate_race")
+    try:
+        results = await asyncio.gather(*(_chunkd("migrate", "--dsn", dsn) for _ in range(2)))
+        assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
+        outputs = sorted(r.stdout.strip() for r in results)
+        assert outputs == ["applied migration(s) 1", "chunkd schema already current"]
+        conn = await connect(dsn)
+        try:
+            rows = await conn.fetch("SELECT version FROM chunkd.schema_migrations")
+            assert [r["version"] for r in rows] == [1]
+        finally:
+            await conn.close()
+    finally:
+        await _drop(pg_server, "chunkd_migrate_race")
+
+
+async def test_bad_dsn_is_one_line_exit_2_without_password(pg_server) -> None:
+    cases = {
+        "postgresql://me:s3cretpw@127.0.0.1:1/db": "Connection refused",
+        "postgresql://me:s3cretpw@[bad/db": "cannot connect",
+        pg_server.dsn("no_such_database_here"): "does not exist",
+    }
+    for dsn, expected in cases.items():
+        result = await _chunkd("migrate", "--dsn", dsn)
+        assert result.returncode == 2, (dsn, result.stderr)
+        assert result.stderr.startswith("chunkd: error: "), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert expected in result.stderr
+        assert "s3cretpw" not in result.stderr and "Traceback" not in result.stderr
+    missing = await _chunkd("migrate")
+    assert missing.returncode == 2 and "--dsn" in missing.stderr
+
+
+def test_redact_dsn_hides_passwords_in_every_form() -> None:
+    assert redact_dsn("postgresql://u:pw@h:5/d") == "postgresql://u:***@h:5/d"
+    assert "pw" not in redact_dsn("postgresql://u@h/d?password=pw&sslmode=require")
+    assert "pw" not in redact_dsn("host=h user=u password=pw dbname=d")
+    assert redact_dsn("postgresql://u@h/d") == "postgresql://u@h/d"
+
+
+async def test_migrations_run_in_one_transaction_each(pg_server) -> None:
+    """A failing migration leaves nothing half-applied (checked on the real first migration)."""
+    dsn = await _empty_database(pg_server, "chunkd_migrate_tx")
+    try:
+        conn = await connect(dsn)
+        try:
+            # A conflicting object makes migration 1 fail part-way through.
+            await conn.execute("CREATE SCHEMA chunkd; CREATE TABLE chunkd.workers (x int)")
+            result = await _chunkd("migrate", "--dsn", dsn)
+            assert result.returncode == 2
+            assert result.stderr.startswith("chunkd: error: migration 1 (queue) failed: ")
+            assert "Traceback" not in result.stderr
+            assert await conn.fetchval("SELECT to_regclass('chunkd.sync_jobs')") is None
+            versions = await conn.fetchval(
+                "SELECT count(*) FROM chunkd.schema_migrations"
+            )  # the bootstrap committed, the migration did not
+            assert versions == 0
+        finally:
+            await conn.close()
+    finally:
+        await _drop(pg_server, "chunkd_migrate_tx")

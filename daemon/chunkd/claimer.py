@@ -1,0 +1,155 @@
+"""The claim loop: one statement claims as many chunks as there are free slots.
+
+It sleeps until something says work may be there: a NOTIFY, a timer armed for the earliest
+future ``run_at``, the safety poll, a (re)connect of the listener, or a slot freed after a
+claim that came back full (so more is likely queued). A claim that comes back short means
+the queue is drained for us, and we wait for the next signal instead of polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+from collections.abc import Callable, Sequence
+
+import structlog
+
+from chunkd.db import TRANSIENT_ERRORS, ClaimedRow, Queue
+from chunkd.inflight import InFlight
+from chunkd.metrics import Metrics
+
+__all__ = ["Claimer"]
+
+log = structlog.get_logger("chunkd.claimer")
+
+# After a slot frees while a backlog remains, wait this long for more slots so claims come in
+# batches rather than one statement per finished chunk.
+BATCH_WAIT_S = 0.002
+MAX_CLAIM = 500
+# Future due times remembered for the timer; beyond this the safety poll covers the rest.
+MAX_TIMERS = 10_000
+
+
+class Claimer:
+    def __init__(
+        self,
+        queue: Queue,
+        inflight: InFlight,
+        metrics: Metrics,
+        *,
+        worker_id: str,
+        kinds: Sequence[str],
+        lease_s: float,
+        start_chunk: Callable[[ClaimedRow], None],
+    ) -> None:
+        self._queue = queue
+        self._inflight = inflight
+        self._metrics = metrics
+        self._worker_id = worker_id
+        self._kinds = list(kinds)
+        self._lease_s = lease_s
+        self._start_chunk = start_chunk
+        self._wake = asyncio.Event()
+        self._maybe_more = True
+        self._backlog = False  # the last claim came back full
+        self._timer: asyncio.TimerHandle | None = None
+        self._due: list[float] = []  # heap of loop times at which retries become due
+        self._stopped = False
+        self._min_batch = max(1, inflight.concurrency // 4)
+
+    # --- signals -----------------------------------------------------------------------
+
+    def work_signalled(self) -> None:
+        """Something outside says chunks may be runnable now."""
+        self._maybe_more = True
+        self._wake.set()
+
+    def on_notify(self, payload: str) -> None:
+        try:
+            due_in_s = float(payload)
+        except ValueError:
+            due_in_s = 0.0
+        if due_in_s <= 0.001:
+            self.work_signalled()
+        else:
+            self.arm_timer(due_in_s)
+
+    def arm_timer(self, due_in_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        if len(self._due) < MAX_TIMERS:
+            heapq.heappush(self._due, loop.time() + due_in_s)
+        self._schedule_next()
+
+    def _schedule_next(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._due and not self._stopped:
+            self._timer = asyncio.get_running_loop().call_at(self._due[0], self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        now = asyncio.get_running_loop().time()
+        while self._due and self._due[0] <= now:
+            heapq.heappop(self._due)
+        self._timer = None
+        self._schedule_next()
+        self.work_signalled()
+
+    def slot_freed(self) -> None:
+        if self._backlog:
+            self._maybe_more = True
+            self._wake.set()
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._wake.set()
+
+    # --- the loop ----------------------------------------------------------------------
+
+    async def arm_from_database(self) -> None:
+        """After a (re)connect: NOTIFYs may have been missed, so look and poll at once."""
+        due_in_s = await self._queue.next_due_in(self._kinds)
+        if due_in_s is not None:
+            self.on_notify(str(due_in_s))
+        self.work_signalled()
+
+    async def run(self) -> None:
+        while not self._stopped:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._backlog and 0 < self._inflight.free_slots < self._min_batch:
+                await asyncio.sleep(BATCH_WAIT_S)
+            while self._maybe_more and not self._stopped and self._inflight.free_slots > 0:
+                await self._claim_once()
+
+    async def _claim_once(self) -> None:
+        wanted = min(self._inflight.free_slots, MAX_CLAIM)
+        # Cleared before the statement: a NOTIFY arriving while it runs sets it again.
+        self._maybe_more = False
+        try:
+            rows = await self._queue.claim(self._worker_id, wanted, self._kinds, self._lease_s)
+        except TRANSIENT_ERRORS as exc:
+            log.warning("claim.failed", error=str(exc) or type(exc).__name__)
+            self._maybe_more = True
+            await asyncio.sleep(0.5)
+            return
+        self._backlog = len(rows) == wanted
+        if self._backlog:
+            self._maybe_more = True
+        for row in rows:
+            self._inflight.claimed(row)
+            self._metrics.claimed.labels(row.kind).inc()
+            self._metrics.in_flight.inc()
+            log.debug(
+                "chunk.claimed",
+                sync_job_id=str(row.sync_job_id),
+                chunk_id=str(row.chunk_id),
+                queue_id=str(row.queue_id),
+                seq=row.seq,
+                attempt=row.attempt,
+                kind=row.kind,
+                worker_id=self._worker_id,
+            )
+            self._start_chunk(row)

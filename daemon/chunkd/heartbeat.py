@@ -1,0 +1,49 @@
+"""Renewing the leases of claims this process still holds, and its row in the workers table.
+
+Runs every lease/3, so two consecutive misses (a Postgres restart, a slow network) still
+leave the lease alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from chunkd.db import TRANSIENT_ERRORS, Queue
+from chunkd.inflight import InFlight
+
+__all__ = ["Heartbeat"]
+
+log = structlog.get_logger("chunkd.heartbeat")
+
+
+class Heartbeat:
+    def __init__(self, queue: Queue, inflight: InFlight, *, worker_id: str, lease_s: float) -> None:
+        self._queue = queue
+        self._inflight = inflight
+        self._worker_id = worker_id
+        self._lease_s = lease_s
+        self.interval_s = lease_s / 3
+
+    async def run_once(self) -> int:
+        held = self._inflight.held()
+        renewed = 0
+        if held:
+            renewed = await self._queue.heartbeat(self._worker_id, held, self._lease_s)
+            if renewed < len(held):
+                # Lost claims (reaped after a long stall, or their job was cancelled): their
+                # outcome will be fenced out when it comes.
+                log.warning(
+                    "lease.lost", held=len(held), renewed=renewed, worker_id=self._worker_id
+                )
+        await self._queue.worker_heartbeat(self._worker_id)
+        return renewed
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.run_once()
+            except TRANSIENT_ERRORS as exc:
+                log.warning("heartbeat.failed", error=str(exc) or type(exc).__name__)

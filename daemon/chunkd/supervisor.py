@@ -1,0 +1,243 @@
+"""One ``chunkd run`` process: starts the tasks, restarts any that dies, and stops gracefully.
+
+Tasks: the LISTEN connection, the claim loop, the completion flusher, heartbeats, the reaper,
+the safety poll, and the systemd notifier. Each chunk runs in a task of its own, bounded by
+``--concurrency`` slots. Stopping: no new claims, in-flight chunks get ``--shutdown-timeout``
+to finish, outcomes already produced are written, the rest is released without spending an
+attempt, and the worker row is removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from chunkd import __version__
+from chunkd.claimer import Claimer
+from chunkd.db import TRANSIENT_ERRORS, ClaimedRow, Listener, Queue, connect, create_pool
+from chunkd.handlers import HandlerRegistry
+from chunkd.heartbeat import Heartbeat
+from chunkd.inflight import InFlight
+from chunkd.metrics import Metrics
+from chunkd.migrate import check_schema
+from chunkd.outcomes import Outcomes
+from chunkd.reaper import Reaper
+from chunkd.sdnotify import Notifier
+from chunkd.settings import RunSettings
+from chunkd.worker import Worker
+
+__all__ = ["make_worker_id", "run_daemon"]
+
+log = structlog.get_logger("chunkd.supervisor")
+
+RESTART_DELAY_S = 1.0
+
+
+def make_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+async def _supervise(name: str, run: Callable[[], Awaitable[None]]) -> None:
+    """Keeps one long-running task alive: a crash is logged with its reason and restarted."""
+    while True:
+        try:
+            await run()
+            return  # a deliberate end (the claimer returns once stopped)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("task.crashed", task=name, restart_in_s=RESTART_DELAY_S)
+        await asyncio.sleep(RESTART_DELAY_S)
+
+
+async def run_daemon(
+    settings: RunSettings,
+    registry: HandlerRegistry,
+    stop: asyncio.Event,
+    *,
+    notifier: Notifier | None = None,
+    metrics: Metrics | None = None,
+) -> None:
+    """Runs until ``stop`` is set, then shuts down gracefully and returns."""
+    notifier = notifier or Notifier()
+    metrics = metrics or Metrics()
+    check_conn = await connect(settings.dsn)
+    try:
+        await check_schema(check_conn)
+    finally:
+        await check_conn.close()
+
+    pool = await create_pool(settings.dsn, size=min(settings.concurrency, 8) + 4)
+    queue = Queue(pool)
+    worker_id = make_worker_id()
+    kinds = registry.kinds
+    log.info(
+        "daemon.starting",
+        worker_id=worker_id,
+        version=__version__,
+        kinds=kinds,
+        settings=settings.public_dict(),
+    )
+    await queue.register_worker(
+        worker_id, socket.gethostname(), os.getpid(), __version__, kinds, settings.concurrency
+    )
+    if settings.metrics_port is not None:
+        metrics.serve(settings.metrics_port)
+
+    inflight = InFlight(settings.concurrency)
+    outcomes = Outcomes(
+        queue, worker_id, retry_base_s=settings.retry_base_s, retry_cap_s=settings.retry_cap_s
+    )
+    chunk_tasks: set[asyncio.Task[None]] = set()
+    claimer: Claimer
+
+    def start_chunk(row: ClaimedRow) -> None:
+        task = asyncio.create_task(worker.run(row), name=f"chunk-{row.queue_id}")
+        chunk_tasks.add(task)
+        task.add_done_callback(_chunk_done)
+
+    def _chunk_done(task: asyncio.Task[None]) -> None:
+        chunk_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("chunk.report_failed", error=repr(task.exception()), task=task.get_name())
+
+    worker = Worker(
+        registry.handlers,
+        outcomes,
+        inflight,
+        metrics,
+        worker_id=worker_id,
+        chunk_timeout_s=settings.chunk_timeout_s,
+        on_slot_freed=lambda: claimer.slot_freed(),
+    )
+    claimer = Claimer(
+        queue,
+        inflight,
+        metrics,
+        worker_id=worker_id,
+        kinds=kinds,
+        lease_s=settings.lease_s,
+        start_chunk=start_chunk,
+    )
+    heartbeat = Heartbeat(queue, inflight, worker_id=worker_id, lease_s=settings.lease_s)
+    reaper = Reaper(queue, metrics, interval_s=settings.reap_interval_s)
+    ready = asyncio.Event()
+
+    async def on_connected() -> None:
+        try:
+            await claimer.arm_from_database()
+        except TRANSIENT_ERRORS as exc:
+            log.warning("arm.failed", error=str(exc))
+            claimer.work_signalled()
+        if not ready.is_set():
+            ready.set()
+            notifier.ready(f"listening; 0/{settings.concurrency} in flight")
+            log.info("daemon.ready", worker_id=worker_id)
+
+    listener = Listener(settings.dsn, claimer.on_notify, on_connected)
+
+    async def poll() -> None:
+        while True:
+            await asyncio.sleep(settings.poll_interval_s)
+            claimer.work_signalled()
+
+    async def tell_systemd() -> None:
+        interval_s = min(notifier.watchdog_interval_s or 5.0, 5.0)
+        while True:
+            await asyncio.sleep(interval_s)
+            # From the event loop itself: a blocked loop stops the pings, and systemd restarts us.
+            notifier.watchdog()
+            notifier.status(f"{inflight.running}/{settings.concurrency} in flight")
+
+    services = {
+        "listener": listener.run,
+        "claimer": claimer.run,
+        "outcomes": outcomes.run,
+        "heartbeat": heartbeat.run,
+        "reaper": reaper.run,
+        "poll": poll,
+    }
+    if notifier.enabled:
+        services["systemd"] = tell_systemd
+    service_tasks = [
+        asyncio.create_task(_supervise(name, run), name=name) for name, run in services.items()
+    ]
+    try:
+        await stop.wait()
+    finally:
+        await _shutdown(
+            settings,
+            worker_id,
+            queue,
+            claimer,
+            inflight,
+            outcomes,
+            chunk_tasks,
+            notifier,
+            metrics,
+        )
+        for task in service_tasks:
+            task.cancel()
+        await asyncio.gather(*service_tasks, return_exceptions=True)
+        await pool.close()
+        await registry.aclose()
+        notifier.close()
+        log.info("daemon.stopped", worker_id=worker_id)
+
+
+async def _shutdown(
+    settings: RunSettings,
+    worker_id: str,
+    queue: Queue,
+    claimer: Claimer,
+    inflight: InFlight,
+    outcomes: Outcomes,
+    chunk_tasks: set[asyncio.Task[None]],
+    notifier: Notifier,
+    metrics: Metrics,
+) -> None:
+    claimer.stop()
+    notifier.stopping(f"stopping; {inflight.running} in flight")
+    log.info(
+        "daemon.stopping",
+        in_flight=inflight.running,
+        shutdown_timeout_s=settings.shutdown_timeout_s,
+    )
+    if chunk_tasks:
+        _done, unfinished = await asyncio.wait(
+            set(chunk_tasks), timeout=settings.shutdown_timeout_s
+        )
+        for task in unfinished:
+            task.cancel()
+        if unfinished:
+            await asyncio.wait(unfinished, timeout=5)
+    try:
+        await asyncio.wait_for(outcomes.drain(), timeout=max(5.0, settings.shutdown_timeout_s))
+    except TimeoutError:
+        log.error(
+            "outcomes.unwritten",
+            count=outcomes.pending,
+            note="leases will expire and the reaper will return these chunks",
+        )
+    held = inflight.held_rows()
+    try:
+        if held:
+            released = await asyncio.wait_for(
+                queue.release(worker_id, [row.queue_id for row in held]), timeout=10
+            )
+            metrics.released.inc(released)
+            for row in held:
+                inflight.settled(row.queue_id)
+            log.info("chunks.released", count=released, worker_id=worker_id)
+        await asyncio.wait_for(queue.deregister_worker(worker_id), timeout=10)
+    except (TimeoutError, *TRANSIENT_ERRORS) as exc:
+        log.error(
+            "shutdown.db_unreachable",
+            error=str(exc) or type(exc).__name__,
+            note="leases will expire and the reaper will return held chunks",
+        )

@@ -1,0 +1,65 @@
+"""Handlers the daemon tests run in real ``chunkd run`` subprocesses (PYTHONPATH=tests).
+
+``record`` writes every execution (chunk, attempt, worker pid, start, end) into the test
+database, so a test can prove each chunk ran exactly once, in order, without overlap. What it
+does is steered by the chunk payload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import asyncpg
+
+from chunkd import Chunk, PermanentError, RetryLater
+
+_pool: asyncpg.Pool | None = None
+_lock = asyncio.Lock()
+
+EXECUTIONS_DDL = """
+CREATE TABLE IF NOT EXISTS test_executions (
+    id         bigserial PRIMARY KEY,
+    chunk_id   uuid NOT NULL,
+    queue_id   uuid NOT NULL,
+    job_id     uuid NOT NULL,
+    seq        int NOT NULL,
+    attempt    int NOT NULL,
+    pid        int NOT NULL,
+    started_at timestamptz NOT NULL,
+    ended_at   timestamptz NOT NULL DEFAULT clock_timestamp()
+)
+"""
+
+
+async def _get_pool() -> asyncpg.Pool:
+    global _pool
+    async with _lock:
+        if _pool is None:
+            _pool = await asyncpg.create_pool(os.environ["CHUNKD_DSN"], min_size=1, max_size=4)
+    return _pool
+
+
+async def record(chunk: Chunk) -> dict[str, object]:
+    pool = await _get_pool()
+    started = await pool.fetchval("SELECT clock_timestamp()")
+    payload = chunk.payload if isinstance(chunk.payload, dict) else {}
+    if payload.get("sleep_s"):
+        await asyncio.sleep(float(payload["sleep_s"]))
+    await pool.execute(
+        "INSERT INTO test_executions (chunk_id, queue_id, job_id, seq, attempt, pid, started_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        chunk.chunk_id, chunk.queue_id, chunk.sync_job_id, chunk.seq, chunk.attempt,
+        os.getpid(), started,
+    )  # fmt: skip
+    if payload.get("fail") == "always":
+        raise RuntimeError(f"planned failure on attempt {chunk.attempt}")
+    if payload.get("fail") == "permanent":
+        raise PermanentError("planned permanent failure")
+    if payload.get("fail") == "retry_later" and chunk.attempt == 1:
+        raise RetryLater(float(payload.get("delay_s", 1)))
+    if payload.get("fail") == "hang" and chunk.attempt == 1:
+        await asyncio.sleep(3600)
+    if payload.get("fail_until", 0) >= chunk.attempt:
+        raise RuntimeError(f"transient failure on attempt {chunk.attempt}")
+    return {"seq": chunk.seq, "attempt": chunk.attempt}

@@ -179,6 +179,20 @@ BEGIN
         RAISE EXCEPTION 'chunkd: max_attempts must be >= 1, got %', max_attempts
             USING ERRCODE = '22023';
     END IF;
+    -- Documented limits: a queue is not a blob store, and one huge job must not bloat the
+    -- tables every claim reads. (Sizes as stored, i.e. after jsonb encoding.)
+    IF pg_column_size(chunks) > 16 * 1024 * 1024 THEN
+        RAISE EXCEPTION 'chunkd: chunks are % bytes, above the limit of 16 MiB per job',
+            pg_column_size(chunks) USING ERRCODE = '54000';
+    END IF;
+    IF pg_column_size(payload) > 1024 * 1024 THEN
+        RAISE EXCEPTION 'chunkd: job payload is % bytes, above the limit of 1 MiB',
+            pg_column_size(payload) USING ERRCODE = '54000';
+    END IF;
+    IF n > 1000000 THEN
+        RAISE EXCEPTION 'chunkd: % chunks in one job, above the limit of 1,000,000', n
+            USING ERRCODE = '54000';
+    END IF;
 
     INSERT INTO chunkd.sync_jobs (id, kind, payload, max_concurrency, max_attempts, priority,
                                   total_chunks)
@@ -754,6 +768,19 @@ LANGUAGE sql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
     DELETE FROM chunkd.workers w WHERE w.worker_id = deregister_worker.worker_id;
+END;
+
+-- What the daemon reads besides its own claims is a function too (like schema_versions(),
+-- created with the version table), so a worker role needs no table privileges at all.
+
+-- Seconds until the earliest pending chunk of these kinds is due (database clock), or NULL.
+CREATE FUNCTION chunkd.next_due_in(kinds text[] DEFAULT NULL) RETURNS float8
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT greatest(0, extract(epoch FROM min(q.run_at) - now()))::float8
+    FROM chunkd.chunk_processing_queue q
+    WHERE q.status = 'pending' AND (next_due_in.kinds IS NULL OR q.kind = ANY (next_due_in.kinds));
 END;
 
 -- Nothing is granted to PUBLIC: functions are executable by PUBLIC by default, so revoke.

@@ -16,14 +16,22 @@ CREATE TABLE IF NOT EXISTS chunkd.schema_migrations (
     name       text NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now()
 );
+REVOKE ALL ON chunkd.schema_migrations FROM PUBLIC;
+-- Lets a role with only EXECUTE grants (the worker role) check the version at start-up.
+CREATE OR REPLACE FUNCTION chunkd.schema_versions() RETURNS int[]
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT coalesce(array_agg(m.version ORDER BY m.version), '{}') FROM chunkd.schema_migrations m;
+END;
+REVOKE ALL ON FUNCTION chunkd.schema_versions() FROM PUBLIC;
 
 -- name: applied_versions
--- NULL-safe when the schema was never migrated: to_regclass does not raise.
-SELECT version, name
-FROM chunkd.schema_migrations
-ORDER BY version;
+-- Through a function, so a role with only EXECUTE grants (the worker role) can check it.
+SELECT unnest(chunkd.schema_versions()) AS version;
 
 -- name: schema_exists
+-- to_regclass does not raise when the schema was never migrated.
 SELECT to_regclass('chunkd.schema_migrations') IS NOT NULL;
 
 -- name: record_version
@@ -59,8 +67,6 @@ SELECT chunkd.worker_heartbeat($1);
 SELECT chunkd.deregister_worker($1);
 
 -- name: next_due_in
--- Seconds until the earliest pending chunk is due, by the database clock (armed as a timer at
--- start-up and after a reconnect; NULL when nothing is pending).
-SELECT greatest(0, extract(epoch FROM min(run_at) - now()))::float8
-FROM chunkd.chunk_processing_queue
-WHERE status = 'pending' AND ($1::text[] IS NULL OR kind = ANY ($1));
+-- Seconds until the earliest pending chunk is due (armed as a timer at start-up and after a
+-- reconnect; NULL when nothing is pending).
+SELECT chunkd.next_due_in($1);

@@ -285,6 +285,15 @@ async def _run_until_signalled(settings: Any, registry: Any) -> None:
             loop.remove_signal_handler(signum)
 
 
+def _register_commands() -> None:
+    from chunkd.demo import demo
+
+    cli.add_command(demo)
+
+
+_register_commands()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: click without its multi-line usage errors or tracebacks for user mistakes."""
     try:

@@ -26,9 +26,9 @@ from chunkd.sql_files import queries
 
 __all__ = [
     "CHANNEL",
-    "DatabaseError",
     "TRANSIENT_ERRORS",
     "ClaimedRow",
+    "DatabaseError",
     "Listener",
     "Queue",
     "connect",

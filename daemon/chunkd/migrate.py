@@ -7,7 +7,6 @@ so two ``chunkd migrate`` at once are safe: the second waits, then finds nothing
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 from chunkd.db import DatabaseError

@@ -783,6 +783,20 @@ BEGIN ATOMIC
     WHERE q.status = 'pending' AND (next_due_in.kinds IS NULL OR q.kind = ANY (next_due_in.kinds));
 END;
 
+-- Live queue depth for metrics: pending split into due and scheduled (waiting for a retry),
+-- and processing. Reads only the partial indexes' rows, never the finished history.
+CREATE FUNCTION chunkd.queue_depth()
+RETURNS TABLE (status text, chunks bigint)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT CASE WHEN q.status = 'pending' AND q.run_at > now() THEN 'scheduled' ELSE q.status END,
+           count(*)
+    FROM chunkd.chunk_processing_queue q
+    WHERE q.status IN ('pending', 'processing')
+    GROUP BY 1;
+END;
+
 -- Nothing is granted to PUBLIC: functions are executable by PUBLIC by default, so revoke.
 REVOKE ALL ON ALL TABLES IN SCHEMA chunkd FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA chunkd FROM PUBLIC;

@@ -70,3 +70,7 @@ SELECT chunkd.deregister_worker($1);
 -- Seconds until the earliest pending chunk is due (armed as a timer at start-up and after a
 -- reconnect; NULL when nothing is pending).
 SELECT chunkd.next_due_in($1);
+
+-- name: queue_depth
+-- status in (pending, scheduled, processing) and how many chunks; sampled by the metrics task.
+SELECT status, chunks FROM chunkd.queue_depth();

@@ -279,6 +279,10 @@ class Queue:
     async def deregister_worker(self, worker_id: str) -> None:
         await self._pool.execute(self._q["deregister_worker"], worker_id)
 
+    async def queue_depth(self) -> dict[str, int]:
+        rows = await self._pool.fetch(self._q["queue_depth"])
+        return {row["status"]: row["chunks"] for row in rows}
+
     async def next_due_in(self, kinds: Sequence[str] | None) -> float | None:
         return await self._pool.fetchval(
             self._q["next_due_in"], list(kinds) if kinds is not None else None

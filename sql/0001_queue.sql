@@ -44,7 +44,10 @@ CREATE TABLE chunkd.chunked_sync_jobs (
 
 CREATE TABLE chunkd.chunk_processing_queue (
     id                 uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-    chunk_id           uuid NOT NULL UNIQUE REFERENCES chunkd.chunked_sync_jobs (id) ON DELETE CASCADE,
+    -- No unique index or foreign key on chunk_id: every claim and completion rewrites every
+    -- index of this table (status changes rule out HOT updates), so each index costs on the hot
+    -- path. create_sync_job is the only writer of queue rows; they go with their job.
+    chunk_id           uuid NOT NULL,
     parent_sync_job_id uuid NOT NULL REFERENCES chunkd.sync_jobs (id) ON DELETE CASCADE,
     status             text NOT NULL DEFAULT 'pending'
                        CHECK (status IN ('pending', 'processing', 'completed', 'failed', 'cancelled')),
@@ -77,11 +80,13 @@ CREATE INDEX chunk_queue_live_by_job ON chunkd.chunk_processing_queue (parent_sy
 CREATE INDEX chunk_queue_leases ON chunkd.chunk_processing_queue (lease_expires_at)
     WHERE status = 'processing';
 -- Progress, cancel and purge of one job across all states.
-CREATE INDEX chunk_queue_by_job ON chunkd.chunk_processing_queue (parent_sync_job_id, status);
+CREATE INDEX chunk_queue_by_job ON chunkd.chunk_processing_queue (parent_sync_job_id);
 
 -- The audit trail: one row per transition, written by the statement that makes it.
+-- Append-only, written on the hot path: one index (per job: audit queries and purge), and the
+-- identity column orders events without a primary-key index to maintain.
 CREATE TABLE chunkd.chunk_events (
-    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id          bigint GENERATED ALWAYS AS IDENTITY,
     queue_id    uuid NOT NULL,
     sync_job_id uuid NOT NULL,
     event       text NOT NULL CHECK (event IN ('enqueued', 'claimed', 'completed', 'failed',
@@ -93,7 +98,6 @@ CREATE TABLE chunkd.chunk_events (
     at          timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX chunk_events_by_job ON chunkd.chunk_events (sync_job_id);
-CREATE INDEX chunk_events_by_queue ON chunkd.chunk_events (queue_id);
 
 CREATE TABLE chunkd.workers (
     worker_id         text PRIMARY KEY,
@@ -350,6 +354,10 @@ CREATE FUNCTION chunkd.complete_chunks(
 ) RETURNS SETOF uuid
 LANGUAGE sql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+-- Statistics are always stale for a queue (at the last ANALYZE few rows were processing), and
+-- the planner then joins the batch to every processing row in a nested loop: O(batch x
+-- in flight). Fetch the batch by primary key ("id = ANY") and hash-join it instead.
+SET enable_nestloop = off
 BEGIN ATOMIC
     WITH input AS (
         SELECT i.queue_id, i.attempt, i.result
@@ -360,7 +368,8 @@ BEGIN ATOMIC
         SET status = 'completed', completed_at = now(), result = input.result,
             lease_expires_at = NULL, error_message = NULL
         FROM input
-        WHERE q.id = input.queue_id AND q.status = 'processing'
+        WHERE q.id = ANY (complete_chunks.queue_ids) AND q.id = input.queue_id
+          AND q.status = 'processing'
           AND q.worker_id = complete_chunks.worker_id AND q.attempts = input.attempt
         RETURNING q.id, q.parent_sync_job_id, q.attempts
     ), audit AS (
@@ -622,11 +631,15 @@ $$;
 -- Notifications
 -- ---------------------------------------------------------------------------------------------
 
--- One NOTIFY per statement (statement-level trigger over the transition table), only when work
--- became runnable: chunks became pending (enqueue, retry, release, reap, retry_failed) or a
--- chunk of a limited job left 'processing' and freed a slot. The payload is how many seconds
--- until the earliest of them is due, so a daemon can arm a timer for a future retry instead
--- of polling for it.
+-- NOTIFY when work became runnable: chunks became pending (enqueue, retry, release, reap,
+-- retry_failed) or a chunk of a limited job left 'processing' and freed a slot. The payload is
+-- how many seconds until the work is due (0 = now), so a daemon can arm a timer for a future
+-- retry instead of polling for it.
+--
+-- One notification per statement: inserts use a statement-level trigger over the transition
+-- table. Updates use a row-level trigger whose WHEN clause is false on the hot path (claims,
+-- completions of unlimited jobs), so those statements pay nothing; when a statement makes many
+-- rows due now, their identical notifications are folded into one by PostgreSQL.
 CREATE FUNCTION chunkd.trigger_next_chunk_processing() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -634,16 +647,20 @@ AS $$
 DECLARE
     next_at timestamptz;
 BEGIN
-    SELECT min(n.run_at) INTO next_at FROM new_rows n WHERE n.status = 'pending';
-    IF next_at IS NULL AND TG_OP = 'UPDATE' AND EXISTS (
-        SELECT 1 FROM new_rows n
-        WHERE n.limited AND n.status IN ('completed', 'failed', 'cancelled'))
-    THEN
-        next_at := now();
+    IF TG_LEVEL = 'STATEMENT' THEN
+        SELECT min(n.run_at) INTO next_at FROM new_rows n WHERE n.status = 'pending';
+    ELSE
+        IF NEW.limited AND OLD.status = 'processing' THEN
+            PERFORM pg_notify('chunkd', '0');  -- a slot of a limited job was freed
+        END IF;
+        IF NEW.status = 'pending' THEN
+            next_at := NEW.run_at;
+        END IF;
     END IF;
     IF next_at IS NOT NULL THEN
         -- Seconds until due by the database clock, so a client's clock skew does not matter.
-        PERFORM pg_notify('chunkd', greatest(0, extract(epoch FROM next_at - now()))::text);
+        PERFORM pg_notify('chunkd',
+                          greatest(0, round(extract(epoch FROM next_at - now()), 3))::text);
     END IF;
     RETURN NULL;
 END;
@@ -656,8 +673,10 @@ CREATE TRIGGER chunk_queue_notify_insert
 
 CREATE TRIGGER chunk_queue_notify_update
     AFTER UPDATE ON chunkd.chunk_processing_queue
-    REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION chunkd.trigger_next_chunk_processing();
+    FOR EACH ROW
+    WHEN (NEW.status = 'pending' AND OLD.status <> 'pending'
+          OR NEW.limited AND OLD.status = 'processing' AND NEW.status <> 'processing')
+    EXECUTE FUNCTION chunkd.trigger_next_chunk_processing();
 
 -- ---------------------------------------------------------------------------------------------
 -- Monitoring

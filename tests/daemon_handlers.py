@@ -62,4 +62,6 @@ async def record(chunk: Chunk) -> dict[str, object]:
         await asyncio.sleep(3600)
     if payload.get("fail_until", 0) >= chunk.attempt:
         raise RuntimeError(f"transient failure on attempt {chunk.attempt}")
+    if payload.get("result") == "nul":
+        return {"text": "NUL \u0000 inside"}  # valid JSON that jsonb refuses
     return {"seq": chunk.seq, "attempt": chunk.attempt}

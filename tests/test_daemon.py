@@ -252,8 +252,10 @@ async def test_sigterm_releases_unfinished_chunks_and_a_restart_finishes(db, sta
 async def test_postgres_restart_mid_run_daemon_survives_and_finishes(
     db, database, start, managed_cluster
 ) -> None:
-    job = await create_job(db, [{"sleep_s": 0.05}] * 200)
-    daemon = start("--handler", RECORD, "--concurrency", "10", "--poll-interval", "60s")
+    # The test handler's own pool also loses its connections: those executions fail and are
+    # retried (quickly, and with attempts to spare), which is part of what this checks.
+    job = await create_job(db, [{"sleep_s": 0.05}] * 200, max_attempts=10)
+    daemon = start("--handler", RECORD, "--concurrency", "10", "--poll-interval", "60s", *FAST)
     await wait_until(
         lambda: db.fetchval(
             "SELECT count(*) > 20 FROM chunkd.chunk_processing_queue WHERE status = 'completed'"
@@ -268,6 +270,11 @@ async def test_postgres_restart_mid_run_daemon_survives_and_finishes(
         assert await status_counts(fresh, job) == {"completed": 200}
         runs = await fresh.fetchval("SELECT count(DISTINCT chunk_id) FROM test_executions")
         assert runs == 200
+        completed_twice = await fresh.fetchval(
+            "SELECT count(*) FROM (SELECT queue_id FROM chunkd.chunk_events"
+            " WHERE event = 'completed' GROUP BY queue_id HAVING count(*) > 1) x"
+        )
+        assert completed_twice == 0
         assert daemon.process.poll() is None, "the daemon must survive the restart"
         events = [e["event"] for e in daemon.events()]
         assert events.count("listener.connected") >= 2, "it must re-LISTEN"
@@ -315,3 +322,16 @@ async def test_unknown_handler_and_bad_schema_are_clear_startup_errors(
     ahead = start("--handler", RECORD)
     assert await ahead.wait(20) == 2
     assert "does not know" in ahead.log_text() and "Traceback" not in ahead.log_text()
+
+
+async def test_result_the_database_refuses_fails_that_chunk_alone(db, start) -> None:
+    job = await create_job(db, [{}] * 30 + [{"result": "nul"}] + [{}] * 30)
+    start("--handler", RECORD, "--concurrency", "61")
+    await wait_until(lambda: _terminal(db, job), timeout_s=30, what="all 61 chunks")
+    assert await status_counts(db, job) == {"completed": 60, "failed": 1}
+    row = await db.fetchrow(
+        "SELECT attempts, error_message FROM chunkd.chunk_processing_queue WHERE status = 'failed'"
+    )
+    assert row["attempts"] == 1
+    assert row["error_message"].startswith("result rejected by the database: ")
+

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import logging
 from collections.abc import Callable, Sequence
 
 import structlog
@@ -138,18 +139,19 @@ class Claimer:
         self._backlog = len(rows) == wanted
         if self._backlog:
             self._maybe_more = True
+        log_claims = log.is_enabled_for(logging.DEBUG)  # skip building fields when off
         for row in rows:
             self._inflight.claimed(row)
             self._metrics.claimed.labels(row.kind).inc()
-            self._metrics.in_flight.inc()
-            log.debug(
-                "chunk.claimed",
-                sync_job_id=str(row.sync_job_id),
-                chunk_id=str(row.chunk_id),
-                queue_id=str(row.queue_id),
-                seq=row.seq,
-                attempt=row.attempt,
-                kind=row.kind,
-                worker_id=self._worker_id,
-            )
+            if log_claims:
+                log.debug(
+                    "chunk.claimed",
+                    sync_job_id=str(row.sync_job_id),
+                    chunk_id=str(row.chunk_id),
+                    queue_id=str(row.queue_id),
+                    seq=row.seq,
+                    attempt=row.attempt,
+                    kind=row.kind,
+                    worker_id=self._worker_id,
+                )
             self._start_chunk(row)

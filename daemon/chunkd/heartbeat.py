@@ -31,11 +31,15 @@ class Heartbeat:
         renewed = 0
         if held:
             renewed = await self._queue.heartbeat(self._worker_id, held, self._lease_s)
-            if renewed < len(held):
-                # Lost claims (reaped after a long stall, or their job was cancelled): their
-                # outcome will be fenced out when it comes.
-                log.warning(
-                    "lease.lost", held=len(held), renewed=renewed, worker_id=self._worker_id
+            still_held = set(self._inflight.held()).intersection(held)
+            if renewed < len(still_held):
+                # Either finished while this statement ran, or lost (reaped after a stall, job
+                # cancelled). A real loss is logged as chunk.fenced when its outcome comes.
+                log.info(
+                    "lease.not_renewed",
+                    held=len(still_held),
+                    renewed=renewed,
+                    worker_id=self._worker_id,
                 )
         await self._queue.worker_heartbeat(self._worker_id)
         return renewed

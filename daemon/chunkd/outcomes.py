@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from uuid import UUID
 
 import structlog
 
-from chunkd.db import ClaimedRow, Queue, retry_transient
+from chunkd.db import ClaimedRow, DatabaseError, Queue, retry_transient
 
-__all__ = ["Outcomes"]
+__all__ = ["Outcomes", "ResultRejected"]
 
 log = structlog.get_logger("chunkd.outcomes")
 
 MAX_BATCH = 500
+
+
+class ResultRejected(Exception):
+    """The database refused a handler's result (e.g. a string jsonb cannot hold)."""
 
 
 @dataclass
@@ -99,17 +104,32 @@ class Outcomes:
     async def _flush(self) -> None:
         while self._buffer:
             batch = self._buffer[:MAX_BATCH]
-            accepted = await retry_transient(
-                "complete_chunks",
-                lambda batch=batch: self._queue.complete(
-                    self._worker_id,
-                    [p.row.queue_id for p in batch],
-                    [p.row.attempt for p in batch],
-                    [p.result_json for p in batch],
-                ),
-            )
+            try:
+                accepted = await self._complete(batch)
+            except DatabaseError:
+                # One value the database refuses must not poison the batch (and the flusher,
+                # retrying it forever): write the batch one by one, and hand each refused
+                # result back to its worker, which fails that chunk alone.
+                accepted = set()
+                for p in batch:
+                    try:
+                        accepted |= await self._complete([p])
+                    except DatabaseError as exc:
+                        if not p.accepted.done():
+                            p.accepted.set_exception(ResultRejected(str(exc)))
             del self._buffer[: len(batch)]
             for p in batch:
                 if not p.accepted.done():
                     p.accepted.set_result(p.row.queue_id in accepted)
         self._has_work.clear()
+
+    async def _complete(self, batch: list[_Pending]) -> set[UUID]:
+        return await retry_transient(
+            "complete_chunks",
+            lambda: self._queue.complete(
+                self._worker_id,
+                [p.row.queue_id for p in batch],
+                [p.row.attempt for p in batch],
+                [p.result_json for p in batch],
+            ),
+        )

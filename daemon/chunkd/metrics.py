@@ -1,42 +1,89 @@
-"""Prometheus collectors, in a registry of our own (several daemons can share a process)."""
+"""Prometheus collectors, in a registry of our own (several daemons can share a process).
+
+Names follow the Prometheus conventions: counters are exposed with a ``_total`` suffix
+(``chunkd_chunks_claimed_total``), durations are in seconds, and a gauge says what it is a
+snapshot of. ``kind`` labels are bounded by the handlers a daemon loads, so they cannot
+explode in cardinality; job and chunk ids are never labels (they belong in the logs).
+"""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-__all__ = ["Metrics"]
+__all__ = ["HANDLER_BUCKETS_S", "Metrics"]
+
+# From 1 ms (an in-process handler) to 5 min (the default --chunk-timeout).
+HANDLER_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
 class Metrics:
+    """Every collector the daemon updates; the counting happens where the event happens
+    (claimer, worker, reaper, supervisor), this class only names and describes them."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.claimed = Counter("chunkd_chunks_claimed", "Chunks claimed", ["kind"], registry=r)
-        self.completed = Counter(
-            "chunkd_chunks_completed", "Chunks completed", ["kind"], registry=r
-        )
-        self.failed = Counter(
-            "chunkd_chunks_failed", "Chunks failed for good", ["kind"], registry=r
-        )
-        self.retried = Counter(
-            "chunkd_chunks_retried", "Chunk failures scheduled for retry", ["kind"], registry=r
-        )
-        self.fenced = Counter(
-            "chunkd_chunks_fenced", "Outcomes rejected because the claim was lost", registry=r
-        )
-        self.reaped = Counter("chunkd_chunks_reaped", "Chunks returned by the reaper", registry=r)
-        self.released = Counter("chunkd_chunks_released", "Chunks released at shutdown", registry=r)
-        self.handler_seconds = Histogram(
-            "chunkd_handler_duration_seconds",
-            "Handler run time",
+        self.claimed = Counter(
+            "chunkd_chunks_claimed",
+            "Chunks claimed by this process (one per attempt)",
             ["kind"],
-            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
             registry=r,
         )
-        self.in_flight = Gauge("chunkd_chunks_in_flight", "Handlers running now", registry=r)
+        self.completed = Counter(
+            "chunkd_chunks_completed",
+            "Chunks whose handler succeeded and whose result was recorded",
+            ["kind"],
+            registry=r,
+        )
+        self.failed = Counter(
+            "chunkd_chunks_failed",
+            "Chunks failed for good (permanent error or attempts exhausted)",
+            ["kind"],
+            registry=r,
+        )
+        self.retried = Counter(
+            "chunkd_chunks_retried",
+            "Chunk attempts that failed and were scheduled to run again",
+            ["kind"],
+            registry=r,
+        )
+        self.fenced = Counter(
+            "chunkd_chunks_fenced",
+            "Outcomes rejected because the chunk's lease had been lost to another worker",
+            registry=r,
+        )
+        self.reaped = Counter(
+            "chunkd_chunks_reaped",
+            "Chunks with expired leases recovered by this process's reaper (requeued, or failed "
+            "when out of attempts)",
+            registry=r,
+        )
+        self.released = Counter(
+            "chunkd_chunks_released",
+            "Unfinished chunks released at shutdown without spending an attempt",
+            registry=r,
+        )
+        self.handler_seconds = Histogram(
+            "chunkd_handler_duration_seconds",
+            "Handler run time per attempt, whatever its outcome",
+            ["kind"],
+            buckets=HANDLER_BUCKETS_S,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "chunkd_chunks_in_flight",
+            "Chunks claimed by this process whose handler is running",
+            registry=r,
+        )
         self.queue_depth = Gauge(
-            "chunkd_queue_depth", "Chunks by status (sampled)", ["status"], registry=r
+            "chunkd_queue_depth",
+            "Chunks in the whole queue (all kinds, all workers) by status: pending (due now), "
+            "scheduled (waiting for run_at), processing; sampled every 15 s by default",
+            ["status"],
+            registry=r,
         )
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
+        """Serves ``/metrics`` from a daemon thread, so a busy event loop never delays a scrape
+        (and a blocked one is caught by the systemd watchdog, not by scrape timeouts)."""
         start_http_server(port, addr=addr, registry=self.registry)

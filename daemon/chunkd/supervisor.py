@@ -90,6 +90,8 @@ async def run_daemon(
         metrics.serve(settings.metrics_port)
 
     inflight = InFlight(settings.concurrency)
+    # Read at scrape time: exact even when chunk tasks are cancelled at shutdown.
+    metrics.in_flight.set_function(lambda: inflight.running)
     outcomes = Outcomes(
         queue, worker_id, retry_base_s=settings.retry_base_s, retry_cap_s=settings.retry_cap_s
     )
@@ -152,7 +154,8 @@ async def run_daemon(
             await asyncio.sleep(interval_s)
             # From the event loop itself: a blocked loop stops the pings, and systemd restarts us.
             notifier.watchdog()
-            notifier.status(f"{inflight.running}/{settings.concurrency} in flight")
+            if not stop.is_set():  # while stopping, keep the "stopping" status visible
+                notifier.status(f"{inflight.running}/{settings.concurrency} in flight")
 
     services = {
         "listener": listener.run,
@@ -164,6 +167,10 @@ async def run_daemon(
     }
     if notifier.enabled:
         services["systemd"] = tell_systemd
+    if settings.metrics_port is not None:
+        from chunkd.depth import QueueDepthSampler
+
+        services["queue_depth"] = QueueDepthSampler.from_environ(queue, metrics, os.environ).run
     service_tasks = [
         asyncio.create_task(_supervise(name, run), name=name) for name, run in services.items()
     ]

@@ -1,0 +1,75 @@
+"""Sampling queue depth into the ``chunkd_queue_depth`` gauge on a timer.
+
+A scrape never queries the database: Prometheus may scrape every few seconds from several
+servers, and N daemons each answering with a ``count(*)`` would turn monitoring into load.
+Instead each daemon with ``--metrics-port`` samples ``queue_depth()`` once per interval
+(15 s by default, about one scrape interval) and the scrape reads the last sample.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+import structlog
+
+from chunkd.db import TRANSIENT_ERRORS, Queue
+from chunkd.metrics import Metrics
+from chunkd.settings import parse_duration
+
+__all__ = ["DEFAULT_INTERVAL_S", "DEPTH_STATUSES", "INTERVAL_ENV", "QueueDepthSampler"]
+
+log = structlog.get_logger("chunkd.depth")
+
+DEFAULT_INTERVAL_S = 15.0
+INTERVAL_ENV = "CHUNKD_METRICS_INTERVAL"
+# What queue_depth() reports; each is always exported, so a status that empties drops to 0
+# instead of keeping its last non-zero value (or vanishing, which breaks alert expressions).
+DEPTH_STATUSES = ("pending", "scheduled", "processing")
+
+
+class QueueDepthSampler:
+    def __init__(
+        self, queue: Queue, metrics: Metrics, *, interval_s: float = DEFAULT_INTERVAL_S
+    ) -> None:
+        if interval_s <= 0:
+            raise ValueError("the queue depth sampling interval must be positive")
+        self._queue = queue
+        self._metrics = metrics
+        self.interval_s = interval_s
+
+    @classmethod
+    def from_environ(
+        cls, queue: Queue, metrics: Metrics, environ: Mapping[str, str]
+    ) -> QueueDepthSampler:
+        """Interval from ``CHUNKD_METRICS_INTERVAL`` (a duration), else the default.
+
+        An unusable value is logged and ignored rather than fatal: by the time the supervisor
+        starts its tasks the daemon is registered, and a monitoring knob is no reason to stop.
+        """
+        text = environ.get(INTERVAL_ENV, "").strip()
+        interval_s = DEFAULT_INTERVAL_S
+        if text:
+            try:
+                interval_s = parse_duration(text)
+                if interval_s <= 0:
+                    raise ValueError(f"{INTERVAL_ENV} must be positive")
+            except ValueError as exc:
+                log.warning("depth.bad_interval", error=str(exc), using_s=DEFAULT_INTERVAL_S)
+                interval_s = DEFAULT_INTERVAL_S
+        return cls(queue, metrics, interval_s=interval_s)
+
+    async def run_once(self) -> dict[str, int]:
+        depth = await self._queue.queue_depth()
+        for status in (*DEPTH_STATUSES, *(s for s in depth if s not in DEPTH_STATUSES)):
+            self._metrics.queue_depth.labels(status).set(depth.get(status, 0))
+        return depth
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except TRANSIENT_ERRORS as exc:
+                # Keep the last sample: a stale gauge beats a gap while Postgres restarts.
+                log.warning("depth.sample_failed", error=str(exc) or type(exc).__name__)
+            await asyncio.sleep(self.interval_s)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal
+from typing import Literal, TextIO
 
 import structlog
 
@@ -13,12 +13,16 @@ __all__ = ["configure_logging"]
 LogFormat = Literal["auto", "json", "console"]
 
 
-def configure_logging(fmt: LogFormat = "auto", level: str = "info") -> None:
-    use_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
+def configure_logging(
+    fmt: LogFormat = "auto", level: str = "info", stream: TextIO | None = None
+) -> None:
+    # `stream`: where log lines go (default stdout); `chunkd demo` sends them to a file.
+    out = sys.stdout if stream is None else stream
+    use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer()
         if use_json
-        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
     shared: list[structlog.types.Processor] = [
         structlog.processors.add_log_level,
@@ -26,7 +30,7 @@ def configure_logging(fmt: LogFormat = "auto", level: str = "info") -> None:
     ]
     # Libraries (asyncpg's pool, httpx) log through the stdlib: render them the same way, so
     # every line on stdout is one JSON object.
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(out)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
@@ -47,6 +51,6 @@ def configure_logging(fmt: LogFormat = "auto", level: str = "info") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=True,
     )

@@ -51,13 +51,13 @@ def migrations() -> tuple[Migration, ...]:
 
 
 @cache
-def queries() -> dict[str, str]:
-    """Named blocks of ``queries.sql``; a duplicate name is a bug caught at load time."""
-    text = (sql_dir() / "queries.sql").read_text(encoding="utf-8")
+def queries(filename: str = "queries.sql") -> dict[str, str]:
+    """Named blocks of a query file; a duplicate name is a bug caught at load time."""
+    text = (sql_dir() / filename).read_text(encoding="utf-8")
     parts = _QUERY_HEADER.split(text)
     named: dict[str, str] = {}
     for name, body in zip(parts[1::2], parts[2::2], strict=True):
         if name in named:
-            raise RuntimeError(f"duplicate query name {name!r} in queries.sql")
+            raise RuntimeError(f"duplicate query name {name!r} in {filename}")
         named[name] = body.strip()
     return named

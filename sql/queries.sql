@@ -74,3 +74,63 @@ SELECT chunkd.next_due_in($1);
 -- name: queue_depth
 -- status in (pending, scheduled, processing) and how many chunks; sampled by the metrics task.
 SELECT status, chunks FROM chunkd.queue_depth();
+
+-- Operator commands
+-- (chunkd enqueue/status/retry/cancel/reap/purge/workers; chunkd.ops runs them.)
+
+-- name: ops_create_sync_job
+SELECT chunkd.create_sync_job($1, $2::jsonb, $3::jsonb, $4, $5, $6);
+
+-- name: ops_recent_job_ids
+-- The newest jobs first ($1 = how many; NULL = all) and how many jobs there are in all.
+SELECT j.id, count(*) OVER () AS total_jobs
+FROM chunkd.sync_jobs j
+ORDER BY j.created_at DESC, j.id
+LIMIT $1;
+
+-- name: ops_job_status_rows
+-- Filtered by job id so the view's GROUP BY reads only these jobs' chunks.
+SELECT s.parent_sync_job_id, s.kind, s.total_chunks, s.pending_chunks, s.processing_chunks,
+       s.completed_chunks, s.failed_chunks, s.cancelled_chunks, s.overall_status,
+       s.progress_percentage, s.created_at, s.started_at, s.finished_at
+FROM chunkd.chunk_processing_status s
+WHERE s.parent_sync_job_id = ANY ($1::uuid[])
+ORDER BY s.created_at DESC, s.parent_sync_job_id;
+
+-- name: ops_job_progress
+SELECT chunkd.get_sync_job_progress($1);
+
+-- name: ops_job_settings
+SELECT j.priority, j.max_concurrency, j.max_attempts FROM chunkd.sync_jobs j WHERE j.id = $1;
+
+-- name: ops_recent_errors
+-- The job's latest failures, retries and reaps, newest first, with the chunk's position.
+SELECT e.at, q.seq, e.event, e.attempt, e.worker_id, e.error
+FROM chunkd.chunk_events e
+JOIN chunkd.chunk_processing_queue q ON q.id = e.queue_id
+WHERE e.sync_job_id = $1 AND e.error IS NOT NULL
+ORDER BY e.id DESC
+LIMIT $2;
+
+-- name: ops_live_worker_for_kind
+-- Is any worker that heartbeated within $2 able to run kind $1?
+SELECT EXISTS (
+    SELECT 1 FROM chunkd.workers w
+    WHERE $1 = ANY (w.kinds) AND w.last_heartbeat_at > now() - $2::interval);
+
+-- name: ops_retry_failed_chunks
+SELECT chunkd.retry_failed_chunks($1);
+
+-- name: ops_cancel_sync_job
+SELECT chunkd.cancel_sync_job($1);
+
+-- name: ops_purge_finished_jobs
+SELECT chunkd.purge_finished_jobs($1);
+
+-- name: ops_workers
+-- Heartbeat ages by the database clock, so the client's clock does not matter.
+SELECT w.worker_id, w.host, w.pid, w.version, w.kinds, w.concurrency, w.started_at,
+       w.last_heartbeat_at,
+       extract(epoch FROM now() - w.last_heartbeat_at)::float8 AS heartbeat_age_s
+FROM chunkd.workers w
+ORDER BY w.host, w.started_at, w.worker_id;

@@ -335,3 +335,18 @@ async def test_result_the_database_refuses_fails_that_chunk_alone(db, start) -> 
     assert row["attempts"] == 1
     assert row["error_message"].startswith("result rejected by the database: ")
 
+
+async def test_handlers_from_the_environment_one_per_line_keep_their_spaces(db, start) -> None:
+    job = await create_job(db, 2)
+    other = await create_job(db, 1, kind="other")
+    handlers = (
+        "test=exec:/bin/sh -c 'cat > /dev/null; echo {\\\"ok\\\": true}'\n\nother=" + RECORD[5:]
+    )
+    start(env={"CHUNKD_HANDLER": handlers})
+    for j in (job, other):
+        await wait_until(lambda j=j: _terminal(db, j), timeout_s=20, what=f"job {j}")
+    results = await db.fetch(
+        "SELECT result FROM chunkd.chunk_processing_queue WHERE parent_sync_job_id = $1", job
+    )
+    assert [r["result"] for r in results] == [{"ok": True}, {"ok": True}]
+    assert await status_counts(db, other) == {"completed": 1}

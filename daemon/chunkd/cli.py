@@ -45,6 +45,17 @@ class Duration(click.ParamType):
 DURATION = Duration()
 
 
+class Line(click.ParamType):
+    """A value that may contain spaces (``exec:`` commands): from the environment, a list of
+    them is one per line, not split on whitespace as click does by default."""
+
+    name = "text"
+    envvar_list_splitter = "\n"
+
+
+LINE = Line()
+
+
 def dsn_option(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--dsn",
@@ -132,9 +143,10 @@ def _fail_line(message: str, code: int) -> int:
     "--handler",
     "handlers",
     multiple=True,
+    type=LINE,
     envvar="CHUNKD_HANDLER",
     help="KIND=SPEC, repeatable; SPEC is module:function, http:URL or exec:COMMAND. "
-    "Also the chunkd.handlers entry points.  [env: CHUNKD_HANDLER, space-separated]",
+    "Also the chunkd.handlers entry points.  [env: CHUNKD_HANDLER, one per line]",
 )
 @click.option(
     "--concurrency",
@@ -211,7 +223,6 @@ def _fail_line(message: str, code: int) -> int:
     "--http-header",
     "http_headers",
     multiple=True,
-    envvar="CHUNKD_HTTP_HEADER",
     help="'Name: value' header for http: handlers, repeatable; never logged.  "
     "[env: CHUNKD_HTTP_HEADERS, one per line]",
 )
@@ -234,6 +245,7 @@ def run(
     from chunkd.handlers.http import headers_from_env, parse_header_option
     from chunkd.settings import RunSettings
 
+    handlers = tuple(h for h in handlers if h.strip())  # blank lines in CHUNKD_HANDLER
     try:
         headers = headers_from_env(os.environ.get("CHUNKD_HTTP_HEADERS", ""))
         headers.update(parse_header_option(h) for h in http_headers)

@@ -63,6 +63,10 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.SerializationError,
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.QueryCanceledError,
+    # A connection cut mid-statement (pg_terminate_backend, a restart) can leave asyncpg's
+    # protocol in a state it reports this way (MagicStack/asyncpg#784, #1069); the pool
+    # discards that connection, so the next try runs on a fresh one.
+    asyncpg.exceptions.InternalClientError,
 )
 
 

@@ -62,6 +62,20 @@ def _stderr_excerpt(stderr: bytes) -> str:
     return text
 
 
+# The daemon's own secrets: a handler command gets the environment without them.
+_SECRET_ENV = (
+    "CHUNKD_DSN",
+    "DATABASE_URL",
+    "CHUNKD_HTTP_HEADERS",
+    "CHUNKD_HTTP_HEADER",
+    "PGPASSWORD",
+)
+
+
+def _child_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
+
+
 def _kill_group(pgid: int) -> None:
     # The group may already be gone (or, if its id was reused, not ours to signal).
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -100,6 +114,7 @@ class ExecHandler:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
+                env=_child_env(),
             )
         except FileNotFoundError:
             raise PermanentError(f"exec handler command not found: {self.name!r}") from None

@@ -1,0 +1,712 @@
+"""Chaos soak: proves that no chunk is lost or completed twice while everything around the
+daemons fails.
+
+    python bench/chaos.py --duration 60 --kill-every 2-5 --chunks 10000
+
+A throwaway Postgres cluster with fsync on; 3 ``chunkd run`` processes x concurrency 16 running
+``bench/chaos_handler.py`` (5-50 ms, every execution recorded with the database clock, 2 %
+transient failures); 20 jobs (some with ``max_concurrency = 1``). During ``--duration``: a random
+daemon is SIGKILLed every ``--kill-every`` seconds and replaced; random chunkd connections are
+cut with ``pg_terminate_backend``; Postgres restarts once; one daemon is stopped with SIGTERM and
+replaced. Then the chaos stops and the run must converge. The figures printed at the end are
+checked, and the exit code is 1 unless every check holds (2 for a setup error).
+
+All times compared come from the database clock (``clock_timestamp()``), never this process's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+from uuid import UUID
+
+import asyncpg
+
+from chunkd.embedded import ClusterError, PostgresCluster
+from chunkd.migrate import apply_migrations
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+
+from chaos_handler import EXECUTIONS_DDL  # noqa: E402
+
+__all__ = ["main"]
+
+DAEMONS = 3
+CONCURRENCY = 16
+JOBS = 20
+LIMITED_JOBS = 5
+KIND = "chaos"
+DAEMON_ARGS = [
+    "--handler", f"{KIND}=chaos_handler:handle",
+    "--concurrency", str(CONCURRENCY),
+    "--lease", "3s",
+    "--reap-interval", "500ms",
+    "--retry-base", "100ms",
+    "--retry-cap", "2s",
+    "--poll-interval", "5s",
+    "--shutdown-timeout", "5s",
+]  # fmt: skip
+# Enough attempts that chaos (kills, cut connections) plus planned failures never exhaust one:
+# a chunk failed for good would be legal, but it would hide whether the run really converged.
+MAX_ATTEMPTS = 25
+T = TypeVar("T")
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The database, seen by the soak itself (reconnects: the soak restarts Postgres)
+# --------------------------------------------------------------------------------------------
+
+
+class Db:
+    """One control connection, re-opened whenever the chaos takes it down."""
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._conn: asyncpg.Connection | None = None
+
+    async def run(self, call: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if self._conn is None or self._conn.is_closed():
+                    self._conn = await asyncpg.connect(
+                        self._dsn, server_settings={"application_name": "chaos-control"}
+                    )
+                return await call(self._conn)
+            except (
+                OSError,
+                asyncpg.InterfaceError,
+                asyncpg.PostgresConnectionError,
+                asyncpg.exceptions.AdminShutdownError,
+                asyncpg.exceptions.CannotConnectNowError,
+            ):
+                if time.monotonic() > deadline:
+                    raise
+                self._conn = None
+                await asyncio.sleep(0.1)
+
+    async def now(self) -> datetime:
+        return await self.run(lambda c: c.fetchval("SELECT clock_timestamp()"))
+
+    async def close(self) -> None:
+        if self._conn is not None and not self._conn.is_closed():
+            await self._conn.close()
+
+
+# --------------------------------------------------------------------------------------------
+# The daemons
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DaemonProcess:
+    number: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    ended_at: datetime | None = None
+    ended_by: str | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+@dataclass
+class Kill:
+    pid: int
+    at: datetime  # database clock, after the process was reaped
+    held: list[UUID] = field(default_factory=list)  # queue ids it held at death
+
+
+class Fleet:
+    def __init__(self, dsn: str, log_dir: Path) -> None:
+        self._dsn = dsn
+        self._log_dir = log_dir
+        self.all: list[DaemonProcess] = []
+        self._env = dict(os.environ)
+        self._env.update(
+            CHUNKD_DSN=dsn,
+            PYTHONPATH=os.pathsep.join(
+                filter(None, [str(BENCH_DIR), os.environ.get("PYTHONPATH")])
+            ),
+        )
+
+    @property
+    def running(self) -> list[DaemonProcess]:
+        return [d for d in self.all if d.ended_by is None]
+
+    def start(self) -> DaemonProcess:
+        number = len(self.all)
+        log_path = self._log_dir / f"daemon{number:03d}.log"
+        with open(log_path, "wb") as log:  # the child keeps its own descriptor
+            process = subprocess.Popen(
+                [sys.executable, "-m", "chunkd.cli", "--log-format", "json", "run", *DAEMON_ARGS],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._env,
+            )
+        daemon = DaemonProcess(number, process, log_path)
+        self.all.append(daemon)
+        return daemon
+
+    async def sigkill(self, daemon: DaemonProcess, db: Db) -> Kill:
+        daemon.ended_by = "SIGKILL"
+        daemon.process.kill()
+        await asyncio.to_thread(daemon.process.wait)
+        at = await db.now()
+        daemon.ended_at = at
+        held = await db.run(
+            lambda c: c.fetch(
+                "SELECT id FROM chunkd.chunk_processing_queue"
+                " WHERE status = 'processing' AND worker_id LIKE $1",
+                f"%:{daemon.pid}:%",
+            )
+        )
+        return Kill(daemon.pid, at, [r["id"] for r in held])
+
+    async def sigterm(self, daemon: DaemonProcess, db: Db) -> int:
+        daemon.ended_by = "SIGTERM"
+        daemon.process.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(daemon.process.wait, 60)
+        daemon.ended_at = await db.now()
+        return code
+
+    def kill_all(self) -> None:
+        for daemon in self.all:
+            if daemon.process.poll() is None:
+                daemon.process.kill()
+                daemon.process.wait()
+
+    def log_events(self) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        for daemon in self.all:
+            for line in daemon.log_path.read_text(errors="replace").splitlines():
+                with contextlib.suppress(ValueError):
+                    event = json.loads(line)
+                    event["_pid"] = daemon.pid
+                    events.append(event)
+        return events
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Chaos:
+    kills: list[Kill] = field(default_factory=list)
+    terminated_backends: int = 0
+    postgres_restarts: int = 0
+    graceful_stops: list[tuple[int, int]] = field(default_factory=list)  # (pid, exit code)
+    daemon_exits: list[tuple[int, int]] = field(default_factory=list)  # unexpected deaths
+    # Started while Postgres was restarting: `chunkd run` exits 2 at once (as systemd's
+    # Restart=on-failure would, we start it again). Counted, not a failure of the soak.
+    startup_refused: int = 0
+
+
+def plan_jobs(total_chunks: int, duration_s: float) -> list[tuple[int, int | None]]:
+    """(chunks, max_concurrency) for each job: LIMITED_JOBS limited ones, the rest unlimited.
+
+    A max_concurrency = 1 job runs one chunk at a time (~40 ms each here, plus a lease of
+    stall whenever its daemon is killed), so its size follows the duration; the unlimited
+    jobs share the rest.
+    """
+    limited_size = max(20, min(int(duration_s * 4), total_chunks // 40))
+    rest = total_chunks - LIMITED_JOBS * limited_size
+    unlimited = JOBS - LIMITED_JOBS
+    sizes = [rest // unlimited + (1 if i < rest % unlimited else 0) for i in range(unlimited)]
+    jobs: list[tuple[int, int | None]] = [(n, None) for n in sizes]
+    for i in range(LIMITED_JOBS):
+        jobs.insert(i * 4 + 1, (limited_size, 1))
+    return jobs
+
+
+async def enqueue(db: Db, n: int, max_concurrency: int | None, job_no: int) -> UUID:
+    chunks = json.dumps([{"job": job_no, "i": i} for i in range(n)])
+    return await db.run(
+        lambda c: c.fetchval(
+            "SELECT chunkd.create_sync_job($1, $2::jsonb, $3::jsonb, $4, $5)",
+            KIND,
+            chunks,
+            json.dumps({"job": job_no}),
+            max_concurrency,
+            MAX_ATTEMPTS,
+        )
+    )
+
+
+async def unfinished(db: Db) -> int:
+    return await db.run(
+        lambda c: c.fetchval(
+            "SELECT count(*) FROM chunkd.chunk_processing_queue"
+            " WHERE status IN ('pending', 'processing')"
+        )
+    )
+
+
+async def run_chaos(
+    args: argparse.Namespace, cluster: PostgresCluster, dsn: str, db: Db, fleet: Fleet
+) -> Chaos:
+    chaos = Chaos()
+    rng = random.Random(args.seed)
+    lo, hi = args.kill_every
+    jobs = plan_jobs(args.chunks, args.duration)
+    # Half the jobs at once, the rest spread over the first 80 % of the run, so chunks are
+    # being enqueued, claimed and completed while the chaos goes on.
+    enqueue_at = [0.0] * (JOBS // 2) + [
+        args.duration * 0.8 * (i + 1) / (JOBS - JOBS // 2) for i in range(JOBS - JOBS // 2)
+    ]
+    restart_at = args.duration * rng.uniform(0.3, 0.45)
+    sigterm_at = args.duration * rng.uniform(0.55, 0.7)
+    started = time.monotonic()
+    next_kill = rng.uniform(lo, hi)
+    next_cut = rng.uniform(1.0, 4.0)
+    job_no = 0
+
+    def elapsed() -> float:
+        return time.monotonic() - started
+
+    while elapsed() < args.duration:
+        t = elapsed()
+        while job_no < JOBS and enqueue_at[job_no] <= t:
+            n, limit = jobs[job_no]
+            await enqueue(db, n, limit, job_no)
+            job_no += 1
+        await replace_dead(fleet, chaos, db)
+        if t >= next_kill:
+            victim = rng.choice(fleet.running)
+            kill = await fleet.sigkill(victim, db)
+            chaos.kills.append(kill)
+            fleet.start()
+            say(f"  {t:6.1f}s SIGKILL pid {kill.pid} (held {len(kill.held)} chunks)")
+            next_kill = t + rng.uniform(lo, hi)
+        if t >= next_cut:
+            count = rng.randint(1, 3)
+            cut = await db.run(
+                lambda c, count=count: c.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM ("
+                    "  SELECT pid FROM pg_stat_activity"
+                    "  WHERE application_name IN ('chunkd', 'chunkd-listener')"
+                    "    AND datname = current_database()"
+                    "  ORDER BY random() LIMIT $1) x",
+                    count,
+                )
+            )
+            chaos.terminated_backends += cut
+            next_cut = t + rng.uniform(1.0, 4.0)
+        if chaos.postgres_restarts == 0 and t >= restart_at:
+            say(f"  {t:6.1f}s restarting Postgres")
+            await asyncio.to_thread(cluster.restart)
+            chaos.postgres_restarts += 1
+        ready = [d for d in fleet.running if "daemon.ready" in d.log_path.read_text()]
+        if not chaos.graceful_stops and t >= sigterm_at and ready:
+            # A daemon that is up: a SIGTERM before its signal handlers exist just kills it.
+            victim = rng.choice(ready)
+            fleet.start()
+            say(f"  {t:6.1f}s SIGTERM pid {victim.pid}")
+            code = await fleet.sigterm(victim, db)
+            chaos.graceful_stops.append((victim.pid, code))
+        await asyncio.sleep(0.05)
+    while job_no < JOBS:  # a very short --duration still enqueues every job
+        n, limit = jobs[job_no]
+        await enqueue(db, n, limit, job_no)
+        job_no += 1
+    return chaos
+
+
+async def replace_dead(fleet: Fleet, chaos: Chaos, db: Db) -> None:
+    """A daemon that exited by itself is started again (as systemd would)."""
+    for daemon in fleet.running:
+        code = daemon.process.poll()
+        if code is None:
+            continue
+        daemon.ended_by = f"exit {code}"
+        daemon.ended_at = await db.now()
+        if code == 2 and "cannot connect" in daemon.log_path.read_text(errors="replace"):
+            chaos.startup_refused += 1
+        else:
+            chaos.daemon_exits.append((daemon.pid, code))
+        fleet.start()
+
+
+# --------------------------------------------------------------------------------------------
+# The figures
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    name: str
+    value: str
+    ok: bool | None  # None: a figure, not a pass/fail check
+
+
+def _overlaps(
+    executions: list[asyncpg.Record],
+    claim_end: dict[tuple[UUID, int], datetime],
+    examples: list[str],
+) -> int:
+    """Executions of one limited job that started while an earlier one had not ended.
+
+    An execution cut short (its daemon killed or stopped) has no end of its own; it counts as
+    running until its claim ended (reaped or released), which is what the queue promised.
+    """
+    count = 0
+    latest_end: datetime | None = None
+    latest: asyncpg.Record | None = None
+    for e in sorted(executions, key=lambda e: e["started_at"]):
+        if latest_end is not None and e["started_at"] < latest_end:
+            count += 1
+            if len(examples) < 5 and latest is not None:
+                examples.append(
+                    f"seq {e['seq']} attempt {e['attempt']} (pid {e['pid']}) started "
+                    f"{(latest_end - e['started_at']).total_seconds():.3f}s before seq "
+                    f"{latest['seq']} attempt {latest['attempt']} (pid {latest['pid']}, "
+                    f"ended {'by its claim' if latest['ended_at'] is None else 'itself'}) ended"
+                )
+        end = e["ended_at"] or claim_end.get((e["queue_id"], e["attempt"]))
+        if end is None:  # never ended and never reaped: treat as running for ever
+            end = datetime.max.replace(tzinfo=e["started_at"].tzinfo)
+        if latest_end is None or end > latest_end:
+            latest_end, latest = end, e
+    return count
+
+
+async def analyse(db: Db, chaos: Chaos, fleet: Fleet, converged: bool) -> list[Check]:
+    q = await db.run(
+        lambda c: c.fetch(
+            "SELECT q.id, q.status, q.attempts, q.error_message, j.max_concurrency,"
+            " q.parent_sync_job_id FROM chunkd.chunk_processing_queue q"
+            " JOIN chunkd.sync_jobs j ON j.id = q.parent_sync_job_id"
+        )
+    )
+    executions = await db.run(lambda c: c.fetch("SELECT * FROM chaos_executions"))
+    events = await db.run(
+        lambda c: c.fetch(
+            "SELECT queue_id, event, attempt, worker_id, at FROM chunkd.chunk_events"
+            " WHERE event <> 'enqueued'"
+        )
+    )
+    logs = fleet.log_events()
+    total = len(q)
+    terminal = sum(r["status"] in ("completed", "failed", "cancelled") for r in q)
+    completed = [r for r in q if r["status"] == "completed"]
+    failed = [r for r in q if r["status"] == "failed"]
+    lost = [
+        r
+        for r in q
+        if r["status"] != "completed" and not (r["status"] == "failed" and r["error_message"])
+    ]
+
+    completions = Counter(e["queue_id"] for e in events if e["event"] == "completed")
+    completed_twice = sum(1 for n in completions.values() if n > 1)
+    claim_end: dict[tuple[UUID, int], datetime] = {}
+    for e in events:  # whatever ended each claim: an outcome, a reap, a release
+        if e["event"] in ("completed", "failed", "retry_scheduled", "reaped", "released"):
+            # released spends no attempt: its row carries the attempt count after the release.
+            attempt = e["attempt"] + (1 if e["event"] == "released" else 0)
+            claim_end.setdefault((e["queue_id"], attempt), e["at"])
+    completed_by = {e["queue_id"]: e["worker_id"] for e in events if e["event"] == "completed"}
+
+    by_queue: dict[UUID, list[asyncpg.Record]] = defaultdict(list)
+    for e in executions:
+        by_queue[e["queue_id"]].append(e)
+    # A completed chunk must have a finished, successful execution of its final attempt.
+    unbacked = sum(
+        1
+        for r in completed
+        if not any(
+            e["attempt"] == r["attempts"] and e["ended_at"] and not e["failed"]
+            for e in by_queue[r["id"]]
+        )
+    )
+
+    limited_jobs: dict[UUID, list[asyncpg.Record]] = defaultdict(list)
+    limited_queue = {r["id"] for r in q if r["max_concurrency"] == 1}
+    for e in executions:
+        if e["queue_id"] in limited_queue:
+            limited_jobs[e["job_id"]].append(e)
+    overlap_examples: list[str] = []
+    overlaps = sum(_overlaps(v, claim_end, overlap_examples) for v in limited_jobs.values())
+
+    fenced_logs = [e for e in logs if e.get("event") == "chunk.fenced"]
+    fenced_ids = {e.get("queue_id") for e in fenced_logs}
+
+    # Why did a chunk run more than once? Classify every execution that was not its last.
+    killed = {k.pid: k for k in chaos.kills}
+    stopped = {pid for pid, _ in chaos.graceful_stops}
+    reasons: Counter[str] = Counter()
+    for queue_id, runs in by_queue.items():
+        runs = sorted(runs, key=lambda e: e["started_at"])
+        for e in runs[:-1]:
+            kill = killed.get(e["pid"])
+            if e["failed"]:
+                reasons["planned transient failure"] += 1
+            elif kill is not None and e["started_at"] <= kill.at and e["ended_at"] is None:
+                reasons["in flight at a SIGKILL (never ended)"] += 1
+            elif kill is not None and e["started_at"] <= kill.at:
+                reasons["ended just before a SIGKILL, outcome not yet written"] += 1
+            elif e["pid"] in stopped and e["ended_at"] is None:
+                reasons["cancelled and released by the graceful stop"] += 1
+            elif str(queue_id) in fenced_ids:
+                reasons["outcome fenced out (lease lost meanwhile)"] += 1
+            else:
+                reasons["other (connection cut / Postgres restart)"] += 1
+    extra = len(executions) - len(by_queue)
+
+    recoveries: list[float] = []
+    not_rerun = 0
+    completed_by_dead = 0
+    for kill in chaos.kills:
+        for queue_id in kill.held:
+            later = [
+                e["started_at"] for e in by_queue.get(queue_id, []) if e["started_at"] > kill.at
+            ]
+            if later:
+                recoveries.append((min(later) - kill.at).total_seconds())
+            elif f":{kill.pid}:" in (completed_by.get(queue_id) or ""):
+                # Its completion statement had reached the server before the kill and committed
+                # just after it: nothing to run again.
+                completed_by_dead += 1
+            else:
+                not_rerun += 1
+
+    never_started = sum(
+        1
+        for e in events
+        if e["event"] == "claimed"
+        and not any(x["attempt"] == e["attempt"] for x in by_queue.get(e["queue_id"], []))
+    )
+
+    def pct(n: int) -> str:
+        return f"{100.0 * n / total:.2f} % ({n}/{total})" if total else "n/a (no chunks)"
+
+    checks = [
+        Check("converged within the bound", "yes" if converged else "NO", converged),
+        Check("chunks terminal", pct(terminal), total > 0 and terminal == total),
+        Check("  completed / failed for good", f"{len(completed)} / {len(failed)}", None),
+        Check("lost (neither completed nor failed with an error)", str(len(lost)), not lost),
+        Check(
+            "completed twice (chunk_events 'completed' > 1)",
+            str(completed_twice),
+            completed_twice == 0,
+        ),
+        Check("completed without a finished execution", str(unbacked), unbacked == 0),
+        Check("max_concurrency = 1 chunks that overlapped in time", str(overlaps), overlaps == 0),
+        *(Check(f"  e.g. {text}", "", None) for text in overlap_examples),
+        Check(
+            "daemons that died on their own (pid: exit code)",
+            str(len(chaos.daemon_exits)) + "".join(f" {p}: {c}" for p, c in chaos.daemon_exits),
+            not chaos.daemon_exits,
+        ),
+        Check(
+            "daemons that refused to start while Postgres restarted (exit 2, restarted)",
+            str(chaos.startup_refused),
+            None,
+        ),
+        Check(
+            "graceful stops that exited 0",
+            f"{sum(c == 0 for _, c in chaos.graceful_stops)}/{len(chaos.graceful_stops)}",
+            all(c == 0 for _, c in chaos.graceful_stops),
+        ),
+        Check(
+            "stale completions attempted and rejected (chunk.fenced)",
+            f"{len(fenced_logs)} ({sum(e.get('outcome') == 'completed' for e in fenced_logs)}"
+            " completions, "
+            f"{sum(e.get('outcome') == 'failed' for e in fenced_logs)} failures)",
+            None,
+        ),
+        Check("executions", f"{len(executions)} for {len(by_queue)} chunks", None),
+        Check("executions beyond one per chunk", str(extra), None),
+    ]
+    for reason, n in reasons.most_common():
+        checks.append(Check(f"  {reason}", str(n), None))
+    checks.append(
+        Check("claims whose handler never started (claim reply lost)", str(never_started), None)
+    )
+    held = sum(len(k.held) for k in chaos.kills)
+    if recoveries:
+        recovery = (
+            f"max {max(recoveries):.2f} s, p50 {statistics.median(recoveries):.2f} s "
+            f"over {len(recoveries)} chunks held by {len(chaos.kills)} killed daemons"
+        )
+    else:
+        recovery = f"n/a ({held} chunks held at kills)"
+    checks.append(Check("time from a kill until its chunks ran again", recovery, None))
+    if completed_by_dead:
+        checks.append(
+            Check(
+                "  held chunks completed by a statement sent just before the kill",
+                str(completed_by_dead),
+                None,
+            )
+        )
+    checks.append(
+        Check(
+            "  held chunks never run again after the kill (must be 0)",
+            str(not_rerun),
+            not_rerun == 0,
+        )
+    )
+    checks.append(
+        Check(
+            "chaos: SIGKILLs / connections cut / Postgres restarts / SIGTERMs",
+            f"{len(chaos.kills)} / {chaos.terminated_backends} / "
+            f"{chaos.postgres_restarts} / {len(chaos.graceful_stops)}",
+            None,
+        )
+    )
+    return checks
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+
+def _kill_range(text: str) -> tuple[float, float]:
+    lo, _, hi = text.partition("-")
+    try:
+        low, high = float(lo), float(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN-MAX seconds, got {text!r}") from None
+    if not 0 < low <= high:
+        raise argparse.ArgumentTypeError(f"expected 0 < MIN <= MAX, got {text!r}")
+    return low, high
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of chaos (default 60)")
+    p.add_argument(
+        "--kill-every",
+        type=_kill_range,
+        default=(2.0, 5.0),
+        help="SIGKILL a daemon every MIN-MAX seconds (default 2-5)",
+    )
+    p.add_argument("--chunks", type=int, default=10_000, help="chunks over 20 jobs (min 1000)")
+    p.add_argument(
+        "--converge-timeout",
+        type=float,
+        default=180.0,
+        help="seconds allowed after the chaos for every chunk to finish",
+    )
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    p.add_argument("--keep", action="store_true", help="keep the daemon logs even on success")
+    args = p.parse_args(argv)
+    if args.chunks < 1000:
+        p.error("--chunks must be at least 1000")
+    if args.seed is None:
+        args.seed = random.randrange(1 << 30)
+    return args
+
+
+async def soak(args: argparse.Namespace, cluster: PostgresCluster, work_dir: Path) -> bool:
+    admin = await asyncpg.connect(cluster.dsn("postgres"))
+    try:
+        await admin.execute("CREATE DATABASE chaos")
+    finally:
+        await admin.close()
+    dsn = cluster.dsn("chaos")
+    setup = await asyncpg.connect(dsn)
+    try:
+        await apply_migrations(setup)
+        await setup.execute(EXECUTIONS_DDL)
+    finally:
+        await setup.close()
+
+    db = Db(dsn)
+    fleet = Fleet(dsn, work_dir)
+    try:
+        for _ in range(DAEMONS):
+            fleet.start()
+        began = time.monotonic()
+        chaos = await run_chaos(args, cluster, dsn, db, fleet)
+        say(
+            f"chaos over after {time.monotonic() - began:.1f}s; converging "
+            f"(bound {args.converge_timeout:g}s)"
+        )
+        await replace_dead(fleet, chaos, db)
+        converge_start = time.monotonic()
+        converged = False
+        while time.monotonic() - converge_start < args.converge_timeout:
+            if await unfinished(db) == 0:
+                converged = True
+                break
+            await asyncio.sleep(0.25)
+        say(
+            f"converged in {time.monotonic() - converge_start:.1f}s"
+            if converged
+            else "did NOT converge"
+        )
+        for daemon in fleet.running:  # graceful: flushes the logs, deregisters
+            code = await fleet.sigterm(daemon, db)
+            if code != 0:
+                chaos.daemon_exits.append((daemon.pid, code))
+        checks = await analyse(db, chaos, fleet, converged)
+    finally:
+        fleet.kill_all()
+        await db.close()
+
+    width = max(len(c.name) for c in checks) + 2
+    say("")
+    say(
+        f"chunkd chaos soak: {args.duration:g}s, kill every {args.kill_every[0]:g}-"
+        f"{args.kill_every[1]:g}s, {DAEMONS} daemons x {CONCURRENCY}, {args.chunks} chunks in "
+        f"{JOBS} jobs ({LIMITED_JOBS} with max_concurrency = 1), fsync on, seed {args.seed}"
+    )
+    for c in checks:
+        mark = "" if c.ok is None else ("  OK" if c.ok else "  FAILED")
+        say(f"{c.name.ljust(width, '.')} {c.value}{mark}")
+    ok = all(c.ok is not False for c in checks)
+    say("RESULT: PASS" if ok else "RESULT: FAIL")
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    work_dir = Path(tempfile.mkdtemp(prefix="chunkd-chaos-"))
+    try:
+        cluster = PostgresCluster(fsync=True)
+        cluster.start()
+    except ClusterError as exc:
+        print(f"chaos: error: {exc}", file=sys.stderr)
+        return 2
+    ok = False
+    try:
+        ok = asyncio.run(soak(args, cluster, work_dir))
+    finally:
+        cluster.cleanup()
+        if ok and not args.keep:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        else:
+            say(f"daemon logs kept in {work_dir}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

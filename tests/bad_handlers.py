@@ -1,0 +1,45 @@
+"""Handlers that misbehave on purpose, run by real ``chunkd run`` subprocesses (PYTHONPATH=tests)
+in the bad-input and security tests: one bad chunk must only ever fail that chunk.
+
+None of them touches the database, so they also run under a worker role holding nothing but
+the documented grants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from typing import Any
+
+from chunkd import Chunk
+
+__all__ = ["echo", "hangs", "non_json", "raises", "slow_echo", "sys_exit"]
+
+
+async def echo(chunk: Chunk) -> dict[str, Any]:
+    """Returns what it was given, so a test can check a hostile payload made the round trip."""
+    return {"kind": chunk.kind, "payload": chunk.payload, "job_payload": chunk.job_payload}
+
+
+async def slow_echo(chunk: Chunk) -> dict[str, Any]:
+    """Takes ``payload["sleep_s"]`` seconds, then reports which process ran it."""
+    payload = chunk.payload if isinstance(chunk.payload, dict) else {}
+    await asyncio.sleep(float(payload.get("sleep_s", 0)))
+    return {"pid": os.getpid(), "attempt": chunk.attempt}
+
+
+async def raises(chunk: Chunk) -> None:
+    raise ValueError(f"bad chunk {chunk.seq}")
+
+
+async def hangs(chunk: Chunk) -> None:
+    await asyncio.sleep(3600)
+
+
+async def non_json(chunk: Chunk) -> Any:
+    return {"when": object(), "nan": float("nan")}
+
+
+async def sys_exit(chunk: Chunk) -> None:
+    sys.exit(3)

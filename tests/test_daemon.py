@@ -243,7 +243,7 @@ async def test_sigterm_releases_unfinished_chunks_and_a_restart_finishes(db, sta
     released = await db.fetchval(
         "SELECT count(*) FROM chunkd.chunk_events WHERE event = 'released'"
     )
-    assert released == 4
+    assert released >= 4, "the four running chunks (and any prefetched) are released"
     start("--handler", RECORD, "--concurrency", "8")
     await wait_until(lambda: _terminal(db, job), timeout_s=30, what="the restarted daemon")
     assert await status_counts(db, job) == {"completed": 24}

@@ -1,9 +1,15 @@
-"""The claim loop: one statement claims as many chunks as there are free slots.
+"""The claim loop: one statement claims as many chunks as there are free slots, plus a few.
 
 It sleeps until something says work may be there: a NOTIFY, a timer armed for the earliest
 future ``run_at``, the safety poll, a (re)connect of the listener, or a slot freed after a
 claim that came back full (so more is likely queued). A claim that comes back short means
 the queue is drained for us, and we wait for the next signal instead of polling.
+
+Prefetch: a claim takes a round trip (and a WAL flush), so a slot refilled only after its
+handler returned sits idle for that long. When handlers are short compared with a claim, the
+claimer keeps a few chunks ready: as many as the slots would free during one claim, measured
+(moving averages of claim time and handler time), never more than the concurrency. Long
+handlers get no prefetch, so one process does not hoard chunks another could run.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
 
 import structlog
@@ -29,6 +37,8 @@ BATCH_WAIT_S = 0.002
 MAX_CLAIM = 500
 # Future due times remembered for the timer; beyond this the safety poll covers the rest.
 MAX_TIMERS = 10_000
+# Weight of the newest sample in the moving averages behind the prefetch.
+EWMA_ALPHA = 0.1
 
 
 class Claimer:
@@ -57,6 +67,22 @@ class Claimer:
         self._due: list[float] = []  # heap of loop times at which retries become due
         self._stopped = False
         self._min_batch = max(1, inflight.concurrency // 4)
+        self._ready: deque[ClaimedRow] = deque()  # claimed, waiting for a slot
+        self._claim_s = 0.005
+        self._handler_s = 10.0  # assume long handlers (no prefetch) until measured
+
+    @property
+    def prefetch(self) -> int:
+        """Chunks to hold beyond the slots: those that free while one claim is under way."""
+        concurrency = self._inflight.concurrency
+        expected = int(2 * concurrency * self._claim_s / max(self._handler_s, 1e-4))
+        return min(concurrency, expected)
+
+    def _wanted(self) -> int:
+        # Chunks whose handler returned do not count: their completion is on its way, and
+        # waiting for it would idle the slot for a round trip.
+        capacity = self._inflight.concurrency + self.prefetch
+        return min(MAX_CLAIM, capacity - self._inflight.running - len(self._ready))
 
     # --- signals -----------------------------------------------------------------------
 
@@ -96,10 +122,18 @@ class Claimer:
         self._schedule_next()
         self.work_signalled()
 
-    def slot_freed(self) -> None:
+    def slot_freed(self, handler_s: float) -> None:
+        self._handler_s += EWMA_ALPHA * (handler_s - self._handler_s)
+        self._dispatch()
         if self._backlog:
             self._maybe_more = True
             self._wake.set()
+
+    def _dispatch(self) -> None:
+        """Starts ready chunks while slots are free."""
+        while self._ready and not self._stopped and self._inflight.free_slots > 0:
+            self._inflight.started()
+            self._start_chunk(self._ready.popleft())
 
     def stop(self) -> None:
         self._stopped = True
@@ -120,15 +154,16 @@ class Claimer:
         while not self._stopped:
             await self._wake.wait()
             self._wake.clear()
-            if self._backlog and 0 < self._inflight.free_slots < self._min_batch:
+            if self._backlog and 0 < self._wanted() < self._min_batch:
                 await asyncio.sleep(BATCH_WAIT_S)
-            while self._maybe_more and not self._stopped and self._inflight.free_slots > 0:
+            while self._maybe_more and not self._stopped and self._wanted() > 0:
                 await self._claim_once()
 
     async def _claim_once(self) -> None:
-        wanted = min(self._inflight.free_slots, MAX_CLAIM)
+        wanted = self._wanted()
         # Cleared before the statement: a NOTIFY arriving while it runs sets it again.
         self._maybe_more = False
+        started = time.perf_counter()
         try:
             rows = await self._queue.claim(self._worker_id, wanted, self._kinds, self._lease_s)
         except TRANSIENT_ERRORS as exc:
@@ -136,12 +171,14 @@ class Claimer:
             self._maybe_more = True
             await asyncio.sleep(0.5)
             return
+        self._claim_s += EWMA_ALPHA * (time.perf_counter() - started - self._claim_s)
         self._backlog = len(rows) == wanted
         if self._backlog:
             self._maybe_more = True
         log_claims = log.is_enabled_for(logging.DEBUG)  # skip building fields when off
         for row in rows:
             self._inflight.claimed(row)
+            self._ready.append(row)
             self._metrics.claimed.labels(row.kind).inc()
             if log_claims:
                 log.debug(
@@ -154,4 +191,4 @@ class Claimer:
                     kind=row.kind,
                     worker_id=self._worker_id,
                 )
-            self._start_chunk(row)
+        self._dispatch()

@@ -1,12 +1,12 @@
 """What this process holds: running handlers (slots) and claims whose outcome is not yet written.
 
-The two differ on purpose: a slot frees as soon as the handler returns (so the next claim need
-not wait for a completion batch), but the lease must be renewed until the outcome is committed.
+The two differ on purpose: a slot frees as soon as the handler returns (so the next chunk need
+not wait for a completion batch), but the lease must be renewed until the outcome is committed,
+and also while a prefetched chunk waits for a slot.
 """
 
 from __future__ import annotations
 
-import asyncio
 from uuid import UUID
 
 from chunkd.db import ClaimedRow
@@ -19,8 +19,6 @@ class InFlight:
         self.concurrency = concurrency
         self.running = 0
         self._claims: dict[UUID, ClaimedRow] = {}
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     @property
     def free_slots(self) -> int:
@@ -28,13 +26,12 @@ class InFlight:
 
     def claimed(self, row: ClaimedRow) -> None:
         self._claims[row.queue_id] = row
+
+    def started(self) -> None:
         self.running += 1
-        self._idle.clear()
 
     def handler_done(self) -> None:
         self.running -= 1
-        if self.running == 0:
-            self._idle.set()
 
     def settled(self, queue_id: UUID) -> None:
         """The outcome is committed (or fenced out, or released): stop renewing the lease."""
@@ -45,6 +42,3 @@ class InFlight:
 
     def held_rows(self) -> list[ClaimedRow]:
         return list(self._claims.values())
-
-    async def wait_idle(self) -> None:
-        await self._idle.wait()

@@ -115,7 +115,7 @@ async def run_daemon(
         metrics,
         worker_id=worker_id,
         chunk_timeout_s=settings.chunk_timeout_s,
-        on_slot_freed=lambda: claimer.slot_freed(),
+        on_slot_freed=lambda handler_s: claimer.slot_freed(handler_s),
     )
     claimer = Claimer(
         queue,

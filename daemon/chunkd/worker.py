@@ -63,7 +63,7 @@ class Worker:
         *,
         worker_id: str,
         chunk_timeout_s: float,
-        on_slot_freed: Callable[[], None],
+        on_slot_freed: Callable[[float], None],
     ) -> None:
         self._handlers = handlers
         self._outcomes = outcomes
@@ -80,7 +80,7 @@ class Worker:
         duration_s = time.perf_counter() - started
         self._inflight.handler_done()
         self._kind_metrics(row.kind).handler_seconds.observe(duration_s)
-        self._on_slot_freed()
+        self._on_slot_freed(duration_s)
         try:
             await self._report(row, outcome, round(duration_s * 1000, 3))
         finally:

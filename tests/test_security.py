@@ -26,22 +26,21 @@ from sql_helpers import create_job, status_counts
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The documented grants (docs/parts/security.md): keep the two in step.
-WORKER_FUNCTIONS = [
-    "claim_next_chunk_job_safe(text, int, text[], interval)",
-    "complete_chunks(text, uuid[], int[], jsonb[])",
-    "fail_chunk_job_safe(uuid, text, int, text, boolean, interval, interval, interval)",
-    "heartbeat_chunks(text, uuid[], interval)",
-    "release_chunks(text, uuid[])",
-    "cleanup_stuck_chunks()",
-    "register_worker(text, text, int, text, text[], int)",
-    "worker_heartbeat(text)",
-    "deregister_worker(text)",
-    "next_due_in(text[])",
-    "schema_versions()",
-    "queue_depth()",
-]
-ENQUEUE_FUNCTIONS = ["create_sync_job(text, jsonb, jsonb, int, int, int)"]
+
+
+def _documented_grants(role: str) -> list[str]:
+    """The functions README.md grants to ``role``: the tests use exactly what users copy."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    grant = rf"GRANT EXECUTE ON FUNCTION\s+((?:(?!GRANT).)*?)\s+TO {role};"
+    match = re.search(grant, readme, re.DOTALL)
+    assert match, f"README.md documents no EXECUTE grant to {role}"
+    signatures = re.findall(r"chunkd\.(\w+\([^)]*\))", match[1])
+    assert signatures, f"no functions in README.md's grant to {role}"
+    return signatures
+
+
+WORKER_FUNCTIONS = _documented_grants("chunkd_worker")
+ENQUEUE_FUNCTIONS = _documented_grants("chunkd_enqueue")
 
 HOSTILE_STRINGS = [
     "o'brien",

@@ -1,0 +1,317 @@
+"""The side-by-side benchmark: chunkd vs PGQueuer vs Procrastinate vs a raw SQL loop.
+
+One command, one throwaway cluster (fsync on, synchronous_commit on), a fresh database per
+run, every measurement repeated (min/median reported), one table with ratios at the end:
+
+    python bench/run.py            # about 10 minutes on 2 cores
+    python bench/run.py --quick    # fewer jobs, one repeat: a smoke test of the harness
+
+The peers are installed from PyPI into their own venv (bench/peers/requirements.txt), never
+into the project's. Results are also written to bench/results/latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from chunkd.db import connect
+from chunkd.embedded import PostgresCluster
+
+BENCH = Path(__file__).resolve().parent
+PEER_VENV = Path(os.environ.get("CHUNKD_BENCH_PEER_VENV", "/tmp/chunkd-bench-venv"))
+RESULTS = BENCH / "results"
+
+
+def peer_python() -> str:
+    """The peers' venv, created and filled on first use."""
+    python = PEER_VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
+    subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "-r",
+            str(BENCH / "peers" / "requirements.txt"),
+        ],
+        check=True,
+    )
+    return str(python)
+
+
+class Bench:
+    def __init__(self, cluster: PostgresCluster, peer_python: str, repeats: int) -> None:
+        self.cluster = cluster
+        self.peer_python = peer_python
+        self.repeats = repeats
+        self.counter = 0
+        self.results: list[dict[str, Any]] = []
+
+    async def fresh_db(self) -> str:
+        self.counter += 1
+        name = f"bench_{self.counter}"
+        admin = await connect(self.cluster.dsn("postgres"))
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await admin.close()
+        return self.cluster.dsn(name)
+
+    async def drop_db(self, dsn: str) -> None:
+        name = dsn.split("/")[3].split("?")[0]
+        admin = await connect(self.cluster.dsn("postgres"))
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await admin.execute("CHECKPOINT")  # the next run does not pay for this one's dirt
+        finally:
+            await admin.close()
+
+    async def run_one(self, label: str, script: str, python: str, *args: str) -> dict[str, Any]:
+        dsn = await self.fresh_db()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                python,
+                str(BENCH / script),
+                "--dsn",
+                dsn,
+                *args,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+            out, _ = await proc.communicate()
+        finally:
+            await self.drop_db(dsn)
+        lines = out.decode().strip().splitlines()
+        result = (
+            json.loads(lines[-1]) if lines else {"error": f"no output (exit {proc.returncode})"}
+        )
+        result["label"] = label
+        status = result.get("error") or result.get("per_second") or result.get("ratio")
+        print(f"  {label:<34} {status}", file=sys.stderr, flush=True)
+        return result
+
+    async def measure(self, label: str, script: str, python: str, *args: str) -> dict[str, Any]:
+        runs = [await self.run_one(label, script, python, *args) for _ in range(self.repeats)]
+        entry = {"label": label, "runs": runs}
+        self.results.append(entry)
+        return entry
+
+
+def _values(entry: dict[str, Any], key: str) -> list[float]:
+    return [r[key] for r in entry["runs"] if isinstance(r.get(key), int | float)]
+
+
+def _min_med(entry: dict[str, Any], key: str, fmt: str = "{:,.0f}") -> str:
+    values = _values(entry, key)
+    if not values:
+        errors = {r.get("error") for r in entry["runs"]}
+        return f"error: {errors}"
+    return f"{fmt.format(min(values))} / {fmt.format(statistics.median(values))}"
+
+
+def _median(entry: dict[str, Any], key: str) -> float:
+    values = _values(entry, key)
+    return statistics.median(values) if values else float("nan")
+
+
+async def main(args: argparse.Namespace) -> int:
+    jobs = {"noop": 20_000, "sleep10": 10_000, "peer_slow": 5_000, "processes": 10_000}
+    if args.quick:
+        jobs = {"noop": 3_000, "sleep10": 2_000, "peer_slow": 1_000, "processes": 2_000}
+    duration = "3" if args.quick else "10"
+    repeats = 1 if args.quick else 2
+    python = peer_python()
+    me = sys.executable
+    cluster = PostgresCluster(fsync=True)
+    cluster.start()
+    started = time.monotonic()
+    try:
+        b = Bench(cluster, python, repeats)
+        print("no-op throughput", file=sys.stderr)
+        chunkd_noop = await b.measure(
+            "chunkd no-op", "chunkd_bench.py", me, "--scenario", "noop", "--jobs", str(jobs["noop"])
+        )
+        pgq_best = await b.measure(
+            "pgqueuer no-op (best)",
+            "peers/pgqueuer_bench.py",
+            python,
+            "--scenario",
+            "noop",
+            "--settings",
+            "best",
+            "--jobs",
+            str(jobs["noop"]),
+        )
+        pgq_default = await b.measure(
+            "pgqueuer no-op (default)",
+            "peers/pgqueuer_bench.py",
+            python,
+            "--scenario",
+            "noop",
+            "--settings",
+            "default",
+            "--jobs",
+            str(jobs["noop"]),
+        )
+        proc_noop = await b.measure(
+            "procrastinate no-op",
+            "peers/procrastinate_bench.py",
+            python,
+            "--scenario",
+            "noop",
+            "--jobs",
+            str(jobs["peer_slow"]),
+        )
+        ceiling = await b.measure(
+            "raw SQL ceiling (100/stmt)", "peers/raw_sql_bench.py", python, "--scenario", "ceiling"
+        )
+        print("10 ms handler, concurrency 50", file=sys.stderr)
+        chunkd_sleep = await b.measure(
+            "chunkd 10 ms",
+            "chunkd_bench.py",
+            me,
+            "--scenario",
+            "sleep10",
+            "--jobs",
+            str(jobs["sleep10"]),
+        )
+        pgq_sleep = await b.measure(
+            "pgqueuer 10 ms",
+            "peers/pgqueuer_bench.py",
+            python,
+            "--scenario",
+            "sleep10",
+            "--jobs",
+            str(jobs["sleep10"]),
+        )
+        proc_sleep = await b.measure(
+            "procrastinate 10 ms",
+            "peers/procrastinate_bench.py",
+            python,
+            "--scenario",
+            "sleep10",
+            "--jobs",
+            str(jobs["peer_slow"]),
+        )
+        print("latency at 200/s", file=sys.stderr)
+        chunkd_lat = await b.measure(
+            "chunkd latency", "chunkd_bench.py", me, "--scenario", "latency", "--duration", duration
+        )
+        pgq_lat = await b.measure(
+            "pgqueuer latency",
+            "peers/pgqueuer_bench.py",
+            python,
+            "--scenario",
+            "latency",
+            "--duration",
+            duration,
+        )
+        print("chunkd only: claim cost, processes, memory", file=sys.stderr)
+        if args.quick:
+            os.environ["CHUNKD_BENCH_HISTORY"] = "50000"
+        claim = await b.measure(
+            "chunkd claim cost 1M vs empty", "chunkd_bench.py", me, "--scenario", "claim_cost"
+        )
+        procs = await b.measure(
+            "chunkd 1/2/4 processes",
+            "chunkd_bench.py",
+            me,
+            "--scenario",
+            "processes",
+            "--jobs",
+            str(jobs["processes"]),
+        )
+        rss = await b.measure(
+            "chunkd RSS 20k vs 200k",
+            "chunkd_bench.py",
+            me,
+            "--scenario",
+            "rss",
+            *(["--jobs", "40000"] if args.quick else []),
+        )
+    finally:
+        cluster.cleanup()
+    elapsed = time.monotonic() - started
+
+    best_peer_noop = max(
+        _median(pgq_best, "per_second"),
+        _median(pgq_default, "per_second"),
+        _median(proc_noop, "per_second"),
+    )
+    rows = [
+        ("no-op throughput, jobs/s (min / median)", ""),
+        ("  chunkd", _min_med(chunkd_noop, "per_second")),
+        ("  PGQueuer, best settings", _min_med(pgq_best, "per_second")),
+        ("  PGQueuer, defaults", _min_med(pgq_default, "per_second")),
+        ("  Procrastinate", _min_med(proc_noop, "per_second")),
+        ("  raw SQL claim+complete, 100/stmt, 1 conn", _min_med(ceiling, "per_second")),
+        ("  chunkd / best peer", f"{_median(chunkd_noop, 'per_second') / best_peer_noop:.2f}x"),
+        (
+            "  chunkd / raw ceiling",
+            f"{_median(chunkd_noop, 'per_second') / _median(ceiling, 'per_second'):.0%}",
+        ),
+        ("10 ms handler, concurrency 50, jobs/s (ideal 5,000)", ""),
+        ("  chunkd", _min_med(chunkd_sleep, "per_second")),
+        ("  PGQueuer", _min_med(pgq_sleep, "per_second")),
+        ("  Procrastinate", _min_med(proc_sleep, "per_second")),
+        ("  chunkd / ideal", f"{_median(chunkd_sleep, 'per_second') / 5000:.0%}"),
+        ("latency at 200/s, ms p50 / p99 (median of runs)", ""),
+        ("  chunkd", f"{_median(chunkd_lat, 'p50_ms'):.2f} / {_median(chunkd_lat, 'p99_ms'):.2f}"),
+        ("  PGQueuer", f"{_median(pgq_lat, 'p50_ms'):.2f} / {_median(pgq_lat, 'p99_ms'):.2f}"),
+        ("claim+complete with 1M finished chunks vs empty", ""),
+        ("  cost ratio (<= 1.2 is flat)", _min_med(claim, "ratio", "{:.2f}")),
+        ("chunkd processes, 10 ms handler, jobs/s", ""),
+        (
+            "  1 / 2 / 4 processes",
+            " / ".join(
+                f"{statistics.median(r['per_second'][k] for r in procs['runs']):,.0f}"
+                for k in ("1", "2", "4")
+            )
+            if _values(procs, "scaling_2_over_1")
+            else "error",
+        ),
+        ("  2 processes / 1", _min_med(procs, "scaling_2_over_1", "{:.2f}")),
+        ("daemon RSS growth, 20k -> 200k chunks", _min_med(rss, "growth", "{:+.1%}")),
+    ]
+    settings = {e["label"]: e["runs"][0].get("settings") for e in b.results}
+    report = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "elapsed_s": round(elapsed, 1),
+        "table": rows,
+        "settings": settings,
+        "results": b.results,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(report, indent=2, default=str))
+    width = max(len(r[0]) for r in rows)
+    print(f"\nchunkd benchmark, {os.cpu_count()} CPUs, fsync on, {elapsed:.0f} s\n")
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    print("\nsettings:")
+    for label, s in settings.items():
+        print(f"  {label}: {json.dumps(s, sort_keys=True)}")
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small runs, one repeat")
+    sys.exit(asyncio.run(main(parser.parse_args())))

@@ -27,7 +27,6 @@ from sql_helpers import create_job, status_counts
 ROOT = Path(__file__).resolve().parent.parent
 
 
-
 def _documented_grants(role: str) -> list[str]:
     """The functions README.md grants to ``role``: the tests use exactly what users copy."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")

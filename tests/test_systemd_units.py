@@ -137,7 +137,7 @@ def test_unit_timeouts_fit_the_daemon_defaults() -> None:
 def test_env_example_documents_every_run_variable() -> None:
     text = (SYSTEMD_DIR / "chunkd.env.example").read_text()
     documented = set(re.findall(r"^#?(CHUNKD_[A-Z_]+)=", text, flags=re.MULTILINE))
-    wanted = {"CHUNKD_HTTP_HEADERS", "CHUNKD_METRICS_INTERVAL"}  # read outside click
+    wanted = {"CHUNKD_HTTP_HEADERS"}  # read outside click
     for param in [*cli.params, *cli.commands["run"].params]:
         envvars = param.envvar if isinstance(param.envvar, list | tuple) else [param.envvar]
         wanted.update(e for e in envvars if e and e.startswith("CHUNKD_"))

@@ -7,9 +7,10 @@ the queue is drained for us, and we wait for the next signal instead of polling.
 
 Prefetch: a claim takes a round trip (and a WAL flush), so a slot refilled only after its
 handler returned sits idle for that long. When handlers are short compared with a claim, the
-claimer keeps a few chunks ready: as many as the slots would free during one claim, measured
-(moving averages of claim time and handler time), never more than the concurrency. Long
-handlers get no prefetch, so one process does not hoard chunks another could run.
+claimer keeps a few chunks ready: as many as the slots would free during a few claims,
+measured (moving averages of claim time and handler time), never more than twice the
+concurrency. Long handlers get no prefetch, so one process does not hoard chunks another
+could run.
 """
 
 from __future__ import annotations
@@ -75,8 +76,12 @@ class Claimer:
     def prefetch(self) -> int:
         """Chunks to hold beyond the slots: those that free while one claim is under way."""
         concurrency = self._inflight.concurrency
-        expected = int(2 * concurrency * self._claim_s / max(self._handler_s, 1e-4))
-        return min(concurrency, expected)
+        # Slots free at concurrency/handler_s per second; a refill takes the batching wait
+        # plus a claim (a WAL flush: milliseconds, whatever the batch size). Keep three
+        # refills' worth, so the ready queue does not run dry between claims.
+        refill_s = BATCH_WAIT_S + self._claim_s
+        expected = int(3 * concurrency * refill_s / max(self._handler_s, 1e-4))
+        return min(2 * concurrency, expected)
 
     def _wanted(self) -> int:
         # Chunks whose handler returned do not count: their completion is on its way, and
@@ -176,6 +181,17 @@ class Claimer:
         if self._backlog:
             self._maybe_more = True
         log_claims = log.is_enabled_for(logging.DEBUG)  # skip building fields when off
+        if log_claims:
+            log.debug(
+                "claim.done",
+                wanted=wanted,
+                claimed=len(rows),
+                running=self._inflight.running,
+                ready=len(self._ready),
+                prefetch=self.prefetch,
+                claim_ms=round(self._claim_s * 1000, 3),
+                handler_ms=round(self._handler_s * 1000, 3),
+            )
         for row in rows:
             self._inflight.claimed(row)
             self._ready.append(row)

@@ -220,6 +220,14 @@ def _fail_line(message: str, code: int) -> int:
     help="Serve Prometheus metrics on this port.  [env: CHUNKD_METRICS_PORT]",
 )
 @click.option(
+    "--metrics-interval",
+    type=DURATION,
+    default="15s",
+    show_default=True,
+    envvar="CHUNKD_METRICS_INTERVAL",
+    help="How often queue depth is sampled for metrics.  [env: CHUNKD_METRICS_INTERVAL]",
+)
+@click.option(
     "--http-header",
     "http_headers",
     multiple=True,
@@ -238,6 +246,7 @@ def run(
     retry_base: float,
     retry_cap: float,
     metrics_port: int | None,
+    metrics_interval: float,
     http_headers: tuple[str, ...],
 ) -> None:
     """Run the daemon: claim chunks and run their handlers until SIGTERM/SIGINT."""
@@ -261,6 +270,7 @@ def run(
             retry_base_s=retry_base,
             retry_cap_s=retry_cap,
             metrics_port=metrics_port,
+            metrics_interval_s=metrics_interval,
             http_headers=headers,
         )
     except ValueError as exc:

@@ -9,20 +9,17 @@ Instead each daemon with ``--metrics-port`` samples ``queue_depth()`` once per i
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
 
 import structlog
 
 from chunkd.db import TRANSIENT_ERRORS, Queue
 from chunkd.metrics import Metrics
-from chunkd.settings import parse_duration
 
-__all__ = ["DEFAULT_INTERVAL_S", "DEPTH_STATUSES", "INTERVAL_ENV", "QueueDepthSampler"]
+__all__ = ["DEFAULT_INTERVAL_S", "DEPTH_STATUSES", "QueueDepthSampler"]
 
 log = structlog.get_logger("chunkd.depth")
 
 DEFAULT_INTERVAL_S = 15.0
-INTERVAL_ENV = "CHUNKD_METRICS_INTERVAL"
 # What queue_depth() reports; each is always exported, so a status that empties drops to 0
 # instead of keeping its last non-zero value (or vanishing, which breaks alert expressions).
 DEPTH_STATUSES = ("pending", "scheduled", "processing")
@@ -37,27 +34,6 @@ class QueueDepthSampler:
         self._queue = queue
         self._metrics = metrics
         self.interval_s = interval_s
-
-    @classmethod
-    def from_environ(
-        cls, queue: Queue, metrics: Metrics, environ: Mapping[str, str]
-    ) -> QueueDepthSampler:
-        """Interval from ``CHUNKD_METRICS_INTERVAL`` (a duration), else the default.
-
-        An unusable value is logged and ignored rather than fatal: by the time the supervisor
-        starts its tasks the daemon is registered, and a monitoring knob is no reason to stop.
-        """
-        text = environ.get(INTERVAL_ENV, "").strip()
-        interval_s = DEFAULT_INTERVAL_S
-        if text:
-            try:
-                interval_s = parse_duration(text)
-                if interval_s <= 0:
-                    raise ValueError(f"{INTERVAL_ENV} must be positive")
-            except ValueError as exc:
-                log.warning("depth.bad_interval", error=str(exc), using_s=DEFAULT_INTERVAL_S)
-                interval_s = DEFAULT_INTERVAL_S
-        return cls(queue, metrics, interval_s=interval_s)
 
     async def run_once(self) -> dict[str, int]:
         depth = await self._queue.queue_depth()

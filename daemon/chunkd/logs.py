@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal, TextIO
+from typing import Any, Literal, TextIO
 
+import orjson
 import structlog
 
 __all__ = ["configure_logging"]
 
 LogFormat = Literal["auto", "json", "console"]
+
+
+def _orjson_dumps(obj: Any, **kwargs: Any) -> str:
+    return orjson.dumps(obj, default=kwargs.get("default")).decode()
 
 
 def configure_logging(
@@ -20,7 +25,8 @@ def configure_logging(
     out = sys.stdout if stream is None else stream
     use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
     renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer()
+        # orjson: one line per chunk transition is on the hot path; it renders ~5x faster.
+        structlog.processors.JSONRenderer(serializer=_orjson_dumps)
         if use_json
         else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )

@@ -1,82 +1,86 @@
-"""Writing outcomes: completions in batches, failures one by one, never losing one to a blip.
+"""Writing and reporting outcomes: completions in batches, failures one by one, none lost.
 
-A completion is queued only after its handler returned, and the worker awaits the commit of
-its batch; a graceful stop drains the queue before it exits. Lost connections (a Postgres
-restart, pg_terminate_backend) are retried with backoff; fencing makes a late retry harmless.
+A completion is queued only after its handler returned; the worker hands it over and is done,
+and the flusher writes whatever accumulated meanwhile in one statement, then logs each
+chunk's event and stops renewing its lease. A graceful stop drains the queue before it exits.
+Lost connections (a Postgres restart, pg_terminate_backend) are retried with backoff; fencing
+makes a late retry harmless.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Any
 from uuid import UUID
 
 import structlog
 
 from chunkd.db import ClaimedRow, DatabaseError, Queue, retry_transient
+from chunkd.inflight import InFlight
+from chunkd.metrics import Metrics
 
-__all__ = ["Outcomes", "ResultRejected"]
+__all__ = ["Outcome", "Outcomes"]
 
 log = structlog.get_logger("chunkd.outcomes")
 
 MAX_BATCH = 500
 
 
-class ResultRejected(Exception):
-    """The database refused a handler's result (e.g. a string jsonb cannot hold)."""
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a handler call came to: a result (``error`` is None) or a failure."""
+
+    result_json: str | None = None
+    error: str | None = None
+    retryable: bool = True
+    retry_in_s: float | None = None
 
 
-@dataclass
-class _Pending:
+@dataclass(frozen=True, slots=True)
+class _Completion:
     row: ClaimedRow
     result_json: str | None
-    accepted: asyncio.Future[bool]
+    duration_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class _KindMetrics:
+    completed: Any
+    failed: Any
+    retried: Any
 
 
 class Outcomes:
     def __init__(
-        self, queue: Queue, worker_id: str, *, retry_base_s: float, retry_cap_s: float
+        self,
+        queue: Queue,
+        inflight: InFlight,
+        metrics: Metrics,
+        *,
+        worker_id: str,
+        retry_base_s: float,
+        retry_cap_s: float,
     ) -> None:
         self._queue = queue
+        self._inflight = inflight
+        self._metrics = metrics
         self._worker_id = worker_id
         self._retry_base_s = retry_base_s
         self._retry_cap_s = retry_cap_s
-        self._buffer: list[_Pending] = []
+        self._buffer: list[_Completion] = []
         self._has_work = asyncio.Event()
         self._flushing = False
+        self._by_kind: dict[str, _KindMetrics] = {}
 
-    async def complete(self, row: ClaimedRow, result_json: str | None) -> bool:
-        """True when recorded; False when fenced out (the claim was lost meanwhile)."""
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._buffer.append(_Pending(row, result_json, future))
-        self._has_work.set()
-        # Shielded: a worker cancelled at shutdown must not drop an outcome already produced.
-        return await asyncio.shield(future)
-
-    async def fail(
-        self, row: ClaimedRow, error: str, *, retryable: bool, retry_in_s: float | None
-    ) -> str | None:
-        """The new status ('pending' = retry scheduled, 'failed'), or None when fenced out."""
-        error = error.replace("\0", "")
-        # Shielded like completions: a stop must not cut a failure report in half.
-        return await asyncio.shield(self._fail(row, error, retryable, retry_in_s))
-
-    async def _fail(
-        self, row: ClaimedRow, error: str, retryable: bool, retry_in_s: float | None
-    ) -> str | None:
-        return await retry_transient(
-            "fail_chunk",
-            lambda: self._queue.fail(
-                row.queue_id,
-                self._worker_id,
-                row.attempt,
-                error,
-                retryable=retryable,
-                retry_in_s=retry_in_s,
-                backoff_base_s=self._retry_base_s,
-                backoff_cap_s=self._retry_cap_s,
-            ),
-        )
+    async def record(self, row: ClaimedRow, outcome: Outcome, duration_ms: float) -> None:
+        """Queues a completion (returns at once) or writes a failure (returns when written)."""
+        if outcome.error is None:
+            self._buffer.append(_Completion(row, outcome.result_json, duration_ms))
+            self._has_work.set()
+            return
+        # Shielded: a stop must not cut a failure report in half.
+        await asyncio.shield(self._fail(row, outcome, duration_ms))
 
     @property
     def pending(self) -> int:
@@ -92,44 +96,102 @@ class Outcomes:
         """The flusher task: one statement per batch of whatever accumulated meanwhile."""
         while True:
             await self._has_work.wait()
-            await self.flush()
-
-    async def flush(self) -> None:
-        self._flushing = True
-        try:
-            await self._flush()
-        finally:
-            self._flushing = False
+            self._flushing = True
+            try:
+                await self._flush()
+            finally:
+                self._flushing = False
 
     async def _flush(self) -> None:
         while self._buffer:
             batch = self._buffer[:MAX_BATCH]
             try:
                 accepted = await self._complete(batch)
+                refused: list[tuple[_Completion, str]] = []
             except DatabaseError:
-                # One value the database refuses must not poison the batch (and the flusher,
-                # retrying it forever): write the batch one by one, and hand each refused
-                # result back to its worker, which fails that chunk alone.
-                accepted = set()
-                for p in batch:
+                # One value the database refuses (e.g. \u0000 in jsonb) must not poison the
+                # batch, and the flusher with it: write one by one, and fail what is refused.
+                accepted, refused = set(), []
+                for c in batch:
                     try:
-                        accepted |= await self._complete([p])
+                        accepted |= await self._complete([c])
                     except DatabaseError as exc:
-                        if not p.accepted.done():
-                            p.accepted.set_exception(ResultRejected(str(exc)))
+                        refused.append((c, f"result rejected by the database: {exc}"))
             del self._buffer[: len(batch)]
-            for p in batch:
-                if not p.accepted.done():
-                    p.accepted.set_result(p.row.queue_id in accepted)
+            for c in batch:
+                if c.row.queue_id in accepted:
+                    self._inflight.settled(c.row.queue_id)
+                    self._for_kind(c.row.kind).completed.inc()
+                    log.info("chunk.completed", **self._fields(c.row, c.duration_ms))
+                elif not any(r[0] is c for r in refused):
+                    self._fenced(c.row, c.duration_ms, "completed")
+            for c, error in refused:
+                await self._fail(c.row, Outcome(error=error, retryable=False), c.duration_ms)
         self._has_work.clear()
 
-    async def _complete(self, batch: list[_Pending]) -> set[UUID]:
+    async def _complete(self, batch: list[_Completion]) -> set[UUID]:
         return await retry_transient(
             "complete_chunks",
             lambda: self._queue.complete(
                 self._worker_id,
-                [p.row.queue_id for p in batch],
-                [p.row.attempt for p in batch],
-                [p.result_json for p in batch],
+                [c.row.queue_id for c in batch],
+                [c.row.attempt for c in batch],
+                [c.result_json for c in batch],
             ),
         )
+
+    async def _fail(self, row: ClaimedRow, outcome: Outcome, duration_ms: float) -> None:
+        error = (outcome.error or "unknown error").replace("\0", "")  # text cannot hold NUL
+        try:
+            status = await retry_transient(
+                "fail_chunk",
+                lambda: self._queue.fail(
+                    row.queue_id,
+                    self._worker_id,
+                    row.attempt,
+                    error,
+                    retryable=outcome.retryable,
+                    retry_in_s=outcome.retry_in_s,
+                    backoff_base_s=self._retry_base_s,
+                    backoff_cap_s=self._retry_cap_s,
+                ),
+            )
+        finally:
+            self._inflight.settled(row.queue_id)
+        fields = self._fields(row, duration_ms)
+        if status is None:
+            self._fenced(row, duration_ms, "failed", error=error)
+        elif status == "pending":
+            self._for_kind(row.kind).retried.inc()
+            log.warning("chunk.retry_scheduled", error=error, **fields)
+        else:
+            self._for_kind(row.kind).failed.inc()
+            log.error("chunk.failed", error=error, **fields)
+
+    def _fenced(self, row: ClaimedRow, duration_ms: float, outcome: str, **extra: str) -> None:
+        self._inflight.settled(row.queue_id)
+        self._metrics.fenced.inc()
+        log.warning("chunk.fenced", outcome=outcome, **extra, **self._fields(row, duration_ms))
+
+    def _for_kind(self, kind: str) -> _KindMetrics:
+        # labels() looks the child up under a lock on every call: resolve once per kind.
+        cached = self._by_kind.get(kind)
+        if cached is None:
+            m = self._metrics
+            cached = self._by_kind[kind] = _KindMetrics(
+                m.completed.labels(kind), m.failed.labels(kind), m.retried.labels(kind)
+            )
+        return cached
+
+    def _fields(self, row: ClaimedRow, duration_ms: float) -> dict[str, object]:
+        # Built only when an event is logged: nothing is bound per chunk on the hot path.
+        return {
+            "sync_job_id": str(row.sync_job_id),
+            "chunk_id": str(row.chunk_id),
+            "queue_id": str(row.queue_id),
+            "seq": row.seq,
+            "attempt": row.attempt,
+            "kind": row.kind,
+            "worker_id": self._worker_id,
+            "duration_ms": duration_ms,
+        }

@@ -38,6 +38,7 @@ class RunSettings:
     retry_base_s: float = 2.0
     retry_cap_s: float = 600.0
     metrics_port: int | None = None
+    metrics_interval_s: float = 15.0
     http_headers: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -45,7 +46,7 @@ class RunSettings:
             raise ValueError("--concurrency must be at least 1")
         if self.lease_s < 1:
             raise ValueError("--lease must be at least 1s (heartbeats run every lease/3)")
-        for name in ("reap_interval_s", "poll_interval_s", "chunk_timeout_s"):
+        for name in ("reap_interval_s", "poll_interval_s", "chunk_timeout_s", "metrics_interval_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name[:-2].replace('_', '-')} must be positive")
         if self.retry_cap_s < self.retry_base_s:
@@ -67,5 +68,6 @@ class RunSettings:
             "retry_base_s": self.retry_base_s,
             "retry_cap_s": self.retry_cap_s,
             "metrics_port": self.metrics_port,
+            "metrics_interval_s": self.metrics_interval_s,
             "http_headers": sorted(self.http_headers),
         }

@@ -73,7 +73,22 @@ async def run_daemon(
         await check_conn.close()
 
     pool = await create_pool(settings.dsn, size=min(settings.concurrency, 8) + 4)
-    queue = Queue(pool)
+    try:
+        await _serve(settings, registry, stop, Queue(pool), notifier, metrics)
+    finally:
+        await pool.close()
+        await registry.aclose()
+        notifier.close()
+
+
+async def _serve(
+    settings: RunSettings,
+    registry: HandlerRegistry,
+    stop: asyncio.Event,
+    queue: Queue,
+    notifier: Notifier,
+    metrics: Metrics,
+) -> None:
     worker_id = make_worker_id()
     kinds = registry.kinds
     log.info(
@@ -93,7 +108,12 @@ async def run_daemon(
     # Read at scrape time: exact even when chunk tasks are cancelled at shutdown.
     metrics.in_flight.set_function(lambda: inflight.running)
     outcomes = Outcomes(
-        queue, worker_id, retry_base_s=settings.retry_base_s, retry_cap_s=settings.retry_cap_s
+        queue,
+        inflight,
+        metrics,
+        worker_id=worker_id,
+        retry_base_s=settings.retry_base_s,
+        retry_cap_s=settings.retry_cap_s,
     )
     chunk_tasks: set[asyncio.Task[None]] = set()
     claimer: Claimer
@@ -170,7 +190,8 @@ async def run_daemon(
     if settings.metrics_port is not None:
         from chunkd.depth import QueueDepthSampler
 
-        services["queue_depth"] = QueueDepthSampler.from_environ(queue, metrics, os.environ).run
+        sampler = QueueDepthSampler(queue, metrics, interval_s=settings.metrics_interval_s)
+        services["queue_depth"] = sampler.run
     service_tasks = [
         asyncio.create_task(_supervise(name, run), name=name) for name, run in services.items()
     ]
@@ -191,9 +212,6 @@ async def run_daemon(
         for task in service_tasks:
             task.cancel()
         await asyncio.gather(*service_tasks, return_exceptions=True)
-        await pool.close()
-        await registry.aclose()
-        notifier.close()
         log.info("daemon.stopped", worker_id=worker_id)
 
 

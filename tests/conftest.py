@@ -177,3 +177,21 @@ async def pool(database: TestDatabase) -> AsyncIterator[asyncpg.Pool]:
         yield p
     finally:
         await p.close()
+
+
+@pytest.fixture
+def start(database: TestDatabase, tmp_path):  # type: ignore[no-untyped-def]
+    """Starts real ``chunkd run`` subprocesses on the test database; all killed at teardown."""
+    from daemon_helpers import Daemon
+
+    daemons: list[Daemon] = []
+
+    def _start(*args: str, dsn: str | None = None, env: dict[str, str] | None = None) -> Daemon:
+        log_path = tmp_path / f"daemon{len(daemons)}.log"
+        daemon = Daemon(dsn or database.dsn, log_path, *args, env=env)
+        daemons.append(daemon)
+        return daemon
+
+    yield _start
+    for daemon in daemons:
+        daemon.kill()  # SIGKILL also ends a daemon a test left stopped with SIGSTOP

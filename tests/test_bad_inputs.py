@@ -5,7 +5,6 @@ written or lost. The CLI runs as a real subprocess; daemons are real ``chunkd ru
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -23,7 +22,7 @@ import pytest
 from chunkd.db import DatabaseError, connect
 from chunkd.embedded import PostgresCluster
 from daemon_handlers import EXECUTIONS_DDL
-from daemon_helpers import TESTS_DIR, Daemon, wait_until
+from daemon_helpers import TESTS_DIR, wait_until
 from sql_helpers import create_job, status_counts
 
 EXIT_USAGE = 2
@@ -66,23 +65,6 @@ def with_dbname(dsn: str, dbname: str) -> str:
 
 async def jobs_in(conn: asyncpg.Connection) -> int:
     return await conn.fetchval("SELECT count(*) FROM chunkd.sync_jobs")
-
-
-@pytest.fixture
-def start(database, tmp_path):
-    daemons: list[Daemon] = []
-
-    def _start(*args: str, env: dict[str, str] | None = None) -> Daemon:
-        d = Daemon(database.dsn, tmp_path / f"daemon{len(daemons)}.log", *args, env=env)
-        daemons.append(d)
-        return d
-
-    yield _start
-    for d in daemons:
-        if d.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(d.pid, signal.SIGCONT)
-        d.kill()
 
 
 async def _terminal(conn: asyncpg.Connection, job) -> bool:

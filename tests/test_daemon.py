@@ -14,7 +14,7 @@ import pytest
 
 from chunkd.db import connect
 from daemon_handlers import EXECUTIONS_DDL
-from daemon_helpers import Daemon, wait_until
+from daemon_helpers import wait_until
 from sql_helpers import claim, complete, create_job, status_counts
 
 RECORD = "test=daemon_handlers:record"
@@ -25,20 +25,6 @@ FAST = ["--reap-interval", "500ms", "--retry-base", "100ms", "--retry-cap", "1s"
 async def db(conn: asyncpg.Connection) -> asyncpg.Connection:
     await conn.execute(EXECUTIONS_DDL)
     return conn
-
-
-@pytest.fixture
-def start(database, tmp_path):
-    daemons: list[Daemon] = []
-
-    def _start(*args: str, env: dict[str, str] | None = None) -> Daemon:
-        d = Daemon(database.dsn, tmp_path / f"daemon{len(daemons)}.log", *args, env=env)
-        daemons.append(d)
-        return d
-
-    yield _start
-    for d in daemons:
-        d.kill()
 
 
 async def _completed(conn: asyncpg.Connection, total: int):

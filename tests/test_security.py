@@ -21,7 +21,7 @@ import asyncpg
 import pytest
 
 from chunkd.db import DatabaseError, connect, redact_dsn, validate_identifier
-from daemon_helpers import Daemon, wait_until
+from daemon_helpers import wait_until
 from sql_helpers import create_job, status_counts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,20 +82,6 @@ async def make_role(conn: asyncpg.Connection) -> AsyncIterator[Callable[..., Awa
         )
         await conn.execute(f"DROP OWNED BY {role}")
         await conn.execute(f"DROP ROLE {role}")
-
-
-@pytest.fixture
-def start(database, tmp_path):
-    daemons: list[Daemon] = []
-
-    def _start(*args: str, dsn: str | None = None, env: dict[str, str] | None = None) -> Daemon:
-        d = Daemon(dsn or database.dsn, tmp_path / f"daemon{len(daemons)}.log", *args, env=env)
-        daemons.append(d)
-        return d
-
-    yield _start
-    for d in daemons:
-        d.kill()
 
 
 async def _terminal(conn: asyncpg.Connection, job: uuid.UUID) -> bool:

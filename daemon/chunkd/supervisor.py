@@ -133,7 +133,6 @@ async def _serve(
         outcomes,
         inflight,
         metrics,
-        worker_id=worker_id,
         chunk_timeout_s=settings.chunk_timeout_s,
         on_slot_freed=lambda handler_s: claimer.slot_freed(handler_s),
     )

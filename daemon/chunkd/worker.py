@@ -12,8 +12,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import structlog
-
 from chunkd.chunk import Chunk, PermanentError, RetryLater
 from chunkd.db import ClaimedRow
 from chunkd.handlers import Handler
@@ -22,8 +20,6 @@ from chunkd.metrics import Metrics
 from chunkd.outcomes import Outcome, Outcomes
 
 __all__ = ["Worker"]
-
-log = structlog.get_logger("chunkd.worker")
 
 # A queue row is not a blob store: results above this fail the chunk with a clear error.
 MAX_RESULT_BYTES = 1024 * 1024
@@ -42,7 +38,6 @@ class Worker:
         inflight: InFlight,
         metrics: Metrics,
         *,
-        worker_id: str,
         chunk_timeout_s: float,
         on_slot_freed: Callable[[float], None],
     ) -> None:
@@ -50,7 +45,6 @@ class Worker:
         self._outcomes = outcomes
         self._inflight = inflight
         self._metrics = metrics
-        self._worker_id = worker_id
         self._timeout_s = chunk_timeout_s
         self._on_slot_freed = on_slot_freed
         self._handler_seconds: dict[str, Any] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import signal
 import time
 from collections import Counter
@@ -336,3 +337,24 @@ async def test_handlers_from_the_environment_one_per_line_keep_their_spaces(db, 
     )
     assert [r["result"] for r in results] == [{"ok": True}, {"ok": True}]
     assert await status_counts(db, other) == {"completed": 1}
+
+
+async def test_daemon_started_during_a_restart_waits_for_the_server(
+    db, database, start, managed_cluster
+) -> None:
+    job = await create_job(db, 5)
+    # Smart shutdown: while our session lives, the server refuses new connections with
+    # "the database system is shutting down", as it does in the middle of a restart.
+    assert managed_cluster.pid is not None
+    os.kill(managed_cluster.pid, signal.SIGTERM)
+    daemon = start("--handler", RECORD)
+    event = await daemon.wait_for_event("database.not_ready", timeout_s=15)
+    assert "shutting down" in event["error"]
+    assert daemon.process.poll() is None, "it waits instead of exiting"
+    await asyncio.to_thread(managed_cluster.restart)
+    fresh = await connect(database.dsn)
+    try:
+        await wait_until(lambda: _terminal(fresh, job), timeout_s=30, what="the job")
+        assert await status_counts(fresh, job) == {"completed": 5}
+    finally:
+        await fresh.close()

@@ -21,7 +21,7 @@ from uuid import UUID
 import asyncpg
 import structlog
 
-from chunkd.errors import ConnectError
+from chunkd.errors import ConnectError, ServerNotReadyError
 from chunkd.sql_files import queries
 
 __all__ = [
@@ -131,7 +131,10 @@ async def connect(
             dsn, timeout=timeout_s, server_settings={"application_name": application_name}
         )
     except _CONNECT_ERRORS as exc:
-        raise ConnectError(f"cannot connect to {redact_dsn(dsn)}: {_describe(exc, dsn)}") from None
+        message = f"cannot connect to {redact_dsn(dsn)}: {_describe(exc, dsn)}"
+        if isinstance(exc, asyncpg.exceptions.CannotConnectNowError):
+            raise ServerNotReadyError(message) from None
+        raise ConnectError(message) from None
     await _init_connection(conn)
     return conn
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ChunkdError", "ConnectError", "SchemaVersionError"]
+__all__ = ["ChunkdError", "ConnectError", "SchemaVersionError", "ServerNotReadyError"]
 
 
 class ChunkdError(Exception):
@@ -11,6 +11,10 @@ class ChunkdError(Exception):
 
 class ConnectError(ChunkdError):
     """The database cannot be reached with the given DSN (the message never holds the password)."""
+
+
+class ServerNotReadyError(ConnectError):
+    """The server answered but is starting up or shutting down: worth waiting for."""
 
 
 class SchemaVersionError(ChunkdError):

@@ -13,13 +13,16 @@ import asyncio
 import os
 import secrets
 import socket
+import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 
 from chunkd import __version__
 from chunkd.claimer import Claimer
 from chunkd.db import TRANSIENT_ERRORS, ClaimedRow, Listener, Queue, connect, create_pool
+from chunkd.errors import ServerNotReadyError
 from chunkd.handlers import HandlerRegistry
 from chunkd.heartbeat import Heartbeat
 from chunkd.inflight import InFlight
@@ -36,6 +39,8 @@ __all__ = ["make_worker_id", "run_daemon"]
 log = structlog.get_logger("chunkd.supervisor")
 
 RESTART_DELAY_S = 1.0
+# How long start-up waits for a server that says it is starting up or shutting down.
+STARTUP_WAIT_S = 60.0
 
 
 def make_worker_id() -> str:
@@ -55,6 +60,20 @@ async def _supervise(name: str, run: Callable[[], Awaitable[None]]) -> None:
         await asyncio.sleep(RESTART_DELAY_S)
 
 
+async def _connect_when_ready(dsn: str, wait_s: float = STARTUP_WAIT_S) -> Any:
+    """The first connection; a server that is starting or shutting down (a restart under way)
+    is waited for. Anything else (refused, bad password, no database) fails at once."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return await connect(dsn)
+        except ServerNotReadyError as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("database.not_ready", error=str(exc), retry_in_s=0.5)
+            await asyncio.sleep(0.5)
+
+
 async def run_daemon(
     settings: RunSettings,
     registry: HandlerRegistry,
@@ -66,7 +85,7 @@ async def run_daemon(
     """Runs until ``stop`` is set, then shuts down gracefully and returns."""
     notifier = notifier or Notifier()
     metrics = metrics or Metrics()
-    check_conn = await connect(settings.dsn)
+    check_conn = await _connect_when_ready(settings.dsn)
     try:
         await check_schema(check_conn)
     finally:

@@ -71,6 +71,7 @@ class Claimer:
         self._ready: deque[ClaimedRow] = deque()  # claimed, waiting for a slot
         self._claim_s = 0.005
         self._handler_s = 10.0  # assume long handlers (no prefetch) until measured
+        self._samples = {"claim": 0, "handler": 0}
 
     @property
     def prefetch(self) -> int:
@@ -127,8 +128,14 @@ class Claimer:
         self._schedule_next()
         self.work_signalled()
 
+    def _alpha(self, which: str) -> float:
+        # The plain mean over the first samples, then a moving average: the start-up guess
+        # is forgotten after one sample instead of dragging on for dozens.
+        self._samples[which] += 1
+        return max(EWMA_ALPHA, 1 / self._samples[which])
+
     def slot_freed(self, handler_s: float) -> None:
-        self._handler_s += EWMA_ALPHA * (handler_s - self._handler_s)
+        self._handler_s += self._alpha("handler") * (handler_s - self._handler_s)
         self._dispatch()
         if self._backlog:
             self._maybe_more = True
@@ -176,7 +183,7 @@ class Claimer:
             self._maybe_more = True
             await asyncio.sleep(0.5)
             return
-        self._claim_s += EWMA_ALPHA * (time.perf_counter() - started - self._claim_s)
+        self._claim_s += self._alpha("claim") * (time.perf_counter() - started - self._claim_s)
         self._backlog = len(rows) == wanted
         if self._backlog:
             self._maybe_more = True

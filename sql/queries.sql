@@ -37,6 +37,10 @@ SELECT to_regclass('chunkd.schema_migrations') IS NOT NULL;
 -- name: record_version
 INSERT INTO chunkd.schema_migrations (version, name) VALUES ($1, $2);
 
+-- name: ping
+-- The listener's liveness check: a connection that died silently fails this.
+SELECT 1;
+
 -- name: claim_chunks
 SELECT queue_id, chunk_id, parent_sync_job_id, seq, attempt, kind, payload, job_payload,
        lease_expires_at

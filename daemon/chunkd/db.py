@@ -349,7 +349,7 @@ class Listener:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(lost.wait(), self._ping_interval_s)
                 if not lost.is_set():
-                    await conn.fetchval("SELECT 1", timeout=self._ping_interval_s)
+                    await conn.fetchval(queries()["ping"], timeout=self._ping_interval_s)
             raise ConnectionResetError("listener connection closed")
         finally:
             self.connection = None

@@ -26,6 +26,7 @@ from chunkd.handlers.http import (
     parse_header_option,
     parse_retry_after,
 )
+from http_stub import StubHandler
 
 SECRET = "Bearer s3cr3t-token-value"
 
@@ -47,21 +48,7 @@ class Server:
 
 
 def _make_handler(server: Server) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive, so the pooled client reuses connections
-        timeout = 10  # an idle keep-alive connection must not pin a server thread forever
-
-        def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
-            pass
-
-        def _reply(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-            self.send_response(status)
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
+    class Handler(StubHandler):
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length", "0"))
             body = self.rfile.read(length)

@@ -28,6 +28,7 @@ import pytest
 
 from chunkd.db import DatabaseError, connect
 from daemon_helpers import wait_until
+from http_stub import StubHandler
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "supabase.md"
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.MULTILINE | re.DOTALL)
@@ -68,21 +69,7 @@ class EdgeFunction:
 
 
 def _handler_class(edge: EdgeFunction) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        timeout = 10
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-        def _reply(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-            self.send_response(status)
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
+    class Handler(StubHandler):
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
             edge.requests.append(Request(dict(self.headers.items()), body))

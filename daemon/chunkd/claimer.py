@@ -42,6 +42,19 @@ MAX_TIMERS = 10_000
 EWMA_ALPHA = 0.1
 
 
+class _MovingAverage:
+    """The plain mean over the first samples, then an exponential moving average: the start-up
+    guess is forgotten after one sample instead of dragging on for dozens."""
+
+    def __init__(self, guess: float) -> None:
+        self.value = guess
+        self._samples = 0
+
+    def add(self, sample: float) -> None:
+        self._samples += 1
+        self.value += max(EWMA_ALPHA, 1 / self._samples) * (sample - self.value)
+
+
 class Claimer:
     def __init__(
         self,
@@ -69,19 +82,18 @@ class Claimer:
         self._stopped = False
         self._min_batch = max(1, inflight.concurrency // 4)
         self._ready: deque[ClaimedRow] = deque()  # claimed, waiting for a slot
-        self._claim_s = 0.005
-        self._handler_s = 10.0  # assume long handlers (no prefetch) until measured
-        self._samples = {"claim": 0, "handler": 0}
+        self._claim_s = _MovingAverage(0.005)
+        self._handler_s = _MovingAverage(10.0)  # assume long handlers (no prefetch) until measured
 
     @property
     def prefetch(self) -> int:
-        """Chunks to hold beyond the slots: those that free while one claim is under way."""
+        """Chunks to hold beyond the slots: those that free during three refills."""
         concurrency = self._inflight.concurrency
         # Slots free at concurrency/handler_s per second; a refill takes the batching wait
         # plus a claim (a WAL flush: milliseconds, whatever the batch size). Keep three
         # refills' worth, so the ready queue does not run dry between claims.
-        refill_s = BATCH_WAIT_S + self._claim_s
-        expected = int(3 * concurrency * refill_s / max(self._handler_s, 1e-4))
+        refill_s = BATCH_WAIT_S + self._claim_s.value
+        expected = int(3 * concurrency * refill_s / max(self._handler_s.value, 1e-4))
         return min(2 * concurrency, expected)
 
     def _wanted(self) -> int:
@@ -128,14 +140,8 @@ class Claimer:
         self._schedule_next()
         self.work_signalled()
 
-    def _alpha(self, which: str) -> float:
-        # The plain mean over the first samples, then a moving average: the start-up guess
-        # is forgotten after one sample instead of dragging on for dozens.
-        self._samples[which] += 1
-        return max(EWMA_ALPHA, 1 / self._samples[which])
-
     def slot_freed(self, handler_s: float) -> None:
-        self._handler_s += self._alpha("handler") * (handler_s - self._handler_s)
+        self._handler_s.add(handler_s)
         self._dispatch()
         if self._backlog:
             self._maybe_more = True
@@ -183,7 +189,7 @@ class Claimer:
             self._maybe_more = True
             await asyncio.sleep(0.5)
             return
-        self._claim_s += self._alpha("claim") * (time.perf_counter() - started - self._claim_s)
+        self._claim_s.add(time.perf_counter() - started)
         self._backlog = len(rows) == wanted
         if self._backlog:
             self._maybe_more = True
@@ -196,8 +202,8 @@ class Claimer:
                 running=self._inflight.running,
                 ready=len(self._ready),
                 prefetch=self.prefetch,
-                claim_ms=round(self._claim_s * 1000, 3),
-                handler_ms=round(self._handler_s * 1000, 3),
+                claim_ms=round(self._claim_s.value * 1000, 3),
+                handler_ms=round(self._handler_s.value * 1000, 3),
             )
         for row in rows:
             self._inflight.claimed(row)

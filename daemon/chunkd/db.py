@@ -13,7 +13,7 @@ import json
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 from uuid import UUID
@@ -189,9 +189,7 @@ class ClaimedRow:
     lease_expires_at: datetime
 
 
-def _interval_s(seconds: float) -> Any:
-    from datetime import timedelta
-
+def _interval_s(seconds: float) -> timedelta:
     return timedelta(seconds=seconds)
 
 

@@ -107,26 +107,27 @@ class Outcomes:
             batch = self._buffer[:MAX_BATCH]
             try:
                 accepted = await self._complete(batch)
-                refused: list[tuple[_Completion, str]] = []
+                refused: dict[UUID, str] = {}
             except DatabaseError:
                 # One value the database refuses (e.g. \u0000 in jsonb) must not poison the
                 # batch, and the flusher with it: write one by one, and fail what is refused.
-                accepted, refused = set(), []
+                accepted, refused = set(), {}
                 for c in batch:
                     try:
                         accepted |= await self._complete([c])
                     except DatabaseError as exc:
-                        refused.append((c, f"result rejected by the database: {exc}"))
+                        refused[c.row.queue_id] = f"result rejected by the database: {exc}"
             del self._buffer[: len(batch)]
             for c in batch:
                 if c.row.queue_id in accepted:
                     self._inflight.settled(c.row.queue_id)
                     self._for_kind(c.row.kind).completed.inc()
                     log.info("chunk.completed", **self._fields(c.row, c.duration_ms))
-                elif not any(r[0] is c for r in refused):
+                elif c.row.queue_id in refused:
+                    error = refused[c.row.queue_id]
+                    await self._fail(c.row, Outcome(error=error, retryable=False), c.duration_ms)
+                else:
                     self._fenced(c.row, c.duration_ms, "completed")
-            for c, error in refused:
-                await self._fail(c.row, Outcome(error=error, retryable=False), c.duration_ms)
         self._has_work.clear()
 
     async def _complete(self, batch: list[_Completion]) -> set[UUID]:

@@ -39,8 +39,8 @@ from uuid import UUID
 
 import asyncpg
 
-from chunkd.embedded import ClusterError, PostgresCluster
-from chunkd.migrate import apply_migrations
+from chunkd.db.migrate import apply_migrations
+from chunkd.demo.cluster import ClusterError, PostgresCluster
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))

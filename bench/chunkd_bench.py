@@ -1,7 +1,7 @@
 """chunkd's side of the benchmark: same CLI and one-JSON-object output as bench/peers/.
 
 Scenarios measured exactly like the peers' (pre-enqueued throughput, paced latency) run the
-daemon in-process through ``chunkd.supervisor.run_daemon``, durable and with the audit trail
+daemon in-process through ``chunkd.runtime.supervisor.run_daemon``, durable and with the audit trail
 on. chunkd-only scenarios: ``claim_cost`` (1,000,000 finished chunks vs an empty queue),
 ``processes`` (N ``chunkd run`` subprocesses) and ``rss`` (daemon memory after 20k and 200k).
 """
@@ -26,11 +26,11 @@ import _common as common
 
 from chunkd import Chunk, __version__
 from chunkd.db import connect
+from chunkd.db.migrate import apply_migrations
 from chunkd.handlers import HandlerRegistry
-from chunkd.logs import configure_logging
-from chunkd.migrate import apply_migrations
+from chunkd.observability.logs import configure_logging
+from chunkd.runtime.supervisor import run_daemon
 from chunkd.settings import RunSettings
-from chunkd.supervisor import run_daemon
 
 CONTENDER = "chunkd"
 KIND = "bench"

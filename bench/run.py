@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from chunkd.db import connect
-from chunkd.embedded import PostgresCluster
+from chunkd.demo.cluster import PostgresCluster
 
 BENCH = Path(__file__).resolve().parent
 PEER_VENV = Path(os.environ.get("CHUNKD_BENCH_PEER_VENV", "/tmp/chunkd-bench-venv"))

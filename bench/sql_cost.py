@@ -16,8 +16,8 @@ import time
 from datetime import timedelta
 
 from chunkd.db import connect
-from chunkd.embedded import throwaway_cluster
-from chunkd.migrate import apply_migrations
+from chunkd.db.migrate import apply_migrations
+from chunkd.demo.cluster import throwaway_cluster
 
 
 async def measure(dsn: str, chunks: int, batch: int) -> dict[str, float]:

@@ -22,8 +22,8 @@ import asyncpg
 import pytest
 
 from chunkd.db import connect
-from chunkd.embedded import ClusterError, PostgresCluster
-from chunkd.migrate import apply_migrations
+from chunkd.db.migrate import apply_migrations
+from chunkd.demo.cluster import ClusterError, PostgresCluster
 
 TEMPLATE_DB = "chunkd_test_template"
 

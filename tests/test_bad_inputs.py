@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 
 from chunkd.db import DatabaseError, connect
-from chunkd.embedded import PostgresCluster
+from chunkd.demo.cluster import PostgresCluster
 from daemon_handlers import EXECUTIONS_DDL
 from daemon_helpers import TESTS_DIR, wait_until
 from sql_helpers import create_job, status_counts

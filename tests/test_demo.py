@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from chunkd.db import connect
-from chunkd.embedded import ClusterError, find_bin_dir
+from chunkd.demo.cluster import ClusterError, find_bin_dir
 
 TEMP_DIR = re.compile(r"temp dir: (/\S*chunkd-pg-\S+)")
 DSN_LINE = re.compile(r"DSN:\s+(\S+)")
@@ -37,11 +37,11 @@ main(sys.argv[1:])
 """
 FAIL_AFTER_START = """
 import sys
-import chunkd.migrate
+import chunkd.db.migrate
 from chunkd.errors import ChunkdError
 async def fail(conn):
     raise ChunkdError("simulated failure after the server started")
-chunkd.migrate.apply_migrations = fail
+chunkd.db.migrate.apply_migrations = fail
 from chunkd.cli import main
 main(sys.argv[1:])
 """

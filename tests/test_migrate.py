@@ -7,7 +7,8 @@ import os
 import subprocess
 import sys
 
-from chunkd.db import connect, redact_dsn
+from chunkd.db import connect
+from chunkd.redact import redact_dsn
 
 
 async def _chunkd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -20,7 +20,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from chunkd.db import DatabaseError, connect, redact_dsn, validate_identifier
+from chunkd.db import DatabaseError, connect, validate_identifier
+from chunkd.redact import redact_dsn
 from daemon_helpers import wait_until
 from sql_helpers import create_job, status_counts
 

@@ -54,7 +54,7 @@ class RunSettings:
 
     def public_dict(self) -> dict[str, object]:
         """What start-up logs: no DSN password, no header values."""
-        from chunkd.db import redact_dsn
+        from chunkd.redact import redact_dsn
 
         return {
             "dsn": redact_dsn(self.dsn),

@@ -20,9 +20,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from chunkd import __version__
 from chunkd.chunk import Chunk, PermanentError, RetryLater
 from chunkd.handlers import HandlerError
+from chunkd.version import __version__
 
 __all__ = [
     "MAX_RETRY_AFTER_S",

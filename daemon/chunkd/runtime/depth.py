@@ -13,11 +13,11 @@ import asyncio
 import structlog
 
 from chunkd.db import TRANSIENT_ERRORS, Queue
-from chunkd.metrics import Metrics
+from chunkd.observability.metrics import Metrics
 
 __all__ = ["DEFAULT_INTERVAL_S", "DEPTH_STATUSES", "QueueDepthSampler"]
 
-log = structlog.get_logger("chunkd.depth")
+log = structlog.get_logger("chunkd.runtime.depth")
 
 DEFAULT_INTERVAL_S = 15.0
 # What queue_depth() reports; each is always exported, so a status that empties drops to 0

@@ -30,7 +30,7 @@ def sql_dir() -> Path:
     packaged = resources.files("chunkd") / "sql"
     if packaged.is_dir():
         return Path(str(packaged))
-    checkout = Path(__file__).resolve().parents[2] / "sql"
+    checkout = Path(__file__).resolve().parents[3] / "sql"
     if checkout.is_dir():
         return checkout
     raise FileNotFoundError("chunkd's SQL files are missing from this installation")

@@ -8,8 +8,8 @@ in ``partial_failure`` without holding up the rest.
 
 Randomness is seeded by the chunk id: a chunk behaves the same on every attempt except that
 transient errors strike only the first one, so every run ends with exactly one failed chunk.
-The handler is importable as ``chunkd.demo_handler:fetch_messages_page``, so
-``chunkd run --handler mailbox-sync=chunkd.demo_handler:fetch_messages_page`` runs it too.
+The handler is importable as ``chunkd.demo.handler:fetch_messages_page``, so
+``chunkd run --handler mailbox-sync=chunkd.demo.handler:fetch_messages_page`` runs it too.
 """
 
 from __future__ import annotations

@@ -1,77 +1,29 @@
-"""The operator commands: enqueue, status, retry, cancel, reap, purge, workers.
+"""The job commands: enqueue, status, retry, cancel.
 
-Thin wrappers: the queries live in ``chunkd.ops``, the drawing in ``chunkd.status_view``;
-``cli.py`` adds them to the ``chunkd`` group.
+Thin wrappers: the queries live in :mod:`chunkd.ops`, the drawing in
+:mod:`chunkd.cli.status_view`.
 """
 
 from __future__ import annotations
 
-import os
 import sys
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-from chunkd.cli_options import DURATION, dsn_option, run_async
+from chunkd.cli.options import (
+    DURATION,
+    INT32,
+    JOB_ID,
+    STALE_AFTER_DEFAULT,
+    console,
+    dsn_option,
+    plural,
+    with_connection,
+)
 from chunkd.errors import ChunkdError
 
-__all__ = ["COMMANDS"]
-
-T = TypeVar("T")
-
-# ---------------------------------------------------------------------------------------------
-# Operator commands: thin wrappers; the queries live in chunkd.ops, the drawing in
-# chunkd.status_view.
-# ---------------------------------------------------------------------------------------------
-
-INT32 = click.IntRange(min=-(2**31), max=2**31 - 1)
-STALE_AFTER_DEFAULT = "2m"
-
-
-class JobId(click.ParamType):
-    """A sync job id: a UUID, checked here so a typo is one clear line, not a server error."""
-
-    name = "job"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        import uuid
-
-        if isinstance(value, uuid.UUID):
-            return value
-        try:
-            return uuid.UUID(str(value).strip())
-        except ValueError:
-            self.fail(f"{value!r} is not a job id (a UUID, as printed by `chunkd enqueue`)")
-
-
-JOB_ID = JobId()
-
-
-def _with_connection(dsn: str, work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
-    """Runs ``work(conn)`` on one connection that is always closed, also on Ctrl-C."""
-    from chunkd.db import connect
-
-    async def go() -> T:
-        conn = await connect(dsn, application_name="chunkd-cli")
-        try:
-            return await work(conn)
-        finally:
-            await conn.close()
-
-    return run_async(go())
-
-
-def _console() -> Any:
-    """A rich console for stdout; piped output gets a wide line instead of wrapped cells."""
-    from rich.console import Console
-
-    piped = not sys.stdout.isatty() and "COLUMNS" not in os.environ
-    return Console(width=200 if piped else None)
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+__all__ = ["cancel", "enqueue", "retry", "status"]
 
 
 @click.command()
@@ -136,7 +88,7 @@ def enqueue(
         source = click.open_file("-", "rb")
     job_payload = ops.parse_json_option("--payload", payload)
     chunks = ops.parse_chunks(source.read(ops.MAX_INPUT_BYTES + 1))
-    job_id = _with_connection(
+    job_id = with_connection(
         dsn,
         lambda conn: ops.enqueue(
             conn,
@@ -201,15 +153,15 @@ def status(
     stale_after: float,
 ) -> None:
     """Progress of all jobs (newest first), or of one JOB with its recent errors."""
-    from chunkd.status_view import watch as show
+    from chunkd.cli.status_view import watch as show
 
     if interval <= 0:
         raise ChunkdError("--interval must be positive")
-    _with_connection(
+    with_connection(
         dsn,
         lambda conn: show(
             conn,
-            _console(),
+            console(),
             job,
             limit=limit or None,
             stale_after_s=stale_after,
@@ -228,8 +180,8 @@ def retry(dsn: str, job: Any) -> None:
     """Put JOB's failed chunks back to pending, with their attempts reset."""
     from chunkd import ops
 
-    n = _with_connection(dsn, lambda conn: ops.retry_failed(conn, job))
-    click.echo(f"retried {_plural(n, 'failed chunk')} of job {job}")
+    n = with_connection(dsn, lambda conn: ops.retry_failed(conn, job))
+    click.echo(f"retried {plural(n, 'failed chunk')} of job {job}")
 
 
 @click.command()
@@ -239,63 +191,5 @@ def cancel(dsn: str, job: Any) -> None:
     """Cancel JOB: its pending and processing chunks become cancelled."""
     from chunkd import ops
 
-    n = _with_connection(dsn, lambda conn: ops.cancel_job(conn, job))
-    click.echo(f"cancelled {_plural(n, 'chunk')} of job {job}")
-
-
-@click.command()
-@dsn_option
-def reap(dsn: str) -> None:
-    """Return chunks whose lease expired (dead or hung worker) to pending, or fail them."""
-    from chunkd import ops
-
-    n = _with_connection(dsn, ops.reap)
-    click.echo(f"reaped {_plural(n, 'chunk')} with an expired lease")
-
-
-@click.command()
-@dsn_option
-@click.option(
-    "--older-than",
-    type=DURATION,
-    required=True,
-    envvar="CHUNKD_OLDER_THAN",
-    help="Delete jobs finished longer ago than this (e.g. 7d), with all their rows.  "
-    "[env: CHUNKD_OLDER_THAN]",
-)
-def purge(dsn: str, older_than: float) -> None:
-    """Delete finished jobs with their chunks, queue rows and audit events."""
-    from chunkd import ops
-
-    n = _with_connection(dsn, lambda conn: ops.purge_finished(conn, older_than))
-    click.echo(f"purged {_plural(n, 'finished job')}")
-
-
-@click.command()
-@dsn_option
-@click.option(
-    "--json", "as_json", is_flag=True, envvar="CHUNKD_JSON", help="JSON.  [env: CHUNKD_JSON]"
-)
-@click.option(
-    "--stale-after",
-    type=DURATION,
-    default=STALE_AFTER_DEFAULT,
-    show_default=True,
-    envvar="CHUNKD_STALE_AFTER",
-    help="A worker silent this long is shown as stale.  [env: CHUNKD_STALE_AFTER]",
-)
-def workers(dsn: str, as_json: bool, stale_after: float) -> None:
-    """Registered daemons: live, or stale (no heartbeat for --stale-after)."""
-    import json
-
-    from chunkd import ops
-    from chunkd.status_view import workers_table
-
-    rows = _with_connection(dsn, lambda conn: ops.list_workers(conn, stale_after_s=stale_after))
-    if as_json:
-        click.echo(json.dumps([w.as_json() for w in rows]))
-    else:
-        _console().print(workers_table(rows))
-
-
-COMMANDS = (enqueue, status, retry, cancel, reap, purge, workers)
+    n = with_connection(dsn, lambda conn: ops.cancel_job(conn, job))
+    click.echo(f"cancelled {plural(n, 'chunk')} of job {job}")

@@ -19,24 +19,24 @@ from typing import Any
 
 import structlog
 
-from chunkd import __version__
-from chunkd.claimer import Claimer
 from chunkd.db import TRANSIENT_ERRORS, ClaimedRow, Listener, Queue, connect, create_pool
+from chunkd.db.migrate import check_schema
 from chunkd.errors import ServerNotReadyError
 from chunkd.handlers import HandlerRegistry
-from chunkd.heartbeat import Heartbeat
-from chunkd.inflight import InFlight
-from chunkd.metrics import Metrics
-from chunkd.migrate import check_schema
-from chunkd.outcomes import Outcomes
-from chunkd.reaper import Reaper
-from chunkd.sdnotify import Notifier
+from chunkd.observability.metrics import Metrics
+from chunkd.observability.sdnotify import Notifier
+from chunkd.runtime.claimer import Claimer
+from chunkd.runtime.heartbeat import Heartbeat
+from chunkd.runtime.inflight import InFlight
+from chunkd.runtime.outcomes import Outcomes
+from chunkd.runtime.reaper import Reaper
+from chunkd.runtime.worker import Worker
 from chunkd.settings import RunSettings
-from chunkd.worker import Worker
+from chunkd.version import __version__
 
 __all__ = ["make_worker_id", "run_daemon"]
 
-log = structlog.get_logger("chunkd.supervisor")
+log = structlog.get_logger("chunkd.runtime.supervisor")
 
 RESTART_DELAY_S = 1.0
 # How long start-up waits for a server that says it is starting up or shutting down.
@@ -206,7 +206,7 @@ async def _serve(
     if notifier.enabled:
         services["systemd"] = tell_systemd
     if settings.metrics_port is not None:
-        from chunkd.depth import QueueDepthSampler
+        from chunkd.runtime.depth import QueueDepthSampler
 
         sampler = QueueDepthSampler(queue, metrics, interval_s=settings.metrics_interval_s)
         services["queue_depth"] = sampler.run

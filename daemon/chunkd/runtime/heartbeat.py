@@ -11,11 +11,11 @@ import asyncio
 import structlog
 
 from chunkd.db import TRANSIENT_ERRORS, Queue
-from chunkd.inflight import InFlight
+from chunkd.runtime.inflight import InFlight
 
 __all__ = ["Heartbeat"]
 
-log = structlog.get_logger("chunkd.heartbeat")
+log = structlog.get_logger("chunkd.runtime.heartbeat")
 
 
 class Heartbeat:

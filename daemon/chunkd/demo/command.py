@@ -3,7 +3,7 @@
 The point is a first run that needs nothing but the package: no server to set up, no DSN, no
 handler to write. Everything real is used — the migrations, ``create_sync_job()``, the daemon
 in-process with its LISTEN connection, leases, retries and audit trail — and only the handler
-is simulated (:mod:`chunkd.demo_handler`). Whatever happens (success, an error, Ctrl-C), the
+is simulated (:mod:`chunkd.demo.handler`). Whatever happens (success, an error, Ctrl-C), the
 server is stopped and its temporary directory removed; ``--keep`` postpones that until the
 user presses Ctrl-C, so the database can be explored with psql first.
 
@@ -28,15 +28,15 @@ from uuid import UUID
 import click
 from rich.console import Console
 
-from chunkd.demo_handler import KIND, fetch_messages_page, mailbox_chunks, mailbox_payload
-from chunkd.embedded import ClusterError, PostgresCluster, find_bin_dir
+from chunkd.db.sql_files import queries
+from chunkd.demo.cluster import ClusterError, PostgresCluster, find_bin_dir
+from chunkd.demo.handler import KIND, fetch_messages_page, mailbox_chunks, mailbox_payload
 from chunkd.errors import ChunkdError
-from chunkd.sql_files import queries
 
 if TYPE_CHECKING:
     import asyncpg
 
-    from chunkd.demo_view import ProgressView
+    from chunkd.demo.view import ProgressView
 
 __all__ = ["demo"]
 
@@ -100,7 +100,7 @@ async def _watch(
     daemon: asyncio.Task[None],
 ) -> None:
     """Redraws the view until every job is terminal or the daemon task ends (it crashed)."""
-    from chunkd.demo_view import JobState
+    from chunkd.demo.view import JobState
 
     q = demo_queries()
     while True:
@@ -116,11 +116,11 @@ async def _run_demo(
     dsn: str, pages: int, concurrency: int, console: Console, log_path: Path
 ) -> DemoResult:
     from chunkd.db import connect
-    from chunkd.demo_view import ProgressView
+    from chunkd.db.migrate import apply_migrations
+    from chunkd.demo.view import ProgressView
     from chunkd.handlers import HandlerRegistry
-    from chunkd.migrate import apply_migrations
+    from chunkd.runtime.supervisor import run_daemon
     from chunkd.settings import RunSettings
-    from chunkd.supervisor import run_daemon
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -150,7 +150,7 @@ async def _run_demo(
             )
             settings = RunSettings(
                 dsn=dsn,
-                handlers=(f"{KIND}=chunkd.demo_handler:fetch_messages_page",),
+                handlers=(f"{KIND}=chunkd.demo.handler:fetch_messages_page",),
                 concurrency=concurrency,
                 lease_s=30.0,
                 reap_interval_s=5.0,
@@ -209,7 +209,7 @@ def _print_keep_instructions(console: Console, cluster: PostgresCluster, log_pat
     dsn = cluster.dsn("postgres")
     psql = cluster.bin_dir / "psql"
     psql_cmd = str(psql) if psql.is_file() else "psql"
-    handler = f"{KIND}=chunkd.demo_handler:fetch_messages_page"
+    handler = f"{KIND}=chunkd.demo.handler:fetch_messages_page"
     lines = [
         "",
         "PostgreSQL is still running (--keep). Explore it while this command waits:",
@@ -264,8 +264,8 @@ def demo(chunks: int, concurrency: int, keep: bool) -> None:
     Nothing is left behind: the server is stopped and its directory removed at the end, on an
     error and on Ctrl-C (exit 130).
     """
-    from chunkd.demo_view import print_report
-    from chunkd.logs import configure_logging
+    from chunkd.demo.view import print_report
+    from chunkd.observability.logs import configure_logging
 
     console = Console(highlight=False)
     if not console.is_terminal:

@@ -17,12 +17,12 @@ from uuid import UUID
 import structlog
 
 from chunkd.db import ClaimedRow, DatabaseError, Queue, retry_transient
-from chunkd.inflight import InFlight
-from chunkd.metrics import Metrics
+from chunkd.observability.metrics import Metrics
+from chunkd.runtime.inflight import InFlight
 
 __all__ = ["Outcome", "Outcomes"]
 
-log = structlog.get_logger("chunkd.outcomes")
+log = structlog.get_logger("chunkd.runtime.outcomes")
 
 MAX_BATCH = 500
 

@@ -1,9 +1,7 @@
-"""The ``chunkd`` command line: the group, ``migrate`` and ``run``. With ``cli_ops`` (the
-operator commands) and ``cli_options`` (shared option types), the only place that reads argv
-and the environment, sets up logging, or installs signal handlers.
+"""``chunkd migrate`` and ``chunkd run``: installing the schema and running the daemon.
 
-A user mistake (bad option, bad DSN, unknown handler, wrong schema) is one line on stderr and
-exit code 2, never a traceback.
+``run`` is the only place that installs signal handlers: the first SIGTERM/SIGINT asks for a
+graceful stop, a second exits at once.
 """
 
 from __future__ import annotations
@@ -11,52 +9,23 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 from typing import Any
 
 import click
 
-from chunkd import __version__
-from chunkd.cli_options import DURATION, LINE, dsn_option, run_async
+from chunkd.cli.options import DURATION, LINE, dsn_option, run_async
 from chunkd.errors import ChunkdError
 
-__all__ = ["main"]
-
-EXIT_USAGE = 2
+__all__ = ["migrate", "run"]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="chunkd")
-@click.option(
-    "--log-format",
-    type=click.Choice(["auto", "json", "console"]),
-    default="auto",
-    envvar="CHUNKD_LOG_FORMAT",
-    show_default=True,
-    help="auto: JSON lines when stdout is not a terminal.  [env: CHUNKD_LOG_FORMAT]",
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    default="info",
-    envvar="CHUNKD_LOG_LEVEL",
-    show_default=True,
-    help="[env: CHUNKD_LOG_LEVEL]",
-)
-def cli(log_format: str, log_level: str) -> None:
-    """chunkd: a durable chunk-processing daemon for PostgreSQL."""
-    from chunkd.logs import configure_logging
-
-    configure_logging(log_format, log_level)  # type: ignore[arg-type]
-
-
-@cli.command()
+@click.command()
 @dsn_option
 @click.option("--check", is_flag=True, help="Only check: exit 0 if current, 1 if behind or ahead.")
 def migrate(dsn: str, check: bool) -> None:
     """Install or upgrade the chunkd schema (safe to run concurrently and repeatedly)."""
     from chunkd.db import connect
-    from chunkd.migrate import apply_migrations, check_schema
+    from chunkd.db.migrate import apply_migrations, check_schema
 
     async def go() -> None:
         conn = await connect(dsn)
@@ -88,7 +57,7 @@ def _fail_line(message: str, code: int) -> int:
     return code
 
 
-@cli.command()
+@click.command()
 @dsn_option
 @click.option(
     "--handler",
@@ -237,7 +206,7 @@ def run(
 
 
 async def _run_until_signalled(settings: Any, registry: Any) -> None:
-    from chunkd.supervisor import run_daemon
+    from chunkd.runtime.supervisor import run_daemon
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -256,38 +225,3 @@ async def _run_until_signalled(settings: Any, registry: Any) -> None:
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
-
-
-def _register_commands() -> None:
-    from chunkd.cli_ops import COMMANDS
-    from chunkd.demo import demo
-
-    for command in (*COMMANDS, demo):
-        cli.add_command(command)
-
-
-_register_commands()
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: click without its multi-line usage errors or tracebacks for user mistakes."""
-    try:
-        # Without standalone mode, click returns the code of click.exceptions.Exit.
-        code = cli.main(args=argv, prog_name="chunkd", standalone_mode=False)
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except click.ClickException as exc:
-        click.echo(f"chunkd: error: {exc.format_message()}", err=True)
-        sys.exit(exc.exit_code)
-    except ChunkdError as exc:
-        click.echo(f"chunkd: error: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
-    except ValueError as exc:
-        # HandlerError and bad header options land here: user input, one line.
-        click.echo(f"chunkd: error: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
-    sys.exit(code if isinstance(code, int) else 0)
-
-
-if __name__ == "__main__":
-    main()

@@ -15,9 +15,9 @@ from typing import Any
 from chunkd.chunk import Chunk, PermanentError, RetryLater
 from chunkd.db import ClaimedRow
 from chunkd.handlers import Handler
-from chunkd.inflight import InFlight
-from chunkd.metrics import Metrics
-from chunkd.outcomes import Outcome, Outcomes
+from chunkd.observability.metrics import Metrics
+from chunkd.runtime.inflight import InFlight
+from chunkd.runtime.outcomes import Outcome, Outcomes
 
 __all__ = ["Worker"]
 

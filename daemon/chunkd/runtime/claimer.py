@@ -25,12 +25,12 @@ from collections.abc import Callable, Sequence
 import structlog
 
 from chunkd.db import TRANSIENT_ERRORS, ClaimedRow, Queue
-from chunkd.inflight import InFlight
-from chunkd.metrics import Metrics
+from chunkd.observability.metrics import Metrics
+from chunkd.runtime.inflight import InFlight
 
 __all__ = ["Claimer"]
 
-log = structlog.get_logger("chunkd.claimer")
+log = structlog.get_logger("chunkd.runtime.claimer")
 
 # After a slot frees while a backlog remains, wait this long for more slots so claims come in
 # batches rather than one statement per finished chunk.

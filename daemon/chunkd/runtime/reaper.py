@@ -11,11 +11,11 @@ import asyncio
 import structlog
 
 from chunkd.db import TRANSIENT_ERRORS, Queue
-from chunkd.metrics import Metrics
+from chunkd.observability.metrics import Metrics
 
 __all__ = ["Reaper"]
 
-log = structlog.get_logger("chunkd.reaper")
+log = structlog.get_logger("chunkd.runtime.reaper")
 
 
 class Reaper:

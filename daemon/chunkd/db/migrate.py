@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from chunkd.db import DatabaseError
+from chunkd.db.sql_files import migrations, queries
 from chunkd.errors import ChunkdError, SchemaVersionError
-from chunkd.sql_files import migrations, queries
 
 if TYPE_CHECKING:
     import asyncpg

@@ -1,0 +1,79 @@
+"""The ``chunkd`` command line: the group and the entry point. This package is the only place
+that reads argv and the environment, sets up logging, or installs signal handlers; one module
+per group of commands (:mod:`~chunkd.cli.daemon`, :mod:`~chunkd.cli.jobs`,
+:mod:`~chunkd.cli.maintenance`), shared option types in :mod:`~chunkd.cli.options`.
+
+A user mistake (bad option, bad DSN, unknown handler, wrong schema) is one line on stderr and
+exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from chunkd.errors import ChunkdError
+from chunkd.version import __version__
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="chunkd")
+@click.option(
+    "--log-format",
+    type=click.Choice(["auto", "json", "console"]),
+    default="auto",
+    envvar="CHUNKD_LOG_FORMAT",
+    show_default=True,
+    help="auto: JSON lines when stdout is not a terminal.  [env: CHUNKD_LOG_FORMAT]",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    envvar="CHUNKD_LOG_LEVEL",
+    show_default=True,
+    help="[env: CHUNKD_LOG_LEVEL]",
+)
+def cli(log_format: str, log_level: str) -> None:
+    """chunkd: a durable chunk-processing daemon for PostgreSQL."""
+    from chunkd.observability.logs import configure_logging
+
+    configure_logging(log_format, log_level)  # type: ignore[arg-type]
+
+
+def _register_commands() -> None:
+    from chunkd.cli.daemon import migrate, run
+    from chunkd.cli.jobs import cancel, enqueue, retry, status
+    from chunkd.cli.maintenance import purge, reap, workers
+    from chunkd.demo.command import demo
+
+    for command in (migrate, run, enqueue, status, retry, cancel, reap, purge, workers, demo):
+        cli.add_command(command)
+
+
+_register_commands()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: click without its multi-line usage errors or tracebacks for user mistakes."""
+    try:
+        # Without standalone mode, click returns the code of click.exceptions.Exit.
+        code = cli.main(args=argv, prog_name="chunkd", standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        click.echo(f"chunkd: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except ChunkdError as exc:
+        click.echo(f"chunkd: error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    except ValueError as exc:
+        # HandlerError and bad header options land here: user input, one line.
+        click.echo(f"chunkd: error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    sys.exit(code if isinstance(code, int) else 0)

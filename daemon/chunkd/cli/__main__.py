@@ -1,0 +1,5 @@
+"""``python -m chunkd.cli``: the same as the ``chunkd`` command."""
+
+from chunkd.cli import main
+
+main()

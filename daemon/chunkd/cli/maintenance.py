@@ -1,0 +1,71 @@
+"""The maintenance commands: reap, purge, workers."""
+
+from __future__ import annotations
+
+import click
+
+from chunkd.cli.options import (
+    DURATION,
+    STALE_AFTER_DEFAULT,
+    console,
+    dsn_option,
+    plural,
+    with_connection,
+)
+
+__all__ = ["purge", "reap", "workers"]
+
+
+@click.command()
+@dsn_option
+def reap(dsn: str) -> None:
+    """Return chunks whose lease expired (dead or hung worker) to pending, or fail them."""
+    from chunkd import ops
+
+    n = with_connection(dsn, ops.reap)
+    click.echo(f"reaped {plural(n, 'chunk')} with an expired lease")
+
+
+@click.command()
+@dsn_option
+@click.option(
+    "--older-than",
+    type=DURATION,
+    required=True,
+    envvar="CHUNKD_OLDER_THAN",
+    help="Delete jobs finished longer ago than this (e.g. 7d), with all their rows.  "
+    "[env: CHUNKD_OLDER_THAN]",
+)
+def purge(dsn: str, older_than: float) -> None:
+    """Delete finished jobs with their chunks, queue rows and audit events."""
+    from chunkd import ops
+
+    n = with_connection(dsn, lambda conn: ops.purge_finished(conn, older_than))
+    click.echo(f"purged {plural(n, 'finished job')}")
+
+
+@click.command()
+@dsn_option
+@click.option(
+    "--json", "as_json", is_flag=True, envvar="CHUNKD_JSON", help="JSON.  [env: CHUNKD_JSON]"
+)
+@click.option(
+    "--stale-after",
+    type=DURATION,
+    default=STALE_AFTER_DEFAULT,
+    show_default=True,
+    envvar="CHUNKD_STALE_AFTER",
+    help="A worker silent this long is shown as stale.  [env: CHUNKD_STALE_AFTER]",
+)
+def workers(dsn: str, as_json: bool, stale_after: float) -> None:
+    """Registered daemons: live, or stale (no heartbeat for --stale-after)."""
+    import json
+
+    from chunkd import ops
+    from chunkd.cli.status_view import workers_table
+
+    rows = with_connection(dsn, lambda conn: ops.list_workers(conn, stale_after_s=stale_after))
+    if as_json:
+        click.echo(json.dumps([w.as_json() for w in rows]))
+    else:
+        console().print(workers_table(rows))

@@ -1,0 +1,130 @@
+"""Option types and helpers shared by the ``chunkd`` commands: durations, job ids, the DSN
+option, running a coroutine on one connection, the console."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import click
+
+from chunkd.settings import parse_duration
+
+__all__ = [
+    "DURATION",
+    "INT32",
+    "JOB_ID",
+    "LINE",
+    "STALE_AFTER_DEFAULT",
+    "Duration",
+    "JobId",
+    "Line",
+    "console",
+    "dsn_option",
+    "plural",
+    "run_async",
+    "with_connection",
+]
+
+T = TypeVar("T")
+
+
+class Duration(click.ParamType):
+    """Seconds as a number or with a unit: 30, 30s, 500ms, 5m, 2h, 7d."""
+
+    name = "duration"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, int | float):
+            return float(value)
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+DURATION = Duration()
+
+
+class Line(click.ParamType):
+    """A value that may contain spaces (``exec:`` commands): from the environment, a list of
+    them is one per line, not split on whitespace as click does by default."""
+
+    name = "text"
+    envvar_list_splitter = "\n"
+
+
+LINE = Line()
+
+
+def dsn_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--dsn",
+        envvar=["CHUNKD_DSN", "DATABASE_URL"],
+        required=True,
+        help="PostgreSQL connection URI.  [env: CHUNKD_DSN, DATABASE_URL]",
+    )(func)
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
+        return asyncio.run(coro)
+
+
+INT32 = click.IntRange(min=-(2**31), max=2**31 - 1)
+STALE_AFTER_DEFAULT = "2m"
+
+
+class JobId(click.ParamType):
+    """A sync job id: a UUID, checked here so a typo is one clear line, not a server error."""
+
+    name = "job"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> uuid.UUID:
+        if isinstance(value, uuid.UUID):
+            return value
+        try:
+            return uuid.UUID(str(value).strip())
+        except ValueError:
+            self.fail(f"{value!r} is not a job id (a UUID, as printed by `chunkd enqueue`)")
+
+
+JOB_ID = JobId()
+
+
+def with_connection(dsn: str, work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+    """Runs ``work(conn)`` on one connection that is always closed, also on Ctrl-C."""
+    from chunkd.db import connect
+
+    async def go() -> T:
+        conn = await connect(dsn, application_name="chunkd-cli")
+        try:
+            return await work(conn)
+        finally:
+            await conn.close()
+
+    return run_async(go())
+
+
+def console() -> Any:
+    """A rich console for stdout; piped output gets a wide line instead of wrapped cells."""
+    from rich.console import Console
+
+    piped = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    return Console(width=200 if piped else None)
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"

@@ -1,0 +1,238 @@
+"""What the operator commands do to jobs: enqueue, read progress, retry, cancel, reap, purge.
+
+Every function takes a connection from :func:`chunkd.db.connect` and runs named statements from
+``sql/queries.sql``; writes go through the public SQL functions, so the checks that protect an
+edge function calling ``create_sync_job`` over RPC protect the CLI too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from chunkd.db.sql_files import queries
+from chunkd.errors import ChunkdError
+from chunkd.ops.errors import database_errors
+
+if TYPE_CHECKING:
+    import asyncpg
+
+__all__ = [
+    "TERMINAL_STATUSES",
+    "JobDetail",
+    "JobRow",
+    "cancel_job",
+    "enqueue",
+    "job_detail",
+    "list_jobs",
+    "purge_finished",
+    "reap",
+    "retry_failed",
+]
+
+TERMINAL_STATUSES = frozenset({"completed", "partial_failure", "cancelled"})
+
+
+async def enqueue(
+    conn: asyncpg.Connection,
+    *,
+    kind: str,
+    chunks: list[Any],
+    payload: Any,
+    max_concurrency: int | None,
+    max_attempts: int,
+    priority: int,
+) -> UUID:
+    """One job through ``create_sync_job``: job, chunks and queue rows in one transaction."""
+    with database_errors():
+        return await conn.fetchval(
+            queries()["ops_create_sync_job"],
+            kind,
+            json.dumps(chunks, ensure_ascii=False, separators=(",", ":")),
+            json.dumps(payload, ensure_ascii=False, separators=(",", ":")),
+            max_concurrency,
+            max_attempts,
+            priority,
+        )
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """One line of the status table: the job's row of ``chunk_processing_status``."""
+
+    sync_job_id: UUID
+    kind: str
+    total_chunks: int
+    pending_chunks: int
+    processing_chunks: int
+    completed_chunks: int
+    failed_chunks: int
+    cancelled_chunks: int
+    overall_status: str
+    progress_percentage: float
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @property
+    def terminal(self) -> bool:
+        return self.overall_status in TERMINAL_STATUSES
+
+    def as_json(self) -> dict[str, Any]:
+        """The same keys as ``get_sync_job_progress`` uses, for scripts reading either."""
+        return {
+            "sync_job_id": str(self.sync_job_id),
+            "kind": self.kind,
+            "total_chunks": self.total_chunks,
+            "pending_chunks": self.pending_chunks,
+            "processing_chunks": self.processing_chunks,
+            "completed_chunks": self.completed_chunks,
+            "failed_chunks": self.failed_chunks,
+            "cancelled_chunks": self.cancelled_chunks,
+            "overall_status": self.overall_status,
+            "progress_percentage": self.progress_percentage,
+            "created_at": self.created_at.isoformat(),
+            "started_at": self.started_at.isoformat() if self.started_at else None,
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+        }
+
+
+async def list_jobs(conn: asyncpg.Connection, *, limit: int | None) -> tuple[list[JobRow], int]:
+    """The newest ``limit`` jobs (None: all), newest first, and how many jobs exist.
+
+    Two statements on purpose: the view aggregates the whole queue table unless it is filtered
+    by job id, and an ``= ANY(ids)`` filter is pushed into its GROUP BY, so the table costs the
+    shown jobs' chunks, not the whole history.
+    """
+    q = queries()
+    with database_errors():
+        id_rows = await conn.fetch(q["ops_recent_job_ids"], limit)
+        if not id_rows:
+            return [], 0
+        total = id_rows[0]["total_jobs"]
+        rows = await conn.fetch(q["ops_job_status_rows"], [r["id"] for r in id_rows])
+    jobs = [_job_row(r) for r in rows]
+    return jobs, total
+
+
+def _job_row(record: Any) -> JobRow:
+    return JobRow(
+        sync_job_id=record["parent_sync_job_id"],
+        kind=record["kind"],
+        total_chunks=record["total_chunks"],
+        pending_chunks=record["pending_chunks"],
+        processing_chunks=record["processing_chunks"],
+        completed_chunks=record["completed_chunks"],
+        failed_chunks=record["failed_chunks"],
+        cancelled_chunks=record["cancelled_chunks"],
+        overall_status=record["overall_status"],
+        progress_percentage=float(record["progress_percentage"] or 0),
+        created_at=record["created_at"],
+        started_at=record["started_at"],
+        finished_at=record["finished_at"],
+    )
+
+
+@dataclass(frozen=True)
+class JobDetail:
+    """``status JOB``: the progress document, the job's settings, its latest errors, and
+    whether any live worker can run it at all (a job of a kind nobody handles waits forever)."""
+
+    progress: dict[str, Any]
+    priority: int
+    max_concurrency: int | None
+    max_attempts: int
+    recent_errors: list[dict[str, Any]]
+    live_worker_for_kind: bool
+
+    @property
+    def kind(self) -> str:
+        return str(self.progress["kind"])
+
+    @property
+    def overall_status(self) -> str:
+        return str(self.progress["overall_status"])
+
+    @property
+    def terminal(self) -> bool:
+        return self.overall_status in TERMINAL_STATUSES
+
+    @property
+    def note(self) -> str | None:
+        """Why a job may not move: pending chunks and nobody alive to claim them."""
+        if self.progress.get("pending_chunks") and not self.live_worker_for_kind:
+            return f"no live worker handles kind {self.kind!r}"
+        return None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            **self.progress,
+            "priority": self.priority,
+            "max_concurrency": self.max_concurrency,
+            "max_attempts": self.max_attempts,
+            "live_worker_for_kind": self.live_worker_for_kind,
+            "note": self.note,
+            "recent_errors": self.recent_errors,
+        }
+
+
+async def job_detail(
+    conn: asyncpg.Connection, job_id: UUID, *, stale_after_s: float, errors_limit: int = 10
+) -> JobDetail:
+    q = queries()
+    with database_errors():
+        progress = await conn.fetchval(q["ops_job_progress"], job_id)
+        settings = await conn.fetchrow(q["ops_job_settings"], job_id)
+        if progress is None or settings is None:
+            raise ChunkdError(f"no sync job {job_id}")
+        errors = await conn.fetch(q["ops_recent_errors"], job_id, errors_limit)
+        live = await conn.fetchval(
+            q["ops_live_worker_for_kind"], progress["kind"], timedelta(seconds=stale_after_s)
+        )
+    return JobDetail(
+        progress=progress,
+        priority=settings["priority"],
+        max_concurrency=settings["max_concurrency"],
+        max_attempts=settings["max_attempts"],
+        recent_errors=[
+            {
+                "at": r["at"].isoformat(),
+                "seq": r["seq"],
+                "event": r["event"],
+                "attempt": r["attempt"],
+                "worker_id": r["worker_id"],
+                "error": r["error"],
+            }
+            for r in errors
+        ],
+        live_worker_for_kind=bool(live),
+    )
+
+
+async def retry_failed(conn: asyncpg.Connection, job_id: UUID) -> int:
+    """Failed chunks back to pending with their attempts reset; how many."""
+    with database_errors():
+        return await conn.fetchval(queries()["ops_retry_failed_chunks"], job_id)
+
+
+async def cancel_job(conn: asyncpg.Connection, job_id: UUID) -> int:
+    """Pending and processing chunks to cancelled; how many."""
+    with database_errors():
+        return await conn.fetchval(queries()["ops_cancel_sync_job"], job_id)
+
+
+async def reap(conn: asyncpg.Connection) -> int:
+    """Chunks whose lease expired back to pending (or failed); how many."""
+    with database_errors():
+        return await conn.fetchval(queries()["cleanup_stuck_chunks"])
+
+
+async def purge_finished(conn: asyncpg.Connection, older_than_s: float) -> int:
+    """Jobs finished more than ``older_than_s`` ago, deleted with all their rows; how many."""
+    with database_errors():
+        return await conn.fetchval(
+            queries()["ops_purge_finished_jobs"], timedelta(seconds=older_than_s)
+        )

@@ -1,0 +1,11 @@
+"""The daemon (``chunkd run``): one asyncio task per job, data flowing one way.
+
+listener / timer / poll → :mod:`~chunkd.runtime.claimer` (claims into free slots) →
+:mod:`~chunkd.runtime.worker` (runs the handler under a timeout) →
+:mod:`~chunkd.runtime.outcomes` (writes completions and failures) → the database.
+Beside them: :mod:`~chunkd.runtime.heartbeat` (renews leases),
+:mod:`~chunkd.runtime.reaper` (returns chunks of dead workers),
+:mod:`~chunkd.runtime.depth` (queue-depth metrics), :mod:`~chunkd.runtime.inflight` (what
+this process holds), and :mod:`~chunkd.runtime.supervisor`, which starts, restarts and stops
+them all.
+"""

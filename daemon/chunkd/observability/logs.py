@@ -9,7 +9,7 @@ from typing import Any, Literal, TextIO
 import orjson
 import structlog
 
-__all__ = ["configure_logging"]
+__all__ = ["LogFormat", "configure_logging"]
 
 LogFormat = Literal["auto", "json", "console"]
 

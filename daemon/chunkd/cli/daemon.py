@@ -9,12 +9,16 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
 from chunkd.cli.options import DURATION, LINE, dsn_option, run_async
 from chunkd.errors import ChunkdError
+
+if TYPE_CHECKING:
+    from chunkd.handlers import HandlerRegistry
+    from chunkd.settings import RunSettings
 
 __all__ = ["migrate", "run"]
 
@@ -205,7 +209,7 @@ def run(
     run_async(_run_until_signalled(settings, registry))
 
 
-async def _run_until_signalled(settings: Any, registry: Any) -> None:
+async def _run_until_signalled(settings: RunSettings, registry: HandlerRegistry) -> None:
     from chunkd.runtime.supervisor import run_daemon
 
     stop = asyncio.Event()

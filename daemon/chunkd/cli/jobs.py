@@ -7,7 +7,8 @@ Thin wrappers: the queries live in :mod:`chunkd.ops`, the drawing in
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import IO
+from uuid import UUID
 
 import click
 
@@ -73,7 +74,7 @@ def enqueue(
     max_concurrency: int | None,
     max_attempts: int,
     priority: int,
-    source: Any,
+    source: IO[bytes] | None,
 ) -> None:
     """Create a sync job from a JSON array of chunk payloads, or NDJSON (one payload per line),
     read from FILE or stdin; prints the job id.
@@ -145,7 +146,7 @@ def enqueue(
 )
 def status(
     dsn: str,
-    job: Any,
+    job: UUID | None,
     watch: bool,
     as_json: bool,
     interval: float,
@@ -176,7 +177,7 @@ def status(
 @click.command()
 @dsn_option
 @click.argument("job", type=JOB_ID)
-def retry(dsn: str, job: Any) -> None:
+def retry(dsn: str, job: UUID) -> None:
     """Put JOB's failed chunks back to pending, with their attempts reset."""
     from chunkd import ops
 
@@ -187,7 +188,7 @@ def retry(dsn: str, job: Any) -> None:
 @click.command()
 @dsn_option
 @click.argument("job", type=JOB_ID)
-def cancel(dsn: str, job: Any) -> None:
+def cancel(dsn: str, job: UUID) -> None:
     """Cancel JOB: its pending and processing chunks become cancelled."""
     from chunkd import ops
 

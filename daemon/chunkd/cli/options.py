@@ -8,11 +8,15 @@ import os
 import sys
 import uuid
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from chunkd.settings import parse_duration
+
+if TYPE_CHECKING:
+    import asyncpg
+    from rich.console import Console
 
 __all__ = [
     "DURATION",
@@ -31,9 +35,10 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-class Duration(click.ParamType):
+class Duration(click.ParamType[float]):
     """Seconds as a number or with a unit: 30, 30s, 500ms, 5m, 2h, 7d."""
 
     name = "duration"
@@ -52,7 +57,7 @@ class Duration(click.ParamType):
 DURATION = Duration()
 
 
-class Line(click.ParamType):
+class Line(click.ParamType[str]):
     """A value that may contain spaces (``exec:`` commands): from the environment, a list of
     them is one per line, not split on whitespace as click does by default."""
 
@@ -63,7 +68,7 @@ class Line(click.ParamType):
 LINE = Line()
 
 
-def dsn_option(func: Callable[..., Any]) -> Callable[..., Any]:
+def dsn_option(func: F) -> F:
     return click.option(
         "--dsn",
         envvar=["CHUNKD_DSN", "DATABASE_URL"],
@@ -85,7 +90,7 @@ INT32 = click.IntRange(min=-(2**31), max=2**31 - 1)
 STALE_AFTER_DEFAULT = "2m"
 
 
-class JobId(click.ParamType):
+class JobId(click.ParamType[uuid.UUID]):
     """A sync job id: a UUID, checked here so a typo is one clear line, not a server error."""
 
     name = "job"
@@ -104,7 +109,7 @@ class JobId(click.ParamType):
 JOB_ID = JobId()
 
 
-def with_connection(dsn: str, work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+def with_connection(dsn: str, work: Callable[[asyncpg.Connection], Coroutine[Any, Any, T]]) -> T:
     """Runs ``work(conn)`` on one connection that is always closed, also on Ctrl-C."""
     from chunkd.db import connect
 
@@ -118,7 +123,7 @@ def with_connection(dsn: str, work: Callable[[Any], Coroutine[Any, Any, T]]) -> 
     return run_async(go())
 
 
-def console() -> Any:
+def console() -> Console:
     """A rich console for stdout; piped output gets a wide line instead of wrapped cells."""
     from rich.console import Console
 

@@ -11,7 +11,7 @@ import asyncio
 import json
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from uuid import UUID
 
 from rich.console import Console, Group, RenderableType
@@ -31,6 +31,9 @@ __all__ = [
     "watch",
     "workers_table",
 ]
+
+# One redraw's data: one job's detail, or the newest jobs and how many jobs exist.
+Snapshot = ops.JobDetail | tuple[list[ops.JobRow], int]
 
 _STATUS_STYLE = {
     "pending": "yellow",
@@ -212,7 +215,7 @@ def workers_table(workers: Sequence[ops.WorkerRow]) -> RenderableType:
 
 async def _snapshot(
     conn: asyncpg.Connection, job_id: UUID | None, *, limit: int | None, stale_after_s: float
-) -> tuple[Any, bool]:
+) -> tuple[Snapshot, bool]:
     """What one redraw shows, and whether every shown job is terminal."""
     if job_id is not None:
         detail = await ops.job_detail(conn, job_id, stale_after_s=stale_after_s)
@@ -221,7 +224,7 @@ async def _snapshot(
     return (jobs, total), all(job.terminal for job in jobs)
 
 
-def _render(snapshot: Any, *, as_json: bool, bars: bool) -> RenderableType | str:
+def _render(snapshot: Snapshot, *, as_json: bool, bars: bool) -> RenderableType | str:
     if isinstance(snapshot, ops.JobDetail):
         return json.dumps(snapshot.as_json()) if as_json else job_view(snapshot)
     jobs, total = snapshot

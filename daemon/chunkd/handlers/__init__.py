@@ -90,7 +90,8 @@ def _load_python(spec: str) -> Handler:
         getattr(target, "__call__", None)  # noqa: B004 - async callable objects
     ):
         raise HandlerError(f"handler {spec!r} must be an async function (async def)")
-    return target
+    handler: Handler = target  # async and callable, checked above; its signature is trusted
+    return handler
 
 
 def _resolve(spec: str, options: HandlerOptions, closables: list[Closable]) -> Handler:

@@ -48,7 +48,7 @@ async def enqueue(
 ) -> UUID:
     """One job through ``create_sync_job``: job, chunks and queue rows in one transaction."""
     with database_errors():
-        return await conn.fetchval(
+        job_id: UUID = await conn.fetchval(
             queries()["ops_create_sync_job"],
             kind,
             json.dumps(chunks, ensure_ascii=False, separators=(",", ":")),
@@ -57,6 +57,7 @@ async def enqueue(
             max_attempts,
             priority,
         )
+    return job_id
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ async def list_jobs(conn: asyncpg.Connection, *, limit: int | None) -> tuple[lis
     return jobs, total
 
 
-def _job_row(record: Any) -> JobRow:
+def _job_row(record: asyncpg.Record) -> JobRow:
     return JobRow(
         sync_job_id=record["parent_sync_job_id"],
         kind=record["kind"],
@@ -215,24 +216,28 @@ async def job_detail(
 async def retry_failed(conn: asyncpg.Connection, job_id: UUID) -> int:
     """Failed chunks back to pending with their attempts reset; how many."""
     with database_errors():
-        return await conn.fetchval(queries()["ops_retry_failed_chunks"], job_id)
+        count: int = await conn.fetchval(queries()["ops_retry_failed_chunks"], job_id)
+    return count
 
 
 async def cancel_job(conn: asyncpg.Connection, job_id: UUID) -> int:
     """Pending and processing chunks to cancelled; how many."""
     with database_errors():
-        return await conn.fetchval(queries()["ops_cancel_sync_job"], job_id)
+        count: int = await conn.fetchval(queries()["ops_cancel_sync_job"], job_id)
+    return count
 
 
 async def reap(conn: asyncpg.Connection) -> int:
     """Chunks whose lease expired back to pending (or failed); how many."""
     with database_errors():
-        return await conn.fetchval(queries()["cleanup_stuck_chunks"])
+        count: int = await conn.fetchval(queries()["cleanup_stuck_chunks"])
+    return count
 
 
 async def purge_finished(conn: asyncpg.Connection, older_than_s: float) -> int:
     """Jobs finished more than ``older_than_s`` ago, deleted with all their rows; how many."""
     with database_errors():
-        return await conn.fetchval(
+        count: int = await conn.fetchval(
             queries()["ops_purge_finished_jobs"], timedelta(seconds=older_than_s)
         )
+    return count

@@ -11,7 +11,7 @@ import asyncio
 import json
 import re
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Final, TypeVar
 
 import asyncpg
 import structlog
@@ -38,8 +38,9 @@ T = TypeVar("T")
 # Identifiers that cannot be bound parameters (the LISTEN channel) are checked against this.
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
-# Errors after which retrying the same statement on a fresh connection can succeed.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+# Errors after which retrying the same statement on a fresh connection can succeed. Final, so its
+# type is this fixed-length tuple: mypy checks `except (X, *TRANSIENT_ERRORS)` only for those.
+TRANSIENT_ERRORS: Final = (
     OSError,
     asyncio.TimeoutError,
     asyncpg.exceptions.ConnectionDoesNotExistError,

@@ -48,8 +48,9 @@ class Listener:
         self._max_backoff_s = max_backoff_s
         self.connection: asyncpg.Connection | None = None
 
-    def _callback(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
-        self._on_notify(payload)
+    def _callback(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        # asyncpg passes the payload as a str (a no-op here); its stubs promise only object.
+        self._on_notify(str(payload))
 
     async def run(self) -> None:
         backoff_s = 0.1

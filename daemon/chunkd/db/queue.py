@@ -81,7 +81,7 @@ class Queue:
         backoff_cap_s: float,
     ) -> str | None:
         """Returns the new status ('pending' or 'failed'), or None when fenced out."""
-        return await self._pool.fetchval(
+        status: str | None = await self._pool.fetchval(
             self._q["fail_chunk"],
             queue_id,
             worker_id,
@@ -92,17 +92,23 @@ class Queue:
             _interval_s(backoff_base_s),
             _interval_s(backoff_cap_s),
         )
+        return status
 
     async def heartbeat(self, worker_id: str, queue_ids: Sequence[UUID], lease_s: float) -> int:
-        return await self._pool.fetchval(
+        renewed: int = await self._pool.fetchval(
             self._q["heartbeat_chunks"], worker_id, list(queue_ids), _interval_s(lease_s)
         )
+        return renewed
 
     async def release(self, worker_id: str, queue_ids: Sequence[UUID]) -> int:
-        return await self._pool.fetchval(self._q["release_chunks"], worker_id, list(queue_ids))
+        released: int = await self._pool.fetchval(
+            self._q["release_chunks"], worker_id, list(queue_ids)
+        )
+        return released
 
     async def cleanup_stuck_chunks(self) -> int:
-        return await self._pool.fetchval(self._q["cleanup_stuck_chunks"])
+        reaped: int = await self._pool.fetchval(self._q["cleanup_stuck_chunks"])
+        return reaped
 
     async def register_worker(
         self,
@@ -128,6 +134,7 @@ class Queue:
         return {row["status"]: row["chunks"] for row in rows}
 
     async def next_due_in(self, kinds: Sequence[str] | None) -> float | None:
-        return await self._pool.fetchval(
+        due_in_s: float | None = await self._pool.fetchval(
             self._q["next_due_in"], list(kinds) if kinds is not None else None
         )
+        return due_in_s

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: PostgreSQL server binaries (from Debian's
-# packages when none are found), a virtualenv with chunkd and its test extra, lint, pytest.
+# packages when none are found), a virtualenv with chunkd and its test extra, lint, mypy --strict
+# (configured in pyproject.toml), pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,4 +23,5 @@ PYTHON="${PYTHON:-python3}"
 
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+.venv/bin/mypy
 exec .venv/bin/python -m pytest "$@"

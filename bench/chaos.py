@@ -180,8 +180,9 @@ class Fleet:
         daemon.ended_at = at
         held = await db.run(
             lambda c: c.fetch(
-                "SELECT id FROM chunkd.chunk_processing_queue"
-                " WHERE status = 'processing' AND worker_id LIKE $1",
+                "SELECT c.queue_id AS id FROM chunkd.attempts a"
+                " JOIN chunkd.chunks c ON c.id = a.chunk_id"
+                " WHERE a.ended_at IS NULL AND a.worker_id LIKE $1",
                 f"%:{daemon.pid}:%",
             )
         )
@@ -262,8 +263,8 @@ async def enqueue(db: Db, n: int, max_concurrency: int | None, job_no: int) -> U
 async def unfinished(db: Db) -> int:
     return await db.run(
         lambda c: c.fetchval(
-            "SELECT count(*) FROM chunkd.chunk_processing_queue"
-            " WHERE status IN ('pending', 'processing')"
+            "SELECT coalesce(sum(pending_chunks + processing_chunks), 0)::int"
+            " FROM chunkd.chunk_processing_status"
         )
     )
 

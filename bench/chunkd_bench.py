@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -172,19 +171,18 @@ async def run_latency(opts: common.Options) -> common.Result:
 
 
 async def _claim_complete_seconds(conn: Any, chunks: int, batch: int = 100) -> float:
-    """Time to claim and complete ``chunks`` pending chunks through the SQL API, batch by batch."""
+    """Time to claim and complete ``chunks`` pending chunks through the daemon's SQL calls,
+    batch by batch."""
     started = time.perf_counter()
     while True:
         rows = await conn.fetch(
-            "SELECT queue_id, attempt FROM chunkd.claim_next_chunk_job_safe('w', $1, NULL, $2)",
-            batch,
-            timedelta(minutes=10),
+            "SELECT id, attempt FROM chunkd.claim_chunks('w', $1, NULL, 600)", batch
         )
         if not rows:
             return time.perf_counter() - started
         await conn.fetch(
-            "SELECT chunkd.complete_chunks('w', $1, $2, NULL)",
-            [r["queue_id"] for r in rows],
+            "SELECT chunkd.complete_attempts('w', $1, $2, NULL)",
+            [r["id"] for r in rows],
             [r["attempt"] for r in rows],
         )
 
@@ -194,25 +192,20 @@ async def _add_finished_history(conn: Any, chunks: int, per_job: int = 10_000) -
     await conn.execute(
         """
         WITH j AS (
-            INSERT INTO chunkd.sync_jobs (kind, total_chunks, started_at, finished_at)
-            SELECT 'history', $2::int, now(), now() FROM generate_series(1, $1::int / $2::int)
+            INSERT INTO chunkd.jobs (kind, total_chunks, completed_chunks, started_at,
+                                     finished_at)
+            SELECT 'history', $2::int, $2::int, now(), now()
+            FROM generate_series(1, $1::int / $2::int)
             RETURNING id
         ), c AS (
-            INSERT INTO chunkd.chunked_sync_jobs (sync_job_id, seq, payload)
+            INSERT INTO chunkd.chunks (job_id, seq, payload)
             SELECT j.id, s, '{}' FROM j, generate_series(0, $2::int - 1) s
-            RETURNING id, sync_job_id, seq
-        ), q AS (
-            INSERT INTO chunkd.chunk_processing_queue
-                (chunk_id, parent_sync_job_id, status, attempts, started_at, completed_at,
-                 worker_id, seq, kind, priority, limited)
-            SELECT c.id, c.sync_job_id, 'completed', 1, now(), now(), 'old', c.seq,
-                   'history', 0, false
-            FROM c
-            RETURNING id, parent_sync_job_id
+            RETURNING id, job_id
         )
-        INSERT INTO chunkd.chunk_events (queue_id, sync_job_id, event, status, attempt)
-        SELECT q.id, q.parent_sync_job_id, e, 'completed', 1
-        FROM q, unnest(ARRAY['enqueued', 'claimed', 'completed']) e
+        INSERT INTO chunkd.attempts (chunk_id, n, attempt, job_id, limited, worker_id,
+                                     lease_expires_at, ended_at, outcome, final)
+        SELECT c.id, 1, 1, c.job_id, false, 'old', now(), now(), 'completed', true
+        FROM c
         """,
         chunks,
         per_job,

@@ -25,7 +25,7 @@ SELECT * FROM chunkd.chunk_processing_status ORDER BY created_at;
 SELECT event, count(*) AS transitions
 FROM chunkd.chunk_events
 GROUP BY event
-ORDER BY min(id);
+ORDER BY min(at);
 
 -- name: demo_failed_chunks
 -- The chunks that failed for good, and why.

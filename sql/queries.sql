@@ -42,21 +42,24 @@ INSERT INTO chunkd.schema_migrations (version, name) VALUES ($1, $2);
 SELECT 1;
 
 -- name: claim_chunks
-SELECT queue_id, chunk_id, parent_sync_job_id, seq, attempt, kind, payload, job_payload,
+-- `id` is the chunk's internal key: outcomes, heartbeats and releases use it.
+SELECT id, queue_id, chunk_id, sync_job_id, seq, attempt, kind, payload, job_payload,
        lease_expires_at
-FROM chunkd.claim_next_chunk_job_safe($1, $2, $3, $4);
+FROM chunkd.claim_chunks($1, $2, $3, $4);
 
--- name: complete_chunks
-SELECT id FROM chunkd.complete_chunks($1, $2, $3, $4) AS id;
+-- name: complete_attempts
+SELECT id FROM chunkd.complete_attempts($1, $2, $3, $4) AS id;
 
--- name: fail_chunk
-SELECT chunkd.fail_chunk_job_safe($1, $2, $3, $4, $5, $6, $7, $8);
+-- name: fail_attempt
+SELECT chunkd.fail_attempt($1, $2, $3, $4, $5, $6, $7, $8);
 
--- name: heartbeat_chunks
-SELECT chunkd.heartbeat_chunks($1, $2, $3);
+-- name: renew_leases
+-- The ids whose lease was renewed: a held id missing here is no longer ours.
+SELECT id FROM chunkd.renew_leases($1, $2, $3) AS id;
 
--- name: release_chunks
-SELECT chunkd.release_chunks($1, $2);
+-- name: release_attempts
+-- $2 NULL releases every chunk this worker holds.
+SELECT chunkd.release_attempts($1, $2);
 
 -- name: cleanup_stuck_chunks
 SELECT chunkd.cleanup_stuck_chunks();
@@ -108,12 +111,23 @@ SELECT chunkd.get_sync_job_progress($1);
 SELECT j.priority, j.max_concurrency, j.max_attempts FROM chunkd.sync_jobs j WHERE j.id = $1;
 
 -- name: ops_recent_errors
--- The job's latest failures, retries and reaps, newest first, with the chunk's position.
-SELECT e.at, q.seq, e.event, e.attempt, e.worker_id, e.error
-FROM chunkd.chunk_events e
-JOIN chunkd.chunk_processing_queue q ON q.id = e.queue_id
-WHERE e.sync_job_id = $1 AND e.error IS NOT NULL
-ORDER BY e.id DESC
+-- The job's latest failures, retries and reaps, newest first, with the chunk's position: from
+-- the attempts that carry an error (a partial index holds only those), and from the audit rows
+-- written under schema version 1.
+SELECT e.at, e.seq, e.event, e.attempt, e.worker_id, e.error
+FROM (
+    SELECT a.ended_at AS at, c.seq, a.outcome AS event, a.attempt, a.worker_id, a.error
+    FROM chunkd.jobs j
+    JOIN chunkd.attempts a ON a.job_id = j.id AND a.error IS NOT NULL
+    JOIN chunkd.chunks c ON c.id = a.chunk_id
+    WHERE j.public_id = $1
+    UNION ALL
+    SELECT v.at, c.seq, v.event, v.attempt, v.worker_id, v.error
+    FROM chunkd.events_v1 v
+    JOIN chunkd.chunks c ON c.queue_id = v.queue_id
+    WHERE v.sync_job_id = $1 AND v.error IS NOT NULL
+) e
+ORDER BY e.at DESC
 LIMIT $2;
 
 -- name: ops_live_worker_for_kind

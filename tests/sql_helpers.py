@@ -101,10 +101,38 @@ async def status_counts(conn: asyncpg.Connection, job_id: UUID) -> dict[str, int
     return {r["status"]: r["n"] for r in rows}
 
 
-async def expire_leases(conn: asyncpg.Connection, job_id: UUID | None = None) -> None:
+async def expire_leases(
+    conn: asyncpg.Connection, job_id: UUID | None = None, *, queue_ids: list[UUID] | None = None
+) -> None:
     """Moves leases into the past, as if the lease time had elapsed without a heartbeat."""
     await conn.execute(
-        "UPDATE chunkd.chunk_processing_queue SET lease_expires_at = now() - interval '1 second' "
-        "WHERE status = 'processing' AND ($1::uuid IS NULL OR parent_sync_job_id = $1)",
+        "UPDATE chunkd.attempts a SET lease_expires_at = now() - interval '1 second' "
+        "FROM chunkd.jobs j, chunkd.chunks c WHERE j.id = a.job_id AND c.id = a.chunk_id "
+        "AND a.ended_at IS NULL AND ($1::uuid IS NULL OR j.public_id = $1) "
+        "AND ($2::uuid[] IS NULL OR c.queue_id = ANY ($2))",
         job_id,
+        queue_ids,
+    )
+
+
+async def make_due(conn: asyncpg.Connection, job_id: UUID | None = None) -> None:
+    """Scheduled chunks (waiting for a retry) become due now, as if their backoff had passed."""
+    await conn.execute(
+        "UPDATE chunkd.scheduled s SET run_at = now() FROM chunkd.jobs j "
+        "WHERE j.id = s.job_id AND ($1::uuid IS NULL OR j.public_id = $1)",
+        job_id,
+    )
+
+
+async def postpone(conn: asyncpg.Connection, job_id: UUID, delay: timedelta) -> None:
+    """Moves a job's due chunks into the future (schedules them ``delay`` from now)."""
+    await conn.execute(
+        "WITH d AS (DELETE FROM chunkd.ready r USING chunkd.jobs j "
+        "           WHERE j.id = r.job_id AND j.public_id = $1 RETURNING r.*) "
+        "INSERT INTO chunkd.scheduled (chunk_id, job_id, seq, priority, kind, limited, claims, "
+        "                              attempt, run_at) "
+        "SELECT chunk_id, job_id, seq, priority, kind, limited, claims, attempt, now() + $2 "
+        "FROM d",
+        job_id,
+        delay,
     )

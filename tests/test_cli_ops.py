@@ -474,7 +474,7 @@ async def test_purge_deletes_only_jobs_finished_long_enough_ago(database, conn) 
         await complete(conn, row["queue_id"], "w", 1)
     unfinished = await create_job(conn, 1)
     await conn.execute(
-        "UPDATE chunkd.sync_jobs SET finished_at = now() - interval '8 days' WHERE id = $1", old
+        "UPDATE chunkd.jobs SET finished_at = now() - interval '8 days' WHERE public_id = $1", old
     )
 
     result = await run_cli("purge", "--older-than", "7d", dsn=database.dsn)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from chunkd.db import connect
+from chunkd.db.sql_files import migrations
 from chunkd.redact import redact_dsn
 
 
@@ -65,8 +66,8 @@ async def test_migrate_twice_is_a_noop_and_check_reports(pg_server) -> None:
             )
             assert before == after
             ok = await _chunkd("migrate", "--check", env={"CHUNKD_DSN": dsn})
-            assert ok.returncode == 0 and "current (version 1)" in ok.stdout
-            await conn.execute("INSERT INTO chunkd.schema_migrations VALUES (2, 'future')")
+            assert ok.returncode == 0 and "current (version 2)" in ok.stdout
+            await conn.execute("INSERT INTO chunkd.schema_migrations VALUES (3, 'future')")
             ahead = await _chunkd("migrate", "--check", "--dsn", dsn)
             assert ahead.returncode == 1 and "does not know" in ahead.stderr
             assert len(ahead.stderr.strip().splitlines()) == 1
@@ -84,11 +85,12 @@ async def test_two_concurrent_migrate_processes_apply_the_schema_once(pg_server)
         results = await asyncio.gather(*(_chunkd("migrate", "--dsn", dsn) for _ in range(2)))
         assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
         outputs = sorted(r.stdout.strip() for r in results)
-        assert outputs == ["applied migration(s) 1", "chunkd schema already current"]
+        everything = ", ".join(str(m.version) for m in migrations())
+        assert outputs == [f"applied migration(s) {everything}", "chunkd schema already current"]
         conn = await connect(dsn)
         try:
             rows = await conn.fetch("SELECT version FROM chunkd.schema_migrations")
-            assert [r["version"] for r in rows] == [1]
+            assert [r["version"] for r in rows] == [m.version for m in migrations()]
         finally:
             await conn.close()
     finally:

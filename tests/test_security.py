@@ -301,8 +301,11 @@ async def test_enqueue_only_role_can_create_jobs_and_nothing_else(
             ("SELECT * FROM chunkd.sync_jobs", ()),
             ("SELECT * FROM chunkd.chunk_processing_queue", ()),
             ("SELECT * FROM chunkd.chunk_processing_status", ()),
-            ("UPDATE chunkd.chunk_processing_queue SET status = 'completed'", ()),
+            ("SELECT * FROM chunkd.chunk_events", ()),
+            ("UPDATE chunkd.attempts SET outcome = 'completed'", ()),
+            ("DELETE FROM chunkd.ready", ()),
             ("INSERT INTO chunkd.sync_jobs (kind, total_chunks) VALUES ('k', 1)", ()),
+            ("INSERT INTO chunkd.jobs (kind, total_chunks) VALUES ('k', 1)", ()),
         ):
             with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied"):
                 await enqueuer.execute(statement, *args)

@@ -9,7 +9,7 @@ from datetime import timedelta
 import asyncpg
 
 from chunkd.db import connect
-from sql_helpers import claim, complete, create_job, fail, status_counts
+from sql_helpers import claim, complete, create_job, fail, make_due, postpone, status_counts
 
 
 async def test_concurrent_batch_claims_take_every_chunk_exactly_once(database) -> None:
@@ -117,10 +117,7 @@ async def test_limited_job_waiting_retry_holds_back_later_chunks(conn) -> None:
     assert await fail(conn, first["queue_id"], "w", 1, retry_in=timedelta(hours=1)) == "pending"
     assert await claim(conn, "w", 10) == [], "seq 1 must wait while seq 0 waits for its retry"
     # A chunk that failed for good does not block the rest.
-    await conn.execute(
-        "UPDATE chunkd.chunk_processing_queue SET run_at = now() WHERE parent_sync_job_id = $1",
-        job,
-    )
+    await make_due(conn, job)
     (again,) = await claim(conn, "w", 10)
     assert again["seq"] == 0 and again["attempt"] == 2
     assert await fail(conn, again["queue_id"], "w", 2, retryable=False) == "failed"
@@ -173,11 +170,7 @@ async def test_higher_priority_first(conn) -> None:
 
 async def test_future_run_at_cancelled_and_other_kinds_are_not_claimed(conn) -> None:
     future = await create_job(conn, 2, kind="a")
-    await conn.execute(
-        "UPDATE chunkd.chunk_processing_queue SET run_at = now() + interval '1 hour'"
-        " WHERE parent_sync_job_id = $1",
-        future,
-    )
+    await postpone(conn, future, timedelta(hours=1))
     cancelled = await create_job(conn, 2, kind="a")
     assert await conn.fetchval("SELECT chunkd.cancel_sync_job($1)", cancelled) == 2
     other = await create_job(conn, 2, kind="b")

@@ -6,7 +6,16 @@ from datetime import timedelta
 
 import pytest
 
-from sql_helpers import claim, complete, create_job, expire_leases, fail, queue_row, status_counts
+from sql_helpers import (
+    claim,
+    complete,
+    create_job,
+    expire_leases,
+    fail,
+    make_due,
+    queue_row,
+    status_counts,
+)
 
 
 async def test_fencing_rejects_stale_attempt_and_other_worker(conn) -> None:
@@ -47,7 +56,7 @@ async def test_retry_backoff_grows_exponentially_within_jitter_and_cap(conn) -> 
     base, cap = timedelta(seconds=10), timedelta(seconds=100)
     delays: list[float] = []
     for attempt in range(1, 8):
-        await conn.execute("UPDATE chunkd.chunk_processing_queue SET run_at = now()")
+        await make_due(conn)
         (row,) = await claim(conn, "w", 1)
         assert row["attempt"] == attempt
         assert await fail(
@@ -67,7 +76,7 @@ async def test_retry_backoff_grows_exponentially_within_jitter_and_cap(conn) -> 
 async def test_out_of_attempts_fails_with_error_and_permanent_fails_at_once(conn) -> None:
     job = await create_job(conn, 2, max_attempts=2)
     for attempt in (1, 2):
-        await conn.execute("UPDATE chunkd.chunk_processing_queue SET run_at = now()")
+        await make_due(conn)
         rows = await claim(conn, "w", 1)
         status = await fail(conn, rows[0]["queue_id"], "w", attempt, f"boom {attempt}")
         assert status == ("pending" if attempt == 1 else "failed")
@@ -95,11 +104,7 @@ async def test_cleanup_reaps_only_expired_leases(conn) -> None:
     job = await create_job(conn, 3, max_attempts=1)
     rows = await claim(conn, "w", 3, lease=timedelta(minutes=5))
     expired, renewed, live = (r["queue_id"] for r in rows)
-    await conn.execute(
-        "UPDATE chunkd.chunk_processing_queue SET lease_expires_at = now() - interval '1 s'"
-        " WHERE id = ANY($1)",
-        [expired, renewed],
-    )
+    await expire_leases(conn, queue_ids=[expired, renewed])
     assert (
         await conn.fetchval("SELECT chunkd.heartbeat_chunks('w', $1, '1 minute')", [renewed]) == 1
     )
@@ -178,11 +183,11 @@ async def test_purge_removes_only_finished_jobs_older_than_cutoff(conn) -> None:
     unfinished = await create_job(conn, 1)
     await conn.fetchval("SELECT chunkd.cleanup_stuck_chunks()")  # stamps finished_at
     await conn.execute(
-        "UPDATE chunkd.sync_jobs SET finished_at = now() - interval '8 days' WHERE id = $1",
+        "UPDATE chunkd.jobs SET finished_at = now() - interval '8 days' WHERE public_id = $1",
         old_done,
     )
     await conn.execute(
-        "UPDATE chunkd.sync_jobs SET created_at = now() - interval '30 days' WHERE id = $1",
+        "UPDATE chunkd.jobs SET created_at = now() - interval '30 days' WHERE public_id = $1",
         unfinished,
     )
     assert await conn.fetchval("SELECT chunkd.purge_finished_jobs('7 days')") == 1
@@ -214,7 +219,7 @@ async def test_audit_has_one_row_per_transition_with_worker_and_attempt(conn) ->
     events = [
         (e["event"], e["status"], e["attempt"], e["worker_id"], e["error"])
         for e in await conn.fetch(
-            "SELECT * FROM chunkd.chunk_events WHERE sync_job_id = $1 ORDER BY id", job
+            "SELECT * FROM chunkd.chunk_events WHERE sync_job_id = $1 ORDER BY at", job
         )
     ]
     assert events == [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -17,6 +17,10 @@ __all__ = ["ClaimedRow", "Queue"]
 
 @dataclass(frozen=True, slots=True)
 class ClaimedRow:
+    """One claimed chunk as the claim returns it; ``id`` is its internal key (outcomes use it),
+    the uuids are its public identity."""
+
+    id: int
     queue_id: UUID
     chunk_id: UUID
     sync_job_id: UUID
@@ -26,10 +30,6 @@ class ClaimedRow:
     payload: Any
     job_payload: Any
     lease_expires_at: datetime
-
-
-def _interval_s(seconds: float) -> timedelta:
-    return timedelta(seconds=seconds)
 
 
 class Queue:
@@ -42,27 +42,28 @@ class Queue:
     async def claim(
         self, worker_id: str, batch_size: int, kinds: Sequence[str] | None, lease_s: float
     ) -> list[ClaimedRow]:
+        """Claims up to ``batch_size`` chunks of these kinds for ``lease_s`` seconds."""
         rows = await self._pool.fetch(
             self._q["claim_chunks"],
             worker_id,
             batch_size,
             list(kinds) if kinds is not None else None,
-            _interval_s(lease_s),
+            lease_s,
         )
         return [ClaimedRow(*row) for row in rows]
 
     async def complete(
         self,
         worker_id: str,
-        queue_ids: Sequence[UUID],
+        ids: Sequence[int],
         attempts: Sequence[int],
         results_json: Sequence[str | None],
-    ) -> set[UUID]:
+    ) -> set[int]:
         """Returns the ids whose completion was accepted; the rest were fenced out."""
         rows = await self._pool.fetch(
-            self._q["complete_chunks"],
+            self._q["complete_attempts"],
             worker_id,
-            list(queue_ids),
+            list(ids),
             list(attempts),
             list(results_json),
         )
@@ -70,7 +71,7 @@ class Queue:
 
     async def fail(
         self,
-        queue_id: UUID,
+        chunk_id: int,
         worker_id: str,
         attempt: int,
         error: str,
@@ -82,27 +83,27 @@ class Queue:
     ) -> str | None:
         """Returns the new status ('pending' or 'failed'), or None when fenced out."""
         status: str | None = await self._pool.fetchval(
-            self._q["fail_chunk"],
-            queue_id,
+            self._q["fail_attempt"],
             worker_id,
+            chunk_id,
             attempt,
             error,
             retryable,
-            _interval_s(retry_in_s) if retry_in_s is not None else None,
-            _interval_s(backoff_base_s),
-            _interval_s(backoff_cap_s),
+            retry_in_s,
+            backoff_base_s,
+            backoff_cap_s,
         )
         return status
 
-    async def heartbeat(self, worker_id: str, queue_ids: Sequence[UUID], lease_s: float) -> int:
-        renewed: int = await self._pool.fetchval(
-            self._q["heartbeat_chunks"], worker_id, list(queue_ids), _interval_s(lease_s)
-        )
-        return renewed
+    async def heartbeat(self, worker_id: str, ids: Sequence[int], lease_s: float) -> set[int]:
+        """Renews the leases of ``ids`` by ``lease_s`` seconds; returns those still held."""
+        rows = await self._pool.fetch(self._q["renew_leases"], worker_id, list(ids), lease_s)
+        return {row[0] for row in rows}
 
-    async def release(self, worker_id: str, queue_ids: Sequence[UUID]) -> int:
+    async def release(self, worker_id: str, ids: Sequence[int] | None) -> int:
+        """Hands chunks back without spending their attempt; ``None``: all this worker holds."""
         released: int = await self._pool.fetchval(
-            self._q["release_chunks"], worker_id, list(queue_ids)
+            self._q["release_attempts"], worker_id, list(ids) if ids is not None else None
         )
         return released
 

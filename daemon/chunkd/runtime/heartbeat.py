@@ -28,21 +28,21 @@ class Heartbeat:
 
     async def run_once(self) -> int:
         held = self._inflight.held()
-        renewed = 0
+        renewed: set[int] = set()
         if held:
             renewed = await self._queue.heartbeat(self._worker_id, held, self._lease_s)
             still_held = set(self._inflight.held()).intersection(held)
-            if renewed < len(still_held):
+            if len(renewed) < len(still_held):
                 # Either finished while this statement ran, or lost (reaped after a stall, job
                 # cancelled). A real loss is logged as chunk.fenced when its outcome comes.
                 log.info(
                     "lease.not_renewed",
                     held=len(still_held),
-                    renewed=renewed,
+                    renewed=len(renewed),
                     worker_id=self._worker_id,
                 )
         await self._queue.worker_heartbeat(self._worker_id)
-        return renewed
+        return len(renewed)
 
     async def run(self) -> None:
         while True:

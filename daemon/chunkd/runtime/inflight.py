@@ -7,8 +7,6 @@ and also while a prefetched chunk waits for a slot.
 
 from __future__ import annotations
 
-from uuid import UUID
-
 from chunkd.db import ClaimedRow
 
 __all__ = ["InFlight"]
@@ -18,14 +16,14 @@ class InFlight:
     def __init__(self, concurrency: int) -> None:
         self.concurrency = concurrency
         self.running = 0
-        self._claims: dict[UUID, ClaimedRow] = {}
+        self._claims: dict[int, ClaimedRow] = {}
 
     @property
     def free_slots(self) -> int:
         return self.concurrency - self.running
 
     def claimed(self, row: ClaimedRow) -> None:
-        self._claims[row.queue_id] = row
+        self._claims[row.id] = row
 
     def started(self) -> None:
         self.running += 1
@@ -33,11 +31,11 @@ class InFlight:
     def handler_done(self) -> None:
         self.running -= 1
 
-    def settled(self, queue_id: UUID) -> None:
+    def settled(self, chunk_id: int) -> None:
         """The outcome is committed (or fenced out, or released): stop renewing the lease."""
-        self._claims.pop(queue_id, None)
+        self._claims.pop(chunk_id, None)
 
-    def held(self) -> list[UUID]:
+    def held(self) -> list[int]:
         return list(self._claims)
 
     def held_rows(self) -> list[ClaimedRow]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from typing import Any
-from uuid import UUID
 
 import structlog
 
@@ -107,7 +106,7 @@ class Outcomes:
             batch = self._buffer[:MAX_BATCH]
             try:
                 accepted = await self._complete(batch)
-                refused: dict[UUID, str] = {}
+                refused: dict[int, str] = {}
             except DatabaseError:
                 # One value the database refuses (e.g. \u0000 in jsonb) must not poison the
                 # batch, and the flusher with it: write one by one, and fail what is refused.
@@ -116,26 +115,26 @@ class Outcomes:
                     try:
                         accepted |= await self._complete([c])
                     except DatabaseError as exc:
-                        refused[c.row.queue_id] = f"result rejected by the database: {exc}"
+                        refused[c.row.id] = f"result rejected by the database: {exc}"
             del self._buffer[: len(batch)]
             for c in batch:
-                if c.row.queue_id in accepted:
-                    self._inflight.settled(c.row.queue_id)
+                if c.row.id in accepted:
+                    self._inflight.settled(c.row.id)
                     self._for_kind(c.row.kind).completed.inc()
                     log.info("chunk.completed", **self._fields(c.row, c.duration_ms))
-                elif c.row.queue_id in refused:
-                    error = refused[c.row.queue_id]
+                elif c.row.id in refused:
+                    error = refused[c.row.id]
                     await self._fail(c.row, Outcome(error=error, retryable=False), c.duration_ms)
                 else:
                     self._fenced(c.row, c.duration_ms, "completed")
         self._has_work.clear()
 
-    async def _complete(self, batch: list[_Completion]) -> set[UUID]:
+    async def _complete(self, batch: list[_Completion]) -> set[int]:
         return await retry_transient(
             "complete_chunks",
             lambda: self._queue.complete(
                 self._worker_id,
-                [c.row.queue_id for c in batch],
+                [c.row.id for c in batch],
                 [c.row.attempt for c in batch],
                 [c.result_json for c in batch],
             ),
@@ -147,7 +146,7 @@ class Outcomes:
             status = await retry_transient(
                 "fail_chunk",
                 lambda: self._queue.fail(
-                    row.queue_id,
+                    row.id,
                     self._worker_id,
                     row.attempt,
                     error,
@@ -158,7 +157,7 @@ class Outcomes:
                 ),
             )
         finally:
-            self._inflight.settled(row.queue_id)
+            self._inflight.settled(row.id)
         fields = self._fields(row, duration_ms)
         if status is None:
             self._fenced(row, duration_ms, "failed", error=error)
@@ -170,7 +169,7 @@ class Outcomes:
             log.error("chunk.failed", error=error, **fields)
 
     def _fenced(self, row: ClaimedRow, duration_ms: float, outcome: str, **extra: str) -> None:
-        self._inflight.settled(row.queue_id)
+        self._inflight.settled(row.id)
         self._metrics.fenced.inc()
         log.warning("chunk.fenced", outcome=outcome, **extra, **self._fields(row, duration_ms))
 

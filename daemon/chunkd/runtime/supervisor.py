@@ -271,11 +271,11 @@ async def _shutdown(
     try:
         if held:
             released = await asyncio.wait_for(
-                queue.release(worker_id, [row.queue_id for row in held]), timeout=10
+                queue.release(worker_id, [row.id for row in held]), timeout=10
             )
             metrics.released.inc(released)
             for row in held:
-                inflight.settled(row.queue_id)
+                inflight.settled(row.id)
             log.info("chunks.released", count=released, worker_id=worker_id)
         await asyncio.wait_for(queue.deregister_worker(worker_id), timeout=10)
     except (TimeoutError, *TRANSIENT_ERRORS) as exc:

@@ -160,6 +160,25 @@ async def database(pg_server: PgServer, template_db: str) -> AsyncIterator[TestD
 
 
 @pytest.fixture
+async def empty_database(pg_server: PgServer) -> AsyncIterator[str]:
+    """The DSN of a fresh database without the chunkd schema (for `chunkd migrate` itself)."""
+    name = f"chunkd_empty_{uuid.uuid4().hex[:12]}"
+    admin = await _admin(pg_server)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    try:
+        yield pg_server.dsn(name)
+    finally:
+        admin = await _admin(pg_server)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@pytest.fixture
 async def conn(database: TestDatabase) -> AsyncIterator[asyncpg.Connection]:
     connection = await connect(database.dsn)
     try:

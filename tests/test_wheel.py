@@ -1,0 +1,114 @@
+"""The wheel, as a user gets it: built with ``python -m build``, installed into a fresh
+virtualenv (dependencies from the package index), and run from outside the checkout, so the
+SQL it applies can only come from inside the wheel.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from chunkd import __version__
+
+ROOT = Path(__file__).resolve().parents[1]
+MIGRATIONS = len(list((ROOT / "sql").glob("[0-9][0-9][0-9][0-9]_*.sql")))
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def _run(
+    command: list[str], *, cwd: Path, env: dict[str, str] | None = None, timeout_s: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+
+
+def _clean_env(bin_dir: Path) -> dict[str, str]:
+    """This environment minus anything that could point back at the checkout or its venv."""
+    dropped = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "DATABASE_URL")
+    env = {k: v for k, v in os.environ.items() if k not in dropped and not k.startswith("CHUNKD_")}
+    env["PATH"] = f"{bin_dir}{os.pathsep}/usr/local/bin:/usr/bin:/bin"
+    return env
+
+
+def test_the_wheel_installs_and_runs_from_a_fresh_venv(empty_database: str, tmp_path: Path) -> None:
+    # Build: exactly the command a release uses, into a directory of this test's own.
+    dist = tmp_path / "dist"
+    built = _run([sys.executable, "-m", "build", "--wheel", "--outdir", str(dist)], cwd=ROOT)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    wheels = list(dist.glob("*.whl"))
+    assert [w.name for w in wheels] == [f"chunkd-{__version__}-py3-none-any.whl"]
+    wheel = wheels[0]
+
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"chunkd/sql/0001_queue.sql", "chunkd/sql/queries.sql"} <= names
+    shipped_sql = {f"chunkd/sql/{p.name}" for p in (ROOT / "sql").glob("*.sql")}
+    assert shipped_sql <= names, shipped_sql - names
+    assert not any(n.startswith(("tests/", "docs/", "bench/")) for n in names)
+
+    # Install into a fresh venv, away from the checkout.
+    home = tmp_path / "user"
+    home.mkdir()
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    bin_dir = env_dir / "bin"
+    env = _clean_env(bin_dir)
+    installed = _run(
+        [str(bin_dir / "python"), "-m", "pip", "install", "-q", str(wheel)],
+        cwd=home,
+        env=env,
+        timeout_s=600,
+    )
+    assert installed.returncode == 0, installed.stdout[-3000:] + installed.stderr[-3000:]
+
+    # The installed package, and the SQL it reads, live in the venv, not in the checkout.
+    where = _run(
+        [
+            str(bin_dir / "python"),
+            "-c",
+            "import chunkd, chunkd.db.sql_files as s; print(chunkd.__file__); print(s.sql_dir())",
+        ],
+        cwd=home,
+        env=env,
+    )
+    assert where.returncode == 0, where.stderr
+    package_file, sql_dir = (Path(line) for line in where.stdout.splitlines())
+    for path in (package_file, sql_dir):
+        assert path.resolve().is_relative_to(env_dir.resolve()), path
+    assert sql_dir.name == "sql" and (sql_dir / "0001_queue.sql").is_file()
+
+    chunkd = str(bin_dir / "chunkd")
+    env["CHUNKD_DSN"] = empty_database
+
+    behind = _run([chunkd, "migrate", "--check"], cwd=home, env=env, timeout_s=60)
+    assert behind.returncode == 1, behind.stdout + behind.stderr
+    # Behind: no schema at all yet. One line on stderr, naming the fix.
+    assert behind.stderr == "chunkd: error: database has no chunkd schema: run `chunkd migrate`\n"
+
+    migrated = _run([chunkd, "migrate"], cwd=home, env=env, timeout_s=60)
+    assert migrated.returncode == 0, migrated.stdout + migrated.stderr
+    assert "applied migration(s) 1" in migrated.stdout
+
+    current = _run([chunkd, "migrate", "--check"], cwd=home, env=env, timeout_s=60)
+    assert current.returncode == 0, current.stdout + current.stderr
+    assert current.stdout == f"chunkd schema is current (version {MIGRATIONS})\n", current.stdout
+
+    del env["CHUNKD_DSN"]  # the demo brings its own PostgreSQL
+    demo = _run([chunkd, "demo", "--chunks", "30"], cwd=home, env=env, timeout_s=180)
+    output = demo.stdout + demo.stderr
+    assert demo.returncode == 0, output[-6000:]
+    assert "SELECT * FROM chunkd.chunk_processing_status" in output
+    assert "removed the throwaway PostgreSQL" in output

@@ -26,16 +26,17 @@ from daemon_helpers import wait_until
 from sql_helpers import create_job, status_counts
 
 ROOT = Path(__file__).resolve().parent.parent
+SECURITY_PAGE = ROOT / "docs" / "security.md"
 
 
 def _documented_grants(role: str) -> list[str]:
-    """The functions README.md grants to ``role``: the tests use exactly what users copy."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    """The functions docs/security.md grants to ``role``: the tests use exactly what users copy."""
+    page = SECURITY_PAGE.read_text(encoding="utf-8")
     grant = rf"GRANT EXECUTE ON FUNCTION\s+((?:(?!GRANT).)*?)\s+TO {role};"
-    match = re.search(grant, readme, re.DOTALL)
-    assert match, f"README.md documents no EXECUTE grant to {role}"
+    match = re.search(grant, page, re.DOTALL)
+    assert match, f"docs/security.md documents no EXECUTE grant to {role}"
     signatures = re.findall(r"chunkd\.(\w+\([^)]*\))", match[1])
-    assert signatures, f"no functions in README.md's grant to {role}"
+    assert signatures, f"no functions in docs/security.md's grant to {role}"
     return signatures
 
 

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -28,10 +28,10 @@ import pytest
 
 from chunkd.db import DatabaseError, connect
 from daemon_helpers import wait_until
+from doc_snippets import blocks, sql_statements
 from http_stub import StubHandler
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "supabase.md"
-FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 EXAMPLE_DSN = (
     "postgresql://postgres:<password>@db.<project-ref>.supabase.co:5432/postgres?sslmode=require"
 )
@@ -41,14 +41,9 @@ API_ROLES = ("anon", "authenticated", "service_role")
 
 
 def doc_blocks() -> list[tuple[str, str]]:
-    return [(m[1], m[2]) for m in FENCE.finditer(DOC.read_text(encoding="utf-8"))]
-
-
-def sql_statements(block: str) -> list[str]:
-    # The guide's SQL has no dollar-quoted bodies, so a ';' at a line end ends a statement.
-    assert "$$" not in block, "the splitter below does not handle dollar quoting"
-    pieces = [p.strip() for p in re.split(r";[ \t]*$", block, flags=re.MULTILINE)]
-    return [p for p in pieces if p and not all(ln.startswith("--") for ln in p.splitlines())]
+    found = blocks(DOC)
+    assert not any(b.not_run for b in found), "every snippet of the guide runs"
+    return [(b.lang, b.text) for b in found]
 
 
 # --- the stand-in for the sync-emails edge function -------------------------------------------
@@ -112,12 +107,10 @@ def edge_function() -> Iterator[EdgeFunction]:
 
 
 @pytest.fixture
-async def empty_database(pg_server: Any) -> AsyncIterator[str]:
+async def supabase_database(pg_server: Any, empty_database: str) -> str:
     """Not the migrated template: the guide runs `chunkd migrate` itself."""
-    name = f"chunkd_supabase_{uuid.uuid4().hex[:10]}"
     admin = await connect(pg_server.admin_dsn)
     try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
         # Supabase's API roles (cluster-wide, created once; NOLOGIN, like on Supabase).
         for role in API_ROLES:
             exists = await admin.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
@@ -125,14 +118,7 @@ async def empty_database(pg_server: Any) -> AsyncIterator[str]:
                 await admin.execute(f'CREATE ROLE "{role}" NOLOGIN')
     finally:
         await admin.close()
-    try:
-        yield pg_server.dsn(name)
-    finally:
-        admin = await connect(pg_server.admin_dsn)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+    return empty_database
 
 
 # --- running the shell blocks -----------------------------------------------------------------
@@ -193,9 +179,9 @@ def test_guide_has_the_snippets_this_test_runs() -> None:
 
 
 async def test_the_guide_top_to_bottom(
-    empty_database: str, edge_function: EdgeFunction, tmp_path: Path
+    supabase_database: str, edge_function: EdgeFunction, tmp_path: Path
 ) -> None:
-    dsn = empty_database
+    dsn = supabase_database
     env = _shell_env()
     conn = await connect(dsn)
     exports: list[str] = []

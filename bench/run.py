@@ -3,8 +3,21 @@
 One command, one throwaway cluster (fsync on, synchronous_commit on), a fresh database per
 run, every measurement repeated (min/median reported), one table with ratios at the end:
 
-    python bench/run.py            # about 10 minutes on 2 cores
+    python bench/run.py            # about 15 minutes on 2 cores
     python bench/run.py --quick    # fewer jobs, one repeat: a smoke test of the harness
+
+Rows:
+
+- SQL contract alone: bench/sql_cost.py as a sub-step (its own throwaway cluster, started and
+  removed before this one starts): chunkd's claim+complete through ``chunkd.db.Queue`` vs the
+  raw loop, per chunk, server CPU / wall / WAL bytes, and the ratios;
+- no-op throughput, and the same with a **held snapshot**: another session connected to the
+  run's database holds ``BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1;`` open from before
+  the contender installs its schema until its run is over, so no row that dies during the run
+  can be vacuumed. chunkd and PGQueuer (best settings), each as a ratio of its own clean run;
+  the clean and held runs are interleaved (order rotated each rep) and the ratio is taken
+  within each rep, median over reps;
+- 10 ms handler, latency, and chunkd-only rows (claim cost, processes, memory).
 
 The peers are installed from PyPI into their own venv (bench/peers/requirements.txt), never
 into the project's. Results are also written to bench/results/latest.json.
@@ -30,6 +43,12 @@ from chunkd.demo.cluster import PostgresCluster
 BENCH = Path(__file__).resolve().parent
 PEER_VENV = Path(os.environ.get("CHUNKD_BENCH_PEER_VENV", "/tmp/chunkd-bench-venv"))
 RESULTS = BENCH / "results"
+HOLD_SNAPSHOT_SQL = "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1;"
+HELD_SNAPSHOT_NOTE = (
+    f"another session in the same database runs {HOLD_SNAPSHOT_SQL!r} before the contender's "
+    "schema is installed and keeps it open until the run is over: no dead row can be vacuumed"
+)
+SNAPSHOT_XMIN_SQL = "SELECT backend_xmin, state FROM pg_stat_activity WHERE pid = $1"
 
 
 def peer_python() -> str:
@@ -80,9 +99,16 @@ class Bench:
         finally:
             await admin.close()
 
-    async def run_one(self, label: str, script: str, python: str, *args: str) -> dict[str, Any]:
+    async def run_one(
+        self, label: str, script: str, python: str, *args: str, hold_snapshot: bool = False
+    ) -> dict[str, Any]:
         dsn = await self.fresh_db()
+        holder = None
+        held: dict[str, Any] = {}
         try:
+            if hold_snapshot:
+                holder = await connect(dsn, application_name="chunkd-bench-snapshot-holder")
+                held = await self._hold_snapshot(holder)
             proc = await asyncio.create_subprocess_exec(
                 python,
                 str(BENCH / script),
@@ -93,20 +119,98 @@ class Bench:
                 stderr=asyncio.subprocess.DEVNULL,
             )
             out, _ = await proc.communicate()
+            if holder is not None:
+                held = await self._check_snapshot(holder, held)
         finally:
+            if holder is not None:
+                await holder.close()
             await self.drop_db(dsn)
         lines = out.decode().strip().splitlines()
         result = (
             json.loads(lines[-1]) if lines else {"error": f"no output (exit {proc.returncode})"}
         )
+        if hold_snapshot:
+            result["held_snapshot"] = held
+            if isinstance(result.get("settings"), dict):
+                result["settings"]["held_snapshot"] = HELD_SNAPSHOT_NOTE
+            if not held.get("held_to_end") and "error" not in result:
+                result = {"error": f"snapshot not held for the whole run: {held}"}
         result["label"] = label
         status = result.get("error") or result.get("per_second") or result.get("ratio")
         print(f"  {label:<34} {status}", file=sys.stderr, flush=True)
         return result
 
+    async def _hold_snapshot(self, holder: Any) -> dict[str, Any]:
+        """Open the REPEATABLE READ transaction; its snapshot now holds the xmin horizon."""
+        await holder.execute(HOLD_SNAPSHOT_SQL)
+        return await self._snapshot_state(holder.get_server_pid())
+
+    async def _check_snapshot(self, holder: Any, before: dict[str, Any]) -> dict[str, Any]:
+        """Still idle in the same transaction, with the same xmin, after the run?"""
+        after = await self._snapshot_state(holder.get_server_pid())
+        held = (
+            before["backend_xmin"] is not None
+            and after["backend_xmin"] == before["backend_xmin"]
+            and after["state"] == "idle in transaction"
+        )
+        return {**before, "state_after": after["state"], "held_to_end": held}
+
+    async def _snapshot_state(self, pid: int) -> dict[str, Any]:
+        # Read from another session: pg_stat_activity is cached inside the holder's transaction.
+        admin = await connect(self.cluster.dsn("postgres"))
+        try:
+            row = await admin.fetchrow(SNAPSHOT_XMIN_SQL, pid)
+        finally:
+            await admin.close()
+        xmin = row["backend_xmin"] if row else None
+        return {"backend_xmin": str(xmin) if xmin else None, "state": row["state"] if row else None}
+
     async def measure(self, label: str, script: str, python: str, *args: str) -> dict[str, Any]:
         runs = [await self.run_one(label, script, python, *args) for _ in range(self.repeats)]
         entry = {"label": label, "runs": runs}
+        self.results.append(entry)
+        return entry
+
+    async def measure_interleaved(
+        self, specs: list[tuple[str, str, str, list[str], bool]], repeats: int
+    ) -> list[dict[str, Any]]:
+        """Every spec once per rep, the order rotated each rep, so each meets the same noise.
+
+        A spec is (label, script, python, args, hold_snapshot). Entries come back in spec order.
+        """
+        entries = [{"label": spec[0], "runs": []} for spec in specs]
+        for rep in range(repeats):
+            order = list(range(len(specs)))
+            order = order[rep % len(order) :] + order[: rep % len(order)]
+            for i in order:
+                label, script, python, args, hold = specs[i]
+                result = await self.run_one(label, script, python, *args, hold_snapshot=hold)
+                result["rep"] = rep + 1
+                entries[i]["runs"].append(result)
+        self.results.extend(entries)
+        return entries
+
+    async def sql_cost(self, quick: bool) -> dict[str, Any]:
+        """bench/sql_cost.py as a sub-step; it starts and removes its own throwaway cluster."""
+        label = "SQL contract vs raw loop (sql_cost.py)"
+        args = ["--chunks", "5000", "--reps", "2"] if quick else []
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(BENCH / "sql_cost.py"),
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        out, _ = await proc.communicate()
+        lines = out.decode().strip().splitlines()
+        try:
+            result = json.loads(lines[-1])
+        except (IndexError, json.JSONDecodeError):
+            result = {"error": f"no JSON output (exit {proc.returncode})"}
+        result["label"] = label
+        ratio = result.get("ratio_chunkd_over_raw", {}).get("value")
+        print(f"  {label:<34} {result.get('error') or ratio}", file=sys.stderr, flush=True)
+        entry = {"label": label, "runs": [result]}
         self.results.append(entry)
         return entry
 
@@ -128,33 +232,77 @@ def _median(entry: dict[str, Any], key: str) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def _paired_ratio(held: dict[str, Any], clean: dict[str, Any], key: str = "per_second") -> float:
+    """held / clean within each rep (the two ran in the same rotation), median over reps."""
+    clean_by_rep = {r.get("rep"): r.get(key) for r in clean["runs"]}
+    ratios = [
+        r[key] / clean_by_rep[r.get("rep")]
+        for r in held["runs"]
+        if isinstance(r.get(key), int | float) and clean_by_rep.get(r.get("rep"))
+    ]
+    return statistics.median(ratios) if ratios else float("nan")
+
+
+def _sql_cost_rows(entry: dict[str, Any]) -> list[tuple[str, str]]:
+    report = entry["runs"][0]
+    if "error" in report:
+        return [("SQL contract alone (bench/sql_cost.py)", f"error: {report['error']}")]
+    s, med = report["settings"], report["per_chunk_median"]
+    ratio = report["ratio_chunkd_over_raw"]
+
+    def cells(name: str) -> str:
+        m = med[name]
+        cpu = "n/a" if m["server_cpu_us"] is None else f"{m['server_cpu_us']:.1f}"
+        return f"{cpu} / {m['wall_us']:.1f} / {m['wal_bytes']:,.0f}"
+
+    cpu_ratio = "n/a" if ratio["server_cpu"] is None else f"{ratio['server_cpu']:.2f}x"
+    return [
+        (f"SQL alone per chunk, batch {s['batch']}, 1 conn (sql_cost.py)", ""),
+        ("  chunkd: server CPU µs / wall µs / WAL B", cells("chunkd")),
+        ("  raw loop: server CPU µs / wall µs / WAL B", cells("raw")),
+        ("  chunkd / raw, server CPU (target <= 1.7x)", cpu_ratio),
+        ("  chunkd / raw, wall", f"{ratio['wall']:.2f}x"),
+        (
+            "  chunkd / raw, WAL bytes",
+            f"{med['chunkd']['wal_bytes'] / med['raw']['wal_bytes']:.2f}x",
+        ),
+    ]
+
+
 async def main(args: argparse.Namespace) -> int:
     jobs = {"noop": 20_000, "sleep10": 10_000, "peer_slow": 5_000, "processes": 10_000}
     if args.quick:
         jobs = {"noop": 3_000, "sleep10": 2_000, "peer_slow": 1_000, "processes": 2_000}
     duration = "3" if args.quick else "10"
     repeats = 1 if args.quick else 2
+    # The no-op block (clean and held-snapshot runs, interleaved): 3 reps for a real median.
+    noop_repeats = 1 if args.quick else 3
     python = peer_python()
     me = sys.executable
     cluster = PostgresCluster(fsync=True)
-    cluster.start()
     started = time.monotonic()
     try:
         b = Bench(cluster, python, repeats)
-        print("no-op throughput", file=sys.stderr)
-        chunkd_noop = await b.measure(
-            "chunkd no-op", "chunkd_bench.py", me, "--scenario", "noop", "--jobs", str(jobs["noop"])
-        )
-        pgq_best = await b.measure(
-            "pgqueuer no-op (best)",
-            "peers/pgqueuer_bench.py",
-            python,
-            "--scenario",
-            "noop",
-            "--settings",
-            "best",
-            "--jobs",
-            str(jobs["noop"]),
+        print("SQL contract alone (its own cluster)", file=sys.stderr)
+        sql_cost = await b.sql_cost(args.quick)
+        cluster.start()
+        print("no-op throughput, clean and with a held snapshot, interleaved", file=sys.stderr)
+        noop_args = ["--scenario", "noop", "--jobs", str(jobs["noop"])]
+        pgq_args = [*noop_args, "--settings", "best"]
+        chunkd_noop, chunkd_held, pgq_best, pgq_held = await b.measure_interleaved(
+            [
+                ("chunkd no-op", "chunkd_bench.py", me, noop_args, False),
+                ("chunkd no-op, held snapshot", "chunkd_bench.py", me, noop_args, True),
+                ("pgqueuer no-op (best)", "peers/pgqueuer_bench.py", python, pgq_args, False),
+                (
+                    "pgqueuer no-op (best), held snapshot",
+                    "peers/pgqueuer_bench.py",
+                    python,
+                    pgq_args,
+                    True,
+                ),
+            ],
+            noop_repeats,
         )
         pgq_default = await b.measure(
             "pgqueuer no-op (default)",
@@ -252,7 +400,10 @@ async def main(args: argparse.Namespace) -> int:
         _median(pgq_default, "per_second"),
         _median(proc_noop, "per_second"),
     )
+    chunkd_held_ratio = _paired_ratio(chunkd_held, chunkd_noop)
+    pgq_held_ratio = _paired_ratio(pgq_held, pgq_best)
     rows = [
+        *_sql_cost_rows(sql_cost),
         ("no-op throughput, jobs/s (min / median)", ""),
         ("  chunkd", _min_med(chunkd_noop, "per_second")),
         ("  PGQueuer, best settings", _min_med(pgq_best, "per_second")),
@@ -263,6 +414,17 @@ async def main(args: argparse.Namespace) -> int:
         (
             "  chunkd / raw ceiling",
             f"{_median(chunkd_noop, 'per_second') / _median(ceiling, 'per_second'):.0%}",
+        ),
+        ("held snapshot: no-op jobs/s (min / median)", ""),
+        ("  chunkd", _min_med(chunkd_held, "per_second")),
+        ("  PGQueuer, best settings", _min_med(pgq_held, "per_second")),
+        (
+            "  held / clean: chunkd / PGQueuer",
+            f"{chunkd_held_ratio:.2f} / {pgq_held_ratio:.2f}",
+        ),
+        (
+            "  chunkd's ratio / PGQueuer's (target >= 1)",
+            f"{chunkd_held_ratio / pgq_held_ratio:.2f}x",
         ),
         ("10 ms handler, concurrency 50, jobs/s (ideal 5,000)", ""),
         ("  chunkd", _min_med(chunkd_sleep, "per_second")),

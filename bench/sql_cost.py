@@ -207,7 +207,7 @@ async def measure_chunkd(
                     return accepted_total
                 accepted = await queue.complete(
                     worker,
-                    [r.queue_id for r in rows],
+                    [r.id for r in rows],
                     [r.attempt for r in rows],
                     [None] * len(rows),
                 )

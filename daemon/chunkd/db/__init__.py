@@ -9,11 +9,14 @@
 """
 
 from chunkd.db.connection import (
+    DATABASE_ERRORS,
     TRANSIENT_ERRORS,
     DatabaseError,
     connect,
     create_pool,
+    is_data_error,
     retry_transient,
+    sqlstate,
     validate_identifier,
 )
 from chunkd.db.listener import CHANNEL, Listener
@@ -21,6 +24,7 @@ from chunkd.db.queue import ClaimedRow, Queue
 
 __all__ = [
     "CHANNEL",
+    "DATABASE_ERRORS",
     "TRANSIENT_ERRORS",
     "ClaimedRow",
     "DatabaseError",
@@ -28,6 +32,8 @@ __all__ = [
     "Queue",
     "connect",
     "create_pool",
+    "is_data_error",
     "retry_transient",
+    "sqlstate",
     "validate_identifier",
 ]

@@ -1,8 +1,11 @@
 """Connections to PostgreSQL: single connections and pools, with errors made user-facing.
 
 Connection errors are translated into :class:`ConnectError` with the password removed, so
-nothing above this package ever prints a DSN as given. Also the classification of errors
-after which a statement may simply be retried (:data:`TRANSIENT_ERRORS`).
+nothing above this package ever prints a DSN as given. Also the classification of errors:
+:data:`TRANSIENT_ERRORS` (the same statement may simply be retried, on a fresh connection),
+:func:`is_data_error` (this value can never be stored: retrying it cannot help) and
+:data:`DATABASE_ERRORS` (everything the database or the connection to it can raise, which a
+daemon task waits out instead of crashing).
 """
 
 from __future__ import annotations
@@ -20,11 +23,14 @@ from chunkd.errors import ConnectError, ServerNotReadyError
 from chunkd.redact import redact_dsn, scrub_password
 
 __all__ = [
+    "DATABASE_ERRORS",
     "TRANSIENT_ERRORS",
     "DatabaseError",
     "connect",
     "create_pool",
+    "is_data_error",
     "retry_transient",
+    "sqlstate",
     "validate_identifier",
 ]
 
@@ -52,12 +58,45 @@ TRANSIENT_ERRORS: Final = (
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.SerializationError,
     asyncpg.exceptions.DeadlockDetectedError,
+    # statement_timeout (57014) and lock_timeout (55P03): the same statement may pass later.
     asyncpg.exceptions.QueryCanceledError,
+    asyncpg.exceptions.LockNotAvailableError,
     # A connection cut mid-statement (pg_terminate_backend, a restart) can leave asyncpg's
     # protocol in a state it reports this way (MagicStack/asyncpg#784, #1069); the pool
     # discards that connection, so the next try runs on a fresh one.
     asyncpg.exceptions.InternalClientError,
 )
+
+# Everything the database, or the connection to it, can raise on a statement: the transient
+# errors above and any error the server reports (read-only, disk full, a missing grant, ...).
+# A daemon task catches these, logs them in one line and tries again later; none is a reason
+# for it to crash. Final for the same reason as TRANSIENT_ERRORS.
+DATABASE_ERRORS: Final = (asyncpg.PostgresError, *TRANSIENT_ERRORS)
+
+# SQLSTATE class 22: data exceptions (an invalid or out-of-range value, text the database
+# encoding cannot hold, \u0000 in jsonb). The only server errors that say "this value".
+_DATA_EXCEPTION_CLASS = "22"
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a server error (e.g. ``'25006'``), or None for any other exception."""
+    code = getattr(exc, "sqlstate", None) if isinstance(exc, asyncpg.PostgresError) else None
+    return code if isinstance(code, str) else None
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """True when the values of a statement can never be stored, so retrying cannot help.
+
+    That is SQLSTATE class 22 (data exceptions) from the server, or a value the driver refuses
+    to send (asyncpg's client-side ``DataError``, text that cannot be encoded). Every other
+    server error is a condition of the database (read-only, disk full, a lock or statement
+    timeout, a serialization failure, too many connections, a missing grant): the same
+    statement can succeed later, and fencing makes a late retry harmless.
+    """
+    code = sqlstate(exc)
+    if code is not None:
+        return code.startswith(_DATA_EXCEPTION_CLASS)
+    return isinstance(exc, asyncpg.exceptions._base.DataError | UnicodeError)
 
 
 # What a failed connect can raise: refused/unreachable, timeouts, auth or missing database

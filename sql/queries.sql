@@ -61,6 +61,11 @@ SELECT id FROM chunkd.renew_leases($1, $2, $3) AS id;
 -- $2 NULL releases every chunk this worker holds.
 SELECT chunkd.release_attempts($1, $2);
 
+-- name: stop_worker
+-- A graceful stop's last statement: hand back every chunk this worker still holds (also one
+-- whose claim's reply never arrived) and remove its row. Returns how many were released.
+SELECT chunkd.release_attempts($1, NULL) AS released, chunkd.deregister_worker($1);
+
 -- name: cleanup_stuck_chunks
 SELECT chunkd.cleanup_stuck_chunks();
 

@@ -107,6 +107,23 @@ class Queue:
         )
         return released
 
+    async def stop_worker(self, worker_id: str) -> int:
+        """Releases every chunk the worker holds and removes its row, in one statement (a
+        graceful stop; also catches a claim whose reply never arrived). Returns how many
+        chunks were released."""
+        async with self._pool.acquire() as conn:
+            try:
+                released: int = await conn.fetchval(self._q["stop_worker"], worker_id)
+            finally:
+                # The pool closes right after this: resetting the session on release would
+                # cost one more round trip for nothing.
+                conn.terminate()
+        return released
+
+    async def expire_connections(self) -> None:
+        """Statements from now on run on new connections (after a failover, say)."""
+        await self._pool.expire_connections()
+
     async def cleanup_stuck_chunks(self) -> int:
         reaped: int = await self._pool.fetchval(self._q["cleanup_stuck_chunks"])
         return reaped

@@ -24,8 +24,9 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
-from chunkd.db import TRANSIENT_ERRORS, ClaimedRow, Queue
+from chunkd.db import DATABASE_ERRORS, ClaimedRow, Queue
 from chunkd.observability.metrics import Metrics
+from chunkd.runtime.health import DatabaseHealth
 from chunkd.runtime.inflight import InFlight
 
 __all__ = ["Claimer"]
@@ -61,15 +62,17 @@ class Claimer:
         queue: Queue,
         inflight: InFlight,
         metrics: Metrics,
+        health: DatabaseHealth,
         *,
         worker_id: str,
         kinds: Sequence[str],
         lease_s: float,
-        start_chunk: Callable[[ClaimedRow], None],
+        start_chunk: Callable[[ClaimedRow], asyncio.Task[None]],
     ) -> None:
         self._queue = queue
         self._inflight = inflight
         self._metrics = metrics
+        self._health = health
         self._worker_id = worker_id
         self._kinds = list(kinds)
         self._lease_s = lease_s
@@ -148,10 +151,11 @@ class Claimer:
             self._wake.set()
 
     def _dispatch(self) -> None:
-        """Starts ready chunks while slots are free."""
+        """Starts ready chunks while slots are free (skipping any whose lease is gone)."""
         while self._ready and not self._stopped and self._inflight.free_slots > 0:
-            self._inflight.started()
-            self._start_chunk(self._ready.popleft())
+            row = self._ready.popleft()
+            if self._inflight.holds(row):
+                self._inflight.started(row, self._start_chunk(row))
 
     def stop(self) -> None:
         self._stopped = True
@@ -182,13 +186,16 @@ class Claimer:
         # Cleared before the statement: a NOTIFY arriving while it runs sets it again.
         self._maybe_more = False
         started = time.perf_counter()
+        # The lease cannot end before the claim was sent plus the lease, on our own clock.
+        lease_ends_at = asyncio.get_running_loop().time() + self._lease_s
         try:
             rows = await self._queue.claim(self._worker_id, wanted, self._kinds, self._lease_s)
-        except TRANSIENT_ERRORS as exc:
-            log.warning("claim.failed", error=str(exc) or type(exc).__name__)
+        except DATABASE_ERRORS as exc:
+            await self._health.failed("claim", exc)
             self._maybe_more = True
             await asyncio.sleep(0.5)
             return
+        self._health.wrote()
         self._claim_s.add(time.perf_counter() - started)
         self._backlog = len(rows) == wanted
         if self._backlog:
@@ -206,7 +213,7 @@ class Claimer:
                 handler_ms=round(self._handler_s.value * 1000, 3),
             )
         for row in rows:
-            self._inflight.claimed(row)
+            self._inflight.claimed(row, lease_ends_at)
             self._ready.append(row)
             self._metrics.claimed.labels(row.kind).inc()
             if log_claims:

@@ -12,7 +12,7 @@ import asyncio
 
 import structlog
 
-from chunkd.db import TRANSIENT_ERRORS, Queue
+from chunkd.db import DATABASE_ERRORS, Queue
 from chunkd.observability.metrics import Metrics
 
 __all__ = ["DEFAULT_INTERVAL_S", "DEPTH_STATUSES", "QueueDepthSampler"]
@@ -45,7 +45,7 @@ class QueueDepthSampler:
         while True:
             try:
                 await self.run_once()
-            except TRANSIENT_ERRORS as exc:
+            except DATABASE_ERRORS as exc:
                 # Keep the last sample: a stale gauge beats a gap while Postgres restarts.
                 log.warning("depth.sample_failed", error=str(exc) or type(exc).__name__)
             await asyncio.sleep(self.interval_s)

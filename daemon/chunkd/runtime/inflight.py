@@ -1,42 +1,163 @@
-"""What this process holds: running handlers (slots) and claims whose outcome is not yet written.
+"""What this process holds, and until when it can show that it still holds it.
 
-The two differ on purpose: a slot frees as soon as the handler returns (so the next chunk need
-not wait for a completion batch), but the lease must be renewed until the outcome is committed,
-and also while a prefetched chunk waits for a slot.
+Each claim goes ``ready`` (claimed, waiting for a slot) → ``running`` (its handler runs) →
+``reporting`` (its outcome is queued for writing) and is forgotten once the outcome is written,
+fenced out or released. Only held claims are renewed: a chunk task that ends without queuing
+an outcome is forgotten too, so its lease runs out and the reaper returns the chunk.
+
+A slot frees as soon as the handler returns (the next chunk need not wait for a completion
+batch), but the lease is renewed until the outcome is committed.
+
+Each claim also has a local lease end on this process's monotonic clock: when the claim (or its
+last successful renewal) was *sent*, plus the lease. The database's lease cannot end before
+it, so a handler still running then is cancelled: the chunk may already run elsewhere. The same
+happens at once when a renewal says the chunk is no longer ours, and on resuming from a stall
+(a ``SIGSTOP``, a blocked event loop) past the lease's end, since the timer is overdue then.
 """
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass
+from typing import Literal
+
+import structlog
+
 from chunkd.db import ClaimedRow
 
-__all__ = ["InFlight"]
+__all__ = ["Claim", "InFlight"]
+
+log = structlog.get_logger("chunkd.runtime.inflight")
+
+State = Literal["ready", "running", "reporting"]
+
+
+@dataclass(eq=False, slots=True)
+class Claim:
+    """One claim this process holds."""
+
+    row: ClaimedRow
+    lease_ends_at: float  # loop time (monotonic seconds) by which the lease may be gone
+    state: State = "ready"
+    task: asyncio.Task[None] | None = None
+    lost: str | None = None  # why the lease is gone, once it is
+    timer: asyncio.TimerHandle | None = None
 
 
 class InFlight:
-    def __init__(self, concurrency: int) -> None:
+    def __init__(self, concurrency: int, *, worker_id: str = "") -> None:
         self.concurrency = concurrency
         self.running = 0
-        self._claims: dict[int, ClaimedRow] = {}
+        self._worker_id = worker_id
+        self._claims: dict[int, Claim] = {}
 
     @property
     def free_slots(self) -> int:
         return self.concurrency - self.running
 
-    def claimed(self, row: ClaimedRow) -> None:
-        self._claims[row.id] = row
+    # --- the life of a claim -------------------------------------------------------------
 
-    def started(self) -> None:
+    def claimed(self, row: ClaimedRow, lease_ends_at: float) -> None:
+        claim = Claim(row, lease_ends_at)
+        self._claims[row.id] = claim
+        self._arm(claim)
+
+    def holds(self, row: ClaimedRow) -> bool:
+        """Still ours as far as this process can tell (not lost, not settled)."""
+        claim = self._claims.get(row.id)
+        return claim is not None and claim.row is row and claim.lost is None
+
+    def started(self, row: ClaimedRow, task: asyncio.Task[None] | None = None) -> None:
         self.running += 1
+        claim = self._claim(row)
+        if claim is not None:
+            claim.state = "running"
+            claim.task = task
 
-    def handler_done(self) -> None:
+    def handler_done(self, row: ClaimedRow) -> None:
         self.running -= 1
+        claim = self._claim(row)
+        if claim is not None:
+            claim.task = None
 
-    def settled(self, chunk_id: int) -> None:
-        """The outcome is committed (or fenced out, or released): stop renewing the lease."""
-        self._claims.pop(chunk_id, None)
+    def reporting(self, row: ClaimedRow) -> None:
+        """Its outcome is queued: keep renewing until it is written."""
+        claim = self._claim(row)
+        if claim is not None:
+            claim.state = "reporting"
 
-    def held(self) -> list[int]:
-        return list(self._claims)
+    def settled(self, row: ClaimedRow) -> None:
+        """Written, fenced out, released or abandoned: stop renewing the lease."""
+        claim = self._claim(row)
+        if claim is not None:
+            del self._claims[row.id]
+            if claim.timer is not None:
+                claim.timer.cancel()
+
+    def lost_reason(self, row: ClaimedRow) -> str | None:
+        claim = self._claim(row)
+        return claim.lost if claim is not None else None
+
+    # --- leases --------------------------------------------------------------------------
+
+    def renewable(self) -> list[int]:
+        """Ids to renew: ready, running or with an outcome still to write, and not lost."""
+        return [id_ for id_, claim in self._claims.items() if claim.lost is None]
+
+    def renewed(self, sent: list[int], renewed: set[int], lease_ends_at: float) -> None:
+        """A renewal sent for ``sent`` came back with ``renewed``: move their lease ends; a
+        running or waiting claim missing from the answer is no longer ours."""
+        for id_ in sent:
+            claim = self._claims.get(id_)
+            if claim is None or claim.lost is not None:
+                continue
+            if id_ in renewed:
+                claim.lease_ends_at = max(claim.lease_ends_at, lease_ends_at)
+                self._arm(claim)
+            elif claim.state != "reporting":
+                # (An outcome being written when the renewal ran is not renewed either: its
+                # write says whether it was still ours.)
+                self._lose(claim, "the database no longer lists this claim as ours")
 
     def held_rows(self) -> list[ClaimedRow]:
-        return list(self._claims.values())
+        return [claim.row for claim in self._claims.values()]
+
+    def _claim(self, row: ClaimedRow) -> Claim | None:
+        claim = self._claims.get(row.id)
+        return claim if claim is not None and claim.row is row else None
+
+    def _arm(self, claim: Claim) -> None:
+        if claim.timer is not None:
+            claim.timer.cancel()
+        loop = asyncio.get_running_loop()
+        claim.timer = loop.call_at(claim.lease_ends_at, self._lease_ended, claim)
+
+    def _lease_ended(self, claim: Claim) -> None:
+        claim.timer = None
+        if self._claims.get(claim.row.id) is claim and claim.state != "reporting":
+            overdue_s = asyncio.get_running_loop().time() - claim.lease_ends_at
+            self._lose(claim, "the lease ran out before a renewal came back", overdue_s)
+
+    def _lose(self, claim: Claim, reason: str, overdue_s: float | None = None) -> None:
+        """The chunk may run elsewhere now: cancel its handler, or never start it."""
+        claim.lost = reason
+        row = claim.row
+        fields: dict[str, object] = {
+            "sync_job_id": str(row.sync_job_id),
+            "chunk_id": str(row.chunk_id),
+            "queue_id": str(row.queue_id),
+            "seq": row.seq,
+            "attempt": row.attempt,
+            "kind": row.kind,
+            "worker_id": self._worker_id,
+            "reason": reason,
+        }
+        if overdue_s is not None and overdue_s > 0.5:
+            fields["overdue_s"] = round(overdue_s, 3)  # woke late: a stall, or SIGSTOP
+        if claim.state == "running" and claim.task is not None:
+            claim.task.cancel()
+            log.warning("chunk.lease_lost", action="handler cancelled", **fields)
+        else:
+            # Not started yet (prefetched): drop it; the claimer skips what is not held.
+            self.settled(row)
+            log.warning("chunk.lease_lost", action="not started", **fields)

@@ -1,29 +1,55 @@
-"""Writing and reporting outcomes: completions in batches, failures one by one, none lost.
+"""Writing and reporting outcomes: completions in batches, failures a few at a time, none lost.
 
-A completion is queued only after its handler returned; the worker hands it over and is done,
-and the flusher writes whatever accumulated meanwhile in one statement, then logs each
-chunk's event and stops renewing its lease. A graceful stop drains the queue before it exits.
-Lost connections (a Postgres restart, pg_terminate_backend) are retried with backoff; fencing
-makes a late retry harmless.
+A worker hands its chunk's outcome over (:meth:`Outcomes.record`) and is done; the outcome
+stays queued, and the chunk's lease renewed, until a statement has written it (or fencing
+said the chunk is no longer ours). A write that fails is tried again with backoff, on a fresh
+connection when the connection broke, whatever the database said, with one exception: a data
+error (SQLSTATE class 22: a value the database can never store) fails that chunk for good
+with the database's words, since the same value would be refused again. Fencing makes a late
+or repeated write harmless. A graceful stop drains the queue before it exits.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
 
-from chunkd.db import ClaimedRow, DatabaseError, Queue, retry_transient
+from chunkd.db import DATABASE_ERRORS, ClaimedRow, Queue, is_data_error
 from chunkd.observability.metrics import Metrics
+from chunkd.runtime.health import DatabaseHealth, first_line
 from chunkd.runtime.inflight import InFlight
 
-__all__ = ["Outcome", "Outcomes"]
+__all__ = ["Outcome", "Outcomes", "describe_exception", "storable_text"]
 
 log = structlog.get_logger("chunkd.runtime.outcomes")
 
 MAX_BATCH = 500
+# Failure reports are one statement each: a few at once, so a burst of failures does not queue
+# behind one round trip each, while the pool keeps connections for claims and renewals.
+MAX_PARALLEL_FAILURES = 4
+# The database keeps the first 4000 characters of an error: building more is waste.
+MAX_ERROR_CHARS = 4000
+RETRY_FIRST_S = 0.05
+RETRY_MAX_S = 2.0
+
+
+def storable_text(text: str) -> str:
+    """``text`` as PostgreSQL text can hold it: lone surrogates and NUL as backslash escapes."""
+    text = text[:MAX_ERROR_CHARS]
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\0", "\\x00")
+
+
+def describe_exception(exc: BaseException) -> str:
+    """``Type: message`` of an exception, storable even when its ``str()`` raises."""
+    name = type(exc).__name__
+    try:
+        text = str(exc)
+    except (Exception, SystemExit, KeyboardInterrupt, GeneratorExit) as failure:
+        text = f"<str() of this exception raised {type(failure).__name__}>"
+    return storable_text(f"{name}: {text}" if text else name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,11 +62,12 @@ class Outcome:
     retry_in_s: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class _Completion:
+@dataclass(frozen=True, slots=True, eq=False)
+class _Queued:
     row: ClaimedRow
-    result_json: str | None
+    outcome: Outcome
     duration_ms: float
+    plain: bool = False  # already re-sent as plain ASCII with the default backoff
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +83,7 @@ class Outcomes:
         queue: Queue,
         inflight: InFlight,
         metrics: Metrics,
+        health: DatabaseHealth,
         *,
         worker_id: str,
         retry_base_s: float,
@@ -64,112 +92,180 @@ class Outcomes:
         self._queue = queue
         self._inflight = inflight
         self._metrics = metrics
+        self._health = health
         self._worker_id = worker_id
         self._retry_base_s = retry_base_s
         self._retry_cap_s = retry_cap_s
-        self._buffer: list[_Completion] = []
-        self._has_work = asyncio.Event()
-        self._flushing = False
+        self._completions: list[_Queued] = []
+        self._failures: list[_Queued] = []
+        self._completions_queued = asyncio.Event()
+        self._failures_queued = asyncio.Event()
+        self._all_written = asyncio.Event()
+        self._all_written.set()
         self._by_kind: dict[str, _KindMetrics] = {}
 
-    async def record(self, row: ClaimedRow, outcome: Outcome, duration_ms: float) -> None:
-        """Queues a completion (returns at once) or writes a failure (returns when written)."""
+    def record(self, row: ClaimedRow, outcome: Outcome, duration_ms: float) -> None:
+        """Queues the outcome of a chunk whose handler returned; returns at once."""
+        self._inflight.reporting(row)
+        self._all_written.clear()
         if outcome.error is None:
-            self._buffer.append(_Completion(row, outcome.result_json, duration_ms))
-            self._has_work.set()
-            return
-        # Shielded: a stop must not cut a failure report in half.
-        await asyncio.shield(self._fail(row, outcome, duration_ms))
+            self._completions.append(_Queued(row, outcome, duration_ms))
+            self._completions_queued.set()
+        else:
+            self._failures.append(_Queued(row, outcome, duration_ms))
+            self._failures_queued.set()
 
     @property
     def pending(self) -> int:
-        return len(self._buffer)
+        """Outcomes queued and not yet written."""
+        return len(self._completions) + len(self._failures)
 
     async def drain(self) -> None:
-        """Waits until the flusher has written everything queued (graceful stop)."""
-        while self._buffer or self._flushing:
-            self._has_work.set()
-            await asyncio.sleep(0.005)
+        """Waits until everything queued is written (graceful stop; the caller bounds it)."""
+        await self._all_written.wait()
 
     async def run(self) -> None:
-        """The flusher task: one statement per batch of whatever accumulated meanwhile."""
+        """The writers: one for completions, one for failures, each retrying until written."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._write_all(self._completions_queued, self._completions))
+            group.create_task(self._write_all(self._failures_queued, self._failures))
+
+    async def _write_all(self, queued: asyncio.Event, items: list[_Queued]) -> None:
+        write = self._complete_some if items is self._completions else self._fail_some
+        backoff_s = RETRY_FIRST_S
         while True:
-            await self._has_work.wait()
-            self._flushing = True
-            try:
-                await self._flush()
-            finally:
-                self._flushing = False
+            await queued.wait()
+            queued.clear()
+            while items:
+                if await write():
+                    backoff_s = RETRY_FIRST_S
+                else:  # the database cannot take it now: keep it, try again later
+                    await asyncio.sleep(backoff_s)
+                    backoff_s = min(RETRY_MAX_S, backoff_s * 2)
+            if not self.pending:
+                self._all_written.set()
 
-    async def _flush(self) -> None:
-        while self._buffer:
-            batch = self._buffer[:MAX_BATCH]
-            try:
-                accepted = await self._complete(batch)
-                refused: dict[int, str] = {}
-            except DatabaseError:
-                # One value the database refuses (e.g. \u0000 in jsonb) must not poison the
-                # batch, and the flusher with it: write one by one, and fail what is refused.
-                accepted, refused = set(), {}
-                for c in batch:
-                    try:
-                        accepted |= await self._complete([c])
-                    except DatabaseError as exc:
-                        refused[c.row.id] = f"result rejected by the database: {exc}"
-            del self._buffer[: len(batch)]
-            for c in batch:
-                if c.row.id in accepted:
-                    self._inflight.settled(c.row.id)
-                    self._for_kind(c.row.kind).completed.inc()
-                    log.info("chunk.completed", **self._fields(c.row, c.duration_ms))
-                elif c.row.id in refused:
-                    error = refused[c.row.id]
-                    await self._fail(c.row, Outcome(error=error, retryable=False), c.duration_ms)
-                else:
-                    self._fenced(c.row, c.duration_ms, "completed")
-        self._has_work.clear()
+    # --- completions ---------------------------------------------------------------------
 
-    async def _complete(self, batch: list[_Completion]) -> set[int]:
-        return await retry_transient(
-            "complete_chunks",
-            lambda: self._queue.complete(
-                self._worker_id,
-                [c.row.id for c in batch],
-                [c.row.attempt for c in batch],
-                [c.result_json for c in batch],
-            ),
-        )
-
-    async def _fail(self, row: ClaimedRow, outcome: Outcome, duration_ms: float) -> None:
-        error = (outcome.error or "unknown error").replace("\0", "")  # text cannot hold NUL
+    async def _complete_some(self) -> bool:
+        """Writes the oldest batch; False when the database could not take it."""
+        batch: list[_Queued] = []
+        ids: set[int] = set()
+        for item in self._completions[:MAX_BATCH]:
+            if item.row.id in ids:  # a later claim of the same chunk: next batch
+                break
+            ids.add(item.row.id)
+            batch.append(item)
         try:
-            status = await retry_transient(
-                "fail_chunk",
-                lambda: self._queue.fail(
-                    row.id,
-                    self._worker_id,
-                    row.attempt,
-                    error,
-                    retryable=outcome.retryable,
-                    retry_in_s=outcome.retry_in_s,
-                    backoff_base_s=self._retry_base_s,
-                    backoff_cap_s=self._retry_cap_s,
-                ),
+            accepted = await self._complete(batch)
+        except Exception as exc:
+            if isinstance(exc, DATABASE_ERRORS) and not is_data_error(exc):
+                await self._health.failed("complete", exc)
+                return False
+            # One value the database refuses (e.g. \u0000 in jsonb) must not hold back the
+            # batch: write one by one, and fail what is refused.
+            return await self._complete_one_by_one(batch)
+        del self._completions[: len(batch)]
+        self._completed(batch, accepted)
+        return True
+
+    async def _complete_one_by_one(self, batch: list[_Queued]) -> bool:
+        for item in batch:
+            try:
+                accepted = await self._complete([item])
+            except Exception as exc:
+                if isinstance(exc, DATABASE_ERRORS) and not is_data_error(exc):
+                    await self._health.failed("complete", exc)
+                    return False
+                self._completions.remove(item)
+                error = storable_text(f"result rejected by the database: {first_line(exc)}")
+                self._failures.append(replace(item, outcome=Outcome(error=error, retryable=False)))
+                self._failures_queued.set()
+                continue
+            self._completions.remove(item)
+            self._completed([item], accepted)
+        return True
+
+    async def _complete(self, batch: list[_Queued]) -> set[int]:
+        accepted = await self._queue.complete(
+            self._worker_id,
+            [c.row.id for c in batch],
+            [c.row.attempt for c in batch],
+            [c.outcome.result_json for c in batch],
+        )
+        self._health.wrote()
+        return accepted
+
+    def _completed(self, batch: list[_Queued], accepted: set[int]) -> None:
+        for c in batch:
+            if c.row.id in accepted:
+                self._inflight.settled(c.row)
+                self._for_kind(c.row.kind).completed.inc()
+                log.info("chunk.completed", **self._fields(c.row, c.duration_ms))
+            else:
+                self._fenced(c.row, c.duration_ms, "completed")
+
+    # --- failures ------------------------------------------------------------------------
+
+    async def _fail_some(self) -> bool:
+        """Writes the oldest few failures at once; False when none could be written."""
+        batch = self._failures[:MAX_PARALLEL_FAILURES]
+        written = await asyncio.gather(*(self._fail(item) for item in batch))
+        return any(written)
+
+    async def _fail(self, item: _Queued) -> bool:
+        row, outcome = item.row, item.outcome
+        error = storable_text(outcome.error or "unknown error")
+        try:
+            status = await self._queue.fail(
+                row.id,
+                self._worker_id,
+                row.attempt,
+                error,
+                retryable=outcome.retryable,
+                retry_in_s=outcome.retry_in_s,
+                backoff_base_s=self._retry_base_s,
+                backoff_cap_s=self._retry_cap_s,
             )
-        finally:
-            self._inflight.settled(row.id)
-        fields = self._fields(row, duration_ms)
+        except Exception as exc:
+            if isinstance(exc, DATABASE_ERRORS) and not is_data_error(exc):
+                await self._health.failed("fail", exc)
+                return False
+            self._failures.remove(item)
+            if not item.plain:
+                # Something in the report cannot be stored (text the database's encoding
+                # cannot hold, a retry delay out of range): send it again in plain ASCII
+                # with the default backoff.
+                plain = error.encode("ascii", "backslashreplace").decode("ascii")
+                again = Outcome(error=plain, retryable=outcome.retryable)
+                self._failures.append(replace(item, outcome=again, plain=True))
+                return True
+            self._inflight.settled(row)  # the reaper will return the chunk
+            log.error(
+                "chunk.outcome_unstorable",
+                error=error,
+                refused=first_line(exc),
+                **self._fields(row, item.duration_ms),
+            )
+            return True
+        self._health.wrote()
+        self._failures.remove(item)
+        self._inflight.settled(row)
+        fields = self._fields(row, item.duration_ms)
         if status is None:
-            self._fenced(row, duration_ms, "failed", error=error)
+            self._fenced(row, item.duration_ms, "failed", error=error)
         elif status == "pending":
             self._for_kind(row.kind).retried.inc()
             log.warning("chunk.retry_scheduled", error=error, **fields)
         else:
             self._for_kind(row.kind).failed.inc()
             log.error("chunk.failed", error=error, **fields)
+        return True
+
+    # --- reporting -----------------------------------------------------------------------
 
     def _fenced(self, row: ClaimedRow, duration_ms: float, outcome: str, **extra: str) -> None:
-        self._inflight.settled(row.id)
+        self._inflight.settled(row)
         self._metrics.fenced.inc()
         log.warning("chunk.fenced", outcome=outcome, **extra, **self._fields(row, duration_ms))
 

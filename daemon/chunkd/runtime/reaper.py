@@ -10,8 +10,9 @@ import asyncio
 
 import structlog
 
-from chunkd.db import TRANSIENT_ERRORS, Queue
+from chunkd.db import DATABASE_ERRORS, Queue
 from chunkd.observability.metrics import Metrics
+from chunkd.runtime.health import DatabaseHealth
 
 __all__ = ["Reaper"]
 
@@ -19,13 +20,17 @@ log = structlog.get_logger("chunkd.runtime.reaper")
 
 
 class Reaper:
-    def __init__(self, queue: Queue, metrics: Metrics, *, interval_s: float) -> None:
+    def __init__(
+        self, queue: Queue, metrics: Metrics, health: DatabaseHealth, *, interval_s: float
+    ) -> None:
         self._queue = queue
         self._metrics = metrics
+        self._health = health
         self.interval_s = interval_s
 
     async def run_once(self) -> int:
         reaped = await self._queue.cleanup_stuck_chunks()
+        self._health.wrote()
         if reaped:
             self._metrics.reaped.inc(reaped)
             log.warning("chunks.reaped", count=reaped)
@@ -35,6 +40,6 @@ class Reaper:
         while True:
             try:
                 await self.run_once()
-            except TRANSIENT_ERRORS as exc:
-                log.warning("reaper.failed", error=str(exc) or type(exc).__name__)
+            except DATABASE_ERRORS as exc:
+                await self._health.failed("reaper", exc)
             await asyncio.sleep(self.interval_s)

@@ -1,10 +1,10 @@
 """One ``chunkd run`` process: starts the tasks, restarts any that dies, and stops gracefully.
 
-Tasks: the LISTEN connection, the claim loop, the completion flusher, heartbeats, the reaper,
-the safety poll, and the systemd notifier. Each chunk runs in a task of its own, bounded by
-``--concurrency`` slots. Stopping: no new claims, in-flight chunks get ``--shutdown-timeout``
-to finish, outcomes already produced are written, the rest is released without spending an
-attempt, and the worker row is removed.
+Tasks: the LISTEN connection, the claim loop, the outcome writers, heartbeats, the reaper,
+the safety poll, the stall detector, and the systemd notifier. Each chunk runs in a task of its
+own, bounded by ``--concurrency`` slots. Stopping (:mod:`chunkd.runtime.stop`): no new claims,
+in-flight chunks get ``--shutdown-timeout`` to finish, outcomes already produced are written,
+the rest is released without spending an attempt, and the worker row is removed.
 """
 
 from __future__ import annotations
@@ -19,17 +19,20 @@ from typing import Any
 
 import structlog
 
-from chunkd.db import TRANSIENT_ERRORS, ClaimedRow, Listener, Queue, connect, create_pool
+from chunkd.db import DATABASE_ERRORS, ClaimedRow, Listener, Queue, connect, create_pool
 from chunkd.db.migrate import check_schema
 from chunkd.errors import ServerNotReadyError
 from chunkd.handlers import HandlerRegistry
 from chunkd.observability.metrics import Metrics
 from chunkd.observability.sdnotify import Notifier
 from chunkd.runtime.claimer import Claimer
+from chunkd.runtime.health import DatabaseHealth
 from chunkd.runtime.heartbeat import Heartbeat
 from chunkd.runtime.inflight import InFlight
 from chunkd.runtime.outcomes import Outcomes
 from chunkd.runtime.reaper import Reaper
+from chunkd.runtime.stall import StallDetector
+from chunkd.runtime.stop import Stopping, stop_gracefully
 from chunkd.runtime.worker import Worker
 from chunkd.settings import RunSettings
 from chunkd.version import __version__
@@ -41,6 +44,8 @@ log = structlog.get_logger("chunkd.runtime.supervisor")
 RESTART_DELAY_S = 1.0
 # How long start-up waits for a server that says it is starting up or shutting down.
 STARTUP_WAIT_S = 60.0
+# Closing the pool after a stop: a graceful close costs a round trip; past this, just drop it.
+POOL_CLOSE_S = 1.0
 
 
 def make_worker_id() -> str:
@@ -95,7 +100,10 @@ async def run_daemon(
     try:
         await _serve(settings, registry, stop, Queue(pool), notifier, metrics)
     finally:
-        await pool.close()
+        try:
+            await asyncio.wait_for(pool.close(), timeout=POOL_CLOSE_S)
+        except TimeoutError:
+            pool.terminate()
         await registry.aclose()
         notifier.close()
 
@@ -123,13 +131,15 @@ async def _serve(
     if settings.metrics_port is not None:
         metrics.serve(settings.metrics_port)
 
-    inflight = InFlight(settings.concurrency)
+    inflight = InFlight(settings.concurrency, worker_id=worker_id)
+    health = DatabaseHealth(queue, worker_id=worker_id)
     # Read at scrape time: exact even when chunk tasks are cancelled at shutdown.
     metrics.in_flight.set_function(lambda: inflight.running)
     outcomes = Outcomes(
         queue,
         inflight,
         metrics,
+        health,
         worker_id=worker_id,
         retry_base_s=settings.retry_base_s,
         retry_cap_s=settings.retry_cap_s,
@@ -137,15 +147,11 @@ async def _serve(
     chunk_tasks: set[asyncio.Task[None]] = set()
     claimer: Claimer
 
-    def start_chunk(row: ClaimedRow) -> None:
+    def start_chunk(row: ClaimedRow) -> asyncio.Task[None]:
         task = asyncio.create_task(worker.run(row), name=f"chunk-{row.queue_id}")
         chunk_tasks.add(task)
-        task.add_done_callback(_chunk_done)
-
-    def _chunk_done(task: asyncio.Task[None]) -> None:
-        chunk_tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("chunk.report_failed", error=repr(task.exception()), task=task.get_name())
+        task.add_done_callback(chunk_tasks.discard)
+        return task
 
     worker = Worker(
         registry.handlers,
@@ -159,20 +165,21 @@ async def _serve(
         queue,
         inflight,
         metrics,
+        health,
         worker_id=worker_id,
         kinds=kinds,
         lease_s=settings.lease_s,
         start_chunk=start_chunk,
     )
-    heartbeat = Heartbeat(queue, inflight, worker_id=worker_id, lease_s=settings.lease_s)
-    reaper = Reaper(queue, metrics, interval_s=settings.reap_interval_s)
+    heartbeat = Heartbeat(queue, inflight, health, worker_id=worker_id, lease_s=settings.lease_s)
+    reaper = Reaper(queue, metrics, health, interval_s=settings.reap_interval_s)
     ready = asyncio.Event()
 
     async def on_connected() -> None:
         try:
             await claimer.arm_from_database()
-        except TRANSIENT_ERRORS as exc:
-            log.warning("arm.failed", error=str(exc))
+        except DATABASE_ERRORS as exc:
+            log.warning("arm.failed", error=str(exc).splitlines()[0] if str(exc) else repr(exc))
             claimer.work_signalled()
         if not ready.is_set():
             ready.set()
@@ -202,6 +209,7 @@ async def _serve(
         "heartbeat": heartbeat.run,
         "reaper": reaper.run,
         "poll": poll,
+        "stall": StallDetector(worker_id=worker_id).run,
     }
     if notifier.enabled:
         services["systemd"] = tell_systemd
@@ -210,77 +218,28 @@ async def _serve(
 
         sampler = QueueDepthSampler(queue, metrics, interval_s=settings.metrics_interval_s)
         services["queue_depth"] = sampler.run
-    service_tasks = [
-        asyncio.create_task(_supervise(name, run), name=name) for name, run in services.items()
-    ]
+    service_tasks = {
+        name: asyncio.create_task(_supervise(name, run), name=name)
+        for name, run in services.items()
+    }
     try:
         await stop.wait()
     finally:
-        await _shutdown(
-            settings,
-            worker_id,
-            queue,
-            claimer,
-            inflight,
-            outcomes,
-            chunk_tasks,
-            notifier,
-            metrics,
-        )
-        for task in service_tasks:
-            task.cancel()
-        await asyncio.gather(*service_tasks, return_exceptions=True)
-        log.info("daemon.stopped", worker_id=worker_id)
-
-
-async def _shutdown(
-    settings: RunSettings,
-    worker_id: str,
-    queue: Queue,
-    claimer: Claimer,
-    inflight: InFlight,
-    outcomes: Outcomes,
-    chunk_tasks: set[asyncio.Task[None]],
-    notifier: Notifier,
-    metrics: Metrics,
-) -> None:
-    claimer.stop()
-    notifier.stopping(f"stopping; {inflight.running} in flight")
-    log.info(
-        "daemon.stopping",
-        in_flight=inflight.running,
-        shutdown_timeout_s=settings.shutdown_timeout_s,
-    )
-    if chunk_tasks:
-        _done, unfinished = await asyncio.wait(
-            set(chunk_tasks), timeout=settings.shutdown_timeout_s
-        )
-        for task in unfinished:
-            task.cancel()
-        if unfinished:
-            await asyncio.wait(unfinished, timeout=5)
-    try:
-        await asyncio.wait_for(outcomes.drain(), timeout=max(5.0, settings.shutdown_timeout_s))
-    except TimeoutError:
-        log.error(
-            "outcomes.unwritten",
-            count=outcomes.pending,
-            note="leases will expire and the reaper will return these chunks",
-        )
-    held = inflight.held_rows()
-    try:
-        if held:
-            released = await asyncio.wait_for(
-                queue.release(worker_id, [row.id for row in held]), timeout=10
+        await stop_gracefully(
+            Stopping(
+                worker_id=worker_id,
+                shutdown_timeout_s=settings.shutdown_timeout_s,
+                queue=queue,
+                claimer=claimer,
+                claimer_task=service_tasks["claimer"],
+                inflight=inflight,
+                outcomes=outcomes,
+                chunk_tasks=chunk_tasks,
+                notifier=notifier,
+                metrics=metrics,
             )
-            metrics.released.inc(released)
-            for row in held:
-                inflight.settled(row.id)
-            log.info("chunks.released", count=released, worker_id=worker_id)
-        await asyncio.wait_for(queue.deregister_worker(worker_id), timeout=10)
-    except (TimeoutError, *TRANSIENT_ERRORS) as exc:
-        log.error(
-            "shutdown.db_unreachable",
-            error=str(exc) or type(exc).__name__,
-            note="leases will expire and the reaper will return held chunks",
         )
+        for task in service_tasks.values():
+            task.cancel()
+        await asyncio.gather(*service_tasks.values(), return_exceptions=True)
+        log.info("daemon.stopped", worker_id=worker_id)

@@ -1,7 +1,10 @@
 """Running one claimed chunk: build the Chunk, call its handler under a timeout, report.
 
-Whatever the handler does (returns junk, raises, hangs, calls sys.exit) becomes an outcome of
-that chunk alone; nothing a handler does can take the daemon down.
+Whatever the handler does (returns junk, raises, hangs, calls sys.exit, raises a
+``CancelledError`` of its own, raises an exception whose ``str()`` fails) becomes an outcome of
+that chunk alone; nothing a handler does can take the daemon down. A chunk task that ends
+without an outcome (the daemon cancelled it: its lease is gone, or a stop) stops renewing the
+lease, so the chunk is released at the stop or returned by the reaper.
 """
 
 from __future__ import annotations
@@ -12,22 +15,21 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import structlog
+
 from chunkd.chunk import Chunk, PermanentError, RetryLater
 from chunkd.db import ClaimedRow
 from chunkd.handlers import Handler
 from chunkd.observability.metrics import Metrics
 from chunkd.runtime.inflight import InFlight
-from chunkd.runtime.outcomes import Outcome, Outcomes
+from chunkd.runtime.outcomes import Outcome, Outcomes, describe_exception
 
 __all__ = ["Worker"]
 
+log = structlog.get_logger("chunkd.runtime.worker")
+
 # A queue row is not a blob store: results above this fail the chunk with a clear error.
 MAX_RESULT_BYTES = 1024 * 1024
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class Worker:
@@ -50,19 +52,33 @@ class Worker:
         self._handler_seconds: dict[str, Any] = {}
 
     async def run(self, row: ClaimedRow) -> None:
+        """Runs the handler and queues its outcome; runs in a task of its own per chunk."""
         started = time.perf_counter()
+        recorded = False
         try:
-            outcome = await self._call_handler(row)
+            try:
+                outcome = await self._call_handler(row)
+            finally:
+                self._inflight.handler_done(row)
+            duration_s = time.perf_counter() - started
+            histogram = self._handler_seconds.get(row.kind)
+            if histogram is None:  # labels() takes a lock per call: resolve once per kind
+                histogram = self._metrics.handler_seconds.labels(row.kind)
+                self._handler_seconds[row.kind] = histogram
+            histogram.observe(duration_s)
+            self._on_slot_freed(duration_s)
+            self._outcomes.record(row, outcome, round(duration_s * 1000, 3))
+            recorded = True
+        except asyncio.CancelledError:
+            raise  # the daemon's: a lost lease (logged where it was found) or a stop
+        except Exception:
+            # A bug of ours, not the handler's (its exceptions are outcomes): say so once.
+            log.exception("chunk.abandoned", queue_id=str(row.queue_id), attempt=row.attempt)
         finally:
-            self._inflight.handler_done()
-        duration_s = time.perf_counter() - started
-        histogram = self._handler_seconds.get(row.kind)
-        if histogram is None:  # labels() takes a lock per call: resolve once per kind
-            histogram = self._metrics.handler_seconds.labels(row.kind)
-            self._handler_seconds[row.kind] = histogram
-        histogram.observe(duration_s)
-        self._on_slot_freed(duration_s)
-        await self._outcomes.record(row, outcome, round(duration_s * 1000, 3))
+            if not recorded:
+                # No outcome will come: stop renewing, so a stop releases the chunk or, failing
+                # that, its lease runs out and the reaper returns it.
+                self._inflight.settled(row)
 
     async def _call_handler(self, row: ClaimedRow) -> Outcome:
         handler = self._handlers[row.kind]
@@ -80,21 +96,26 @@ class Worker:
         try:
             async with timeout:
                 result = await handler(chunk)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             if timeout.expired():
                 return Outcome(error=f"timed out after {self._timeout_s:g}s")
-            raise  # shutdown: the supervisor releases the chunk
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the daemon's cancellation: the lease is gone, or a stop
+            # The handler's own (it cancelled an inner task and let that propagate): a failure
+            # of this chunk like any other exception, not a reason to drop the chunk.
+            return Outcome(error=describe_exception(exc))
         except TimeoutError as exc:
             if timeout.expired():
                 return Outcome(error=f"timed out after {self._timeout_s:g}s")
-            return Outcome(error=_describe(exc))
+            return Outcome(error=describe_exception(exc))
         except PermanentError as exc:
-            return Outcome(error=_describe(exc), retryable=False)
+            return Outcome(error=describe_exception(exc), retryable=False)
         except RetryLater as exc:
-            return Outcome(error=_describe(exc), retry_in_s=exc.delay_s)
+            return Outcome(error=describe_exception(exc), retry_in_s=exc.delay_s)
         except (Exception, SystemExit, KeyboardInterrupt, GeneratorExit) as exc:
             # SystemExit too: a handler calling sys.exit() fails its chunk, not the daemon.
-            return Outcome(error=_describe(exc))
+            return Outcome(error=describe_exception(exc))
         try:
             result_json = None if result is None else json.dumps(result, allow_nan=False)
         except (TypeError, ValueError, RecursionError) as exc:

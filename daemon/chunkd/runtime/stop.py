@@ -1,0 +1,113 @@
+"""The graceful stop of ``chunkd run`` (SIGTERM/SIGINT), in bounded steps.
+
+1. No new claims; a claim already sent is waited for (its rows are kept, not started), so the
+   release below sees it committed. Meanwhile running handlers get ``--shutdown-timeout`` to
+   finish; the rest are cancelled.
+2. Outcomes already produced are written.
+3. One statement hands back every chunk the worker still holds on the server, whether or not
+   this process knows of it (a claim whose reply never came), and removes its row.
+
+Every step is bounded, so a stop takes at most ``--shutdown-timeout`` plus about 13 s however
+slow the database answers (the connections are closed within another second by the caller).
+Whatever could not be written or released is left to its lease: the reaper returns it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import structlog
+
+from chunkd.db import DATABASE_ERRORS, Queue
+from chunkd.observability.metrics import Metrics
+from chunkd.observability.sdnotify import Notifier
+from chunkd.runtime.claimer import Claimer
+from chunkd.runtime.health import first_line
+from chunkd.runtime.inflight import InFlight
+from chunkd.runtime.outcomes import Outcomes
+
+__all__ = ["CLAIM_WAIT_S", "FINAL_WRITES_S", "Stopping", "stop_gracefully"]
+
+log = structlog.get_logger("chunkd.runtime.stop")
+
+# A claim in flight normally answers in milliseconds; this bounds a very slow network.
+CLAIM_WAIT_S = 5.0
+# Cancelled handlers unwind (finally blocks, an exec: child killed) within this.
+CANCEL_WAIT_S = 2.0
+# Writing outcomes, then releasing and deregistering: all of it within this, and the
+# release always keeps at least RELEASE_RESERVE_S of it.
+FINAL_WRITES_S = 10.0
+RELEASE_RESERVE_S = 4.0
+
+
+@dataclass(frozen=True)
+class Stopping:
+    """What the stop works on (all owned by the supervisor)."""
+
+    worker_id: str
+    shutdown_timeout_s: float
+    queue: Queue
+    claimer: Claimer
+    claimer_task: asyncio.Task[None]
+    inflight: InFlight
+    outcomes: Outcomes
+    chunk_tasks: set[asyncio.Task[None]]
+    notifier: Notifier
+    metrics: Metrics
+
+
+async def stop_gracefully(s: Stopping) -> None:
+    s.claimer.stop()
+    s.notifier.stopping(f"stopping; {s.inflight.running} in flight")
+    log.info(
+        "daemon.stopping", in_flight=s.inflight.running, shutdown_timeout_s=s.shutdown_timeout_s
+    )
+    await asyncio.gather(_claim_answered(s), _handlers_finished(s))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + FINAL_WRITES_S
+    try:
+        await asyncio.wait_for(s.outcomes.drain(), timeout=FINAL_WRITES_S - RELEASE_RESERVE_S)
+    except TimeoutError:
+        log.error(
+            "outcomes.unwritten",
+            count=s.outcomes.pending,
+            note="released below: these chunks will run again",
+        )
+    try:
+        timeout_s = max(RELEASE_RESERVE_S, deadline - loop.time())
+        released = await asyncio.wait_for(s.queue.stop_worker(s.worker_id), timeout=timeout_s)
+    except (TimeoutError, *DATABASE_ERRORS) as exc:
+        log.error(
+            "shutdown.db_unreachable",
+            error=first_line(exc),
+            note="leases will expire and the reaper will return held chunks",
+        )
+        return
+    for row in s.inflight.held_rows():
+        s.inflight.settled(row)
+    if released:
+        s.metrics.released.inc(released)
+        log.info("chunks.released", count=released, worker_id=s.worker_id)
+
+
+async def _claim_answered(s: Stopping) -> None:
+    """A claim already sent may have committed: wait for its answer (its rows stay held)."""
+    _done, pending = await asyncio.wait({s.claimer_task}, timeout=CLAIM_WAIT_S)
+    if pending:
+        s.claimer_task.cancel()
+        log.warning(
+            "claim.unanswered",
+            waited_s=CLAIM_WAIT_S,
+            note="whatever it claimed is released by worker id below",
+        )
+
+
+async def _handlers_finished(s: Stopping) -> None:
+    if not s.chunk_tasks:
+        return
+    _done, unfinished = await asyncio.wait(set(s.chunk_tasks), timeout=s.shutdown_timeout_s)
+    for task in unfinished:
+        task.cancel()
+    if unfinished:
+        await asyncio.wait(unfinished, timeout=CANCEL_WAIT_S)

@@ -43,15 +43,21 @@ class Heartbeat:
         if held:
             # Measured before sending: the database's new lease cannot end before this.
             sent_at = asyncio.get_running_loop().time()
-            renewed = await self._queue.heartbeat(self._worker_id, held, self._lease_s)
+            ids = [claim.row.id for claim in held]
+            renewed = await self._queue.heartbeat(self._worker_id, ids, self._lease_s)
             self._health.wrote()
             self._inflight.renewed(held, renewed, sent_at + self._lease_s)
         await self._queue.worker_heartbeat(self._worker_id)
         return len(renewed)
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time() + self.interval_s
         while True:
-            await asyncio.sleep(self.interval_s)
+            # At a fixed rate, not a pause after each renewal: a slow answer does not push
+            # the next renewal towards the end of the lease.
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            next_at = loop.time() + self.interval_s
             try:
                 await self.run_once()
             except DATABASE_ERRORS as exc:

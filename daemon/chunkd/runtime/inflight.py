@@ -18,6 +18,9 @@ happens at once when a renewal says the chunk is no longer ours, and on resuming
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,6 +33,8 @@ __all__ = ["Claim", "InFlight"]
 log = structlog.get_logger("chunkd.runtime.inflight")
 
 State = Literal["ready", "running", "reporting"]
+# Timers may fire a little early (libuv counts milliseconds): deadlines this close are due.
+DUE_SLACK_S = 0.002
 
 
 @dataclass(eq=False, slots=True)
@@ -41,7 +46,6 @@ class Claim:
     state: State = "ready"
     task: asyncio.Task[None] | None = None
     lost: str | None = None  # why the lease is gone, once it is
-    timer: asyncio.TimerHandle | None = None
 
 
 class InFlight:
@@ -50,6 +54,13 @@ class InFlight:
         self.running = 0
         self._worker_id = worker_id
         self._claims: dict[int, Claim] = {}
+        # Lease ends to check, earliest first: one timer for all claims (one per claim would
+        # cost more than the rest of a claim's bookkeeping). Entries of settled or renewed
+        # claims are skipped when they come up, and compacted away when they pile up.
+        self._deadlines: list[tuple[float, int, Claim]] = []
+        self._order = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
 
     @property
     def free_slots(self) -> int:
@@ -88,11 +99,8 @@ class InFlight:
 
     def settled(self, row: ClaimedRow) -> None:
         """Written, fenced out, released or abandoned: stop renewing the lease."""
-        claim = self._claim(row)
-        if claim is not None:
+        if self._claim(row) is not None:
             del self._claims[row.id]
-            if claim.timer is not None:
-                claim.timer.cancel()
 
     def lost_reason(self, row: ClaimedRow) -> str | None:
         claim = self._claim(row)
@@ -100,18 +108,17 @@ class InFlight:
 
     # --- leases --------------------------------------------------------------------------
 
-    def renewable(self) -> list[int]:
-        """Ids to renew: ready, running or with an outcome still to write, and not lost."""
-        return [id_ for id_, claim in self._claims.items() if claim.lost is None]
+    def renewable(self) -> list[Claim]:
+        """Claims to renew: ready, running or with an outcome still to write, and not lost."""
+        return [claim for claim in self._claims.values() if claim.lost is None]
 
-    def renewed(self, sent: list[int], renewed: set[int], lease_ends_at: float) -> None:
-        """A renewal sent for ``sent`` came back with ``renewed``: move their lease ends; a
-        running or waiting claim missing from the answer is no longer ours."""
-        for id_ in sent:
-            claim = self._claims.get(id_)
-            if claim is None or claim.lost is not None:
-                continue
-            if id_ in renewed:
+    def renewed(self, sent: list[Claim], renewed: set[int], lease_ends_at: float) -> None:
+        """A renewal sent for ``sent`` came back with the ids in ``renewed``: move their lease
+        ends; a running or waiting claim missing from the answer is no longer ours."""
+        for claim in sent:
+            if self._claims.get(claim.row.id) is not claim or claim.lost is not None:
+                continue  # settled meanwhile (or claimed again: the answer predates that)
+            if claim.row.id in renewed:
                 claim.lease_ends_at = max(claim.lease_ends_at, lease_ends_at)
                 self._arm(claim)
             elif claim.state != "reporting":
@@ -127,16 +134,34 @@ class InFlight:
         return claim if claim is not None and claim.row is row else None
 
     def _arm(self, claim: Claim) -> None:
-        if claim.timer is not None:
-            claim.timer.cancel()
-        loop = asyncio.get_running_loop()
-        claim.timer = loop.call_at(claim.lease_ends_at, self._lease_ended, claim)
+        heapq.heappush(self._deadlines, (claim.lease_ends_at, next(self._order), claim))
+        if len(self._deadlines) > 2 * len(self._claims) + 256:
+            self._deadlines = [e for e in self._deadlines if self._live(e)]
+            heapq.heapify(self._deadlines)
+        self._schedule()
 
-    def _lease_ended(self, claim: Claim) -> None:
-        claim.timer = None
-        if self._claims.get(claim.row.id) is claim and claim.state != "reporting":
-            overdue_s = asyncio.get_running_loop().time() - claim.lease_ends_at
-            self._lose(claim, "the lease ran out before a renewal came back", overdue_s)
+    def _live(self, entry: tuple[float, int, Claim]) -> bool:
+        at, _, claim = entry
+        return self._claims.get(claim.row.id) is claim and claim.lease_ends_at <= at
+
+    def _schedule(self) -> None:
+        if not self._deadlines or self._deadlines[0][0] >= self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = self._deadlines[0][0]
+        self._timer = asyncio.get_running_loop().call_at(self._timer_at, self._check_leases)
+
+    def _check_leases(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        now = asyncio.get_running_loop().time()
+        while self._deadlines and self._deadlines[0][0] <= now + DUE_SLACK_S:
+            entry = heapq.heappop(self._deadlines)
+            claim = entry[2]
+            if self._live(entry) and claim.lost is None and claim.state != "reporting":
+                overdue_s = now - claim.lease_ends_at
+                self._lose(claim, "the lease ran out before a renewal came back", overdue_s)
+        self._schedule()
 
     def _lose(self, claim: Claim, reason: str, overdue_s: float | None = None) -> None:
         """The chunk may run elsewhere now: cancel its handler, or never start it."""

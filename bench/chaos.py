@@ -7,11 +7,14 @@ A throwaway Postgres cluster with fsync on; 3 ``chunkd run`` processes x concurr
 ``bench/chaos_handler.py`` (5-50 ms, every execution recorded with the database clock, 2 %
 transient failures); 20 jobs (some with ``max_concurrency = 1``). During ``--duration``: a random
 daemon is SIGKILLed every ``--kill-every`` seconds and replaced; random chunkd connections are
-cut with ``pg_terminate_backend``; Postgres restarts once; one daemon is stopped with SIGTERM and
-replaced. Then the chaos stops and the run must converge. The figures printed at the end are
-checked, and the exit code is 1 unless every check holds (2 for a setup error).
+cut with ``pg_terminate_backend``; the database turns read-only for a few seconds once; Postgres
+restarts once; one daemon is frozen with SIGSTOP for longer than its lease, then resumed with
+SIGCONT; one daemon is stopped with SIGTERM and replaced. Then the chaos stops and the run must
+converge. The figures printed at the end are checked, and the exit code is 1 unless every
+check holds (2 for a setup error).
 
-All times compared come from the database clock (``clock_timestamp()``), never this process's.
+All times compared come from the database host's clock: the database's ``clock_timestamp()``,
+and the handler's, taken on the same host when things happen (see ``chaos_handler``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 from uuid import UUID
@@ -54,10 +57,11 @@ CONCURRENCY = 16
 JOBS = 20
 LIMITED_JOBS = 5
 KIND = "chaos"
+LEASE_S = 3.0
 DAEMON_ARGS = [
     "--handler", f"{KIND}=chaos_handler:handle",
     "--concurrency", str(CONCURRENCY),
-    "--lease", "3s",
+    "--lease", f"{LEASE_S:g}s",
     "--reap-interval", "500ms",
     "--retry-base", "100ms",
     "--retry-cap", "2s",
@@ -67,6 +71,14 @@ DAEMON_ARGS = [
 # Enough attempts that chaos (kills, cut connections) plus planned failures never exhaust one:
 # a chunk failed for good would be legal, but it would hide whether the run really converged.
 MAX_ATTEMPTS = 25
+# How long the database is read-only, and how long a daemon stays frozen (beyond its lease).
+READ_ONLY_S = 3.0
+STALL_S = 2 * LEASE_S
+# A chunk claimed this long ago whose lease is still being renewed is stuck: handlers take
+# 5-50 ms, the longest fault (a Postgres restart, the read-only window) a few seconds, and a
+# handler that cannot renew its lease is given up after one lease. (Shorter than a daemon
+# lives here, about 10 s between kills, or the kills would hide a stuck chunk.)
+STUCK_AFTER_S = 8.0
 T = TypeVar("T")
 
 
@@ -91,8 +103,13 @@ class Db:
         while True:
             try:
                 if self._conn is None or self._conn.is_closed():
+                    # Read-write even in the read-only window: the soak ends it, and enqueues.
                     self._conn = await asyncpg.connect(
-                        self._dsn, server_settings={"application_name": "chaos-control"}
+                        self._dsn,
+                        server_settings={
+                            "application_name": "chaos-control",
+                            "default_transaction_read_only": "off",
+                        },
                     )
                 return await call(self._conn)
             except (
@@ -227,6 +244,16 @@ class Chaos:
     # Started while Postgres was restarting: `chunkd run` exits 2 at once (as systemd's
     # Restart=on-failure would, we start it again). Counted, not a failure of the soak.
     startup_refused: int = 0
+    read_only: tuple[datetime, datetime] | None = None  # database clock
+    stalled: Stall | None = None
+    stuck: set[tuple[int, int]] = field(default_factory=set)  # (chunk id, claim number)
+
+
+@dataclass
+class Stall:
+    daemon: DaemonProcess
+    stopped_at: datetime  # database clock, just before SIGSTOP
+    resumed_at: datetime | None = None  # database clock, just after SIGCONT
 
 
 def plan_jobs(total_chunks: int, duration_s: float) -> list[tuple[int, int | None]]:
@@ -281,11 +308,17 @@ async def run_chaos(
     enqueue_at = [0.0] * (JOBS // 2) + [
         args.duration * 0.8 * (i + 1) / (JOBS - JOBS // 2) for i in range(JOBS - JOBS // 2)
     ]
-    restart_at = args.duration * rng.uniform(0.3, 0.45)
-    sigterm_at = args.duration * rng.uniform(0.55, 0.7)
+    read_only_at = args.duration * rng.uniform(0.12, 0.2)
+    restart_at = args.duration * rng.uniform(0.27, 0.37)
+    stall_at = args.duration * rng.uniform(0.45, 0.5)
+    sigterm_at = args.duration * rng.uniform(0.65, 0.75)
     started = time.monotonic()
     next_kill = rng.uniform(lo, hi)
     next_cut = rng.uniform(1.0, 4.0)
+    next_sample = 1.0
+    read_only_until: float | None = None
+    read_only_from: datetime | None = None
+    stall_until = 0.0
     job_no = 0
 
     def elapsed() -> float:
@@ -298,8 +331,25 @@ async def run_chaos(
             await enqueue(db, n, limit, job_no)
             job_no += 1
         await replace_dead(fleet, chaos, db)
-        if t >= next_kill:
-            victim = rng.choice(fleet.running)
+        frozen = chaos.stalled.daemon if chaos.stalled and not chaos.stalled.resumed_at else None
+        if t >= next_sample:
+            await sample_stuck(db, chaos)
+            next_sample = t + 1.0
+        if chaos.read_only is None and read_only_until is None and t >= read_only_at:
+            say(f"  {t:6.1f}s database read-only for {READ_ONLY_S:g}s")
+            await set_read_only(db, True)
+            read_only_from = await db.now()
+            read_only_until = t + READ_ONLY_S
+        if read_only_until is not None and t >= read_only_until:
+            await set_read_only(db, False)
+            assert read_only_from is not None
+            chaos.read_only = (read_only_from, await db.now())
+            read_only_until = None
+        # No kills from the read-only window until a chunk it left stuck would show: the
+        # daemons that lived through it must live long enough to be caught.
+        read_only_quiet = read_only_at <= t < read_only_at + READ_ONLY_S + STUCK_AFTER_S + 2
+        if t >= next_kill and not read_only_quiet:
+            victim = rng.choice([d for d in fleet.running if d is not frozen])
             kill = await fleet.sigkill(victim, db)
             chaos.kills.append(kill)
             fleet.start()
@@ -323,7 +373,21 @@ async def run_chaos(
             say(f"  {t:6.1f}s restarting Postgres")
             await asyncio.to_thread(cluster.restart)
             chaos.postgres_restarts += 1
-        ready = [d for d in fleet.running if "daemon.ready" in d.log_path.read_text()]
+        ready = [
+            d for d in fleet.running if d is not frozen and "daemon.ready" in d.log_path.read_text()
+        ]
+        if chaos.stalled is None and t >= stall_at and ready:
+            # A daemon that is up, frozen for longer than its lease: its chunks are reaped and
+            # run elsewhere; on SIGCONT it must give them up at once, not run on beside them.
+            victim = await busiest(db, ready)
+            chaos.stalled = Stall(victim, await db.now())
+            victim.process.send_signal(signal.SIGSTOP)
+            stall_until = t + STALL_S
+            say(f"  {t:6.1f}s SIGSTOP pid {victim.pid} for {STALL_S:g}s")
+        if frozen is not None and chaos.stalled is not None and t >= stall_until:
+            frozen.process.send_signal(signal.SIGCONT)
+            chaos.stalled.resumed_at = await db.now()
+            say(f"  {t:6.1f}s SIGCONT pid {frozen.pid}")
         if not chaos.graceful_stops and t >= sigterm_at and ready:
             # A daemon that is up: a SIGTERM before its signal handlers exist just kills it.
             victim = rng.choice(ready)
@@ -332,11 +396,53 @@ async def run_chaos(
             code = await fleet.sigterm(victim, db)
             chaos.graceful_stops.append((victim.pid, code))
         await asyncio.sleep(0.05)
+    if read_only_until is not None and read_only_from is not None:  # a very short --duration
+        await set_read_only(db, False)
+        chaos.read_only = (read_only_from, await db.now())
+    if chaos.stalled is not None and chaos.stalled.resumed_at is None:
+        chaos.stalled.daemon.process.send_signal(signal.SIGCONT)
+        chaos.stalled.resumed_at = await db.now()
     while job_no < JOBS:  # a very short --duration still enqueues every job
         n, limit = jobs[job_no]
         await enqueue(db, n, limit, job_no)
         job_no += 1
     return chaos
+
+
+async def set_read_only(db: Db, on: bool) -> None:
+    """The whole cluster read-only (new transactions of every session), or writable again."""
+    statement = (
+        "ALTER SYSTEM SET default_transaction_read_only = on"
+        if on
+        else "ALTER SYSTEM RESET default_transaction_read_only"
+    )
+    await db.run(lambda c: c.execute(statement))
+    await db.run(lambda c: c.execute("SELECT pg_reload_conf()"))
+
+
+async def busiest(db: Db, daemons: list[DaemonProcess]) -> DaemonProcess:
+    """The daemon holding the most chunks right now."""
+    rows = await db.run(
+        lambda c: c.fetch(
+            "SELECT split_part(worker_id, ':', 2)::int AS pid, count(*) AS held"
+            " FROM chunkd.attempts WHERE ended_at IS NULL GROUP BY 1"
+        )
+    )
+    held = {r["pid"]: r["held"] for r in rows}
+    return max(daemons, key=lambda d: held.get(d.pid, 0))
+
+
+async def sample_stuck(db: Db, chaos: Chaos) -> None:
+    """Claims open for longer than any handler runs whose lease is still being renewed."""
+    rows = await db.run(
+        lambda c: c.fetch(
+            "SELECT a.chunk_id, a.n FROM chunkd.attempts a WHERE a.ended_at IS NULL"
+            " AND a.claimed_at < now() - $1::float8 * interval '1 second'"
+            " AND a.lease_expires_at > now()",
+            STUCK_AFTER_S,
+        )
+    )
+    chaos.stuck.update((r["chunk_id"], r["n"]) for r in rows)
 
 
 async def replace_dead(fleet: Fleet, chaos: Chaos, db: Db) -> None:
@@ -347,7 +453,9 @@ async def replace_dead(fleet: Fleet, chaos: Chaos, db: Db) -> None:
             continue
         daemon.ended_by = f"exit {code}"
         daemon.ended_at = await db.now()
-        if code == 2 and "cannot connect" in daemon.log_path.read_text(errors="replace"):
+        text = daemon.log_path.read_text(errors="replace")
+        if "daemon.ready" not in text and ("cannot connect" in text or "read-only" in text):
+            # Refused at start-up, saying why: Postgres restarting, or the read-only window.
             chaos.startup_refused += 1
         else:
             chaos.daemon_exits.append((daemon.pid, code))
@@ -366,34 +474,84 @@ class Check:
     ok: bool | None  # None: a figure, not a pass/fail check
 
 
-def _overlaps(
-    executions: list[asyncpg.Record],
-    claim_end: dict[tuple[UUID, int], datetime],
-    examples: list[str],
-) -> int:
-    """Executions of one limited job that started while an earlier one had not ended.
+@dataclass(frozen=True)
+class _Span:
+    """A stretch of time in which an execution's handler could run."""
+
+    start: datetime
+    end: datetime
+    execution: asyncpg.Record
+
+
+def _spans(
+    e: asyncpg.Record, claim_end: dict[tuple[UUID, int], datetime], stall: Stall | None
+) -> list[_Span]:
+    """When an execution could run.
 
     An execution cut short (its daemon killed or stopped) has no end of its own; it counts as
-    running until its claim ended (reaped or released), which is what the queue promised.
+    running until its claim ended (reaped or released), which is what the queue promised; one
+    that never ended and was never reaped counts as running for ever. An execution of the
+    frozen daemon ran nothing while the daemon was frozen: it counts before the SIGSTOP, and
+    after the SIGCONT unless it was cancelled (its sleep of at most 50 ms was long over by
+    then, so a handler cancelled at all was cancelled before running on).
     """
+    end = e["ended_at"] or claim_end.get((e["queue_id"], e["attempt"]))
+    if end is None:
+        end = datetime.max.replace(tzinfo=e["started_at"].tzinfo)
+    if stall is None or stall.resumed_at is None or e["pid"] != stall.daemon.pid:
+        return [_Span(e["started_at"], end, e)]
+    if not e["started_at"] < stall.stopped_at < end:
+        return [_Span(e["started_at"], end, e)]
+    spans = [_Span(e["started_at"], stall.stopped_at, e)]
+    if not e["cancelled"] and end > stall.resumed_at:
+        spans.append(_Span(stall.resumed_at, end, e))
+    return spans
+
+
+def _overlaps(spans: list[_Span], examples: list[str]) -> int:
+    """Executions of one limited job that started while an earlier one had not ended."""
     count = 0
-    latest_end: datetime | None = None
-    latest: asyncpg.Record | None = None
-    for e in sorted(executions, key=lambda e: e["started_at"]):
-        if latest_end is not None and e["started_at"] < latest_end:
+    latest: _Span | None = None
+    for span in sorted(spans, key=lambda s: s.start):
+        if latest is not None and span.start < latest.end:
             count += 1
-            if len(examples) < 5 and latest is not None:
+            if len(examples) < 5:
+                e, before = span.execution, latest.execution
                 examples.append(
-                    f"seq {e['seq']} attempt {e['attempt']} (pid {e['pid']}) started "
-                    f"{(latest_end - e['started_at']).total_seconds():.3f}s before seq "
-                    f"{latest['seq']} attempt {latest['attempt']} (pid {latest['pid']}, "
-                    f"ended {'by its claim' if latest['ended_at'] is None else 'itself'}) ended"
+                    f"seq {e['seq']} attempt {e['attempt']} (pid {e['pid']}) ran "
+                    f"{(latest.end - span.start).total_seconds():.3f}s before seq "
+                    f"{before['seq']} attempt {before['attempt']} (pid {before['pid']}, "
+                    f"ended {'by its claim' if before['ended_at'] is None else 'itself'}) ended"
                 )
-        end = e["ended_at"] or claim_end.get((e["queue_id"], e["attempt"]))
-        if end is None:  # never ended and never reaped: treat as running for ever
-            end = datetime.max.replace(tzinfo=e["started_at"].tzinfo)
-        if latest_end is None or end > latest_end:
-            latest_end, latest = end, e
+        if latest is None or span.end > latest.end:
+            latest = span
+    return count
+
+
+def _ran_on_after_resuming(
+    executions: list[asyncpg.Record],
+    claim_end: dict[tuple[UUID, int], datetime],
+    stall: Stall | None,
+) -> int:
+    """Handlers of the frozen daemon that went on after SIGCONT although their claim had
+    already ended (reaped while the daemon was frozen): the daemon did not give up a lease it
+    could not show it held."""
+    if stall is None or stall.resumed_at is None:
+        return 0
+    resumed_at = stall.resumed_at
+    count = 0
+    for e in executions:
+        ended = claim_end.get((e["queue_id"], e["attempt"]))
+        if (
+            e["pid"] == stall.daemon.pid
+            and e["started_at"] < stall.stopped_at
+            and ended is not None
+            and ended < resumed_at
+            and e["ended_at"] is not None
+            and e["ended_at"] > resumed_at
+            and not e["cancelled"]
+        ):
+            count += 1
     return count
 
 
@@ -441,19 +599,21 @@ async def analyse(db: Db, chaos: Chaos, fleet: Fleet, converged: bool) -> list[C
         1
         for r in completed
         if not any(
-            e["attempt"] == r["attempts"] and e["ended_at"] and not e["failed"]
+            e["attempt"] == r["attempts"] and e["ended_at"] and e["failed"] is False
             for e in by_queue[r["id"]]
         )
     )
 
-    limited_jobs: dict[UUID, list[asyncpg.Record]] = defaultdict(list)
+    limited_jobs: dict[UUID, list[_Span]] = defaultdict(list)
     limited_queue = {r["id"] for r in q if r["max_concurrency"] == 1}
     for e in executions:
         if e["queue_id"] in limited_queue:
-            limited_jobs[e["job_id"]].append(e)
+            limited_jobs[e["job_id"]].extend(_spans(e, claim_end, chaos.stalled))
     overlap_examples: list[str] = []
-    overlaps = sum(_overlaps(v, claim_end, overlap_examples) for v in limited_jobs.values())
+    overlaps = sum(_overlaps(v, overlap_examples) for v in limited_jobs.values())
+    ran_on = _ran_on_after_resuming(executions, claim_end, chaos.stalled)
 
+    crashed = sum(e.get("event") == "task.crashed" for e in logs)
     fenced_logs = [e for e in logs if e.get("event") == "chunk.fenced"]
     fenced_ids = {e.get("queue_id") for e in fenced_logs}
 
@@ -461,12 +621,18 @@ async def analyse(db: Db, chaos: Chaos, fleet: Fleet, converged: bool) -> list[C
     killed = {k.pid: k for k in chaos.kills}
     stopped = {pid for pid, _ in chaos.graceful_stops}
     reasons: Counter[str] = Counter()
+    frozen_pid = chaos.stalled.daemon.pid if chaos.stalled else None
+    frozen_at = chaos.stalled.stopped_at if chaos.stalled else datetime.max.replace(tzinfo=UTC)
     for queue_id, runs in by_queue.items():
         runs = sorted(runs, key=lambda e: e["started_at"])
         for e in runs[:-1]:
             kill = killed.get(e["pid"])
             if e["failed"]:
                 reasons["planned transient failure"] += 1
+            elif e["cancelled"]:
+                reasons["cancelled: its daemon could not show it held the lease"] += 1
+            elif e["pid"] == frozen_pid and e["started_at"] < frozen_at:
+                reasons["in flight when its daemon was frozen (SIGSTOP)"] += 1
             elif kill is not None and e["started_at"] <= kill.at and e["ended_at"] is None:
                 reasons["in flight at a SIGKILL (never ended)"] += 1
             elif kill is not None and e["started_at"] <= kill.at:
@@ -520,12 +686,24 @@ async def analyse(db: Db, chaos: Chaos, fleet: Fleet, converged: bool) -> list[C
         Check("max_concurrency = 1 chunks that overlapped in time", str(overlaps), overlaps == 0),
         *(Check(f"  e.g. {text}", "", None) for text in overlap_examples),
         Check(
+            f"chunks stuck processing under a renewed lease (claimed > {STUCK_AFTER_S:g} s ago)",
+            str(len(chaos.stuck)),
+            not chaos.stuck,
+        ),
+        *_stall_checks(chaos, logs, ran_on),
+        *_read_only_checks(chaos, logs),
+        Check(
+            "daemon tasks that crashed and were restarted (task.crashed)",
+            str(crashed),
+            crashed == 0,
+        ),
+        Check(
             "daemons that died on their own (pid: exit code)",
             str(len(chaos.daemon_exits)) + "".join(f" {p}: {c}" for p, c in chaos.daemon_exits),
             not chaos.daemon_exits,
         ),
         Check(
-            "daemons that refused to start while Postgres restarted (exit 2, restarted)",
+            "daemons that refused to start while Postgres restarted or was read-only",
             str(chaos.startup_refused),
             None,
         ),
@@ -581,7 +759,61 @@ async def analyse(db: Db, chaos: Chaos, fleet: Fleet, converged: bool) -> list[C
             None,
         )
     )
+    checks.append(
+        Check(
+            "chaos: read-only windows / daemons frozen (SIGSTOP)",
+            f"{0 if chaos.read_only is None else 1} / {0 if chaos.stalled is None else 1}",
+            None,
+        )
+    )
     return checks
+
+
+def _logged_at(event: dict[str, Any]) -> datetime:
+    """When a daemon logged an event (its host's clock: the database's, here)."""
+    try:
+        return datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00"))
+    except (KeyError, ValueError):
+        return datetime.min.replace(tzinfo=UTC)
+
+
+def _stall_checks(chaos: Chaos, logs: list[dict[str, Any]], ran_on: int) -> list[Check]:
+    stall = chaos.stalled
+    if stall is None:
+        return []
+    own = [e for e in logs if e["_pid"] == stall.daemon.pid and _logged_at(e) >= stall.stopped_at]
+    stalls = [e.get("stalled_s") for e in own if e.get("event") == "event_loop.stalled"]
+    lost = [e for e in own if e.get("event") == "chunk.lease_lost"]
+    cancelled = sum(e.get("action") == "handler cancelled" for e in lost)
+    return [
+        Check(
+            f"frozen daemon (pid {stall.daemon.pid}, {STALL_S:g} s): stall it logged / "
+            "handlers it cancelled / claims it dropped, on resuming",
+            f"{', '.join(f'{s:g} s' for s in stalls) or 'none'} / {cancelled} / "
+            f"{len(lost) - cancelled}",
+            None,
+        ),
+        Check(
+            "  its handlers that ran on after SIGCONT, their chunk taken over (must be 0)",
+            str(ran_on),
+            ran_on == 0,
+        ),
+    ]
+
+
+def _read_only_checks(chaos: Chaos, logs: list[dict[str, Any]]) -> list[Check]:
+    if chaos.read_only is None:
+        return []
+    began, ended = chaos.read_only
+    said = [e for e in logs if e.get("event") == "database.unwritable"]
+    return [
+        Check(
+            f"read-only window ({(ended - began).total_seconds():.1f} s): daemons that said so "
+            "in one line (database.unwritable)",
+            f"{len({e['_pid'] for e in said})} daemons, {len(said)} lines",
+            None,
+        )
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -654,7 +886,11 @@ async def soak(args: argparse.Namespace, cluster: PostgresCluster, work_dir: Pat
         await replace_dead(fleet, chaos, db)
         converge_start = time.monotonic()
         converged = False
+        next_sample = 0.0
         while time.monotonic() - converge_start < args.converge_timeout:
+            if time.monotonic() >= next_sample:
+                await sample_stuck(db, chaos)
+                next_sample = time.monotonic() + 1.0
             if await unfinished(db) == 0:
                 converged = True
                 break

@@ -20,6 +20,11 @@ __all__ = ["DatabaseHealth", "unwritable_reason"]
 
 log = structlog.get_logger("chunkd.runtime.health")
 
+# A write that passes within this long of a refusal does not end the fault yet: after a change
+# of default_transaction_read_only, each server process takes the new value at its own pace,
+# so writes pass and fail mixed for a moment.
+SETTLE_S = 1.0
+
 _REASONS = {
     "25006": "the database is read-only (a standby, or default_transaction_read_only = on)",
     "53100": "the database server's disk is full",
@@ -49,11 +54,8 @@ class DatabaseHealth:
         self._worker_id = worker_id
         self._refusing: str | None = None  # the SQLSTATE of the refusal being waited out
         self._since = 0.0
+        self._last_refusal = 0.0
         self._refusals = 0
-
-    @property
-    def refusing(self) -> bool:
-        return self._refusing is not None
 
     async def failed(self, task: str, exc: BaseException) -> None:
         """A statement of ``task`` failed with one of ``chunkd.db.DATABASE_ERRORS``."""
@@ -66,10 +68,11 @@ class DatabaseHealth:
             # connections, which a multi-host DSN (target_session_attrs) points at the primary.
             await self._queue.expire_connections()
         self._refusals += 1
+        self._last_refusal = time.monotonic()
         if code == self._refusing:
             return
         if self._refusing is None:
-            self._since = time.monotonic()
+            self._since = self._last_refusal
         self._refusing = code
         log.error(
             "database.unwritable",
@@ -83,7 +86,7 @@ class DatabaseHealth:
 
     def wrote(self) -> None:
         """A write passed: if the database was refusing writes, say it takes them again."""
-        if self._refusing is None:
+        if self._refusing is None or time.monotonic() - self._last_refusal < SETTLE_S:
             return
         log.warning(
             "database.writable",

@@ -45,9 +45,9 @@ class Heartbeat:
             sent_at = asyncio.get_running_loop().time()
             ids = [claim.row.id for claim in held]
             renewed = await self._queue.heartbeat(self._worker_id, ids, self._lease_s)
-            self._health.wrote()
             self._inflight.renewed(held, renewed, sent_at + self._lease_s)
         await self._queue.worker_heartbeat(self._worker_id)
+        self._health.wrote()
         return len(renewed)
 
     async def run(self) -> None:

@@ -71,7 +71,11 @@ class InFlight:
     def claimed(self, row: ClaimedRow, lease_ends_at: float) -> None:
         claim = Claim(row, lease_ends_at)
         self._claims[row.id] = claim
-        self._arm(claim)
+        overdue_s = asyncio.get_running_loop().time() - lease_ends_at
+        if overdue_s >= 0:  # the answer came back after the lease (a stall, a slow network)
+            self._lose(claim, "the claim's answer came after its lease had run out", overdue_s)
+        else:
+            self._arm(claim)
 
     def holds(self, row: ClaimedRow) -> bool:
         """Still ours as far as this process can tell (not lost, not settled)."""

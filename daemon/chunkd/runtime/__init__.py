@@ -6,6 +6,8 @@ listener / timer / poll → :mod:`~chunkd.runtime.claimer` (claims into free slo
 Beside them: :mod:`~chunkd.runtime.heartbeat` (renews leases),
 :mod:`~chunkd.runtime.reaper` (returns chunks of dead workers),
 :mod:`~chunkd.runtime.depth` (queue-depth metrics), :mod:`~chunkd.runtime.inflight` (what
-this process holds), and :mod:`~chunkd.runtime.supervisor`, which starts, restarts and stops
-them all.
+this process holds, and until when it can show it), :mod:`~chunkd.runtime.health` (database
+errors, one line per fault), :mod:`~chunkd.runtime.stall` (event-loop stalls),
+:mod:`~chunkd.runtime.stop` (the graceful stop), and :mod:`~chunkd.runtime.supervisor`,
+which starts, restarts and stops them all.
 """

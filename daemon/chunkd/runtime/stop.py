@@ -7,9 +7,10 @@
 3. One statement hands back every chunk the worker still holds on the server, whether or not
    this process knows of it (a claim whose reply never came), and removes its row.
 
-Every step is bounded, so a stop takes at most ``--shutdown-timeout`` plus about 13 s however
-slow the database answers (the connections are closed within another second by the caller).
-Whatever could not be written or released is left to its lease: the reaper returns it.
+Every step is bounded, so a stop takes at most ``--shutdown-timeout`` plus 14 s however slow
+the database answers: 2 s for cancelled handlers to unwind (or 3 s for the claim), 10 s for
+the writes, and 1 s for the caller to close the connections. Whatever could not be written or
+released is left to its lease: the reaper returns it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ __all__ = ["CLAIM_WAIT_S", "FINAL_WRITES_S", "Stopping", "stop_gracefully"]
 log = structlog.get_logger("chunkd.runtime.stop")
 
 # A claim in flight normally answers in milliseconds; this bounds a very slow network.
-CLAIM_WAIT_S = 5.0
+CLAIM_WAIT_S = 3.0
 # Cancelled handlers unwind (finally blocks, an exec: child killed) within this.
 CANCEL_WAIT_S = 2.0
 # Writing outcomes, then releasing and deregistering: all of it within this, and the

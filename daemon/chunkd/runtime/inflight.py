@@ -51,8 +51,9 @@ class Claim:
 class InFlight:
     def __init__(self, concurrency: int, *, worker_id: str = "") -> None:
         self.concurrency = concurrency
-        self.running = 0
         self._worker_id = worker_id
+        # The slots: (id, attempt) of the claims whose handler runs.
+        self._running: set[tuple[int, int]] = set()
         self._claims: dict[int, Claim] = {}
         # Lease ends to check, earliest first: one timer for all claims (one per claim would
         # cost more than the rest of a claim's bookkeeping). Entries of settled or renewed
@@ -63,8 +64,12 @@ class InFlight:
         self._timer_at = math.inf
 
     @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
     def free_slots(self) -> int:
-        return self.concurrency - self.running
+        return self.concurrency - len(self._running)
 
     # --- the life of a claim -------------------------------------------------------------
 
@@ -83,17 +88,26 @@ class InFlight:
         return claim is not None and claim.row is row and claim.lost is None
 
     def started(self, row: ClaimedRow, task: asyncio.Task[None] | None = None) -> None:
-        self.running += 1
+        self._running.add((row.id, row.attempt))
         claim = self._claim(row)
         if claim is not None:
             claim.state = "running"
             claim.task = task
 
     def handler_done(self, row: ClaimedRow) -> None:
-        self.running -= 1
+        """Its handler returned (or raised): the slot is free."""
+        self._running.discard((row.id, row.attempt))
         claim = self._claim(row)
         if claim is not None:
             claim.task = None
+
+    def task_ended(self, row: ClaimedRow) -> None:
+        """Its chunk task is done, however it ended (even cancelled before it ever ran): free
+        the slot, and unless an outcome was queued, stop renewing the lease."""
+        self.handler_done(row)
+        claim = self._claim(row)
+        if claim is not None and claim.state != "reporting":
+            self.settled(row)
 
     def reporting(self, row: ClaimedRow) -> None:
         """Its outcome is queued: keep renewing until it is written."""

@@ -151,6 +151,9 @@ async def _serve(
         task = asyncio.create_task(worker.run(row), name=f"chunk-{row.queue_id}")
         chunk_tasks.add(task)
         task.add_done_callback(chunk_tasks.discard)
+        # However the task ends (even cancelled before it ever ran, so no finally of its own
+        # did): the slot frees, and a chunk without an outcome is no longer renewed.
+        task.add_done_callback(lambda _task: inflight.task_ended(row))
         return task
 
     worker = Worker(

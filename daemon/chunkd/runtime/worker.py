@@ -77,7 +77,8 @@ class Worker:
         finally:
             if not recorded:
                 # No outcome will come: stop renewing, so a stop releases the chunk or, failing
-                # that, its lease runs out and the reaper returns it.
+                # that, its lease runs out and the reaper returns it. (The supervisor does the
+                # same when the task is done, also for a task cancelled before it ran.)
                 self._inflight.settled(row)
 
     async def _call_handler(self, row: ClaimedRow) -> Outcome:

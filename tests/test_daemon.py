@@ -240,9 +240,14 @@ async def test_postgres_restart_mid_run_daemon_survives_and_finishes(
     db, database, start, managed_cluster
 ) -> None:
     # The test handler's own pool also loses its connections: those executions fail and are
-    # retried (quickly, and with attempts to spare), which is part of what this checks.
+    # retried (quickly, and with attempts to spare), which is part of what this checks. A
+    # claim that commits as the server goes down loses its reply: its chunks wait for their
+    # lease (5 s here, well inside the wait below) and the reaper returns them.
     job = await create_job(db, [{"sleep_s": 0.05}] * 200, max_attempts=10)
-    daemon = start("--handler", RECORD, "--concurrency", "10", "--poll-interval", "60s", *FAST)
+    daemon = start(
+        "--handler", RECORD, "--concurrency", "10", "--poll-interval", "60s", "--lease", "5s",
+        *FAST,
+    )  # fmt: skip
     await wait_until(
         lambda: db.fetchval(
             "SELECT count(*) > 20 FROM chunkd.chunk_processing_queue WHERE status = 'completed'"

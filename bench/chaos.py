@@ -377,13 +377,17 @@ async def run_chaos(
             d for d in fleet.running if d is not frozen and "daemon.ready" in d.log_path.read_text()
         ]
         if chaos.stalled is None and t >= stall_at and ready:
-            # A daemon that is up, frozen for longer than its lease: its chunks are reaped and
-            # run elsewhere; on SIGCONT it must give them up at once, not run on beside them.
-            victim = await busiest(db, ready)
-            chaos.stalled = Stall(victim, await db.now())
-            victim.process.send_signal(signal.SIGSTOP)
-            stall_until = t + STALL_S
-            say(f"  {t:6.1f}s SIGSTOP pid {victim.pid} for {STALL_S:g}s")
+            # A daemon that is up and holds chunks (looked for every 0.5 s from stall_at on),
+            # frozen for longer than its lease: its chunks are reaped and run elsewhere; on
+            # SIGCONT it must give them up at once, not run on beside them.
+            victim, held = await busiest(db, ready)
+            if held:
+                chaos.stalled = Stall(victim, await db.now())
+                victim.process.send_signal(signal.SIGSTOP)
+                stall_until = t + STALL_S
+                say(f"  {t:6.1f}s SIGSTOP pid {victim.pid} (holding {held}) for {STALL_S:g}s")
+            else:
+                stall_at = t + 0.5
         if frozen is not None and chaos.stalled is not None and t >= stall_until:
             frozen.process.send_signal(signal.SIGCONT)
             chaos.stalled.resumed_at = await db.now()
@@ -420,8 +424,8 @@ async def set_read_only(db: Db, on: bool) -> None:
     await db.run(lambda c: c.execute("SELECT pg_reload_conf()"))
 
 
-async def busiest(db: Db, daemons: list[DaemonProcess]) -> DaemonProcess:
-    """The daemon holding the most chunks right now."""
+async def busiest(db: Db, daemons: list[DaemonProcess]) -> tuple[DaemonProcess, int]:
+    """The daemon holding the most chunks right now, and how many it holds."""
     rows = await db.run(
         lambda c: c.fetch(
             "SELECT split_part(worker_id, ':', 2)::int AS pid, count(*) AS held"
@@ -429,7 +433,8 @@ async def busiest(db: Db, daemons: list[DaemonProcess]) -> DaemonProcess:
         )
     )
     held = {r["pid"]: r["held"] for r in rows}
-    return max(daemons, key=lambda d: held.get(d.pid, 0))
+    victim = max(daemons, key=lambda d: held.get(d.pid, 0))
+    return victim, held.get(victim.pid, 0)
 
 
 async def sample_stuck(db: Db, chaos: Chaos) -> None:

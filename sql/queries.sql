@@ -41,11 +41,13 @@ INSERT INTO chunkd.schema_migrations (version, name) VALUES ($1, $2);
 -- The listener's liveness check: a connection that died silently fails this.
 SELECT 1;
 
--- name: claim_chunks
--- `id` is the chunk's internal key: outcomes, heartbeats and releases use it.
+-- name: claim_or_wait
+-- `id` is the chunk's internal key: outcomes, heartbeats and releases use it. A row with id NULL
+-- carries only wait_s: rate limits held chunks back, come back in wait_s seconds. $5: seconds
+-- until this claimer comes back anyway (a turn it holds), or NULL.
 SELECT id, queue_id, chunk_id, sync_job_id, seq, attempt, kind, payload, job_payload,
-       lease_expires_at
-FROM chunkd.claim_chunks($1, $2, $3, $4);
+       lease_expires_at, wait_s
+FROM chunkd.claim_or_wait($1, $2, $3, $4, $5);
 
 -- name: complete_attempts
 SELECT id FROM chunkd.complete_attempts($1, $2, $3, $4) AS id;
@@ -79,14 +81,16 @@ SELECT chunkd.deregister_worker($1);
 SELECT chunkd.next_due_in($1);
 
 -- name: queue_depth
--- status in (pending, scheduled, processing) and how many chunks; sampled by the metrics task.
+-- status in (pending, paused, throttled, scheduled, processing) and how many chunks; sampled by
+-- the metrics task.
 SELECT status, chunks FROM chunkd.queue_depth();
 
 -- Operator commands
 -- (chunkd enqueue/status/retry/cancel/reap/purge/workers; chunkd.ops runs them.)
 
 -- name: ops_create_sync_job
-SELECT chunkd.create_sync_job($1, $2::jsonb, $3::jsonb, $4, $5, $6);
+SELECT chunkd.create_sync_job($1, $2::jsonb, $3::jsonb, $4, $5, $6,
+                              max_per_second => $7, concurrency_key => $8);
 
 -- name: ops_recent_job_ids
 -- The newest jobs first ($1 = how many; NULL = all) and how many jobs there are in all.
@@ -108,7 +112,14 @@ ORDER BY s.created_at DESC, s.parent_sync_job_id;
 SELECT chunkd.get_sync_job_progress($1);
 
 -- name: ops_job_settings
-SELECT j.priority, j.max_concurrency, j.max_attempts FROM chunkd.sync_jobs j WHERE j.id = $1;
+-- With the flow controls that apply to the job: its own, its key's and its kind's.
+SELECT j.priority, j.max_concurrency, j.max_attempts, j.paused_at, j.max_per_second,
+       j.concurrency_key, l.max_concurrency AS key_max_concurrency,
+       k.paused_at AS kind_paused_at, k.per_second AS kind_per_second, k.burst AS kind_burst
+FROM chunkd.sync_jobs j
+LEFT JOIN chunkd.concurrency_limits l ON l.key = j.concurrency_key
+LEFT JOIN chunkd.kind_flow k ON k.kind = j.kind
+WHERE j.id = $1;
 
 -- name: ops_recent_errors
 -- The job's latest failures, retries and reaps, newest first, with the chunk's position: from
@@ -152,3 +163,28 @@ SELECT w.worker_id, w.host, w.pid, w.version, w.kinds, w.concurrency, w.started_
        extract(epoch FROM now() - w.last_heartbeat_at)::float8 AS heartbeat_age_s
 FROM chunkd.workers w
 ORDER BY w.host, w.started_at, w.worker_id;
+
+-- Flow control (chunkd pause/resume/limit; chunkd.ops.flow runs them)
+
+-- name: ops_pause_sync_job
+SELECT chunkd.pause_sync_job($1);
+
+-- name: ops_resume_sync_job
+SELECT chunkd.resume_sync_job($1);
+
+-- name: ops_pause_kind
+SELECT chunkd.pause_kind($1);
+
+-- name: ops_resume_kind
+SELECT chunkd.resume_kind($1);
+
+-- name: ops_set_rate_limit
+SELECT chunkd.set_rate_limit($1, $2, $3);
+
+-- name: ops_set_concurrency_limit
+SELECT chunkd.set_concurrency_limit($1, $2);
+
+-- name: ops_flow_limits
+SELECT scope, name, paused_at, per_second, burst, tokens, max_concurrency, processing, pending,
+       active_jobs
+FROM chunkd.flow_limits();

@@ -211,7 +211,7 @@ async def test_schema_grants_nothing_to_public(conn) -> None:
                        has_table_privilege('{role}', 'chunkd.chunk_processing_queue',
                                            'SELECT') AS sel,
                        has_function_privilege('{role}',
-                         'chunkd.create_sync_job(text,jsonb,jsonb,integer,integer,integer)',
+                         'chunkd.create_sync_job(text,jsonb,jsonb,integer,integer,integer,numeric,text)',
                          'EXECUTE') AS exec"""
         )
         assert dict(checks) == {"usage": False, "sel": False, "exec": False}

@@ -66,6 +66,21 @@ __all__ = ["cancel", "enqueue", "retry", "status"]
     envvar="CHUNKD_PRIORITY",
     help="Higher runs first.  [env: CHUNKD_PRIORITY]",
 )
+@click.option(
+    "--max-per-second",
+    default=None,
+    envvar="CHUNKD_MAX_PER_SECOND",
+    metavar="RATE",
+    help="This job's own rate limit, fleet-wide: 5/s, 90/m, 0.5. Default: none.  "
+    "[env: CHUNKD_MAX_PER_SECOND]",
+)
+@click.option(
+    "--concurrency-key",
+    default=None,
+    envvar="CHUNKD_CONCURRENCY_KEY",
+    help="Share a concurrency limit (`chunkd limit --key KEY --concurrency N`) with the other "
+    "jobs of this key, e.g. a tenant.  [env: CHUNKD_CONCURRENCY_KEY]",
+)
 @click.argument("source", metavar="[FILE|-]", type=click.File("rb"), required=False)
 def enqueue(
     dsn: str,
@@ -74,6 +89,8 @@ def enqueue(
     max_concurrency: int | None,
     max_attempts: int,
     priority: int,
+    max_per_second: str | None,
+    concurrency_key: str | None,
     source: IO[bytes] | None,
 ) -> None:
     """Create a sync job from a JSON array of chunk payloads, or NDJSON (one payload per line),
@@ -88,6 +105,7 @@ def enqueue(
             raise ChunkdError("no input: give FILE, or '-' and pipe the chunks to stdin")
         source = click.open_file("-", "rb")
     job_payload = ops.parse_json_option("--payload", payload)
+    rate = ops.parse_rate(max_per_second) if max_per_second is not None else None
     chunks = ops.parse_chunks(source.read(ops.MAX_INPUT_BYTES + 1))
     job_id = with_connection(
         dsn,
@@ -99,6 +117,8 @@ def enqueue(
             max_concurrency=max_concurrency,
             max_attempts=max_attempts,
             priority=priority,
+            max_per_second=rate,
+            concurrency_key=concurrency_key,
         ),
     )
     click.echo(str(job_id))

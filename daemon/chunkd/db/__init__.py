@@ -17,11 +17,12 @@ from chunkd.db.connection import (
     validate_identifier,
 )
 from chunkd.db.listener import CHANNEL, Listener
-from chunkd.db.queue import ClaimedRow, Queue
+from chunkd.db.queue import Claim, ClaimedRow, Queue
 
 __all__ = [
     "CHANNEL",
     "TRANSIENT_ERRORS",
+    "Claim",
     "ClaimedRow",
     "DatabaseError",
     "Listener",

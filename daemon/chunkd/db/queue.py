@@ -12,7 +12,7 @@ import asyncpg
 
 from chunkd.db.sql_files import queries
 
-__all__ = ["ClaimedRow", "Queue"]
+__all__ = ["Claim", "ClaimedRow", "Queue"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +32,15 @@ class ClaimedRow:
     lease_expires_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What one claim returned: the chunks, and when rate limits held chunks back, how many
+    seconds until the database expects tokens for this claimer (``wait_s``; None otherwise)."""
+
+    rows: list[ClaimedRow]
+    wait_s: float | None
+
+
 class Queue:
     """The queue API the daemon uses: one method per named query, all values bound."""
 
@@ -40,17 +49,35 @@ class Queue:
         self._q = queries()
 
     async def claim(
-        self, worker_id: str, batch_size: int, kinds: Sequence[str] | None, lease_s: float
-    ) -> list[ClaimedRow]:
-        """Claims up to ``batch_size`` chunks of these kinds for ``lease_s`` seconds."""
-        rows = await self._pool.fetch(
-            self._q["claim_chunks"],
+        self,
+        worker_id: str,
+        batch_size: int,
+        kinds: Sequence[str] | None,
+        lease_s: float,
+        *,
+        waiting_s: float | None = None,
+    ) -> Claim:
+        """Claims up to ``batch_size`` chunks of these kinds for ``lease_s`` seconds.
+
+        ``waiting_s``: seconds until this claimer comes back anyway (a turn it was given by an
+        earlier claim and still holds), so the database gives it no new one.
+        """
+        records = await self._pool.fetch(
+            self._q["claim_or_wait"],
             worker_id,
             batch_size,
             list(kinds) if kinds is not None else None,
             lease_s,
+            waiting_s,
         )
-        return [ClaimedRow(*row) for row in rows]
+        rows: list[ClaimedRow] = []
+        wait_s: float | None = None
+        for record in records:
+            if record[0] is None:
+                wait_s = float(record[10])
+            else:
+                rows.append(ClaimedRow(*record[:10]))
+        return Claim(rows, wait_s)
 
     async def complete(
         self,

@@ -8,14 +8,16 @@ edge function calling ``create_sync_job`` over RPC protect the CLI too.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from chunkd.db.sql_files import queries
 from chunkd.errors import ChunkdError
 from chunkd.ops.errors import database_errors
+from chunkd.ops.flow import JobFlow
 
 if TYPE_CHECKING:
     import asyncpg
@@ -45,8 +47,14 @@ async def enqueue(
     max_concurrency: int | None,
     max_attempts: int,
     priority: int,
+    max_per_second: Decimal | None = None,
+    concurrency_key: str | None = None,
 ) -> UUID:
-    """One job through ``create_sync_job``: job, chunks and queue rows in one transaction."""
+    """One job through ``create_sync_job``: job, chunks and queue rows in one transaction.
+
+    ``max_per_second``: the job's own rate limit (chunks per second); ``concurrency_key``: the
+    key whose concurrency limit (``chunkd limit --key``) this job shares with others.
+    """
     with database_errors():
         job_id: UUID = await conn.fetchval(
             queries()["ops_create_sync_job"],
@@ -56,6 +64,8 @@ async def enqueue(
             max_concurrency,
             max_attempts,
             priority,
+            max_per_second,
+            concurrency_key,
         )
     return job_id
 
@@ -148,6 +158,7 @@ class JobDetail:
     max_attempts: int
     recent_errors: list[dict[str, Any]]
     live_worker_for_kind: bool
+    flow: JobFlow = field(default_factory=JobFlow)
 
     @property
     def kind(self) -> str:
@@ -163,7 +174,11 @@ class JobDetail:
 
     @property
     def note(self) -> str | None:
-        """Why a job may not move: pending chunks and nobody alive to claim them."""
+        """Why a job may not move: paused, or pending chunks and nobody alive to claim them."""
+        if self.overall_status == "paused":
+            if self.flow.paused_at is not None:
+                return f"paused: `chunkd resume {self.progress['sync_job_id']}` resumes it"
+            return f"kind {self.kind!r} paused: `chunkd resume --kind {self.kind}` resumes it"
         if self.progress.get("pending_chunks") and not self.live_worker_for_kind:
             return f"no live worker handles kind {self.kind!r}"
         return None
@@ -174,6 +189,7 @@ class JobDetail:
             "priority": self.priority,
             "max_concurrency": self.max_concurrency,
             "max_attempts": self.max_attempts,
+            "flow": self.flow.as_json(),
             "live_worker_for_kind": self.live_worker_for_kind,
             "note": self.note,
             "recent_errors": self.recent_errors,
@@ -210,6 +226,15 @@ async def job_detail(
             for r in errors
         ],
         live_worker_for_kind=bool(live),
+        flow=JobFlow(
+            paused_at=settings["paused_at"],
+            max_per_second=settings["max_per_second"],
+            concurrency_key=settings["concurrency_key"],
+            key_max_concurrency=settings["key_max_concurrency"],
+            kind_paused_at=settings["kind_paused_at"],
+            kind_per_second=settings["kind_per_second"],
+            kind_burst=settings["kind_burst"],
+        ),
     )
 
 

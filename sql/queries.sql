@@ -114,12 +114,13 @@ SELECT chunkd.get_sync_job_progress($1);
 -- name: ops_job_settings
 -- With the flow controls that apply to the job: its own, its key's and its kind's.
 SELECT j.priority, j.max_concurrency, j.max_attempts, j.paused_at, j.max_per_second,
-       j.concurrency_key, l.max_concurrency AS key_max_concurrency,
+       r.burst::int AS job_burst, j.concurrency_key, l.max_concurrency AS key_max_concurrency,
        k.paused_at AS kind_paused_at, k.per_second AS kind_per_second, k.burst AS kind_burst
-FROM chunkd.sync_jobs j
+FROM chunkd.jobs j
+LEFT JOIN chunkd.job_rates r ON r.job_id = j.id
 LEFT JOIN chunkd.concurrency_limits l ON l.key = j.concurrency_key
 LEFT JOIN chunkd.kind_flow k ON k.kind = j.kind
-WHERE j.id = $1;
+WHERE j.public_id = $1;
 
 -- name: ops_recent_errors
 -- The job's latest failures, retries and reaps, newest first, with the chunk's position: from

@@ -88,13 +88,11 @@ async def test_pause_stops_claims_at_once_in_flight_finishes_resume_within_200ms
 
     await wait_until(flight_landed, timeout_s=10, what="the chunks in flight to finish")
     assert (await status_counts(db, job)).get("pending") == held > 0
-    assert (
-        await db.fetchval(
-            "SELECT overall_status FROM chunkd.chunk_processing_status WHERE parent_sync_job_id = $1",
-            job,
-        )
-        == "paused"
+    status = await db.fetchval(
+        "SELECT overall_status FROM chunkd.chunk_processing_status WHERE parent_sync_job_id = $1",
+        job,
     )
+    assert status == "paused"
 
     assert await db.fetchval("SELECT chunkd.resume_sync_job($1)", job) == held
     resumed_at = await db.fetchval(

@@ -225,7 +225,7 @@ def job_view(detail: ops.JobDetail) -> RenderableType:
         f"{detail.max_concurrency if detail.max_concurrency is not None else 'unlimited'}, "
         f"max_attempts {detail.max_attempts}",
     )
-    flow = detail.flow.lines(detail.kind)
+    flow = detail.flow.lines(detail.kind, _when)
     if flow:
         facts.add_row("flow", Text("\n".join(flow), style="yellow"))
     facts.add_row("created", _when(p.get("created_at")))

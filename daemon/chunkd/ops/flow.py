@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -134,6 +135,7 @@ class JobFlow:
 
     paused_at: datetime | None = None
     max_per_second: Decimal | None = None
+    job_burst: int | None = None
     concurrency_key: str | None = None
     key_max_concurrency: int | None = None
     kind_paused_at: datetime | None = None
@@ -144,16 +146,15 @@ class JobFlow:
     def paused(self) -> bool:
         return self.paused_at is not None or self.kind_paused_at is not None
 
-    def lines(self, kind: str) -> list[str]:
-        """One line per control in effect, for ``chunkd status JOB``."""
+    def lines(self, kind: str, when: Callable[[datetime], str] = datetime.isoformat) -> list[str]:
+        """One line per control in effect, for ``chunkd status JOB``; ``when`` formats times."""
         lines = []
         if self.paused_at is not None:
-            lines.append(f"job paused since {self.paused_at.isoformat(timespec='seconds')}")
+            lines.append(f"job paused since {when(self.paused_at)}")
         if self.kind_paused_at is not None:
-            since = self.kind_paused_at.isoformat(timespec="seconds")
-            lines.append(f"kind {kind!r} paused since {since}")
+            lines.append(f"kind {kind!r} paused since {when(self.kind_paused_at)}")
         if self.max_per_second is not None:
-            lines.append(f"job rate {format_rate(self.max_per_second)}")
+            lines.append(f"job rate {format_rate(self.max_per_second)} (burst {self.job_burst})")
         if self.kind_per_second is not None:
             rate = format_rate(self.kind_per_second)
             lines.append(f"kind {kind!r} rate {rate} (burst {self.kind_burst})")
@@ -175,6 +176,7 @@ class JobFlow:
         return {
             "paused_at": when(self.paused_at),
             "max_per_second": number(self.max_per_second),
+            "job_burst": self.job_burst,
             "concurrency_key": self.concurrency_key,
             "key_max_concurrency": self.key_max_concurrency,
             "kind_paused_at": when(self.kind_paused_at),

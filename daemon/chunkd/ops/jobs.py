@@ -229,6 +229,7 @@ async def job_detail(
         flow=JobFlow(
             paused_at=settings["paused_at"],
             max_per_second=settings["max_per_second"],
+            job_burst=settings["job_burst"],
             concurrency_key=settings["concurrency_key"],
             key_max_concurrency=settings["key_max_concurrency"],
             kind_paused_at=settings["kind_paused_at"],

@@ -14,6 +14,7 @@ import pytest
 from daemon_handlers import EXECUTIONS_DDL
 from daemon_helpers import wait_until
 from sql_helpers import create_job, status_counts
+from test_metrics import _free_port, _scrape, _value
 
 RECORD = "test=daemon_handlers:record"
 FAST = ["--reap-interval", "500ms", "--retry-base", "100ms", "--retry-cap", "1s"]
@@ -227,3 +228,30 @@ async def test_concurrency_key_of_2_shared_by_5_jobs_never_exceeded_and_never_id
     assert max(a["ended_at"] for a in tenant_b) < max(a["ended_at"] for a in tenant_a)
     for daemon in daemons:
         assert await daemon.stop() == 0
+
+
+async def test_queue_depth_metric_shows_paused_and_throttled_chunks(db, start) -> None:
+    await db.execute("SELECT chunkd.pause_kind('held')")
+    await db.execute("SELECT chunkd.set_rate_limit('slow', 1, 1)")
+    await db.execute("SELECT chunkd.set_concurrency_limit('tenant', 1)")
+    await create_job(db, 4, kind="held")
+    paused = await create_job(db, 2, kind="other")
+    await db.execute("SELECT chunkd.pause_sync_job($1)", paused)
+    await create_job(db, 5, kind="slow")
+    await create_job(db, 3, kind="other", concurrency_key="tenant")
+    await create_job(db, 2, kind="other", max_per_second=0.5)
+    await create_job(db, 6, kind="other")
+    port = _free_port()
+    # The daemon handles none of these kinds: the depth it samples is the whole queue's.
+    daemon = start(
+        "--handler", RECORD, "--metrics-port", str(port), env={"CHUNKD_METRICS_INTERVAL": "200ms"}
+    )
+    want = {"pending": 6, "paused": 6, "throttled": 10, "scheduled": 0, "processing": 0}
+
+    async def depth() -> bool:
+        samples = await _scrape(port) or {}
+        got = {s: _value(samples, "chunkd_queue_depth", status=s) for s in want}
+        return got == want
+
+    await wait_until(depth, timeout_s=15, what=f"chunkd_queue_depth {want}")
+    assert await daemon.stop() == 0

@@ -78,6 +78,7 @@ def test_the_pages_that_run_are_the_expected_ones() -> None:
     assert names == [
         "README.md",
         "cli.md",
+        "flow-control.md",
         "getting-started.md",
         "security.md",
         "sql-api.md",

@@ -132,7 +132,7 @@ async def kind_rate(conn: Conn, dsn: str, name: str) -> dict[str, Any]:
     ]
     run_s = _s(started, ends[-1])
     return {
-        "limit": "20/s, default burst 10",
+        "limit": "20/s, default burst 7",
         "daemons": "3 x concurrency 16",
         "chunks": 600,
         "run_s": round(run_s, 1),
@@ -175,11 +175,11 @@ async def job_rate(conn: Conn, dsn: str, name: str) -> dict[str, Any]:
     claims = [r["claimed_at"] for r in await _attempts(conn, limited)]
     in_one_s = max(bisect.bisect_right(claims, c + ONE_S) - i for i, c in enumerate(claims))
     return {
-        "limit": "5/s on one job (default burst 3)",
+        "limit": "5/s on one job (default burst 2)",
         "daemons": "2 x concurrency 8",
         "unlimited_alone_per_s": round(await throughput(alone), 1),
         "unlimited_beside_per_s": round(await throughput(beside), 1),
-        "limited_rate_per_s": round((len(claims) - 3) / _s(claims[0], claims[-1]), 2),
+        "limited_rate_per_s": round((len(claims) - 2) / _s(claims[0], claims[-1]), 2),
         "limited_most_claims_in_1s": in_one_s,
     }
 

@@ -116,12 +116,12 @@ RETURN greatest(
     at + chunkd.seconds(greatest(0, greatest(1, burst / 2) - level) / per_second),
     coalesce(wake_at, '-infinity') + chunkd.seconds(greatest(1, burst / 2) / per_second));
 
--- The burst when none is given: half a second of the rate, at least one chunk. Any window of T
--- seconds then sees at most burst + per_second * T claims.
+-- The burst when none is given: a third of a second of the rate, at least one chunk. Any window
+-- of T seconds sees at most burst + per_second * T claims: at 20/s, 107 in 5 s (+7 %).
 CREATE FUNCTION chunkd.default_burst(per_second numeric) RETURNS int
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
-RETURN greatest(1, ceil(per_second / 2))::int;
+RETURN greatest(1, ceil(per_second / 3))::int;
 
 -- The kind and concurrency-key names the flow functions accept (as create_sync_job's kind).
 CREATE FUNCTION chunkd.check_name(what text, name text) RETURNS text
@@ -888,7 +888,7 @@ $$;
 -- ---------------------------------------------------------------------------------------------
 
 -- A kind's rate: at most per_second claims per second of its chunks, fleet-wide, and at most
--- burst at once after an idle spell (default: half a second's worth, at least 1). per_second
+-- burst at once after an idle spell (default: a third of a second's worth, at least 1). per_second
 -- NULL removes the limit. A changed limit keeps the tokens the bucket holds (up to the new
 -- burst); a new one starts full.
 CREATE FUNCTION chunkd.set_rate_limit(kind text, per_second numeric, burst int DEFAULT NULL)

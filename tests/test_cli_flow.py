@@ -67,7 +67,7 @@ async def test_limits_are_set_listed_and_removed(database, conn) -> None:
     assert (await run_cli("limit", dsn=database.dsn)).stdout == table, "no option lists"
 
     detail = (await run_cli("status", str(job), dsn=database.dsn)).stdout
-    assert "job rate 5/s (burst 3)" in detail
+    assert "job rate 5/s (burst 2)" in detail
     assert "kind 'mail' rate 20/s (burst 40)" in detail
     assert "concurrency key 'tenant-1': at most 2 at once" in detail
 

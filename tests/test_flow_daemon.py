@@ -190,7 +190,7 @@ async def test_per_job_rate_holds_while_an_unlimited_job_of_the_kind_runs_at_ful
     full, shared = await throughput(alone), await throughput(beside)
     assert shared >= 0.7 * full, f"{shared:.0f}/s beside the limited job, {full:.0f}/s alone"
     claims = [a["claimed_at"] for a in await _attempts(db, limited)]
-    burst = 3  # the default: half a second of 5/s, rounded up
+    burst = 2  # the default: a third of a second of 5/s, rounded up
     for i, j in itertools.combinations(range(len(claims)), 2):
         assert j - i + 1 <= burst + 5 * _seconds(claims[i], claims[j]) + 1e-6, (i, j)
     rate = (len(claims) - burst) / _seconds(claims[0], claims[-1])

@@ -92,8 +92,8 @@ class ConcurrencyLimit(click.ParamType[int | None]):
 @click.option(
     "--burst",
     type=click.IntRange(min=1, max=2**31 - 1),
-    help="Chunks that may start at once after an idle spell (with --kind; default: half a "
-    "second of RATE, at least 1).",
+    help="Chunks that may start at once after an idle spell (with --kind; default: a third "
+    "of a second of RATE, at least 1).",
 )
 @click.option("--key", help="Limit the chunks processing at once across a concurrency key.")
 @click.option(

@@ -114,7 +114,7 @@ async def set_rate_limit(
     conn: asyncpg.Connection, kind: str, per_second: Decimal | None, burst: int | None
 ) -> None:
     """At most ``per_second`` claims per second of ``kind``'s chunks, fleet-wide, and at most
-    ``burst`` at once (None: half a second's worth); ``per_second`` None removes the limit."""
+    ``burst`` at once (None: a third of a second's worth); ``per_second`` None removes the limit."""
     with database_errors():
         await conn.execute(queries()["ops_set_rate_limit"], kind, per_second, burst)
 

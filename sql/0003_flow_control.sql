@@ -301,6 +301,28 @@ $$;
 -- Claim
 -- ---------------------------------------------------------------------------------------------
 
+-- Is flow control in use for these kinds (NULL: all kinds)? Any unfinished job of them paused,
+-- rate-limited, keyed or concurrency-limited (an empty partial index while nobody uses flow
+-- control), or any of them paused or rate-limited (an empty table). plpgsql, so its plan is
+-- cached for the session; STABLE, so called inside a statement it reads that statement's
+-- snapshot.
+CREATE FUNCTION chunkd.flow_in_use(kinds text[]) RETURNS boolean
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN EXISTS (
+               SELECT 1 FROM chunkd.jobs j
+               WHERE (j.max_concurrency IS NOT NULL OR j.max_per_second IS NOT NULL
+                      OR j.concurrency_key IS NOT NULL OR j.paused_at IS NOT NULL)
+                 AND j.finished_at IS NULL AND j.cancelled_at IS NULL
+                 AND (flow_in_use.kinds IS NULL OR j.kind = ANY (flow_in_use.kinds)))
+           OR EXISTS (
+               SELECT 1 FROM chunkd.kind_flow k
+               WHERE flow_in_use.kinds IS NULL OR k.kind = ANY (flow_in_use.kinds));
+END;
+$$;
+
 -- The daemon's claim. Claimed chunks as claim_chunks returns them (wait_s NULL); and when the
 -- claim came back short because a rate limit held chunks back, one more row with id NULL whose
 -- wait_s says when to come back (seconds, database clock): the claimer sleeps until then
@@ -308,11 +330,11 @@ $$;
 -- given before and still holds); then it is given no new turn, so claims made between turns
 -- (woken by a NOTIFY) do not push every other claimer's turn back.
 --
--- Fast path, as in schema version 2: one statement, taken while no job of these kinds is under
--- flow control and no kind of them is paused or rate-limited. That check sits inside the
--- statement (a one-time filter), so it reads the same snapshot as the rows it claims: a pause
--- (which takes SHARE on `ready`, conflicting with this statement's ROW EXCLUSIVE) is either
--- seen, or waits for this claim to commit.
+-- Fast path, as in schema version 2: one statement, taken while flow control is not in use for
+-- these kinds. That check (flow_in_use) sits inside the statement as a one-time filter, so it
+-- reads the same snapshot as the rows it claims: a pause (which takes SHARE on `ready`,
+-- conflicting with this statement's ROW EXCLUSIVE) is either seen, or waits for this claim to
+-- commit. A function rather than subqueries, so that planning the statement costs what it did.
 CREATE FUNCTION chunkd.claim_or_wait(
     worker_id text,
     batch_size int,
@@ -361,15 +383,7 @@ BEGIN
         WHERE r.ctid = ANY (ARRAY(
             SELECT q.ctid FROM chunkd.ready q
             WHERE NOT q.limited AND (p_kinds IS NULL OR q.kind = ANY (p_kinds))
-              AND NOT EXISTS (
-                  SELECT 1 FROM chunkd.jobs j
-                  WHERE (j.max_concurrency IS NOT NULL OR j.max_per_second IS NOT NULL
-                         OR j.concurrency_key IS NOT NULL OR j.paused_at IS NOT NULL)
-                    AND j.finished_at IS NULL AND j.cancelled_at IS NULL
-                    AND (p_kinds IS NULL OR j.kind = ANY (p_kinds)))
-              AND NOT EXISTS (
-                  SELECT 1 FROM chunkd.kind_flow k
-                  WHERE p_kinds IS NULL OR k.kind = ANY (p_kinds))
+              AND NOT chunkd.flow_in_use(p_kinds)
             ORDER BY q.priority DESC, q.seq
             LIMIT p_batch
             FOR UPDATE SKIP LOCKED))
@@ -393,14 +407,7 @@ BEGIN
         RETURN;
     END IF;
     -- Nothing claimed: an empty queue, or flow control in use for these kinds.
-    IF NOT EXISTS (
-           SELECT 1 FROM chunkd.jobs j
-           WHERE (j.max_concurrency IS NOT NULL OR j.max_per_second IS NOT NULL
-                  OR j.concurrency_key IS NOT NULL OR j.paused_at IS NOT NULL)
-             AND j.finished_at IS NULL AND j.cancelled_at IS NULL
-             AND (p_kinds IS NULL OR j.kind = ANY (p_kinds)))
-       AND NOT EXISTS (
-           SELECT 1 FROM chunkd.kind_flow k WHERE p_kinds IS NULL OR k.kind = ANY (p_kinds)) THEN
+    IF NOT chunkd.flow_in_use(p_kinds) THEN
         RETURN;
     END IF;
     RETURN QUERY SELECT * FROM chunkd.claim_flow(p_worker, p_batch, p_kinds, p_until, waiting_s);

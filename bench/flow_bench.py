@@ -14,7 +14,11 @@ One throwaway cluster (fsync on), a fresh database per scenario, daemons as subp
   to 4 with one job of 8, 2 daemons of concurrency 4: the most chunks of each key in flight at
   once, and how busy the first key's 2 slots were from its first claim to its last end;
 - ``resume``: 3 daemons of concurrency 4 run a job of 50 ms chunks; 5 times: pause, wait for the
-  chunks in flight to land, resume; the time from the resume to the next claim.
+  chunks in flight to land, resume; the time from the resume to the next claim;
+- ``slow_path``: what a claim costs on the server when flow control is in use: one connection
+  claims 50 and completes them, until 3,000 are done, among 10, 100 or 1,000 unfinished jobs
+  of 20 chunks under a (never reached) kind rate, job rate or concurrency key, and without any
+  flow control; server CPU of the backend (``/proc``) per claim+complete.
 
     .venv/bin/python bench/flow_bench.py [--scenario NAME ...]
 
@@ -247,7 +251,63 @@ _IDLE = "SELECT NOT EXISTS (SELECT 1 FROM chunkd.attempts WHERE ended_at IS NULL
 _CLAIMED_SINCE = "SELECT EXISTS (SELECT 1 FROM chunkd.attempts WHERE claimed_at > $1)"
 
 
-SCENARIOS = {"kind_rate": kind_rate, "job_rate": job_rate, "key": key, "resume": resume}
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+async def slow_path(conn: Conn, dsn: str, name: str) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for jobs in (10, 100, 1000):
+        for mode in ("none", "kind_rate", "job_rate", "key"):
+            await conn.execute(
+                "TRUNCATE chunkd.jobs, chunkd.kind_flow, chunkd.concurrency_limits CASCADE"
+            )
+            if mode == "kind_rate":
+                await conn.execute("SELECT chunkd.set_rate_limit('bench', 1000000, 1000000)")
+            if mode == "key":
+                await conn.execute("SELECT chunkd.set_concurrency_limit('t', 1000000)")
+            for _ in range(jobs):
+                await _job(
+                    conn,
+                    20,
+                    0,
+                    max_per_second=1_000_000 if mode == "job_rate" else None,
+                    concurrency_key="t" if mode == "key" else None,
+                )
+            await conn.execute("VACUUM ANALYZE")
+            pid = await conn.fetchval("SELECT pg_backend_pid()")
+            claims = done = 0
+            cpu0 = _cpu_s(pid)
+            while done < 3000:
+                rows = await conn.fetch(
+                    "SELECT id, attempt FROM chunkd.claim_or_wait('w', 50, NULL, 60)"
+                    " WHERE id IS NOT NULL"
+                )
+                claims += 1
+                if not rows:
+                    break
+                await conn.fetch(
+                    "SELECT chunkd.complete_attempts('w', $1, $2)",
+                    [r["id"] for r in rows],
+                    [r["attempt"] for r in rows],
+                )
+                done += len(rows)
+            results[f"{jobs}_jobs_{mode}_ms"] = round((_cpu_s(pid) - cpu0) / claims * 1000, 1)
+    return {"per": "claim of 50 + their completion, server CPU", **results}
+
+
+SCENARIOS = {
+    "kind_rate": kind_rate,
+    "job_rate": job_rate,
+    "key": key,
+    "resume": resume,
+    "slow_path": slow_path,
+}
 
 
 async def measure(cluster: PostgresCluster, names: list[str]) -> dict[str, Any]:

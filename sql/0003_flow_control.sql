@@ -143,7 +143,8 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF per_second IS NOT NULL AND NOT (per_second > 0 AND per_second < 'Infinity') THEN
-        RAISE EXCEPTION 'chunkd: % must be NULL (no limit) or a positive number of chunks per second, got %',
+        RAISE EXCEPTION
+            'chunkd: % must be NULL (no limit) or a positive number of chunks per second, got %',
             what, per_second USING ERRCODE = '22023';
     END IF;
     RETURN per_second;
@@ -428,6 +429,11 @@ $$;
 -- (fair across jobs), up to the batch. Each limit is applied to what passed the ones before, so
 -- a chunk held back late can leave an earlier limit under-used for this one claim; never over.
 --
+-- The work is bounded by the batch, not by how many jobs are under flow control: a first, cheap
+-- pass (one index probe per job, no locks) orders the jobs that may have something to run now
+-- by priority and their next chunk's seq, keeps no more per key or per kind than that key or
+-- kind has room for, and keeps the first batch_size; only those are locked and expanded.
+--
 -- Every limit is checked under the lock of its row, counted in a statement that starts after the
 -- lock was taken: concurrent claimers on any number of hosts never exceed one. Job, key and job
 -- bucket rows are locked SKIP LOCKED (never wait on another claimer: its NOTIFY, turn or our
@@ -458,11 +464,14 @@ AS $$
 #variable_conflict use_column
 DECLARE
     rl_kinds text[] := '{}';        -- rate-limited kinds of this claim, locked
-    rl_levels float8[] := '{}';     -- their buckets' levels now
-    mc_ids bigint[] := '{}';        -- max_concurrency jobs, locked
-    key_names text[] := '{}';       -- concurrency keys with a limit, locked
-    jr_ids bigint[] := '{}';        -- jobs with their own rate, their buckets locked
+    rl_levels float8[] := '{}';     -- their buckets' levels at p_now
+    pool_ids bigint[] := '{}';      -- unfinished jobs under flow control of these kinds
+    cand_ids bigint[] := '{}';      -- the jobs this claim looks at (first pass)
+    mc_ids bigint[] := '{}';        -- of those, the max_concurrency jobs, locked
+    key_names text[] := '{}';       -- their concurrency keys with a limit, locked
+    jr_ids bigint[] := '{}';        -- their jobs with their own rate, buckets locked
     jr_levels float8[] := '{}';
+    free_kinds text[];              -- these kinds without a pause or a rate (NULL: all such)
     picked bigint[];
     cut_kinds text[];
     cut_jobs bigint[];
@@ -484,65 +493,124 @@ BEGIN
         FOR NO KEY UPDATE OF k
     ) b;
 
-    SELECT coalesce(array_agg(l.id), '{}') INTO mc_ids
+    -- The claimer's kinds that are neither paused nor rate-limited: their unlimited chunks are
+    -- claimed as on the fast path (none at all when there are none, without scanning).
+    IF p_kinds IS NOT NULL THEN
+        free_kinds := ARRAY(SELECT x FROM unnest(p_kinds) x
+                            WHERE NOT EXISTS (SELECT 1 FROM chunkd.kind_flow k WHERE k.kind = x));
+    END IF;
+
+    -- The jobs that go through this path: under flow control themselves (jobs_flow_active), or of
+    -- a rate-limited kind (jobs_active_kind).
+    pool_ids := ARRAY(
+        SELECT j.id FROM chunkd.jobs j
+        WHERE (j.max_concurrency IS NOT NULL OR j.max_per_second IS NOT NULL
+               OR j.concurrency_key IS NOT NULL OR j.paused_at IS NOT NULL)
+          AND j.finished_at IS NULL AND j.cancelled_at IS NULL
+          AND (p_kinds IS NULL OR j.kind = ANY (p_kinds))
+        UNION
+        SELECT j.id FROM chunkd.jobs j
+        WHERE j.kind = ANY (rl_kinds) AND j.finished_at IS NULL AND j.cancelled_at IS NULL);
+
+    -- First pass, without locks: the jobs that may have a chunk to run now, by what they would
+    -- give first. Capacities read here are rechecked under the locks below.
+    WITH jobs_in AS (
+        SELECT j.id, j.kind, j.priority, j.created_at, j.concurrency_key, j.max_concurrency,
+               j.max_per_second
+        FROM chunkd.jobs j
+        WHERE j.id = ANY (pool_ids) AND j.paused_at IS NULL
+          AND NOT EXISTS (SELECT 1 FROM chunkd.kind_flow k
+                          WHERE k.kind = j.kind AND k.paused_at IS NOT NULL)
+          AND (j.kind = ANY (rl_kinds) OR NOT EXISTS (
+                  SELECT 1 FROM chunkd.kind_flow k
+                  WHERE k.kind = j.kind AND k.per_second IS NOT NULL))
+    ), nexts AS (
+        SELECT i.*, n.first_seq
+        FROM jobs_in i
+        CROSS JOIN LATERAL (
+            SELECT CASE
+                WHEN i.max_concurrency IS NULL THEN
+                    (SELECT r.seq FROM chunkd.ready r WHERE r.job_id = i.id ORDER BY r.seq LIMIT 1)
+                ELSE (
+                    SELECT min(x.seq) FILTER (WHERE x.due)
+                    FROM (
+                        SELECT y.seq, y.due FROM (
+                            SELECT r.seq, true AS due FROM chunkd.ready r WHERE r.job_id = i.id
+                            UNION ALL
+                            SELECT s.seq, false FROM chunkd.scheduled s WHERE s.job_id = i.id
+                        ) y
+                        ORDER BY y.seq
+                        LIMIT greatest(0, i.max_concurrency - (
+                            SELECT count(*) FROM chunkd.attempts a
+                            WHERE a.job_id = i.id AND a.limited AND a.ended_at IS NULL))
+                    ) x)
+            END AS first_seq
+        ) n
+        WHERE n.first_seq IS NOT NULL
+          AND (i.max_per_second IS NULL OR EXISTS (
+                  SELECT 1 FROM chunkd.job_rates jr
+                  WHERE jr.job_id = i.id
+                    AND chunkd.bucket_level(jr.tokens, jr.refilled_at, jr.per_second, jr.burst,
+                                            clock_timestamp()) >= 1))
+    ), key_room AS (
+        SELECT l.key, l.max_concurrency - (
+            SELECT count(*) FROM chunkd.jobs kj
+            JOIN chunkd.attempts a ON a.job_id = kj.id AND a.limited AND a.ended_at IS NULL
+            WHERE kj.concurrency_key = l.key AND kj.finished_at IS NULL) AS room
+        FROM chunkd.concurrency_limits l
+        WHERE l.key IN (SELECT n.concurrency_key FROM nexts n)
+    ), kind_room AS (
+        SELECT k.kind,
+               floor(chunkd.bucket_level(k.tokens, k.refilled_at, k.per_second::float8, k.burst,
+                                         clock_timestamp())) AS room
+        FROM chunkd.kind_flow k
+        WHERE k.kind = ANY (rl_kinds)
+    ), ranked AS (
+        SELECT n.id, n.priority, n.first_seq, n.created_at, kr.room AS key_room,
+               row_number() OVER (PARTITION BY n.concurrency_key
+                                  ORDER BY n.priority DESC, n.first_seq, n.created_at, n.id)
+                   AS n_key,
+               kd.room AS kind_room,
+               row_number() OVER (PARTITION BY n.kind
+                                  ORDER BY n.priority DESC, n.first_seq, n.created_at, n.id)
+                   AS n_kind
+        FROM nexts n
+        LEFT JOIN key_room kr ON kr.key = n.concurrency_key
+        LEFT JOIN kind_room kd ON kd.kind = n.kind
+    )
+    SELECT coalesce(array_agg(c.id), '{}') INTO cand_ids
     FROM (
-        SELECT j.id
-        FROM (
-            SELECT j.id, j.priority, j.created_at, w.first_seq
-            FROM chunkd.jobs j
-            CROSS JOIN LATERAL (
-                SELECT j.max_concurrency - (
-                    SELECT count(*) FROM chunkd.attempts a
-                    WHERE a.job_id = j.id AND a.limited AND a.ended_at IS NULL) AS free
-            ) f
-            CROSS JOIN LATERAL (
-                SELECT min(x.seq) FILTER (WHERE x.due) AS first_seq
-                FROM (
-                    SELECT y.seq, y.due FROM (
-                        SELECT r.seq, true AS due FROM chunkd.ready r WHERE r.job_id = j.id
-                        UNION ALL
-                        SELECT s.seq, false FROM chunkd.scheduled s WHERE s.job_id = j.id
-                    ) y
-                    ORDER BY y.seq
-                    LIMIT greatest(f.free, 0)
-                ) x
-            ) w
-            WHERE j.max_concurrency IS NOT NULL AND j.finished_at IS NULL
-              AND j.cancelled_at IS NULL AND j.paused_at IS NULL
-              AND (p_kinds IS NULL OR j.kind = ANY (p_kinds))
-              AND f.free > 0 AND w.first_seq IS NOT NULL
-        ) cand
-        JOIN chunkd.jobs j ON j.id = cand.id
-        ORDER BY cand.priority DESC, cand.first_seq, cand.created_at
+        SELECT r.id FROM ranked r
+        WHERE (r.key_room IS NULL OR r.n_key <= r.key_room)
+          AND (r.kind_room IS NULL OR r.n_kind <= r.kind_room)
+        ORDER BY r.priority DESC, r.first_seq, r.created_at
         LIMIT p_batch
+    ) c;
+
+    -- Locks, on the chosen jobs only.
+    SELECT coalesce(array_agg(j.id), '{}') INTO mc_ids
+    FROM (
+        SELECT j.id FROM chunkd.jobs j
+        WHERE j.id = ANY (cand_ids) AND j.max_concurrency IS NOT NULL
+        ORDER BY j.id
         FOR NO KEY UPDATE OF j SKIP LOCKED
-    ) l;
+    ) j;
 
     SELECT coalesce(array_agg(l.key), '{}') INTO key_names
     FROM (
-        SELECT c.key
-        FROM chunkd.concurrency_limits c
-        WHERE c.key IN (
-            SELECT j.concurrency_key FROM chunkd.jobs j
-            WHERE j.concurrency_key IS NOT NULL AND j.finished_at IS NULL
-              AND j.cancelled_at IS NULL AND j.paused_at IS NULL
-              AND (p_kinds IS NULL OR j.kind = ANY (p_kinds)))
+        SELECT c.key FROM chunkd.concurrency_limits c
+        WHERE c.key IN (SELECT j.concurrency_key FROM chunkd.jobs j WHERE j.id = ANY (cand_ids))
         ORDER BY c.key
         FOR NO KEY UPDATE OF c SKIP LOCKED
     ) l;
 
-    SELECT coalesce(array_agg(b.job_id ORDER BY b.job_id), '{}') INTO jr_ids
+    SELECT coalesce(array_agg(r.job_id ORDER BY r.job_id), '{}') INTO jr_ids
     FROM (
-        SELECT r.job_id
-        FROM chunkd.job_rates r
-        JOIN chunkd.jobs j ON j.id = r.job_id
-        WHERE j.max_per_second IS NOT NULL AND j.finished_at IS NULL
-          AND j.cancelled_at IS NULL AND j.paused_at IS NULL
-          AND (p_kinds IS NULL OR j.kind = ANY (p_kinds))
-          AND EXISTS (SELECT 1 FROM chunkd.ready x WHERE x.job_id = j.id)
+        SELECT r.job_id FROM chunkd.job_rates r
+        WHERE r.job_id = ANY (cand_ids)
         ORDER BY r.job_id
         FOR NO KEY UPDATE OF r SKIP LOCKED
-    ) b;
+    ) r;
 
     -- What may run now (see above), and which buckets held chunks back. The clock is read once,
     -- after this statement's snapshot: a slot freed by a completion this claim counts on was
@@ -563,19 +631,10 @@ BEGIN
     ), cand AS (
         SELECT j.id, j.kind, j.priority, j.created_at, j.max_concurrency, j.concurrency_key,
                floor(jr.level)::int AS rate_cap
-        FROM (
-            SELECT j.id FROM chunkd.jobs j
-            WHERE (j.max_concurrency IS NOT NULL OR j.max_per_second IS NOT NULL
-                   OR j.concurrency_key IS NOT NULL OR j.paused_at IS NOT NULL)
-              AND j.finished_at IS NULL AND j.cancelled_at IS NULL
-              AND (p_kinds IS NULL OR j.kind = ANY (p_kinds))
-            UNION
-            SELECT j.id FROM chunkd.jobs j
-            WHERE j.kind = ANY (rl_kinds) AND j.finished_at IS NULL AND j.cancelled_at IS NULL
-        ) ids
-        JOIN chunkd.jobs j ON j.id = ids.id
+        FROM chunkd.jobs j
         LEFT JOIN job_level jr ON jr.job_id = j.id
-        WHERE j.paused_at IS NULL
+        WHERE j.id = ANY (cand_ids)
+          AND j.paused_at IS NULL AND j.finished_at IS NULL AND j.cancelled_at IS NULL
           AND NOT EXISTS (SELECT 1 FROM chunkd.kind_flow k
                           WHERE k.kind = j.kind AND k.paused_at IS NOT NULL)
           AND (j.max_concurrency IS NULL OR j.id = ANY (mc_ids))
@@ -600,7 +659,9 @@ BEGIN
             ) y
             ORDER BY y.seq
             LIMIT CASE
-                WHEN c.max_concurrency IS NULL THEN p_batch
+                -- one beyond the job's tokens: whether its bucket held chunks back
+                WHEN c.max_concurrency IS NULL
+                THEN least(p_batch, coalesce(c.rate_cap + 1, p_batch))
                 ELSE greatest(0, least(p_batch, c.max_concurrency - (
                     SELECT count(*) FROM chunkd.attempts a
                     WHERE a.job_id = c.id AND a.limited AND a.ended_at IS NULL)))
@@ -640,7 +701,9 @@ BEGIN
     ), unl AS (
         SELECT q.chunk_id, q.priority, q.seq
         FROM chunkd.ready q
-        WHERE NOT q.limited AND (p_kinds IS NULL OR q.kind = ANY (p_kinds))
+        WHERE NOT q.limited
+          AND (p_kinds IS NULL OR cardinality(free_kinds) > 0)
+          AND (free_kinds IS NULL OR q.kind = ANY (free_kinds))
           AND q.kind <> ALL (ARRAY(SELECT k.kind FROM chunkd.kind_flow k))
           AND q.job_id <> ALL (ARRAY(
               SELECT j.id FROM chunkd.jobs j
@@ -663,6 +726,7 @@ BEGIN
            (SELECT coalesce(array_agg(j.level ORDER BY j.job_id), '{}') FROM job_level j),
            (SELECT c.at FROM clock c)
     INTO picked, cut_kinds, cut_jobs, rl_levels, jr_levels, p_now;
+
 
     RETURN QUERY
     WITH locked AS (
@@ -708,29 +772,56 @@ BEGIN
     -- Short of a full batch because a bucket ran dry: say when to come back. The earliest of
     -- those buckets' turns is handed out (and only it is taken, so a claimer short on many
     -- buckets does not hold a turn on each). A claimer that already holds a turn keeps it.
-    IF n_claimed >= p_batch OR coalesce(p_waiting_s, 0) > 0
-       OR (cut_kinds IS NULL AND cut_jobs IS NULL) THEN
+    IF n_claimed >= p_batch OR coalesce(p_waiting_s, 0) > 0 THEN
         RETURN;
     END IF;
+    -- The buckets that held chunks back: those cut in the pick, and those so empty that none of
+    -- their jobs made the first pass (a kind's rows are locked by this claim, a job's are not).
     SELECT t.kind, t.job_id, t.at INTO turn
     FROM (
         SELECT k.kind, NULL::bigint AS job_id,
-               chunkd.bucket_turn(k.tokens, k.wake_at, k.per_second::float8, k.burst, p_now) AS at
-        FROM chunkd.kind_flow k WHERE k.kind = ANY (cut_kinds)
+               chunkd.bucket_turn(chunkd.bucket_level(k.tokens, k.refilled_at,
+                                                      k.per_second::float8, k.burst, p_now),
+                                  k.wake_at, k.per_second::float8, k.burst, p_now) AS at
+        FROM chunkd.kind_flow k
+        WHERE k.kind = ANY (rl_kinds)
+          AND (k.kind = ANY (cut_kinds)
+               OR (chunkd.bucket_level(k.tokens, k.refilled_at, k.per_second::float8, k.burst,
+                                       p_now) < 1
+                   AND EXISTS (SELECT 1 FROM chunkd.jobs j
+                               WHERE j.kind = k.kind AND j.finished_at IS NULL
+                                 AND j.cancelled_at IS NULL AND j.paused_at IS NULL
+                                 AND EXISTS (SELECT 1 FROM chunkd.ready r WHERE r.job_id = j.id))))
         UNION ALL
         SELECT NULL, r.job_id,
-               chunkd.bucket_turn(r.tokens, r.wake_at, r.per_second, r.burst, p_now)
-        FROM chunkd.job_rates r WHERE r.job_id = ANY (cut_jobs)
+               chunkd.bucket_turn(chunkd.bucket_level(r.tokens, r.refilled_at, r.per_second,
+                                                      r.burst, p_now),
+                                  r.wake_at, r.per_second, r.burst, p_now)
+        FROM chunkd.job_rates r
+        JOIN chunkd.jobs j ON j.id = r.job_id
+        WHERE (r.job_id = ANY (cut_jobs)
+               OR (chunkd.bucket_level(r.tokens, r.refilled_at, r.per_second, r.burst, p_now) < 1
+                   AND NOT r.job_id = ANY (jr_ids)
+                   AND EXISTS (SELECT 1 FROM chunkd.ready x WHERE x.job_id = r.job_id)))
+          AND j.max_per_second IS NOT NULL AND j.finished_at IS NULL
+          AND j.cancelled_at IS NULL AND j.paused_at IS NULL
+          AND (p_kinds IS NULL OR j.kind = ANY (p_kinds))
+          AND NOT EXISTS (SELECT 1 FROM chunkd.kind_flow k
+                          WHERE k.kind = j.kind AND k.paused_at IS NOT NULL)
     ) t
     ORDER BY t.at
     LIMIT 1;
     IF NOT FOUND THEN
         RETURN;
     END IF;
+    -- Only that turn is recorded. A kind's row is locked by this claim already; a job's bucket
+    -- is taken only if free (never wait on another claimer).
     IF turn.kind IS NOT NULL THEN
         UPDATE chunkd.kind_flow k SET wake_at = turn.at WHERE k.kind = turn.kind;
     ELSE
-        UPDATE chunkd.job_rates r SET wake_at = turn.at WHERE r.job_id = turn.job_id;
+        UPDATE chunkd.job_rates r SET wake_at = turn.at
+        WHERE r.job_id = (SELECT x.job_id FROM chunkd.job_rates x WHERE x.job_id = turn.job_id
+                          FOR NO KEY UPDATE SKIP LOCKED);
     END IF;
     RETURN QUERY SELECT NULL::bigint, NULL::uuid, NULL::uuid, NULL::uuid, NULL::int, NULL::int,
                         NULL::text, NULL::jsonb, NULL::jsonb, NULL::timestamptz,
@@ -1120,7 +1211,8 @@ BEGIN ATOMIC
         WHERE j.paused_at IS NOT NULL AND j.finished_at IS NULL AND j.cancelled_at IS NULL
     ), due AS (
         SELECT CASE
-                   WHEN k.paused_at IS NOT NULL OR r.job_id = ANY (ARRAY(SELECT p.id FROM paused_jobs p))
+                   WHEN k.paused_at IS NOT NULL
+                        OR r.job_id = ANY (ARRAY(SELECT p.id FROM paused_jobs p))
                    THEN 'paused'
                    WHEN k.per_second IS NOT NULL
                         OR (r.limited AND (j.max_per_second IS NOT NULL

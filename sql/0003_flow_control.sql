@@ -467,6 +467,10 @@ DECLARE
     rl_levels float8[] := '{}';     -- their buckets' levels at p_now
     pool_ids bigint[] := '{}';      -- unfinished jobs under flow control of these kinds
     cand_ids bigint[] := '{}';      -- the jobs this claim looks at (first pass)
+    room_keys text[] := '{}';       -- the room the first pass saw per key and per kind: the
+    room_key_n bigint[] := '{}';    -- pick takes no more (a slot freed meanwhile is claimed
+    room_kinds text[] := '{}';      -- on its NOTIFY), so a key's or a kind's jobs take turns
+    room_kind_n bigint[] := '{}';   -- even when more room appeared
     mc_ids bigint[] := '{}';        -- of those, the max_concurrency jobs, locked
     key_names text[] := '{}';       -- their concurrency keys with a limit, locked
     jr_ids bigint[] := '{}';        -- their jobs with their own rate, buckets locked
@@ -562,7 +566,7 @@ BEGIN
     ), kind_room AS (
         SELECT k.kind,
                floor(chunkd.bucket_level(k.tokens, k.refilled_at, k.per_second::float8, k.burst,
-                                         clock_timestamp())) AS room
+                                         clock_timestamp()))::bigint AS room
         FROM chunkd.kind_flow k
         WHERE k.kind = ANY (rl_kinds)
     ), ranked AS (
@@ -578,14 +582,17 @@ BEGIN
         LEFT JOIN key_room kr ON kr.key = n.concurrency_key
         LEFT JOIN kind_room kd ON kd.kind = n.kind
     )
-    SELECT coalesce(array_agg(c.id), '{}') INTO cand_ids
-    FROM (
-        SELECT r.id FROM ranked r
-        WHERE (r.key_room IS NULL OR r.n_key <= r.key_room)
-          AND (r.kind_room IS NULL OR r.n_kind <= r.kind_room)
-        ORDER BY r.priority DESC, r.first_seq, r.created_at
-        LIMIT p_batch
-    ) c;
+    SELECT coalesce((SELECT array_agg(c.id) FROM (
+                         SELECT r.id FROM ranked r
+                         WHERE (r.key_room IS NULL OR r.n_key <= r.key_room)
+                           AND (r.kind_room IS NULL OR r.n_kind <= r.kind_room)
+                         ORDER BY r.priority DESC, r.first_seq, r.created_at
+                         LIMIT p_batch) c), '{}'),
+           coalesce((SELECT array_agg(k.key) FROM key_room k), '{}'),
+           coalesce((SELECT array_agg(k.room) FROM key_room k), '{}'),
+           coalesce((SELECT array_agg(k.kind) FROM kind_room k), '{}'),
+           coalesce((SELECT array_agg(k.room) FROM kind_room k), '{}')
+    INTO cand_ids, room_keys, room_key_n, room_kinds, room_kind_n;
 
     -- Locks, on the chosen jobs only.
     SELECT coalesce(array_agg(j.id), '{}') INTO mc_ids
@@ -672,11 +679,12 @@ BEGIN
         SELECT w.*, row_number() OVER (PARTITION BY w.job_id ORDER BY w.seq) AS n_job
         FROM win w
     ), key_free AS (
-        SELECT l.key, l.max_concurrency - (
+        SELECT l.key, least(fp.room, l.max_concurrency - (
             SELECT count(*) FROM chunkd.jobs kj
             JOIN chunkd.attempts a ON a.job_id = kj.id AND a.limited AND a.ended_at IS NULL
-            WHERE kj.concurrency_key = l.key AND kj.finished_at IS NULL) AS free
+            WHERE kj.concurrency_key = l.key AND kj.finished_at IS NULL)) AS free
         FROM chunkd.concurrency_limits l
+        LEFT JOIN unnest(room_keys, room_key_n) AS fp(key, room) ON fp.key = l.key
         WHERE l.key = ANY (key_names)
     ), by_key AS (
         SELECT x.*, row_number() OVER (PARTITION BY x.concurrency_key
@@ -692,7 +700,9 @@ BEGIN
         LEFT JOIN key_free f ON f.key = x.concurrency_key
         WHERE f.key IS NULL OR x.n_key <= f.free
     ), kind_cap AS (
-        SELECT b.kind, floor(b.level)::int AS cap FROM kind_level b
+        SELECT b.kind, least(fp.room, floor(b.level))::int AS cap
+        FROM kind_level b
+        LEFT JOIN unnest(room_kinds, room_kind_n) AS fp(kind, room) ON fp.kind = b.kind
     ), lim AS (
         SELECT x.chunk_id, x.priority, x.seq
         FROM by_kind x

@@ -42,9 +42,10 @@ INSERT INTO chunkd.schema_migrations (version, name) VALUES ($1, $2);
 SELECT 1;
 
 -- name: claim_chunks
--- `id` is the chunk's internal key: outcomes, heartbeats and releases use it.
-SELECT id, queue_id, chunk_id, sync_job_id, seq, attempt, kind, payload, job_payload,
-       lease_expires_at
+-- `id` is the chunk's internal key: outcomes, heartbeats and releases use it. The payloads as
+-- the text jsonb prints, so handlers get every number exactly as stored.
+SELECT id, queue_id, chunk_id, sync_job_id, seq, attempt, kind, payload::text,
+       job_payload::text, lease_expires_at
 FROM chunkd.claim_chunks($1, $2, $3, $4);
 
 -- name: complete_attempts

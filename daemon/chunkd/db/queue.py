@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -18,7 +17,8 @@ __all__ = ["ClaimedRow", "Queue"]
 @dataclass(frozen=True, slots=True)
 class ClaimedRow:
     """One claimed chunk as the claim returns it; ``id`` is its internal key (outcomes use it),
-    the uuids are its public identity."""
+    the uuids are its public identity. The payloads are JSON text as the database prints them
+    (decoded only if a handler reads them, so every number stays exactly as stored)."""
 
     id: int
     queue_id: UUID
@@ -27,8 +27,8 @@ class ClaimedRow:
     seq: int
     attempt: int
     kind: str
-    payload: Any
-    job_payload: Any
+    payload_json: str
+    job_payload_json: str
     lease_expires_at: datetime
 
 

@@ -17,6 +17,7 @@ import json
 import os
 import shlex
 import signal
+from decimal import Decimal
 from typing import Any
 
 from chunkd.chunk import Chunk, PermanentError
@@ -47,7 +48,8 @@ def _parse_stdout(stdout: bytes) -> Any:
     if not text:
         return None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        # Decimal: the result is stored with every number exactly as printed.
+        return json.loads(text, parse_constant=_reject_constant, parse_float=Decimal)
     except ValueError:
         return text
 
@@ -104,7 +106,8 @@ class ExecHandler:
     async def __call__(self, chunk: Chunk) -> Any:
         """Run the command for one chunk; return its result or raise to steer the retry."""
         try:
-            stdin = json.dumps(chunk.to_json_dict()).encode()
+            # The payloads exactly as stored: numbers are never re-encoded.
+            stdin = chunk.to_json().encode()
         except (TypeError, ValueError) as exc:
             raise PermanentError(f"chunk is not JSON-serialisable: {exc}") from None
         try:

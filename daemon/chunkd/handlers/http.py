@@ -14,6 +14,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
+from decimal import Decimal
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -228,7 +229,8 @@ class HttpHandler:
         """Send one chunk; return its result or raise to steer the retry (module docstring)."""
         client = self._get_client()
         try:
-            body = json.dumps(chunk.to_json_dict())
+            # The payloads exactly as stored: numbers are never re-encoded.
+            body = chunk.to_json()
         except (TypeError, ValueError) as exc:
             raise PermanentError(f"chunk is not JSON-serialisable: {exc}") from None
         # `from None` everywhere below: the httpx exception chain carries the request
@@ -259,7 +261,10 @@ class HttpHandler:
             if not response.content.strip():
                 return None
             try:
-                return json.loads(response.content, parse_constant=_reject_constant)
+                # Decimal: the result is stored with every number exactly as sent.
+                return json.loads(
+                    response.content, parse_constant=_reject_constant, parse_float=Decimal
+                )
             except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
                 return response.text
         prefix = f"HTTP {status} from {self.display_url}"

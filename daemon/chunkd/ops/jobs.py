@@ -7,12 +7,12 @@ edge function calling ``create_sync_job`` over RPC protect the CLI too.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+from chunkd.chunk import dumps_json
 from chunkd.db.sql_files import queries
 from chunkd.errors import ChunkdError
 from chunkd.ops.errors import database_errors
@@ -46,13 +46,16 @@ async def enqueue(
     max_attempts: int,
     priority: int,
 ) -> UUID:
-    """One job through ``create_sync_job``: job, chunks and queue rows in one transaction."""
+    """One job through ``create_sync_job``: job, chunks and queue rows in one transaction.
+
+    Numbers go as they were read (:class:`decimal.Decimal` written exactly, never through a
+    float)."""
     with database_errors():
         job_id: UUID = await conn.fetchval(
             queries()["ops_create_sync_job"],
             kind,
-            json.dumps(chunks, ensure_ascii=False, separators=(",", ":")),
-            json.dumps(payload, ensure_ascii=False, separators=(",", ":")),
+            dumps_json(chunks, ensure_ascii=False),
+            dumps_json(payload, ensure_ascii=False),
             max_concurrency,
             max_attempts,
             priority,

@@ -1,20 +1,73 @@
 -- Runtime statements of chunkd, one named block each ("-- name: NAME"), loaded once by
 -- chunkd.sql_files.queries() and used as queries["NAME"]. Values are always bound parameters.
+--
+-- Every built-in is called as pg_catalog.NAME: chunkd pins search_path on its own connections,
+-- but not through a transaction pooler (which refuses it as a startup parameter), and an
+-- unqualified call can resolve to a better-matching function another role put in a schema on
+-- the caller's search_path (CVE-2018-1058). tests/test_search_path.py checks every block.
 
 -- name: migrate_lock
 -- Serialises concurrent `chunkd migrate` runs (session lock: held across the per-file transactions).
-SELECT pg_advisory_lock(hashtext('chunkd.migrate'));
+SELECT pg_catalog.pg_advisory_lock(pg_catalog.hashtext('chunkd.migrate'));
 
 -- name: migrate_unlock
-SELECT pg_advisory_unlock(hashtext('chunkd.migrate'));
+SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtext('chunkd.migrate'));
+
+-- name: pin_search_path
+-- First in every migration's transaction: whatever the connection's setting, built-ins and
+-- unqualified names in the migration files resolve in pg_catalog only.
+SET LOCAL search_path = pg_catalog, pg_temp;
+
+-- name: pin_search_path_session
+-- After connecting through a session pooler that refuses search_path as a startup parameter.
+SET search_path = pg_catalog, pg_temp;
+
+-- name: backend_pid
+-- Run as COPY (simple protocol): a pooler announces a pid of its own at connect, not this one.
+SELECT pg_catalog.pg_backend_pid()
+
+-- name: idle_session_timeout
+-- In milliseconds (0: off; no row before PostgreSQL 14). The listener pings well within it.
+SELECT s.setting::int8 FROM pg_catalog.pg_settings s WHERE s.name = 'idle_session_timeout';
+
+-- name: migrate_preflight
+-- What `chunkd migrate` checks before it writes anything: a writable primary, who owns the
+-- schema (if it exists), anything in it owned by another role, whether this role may create it.
+WITH schema AS (
+    SELECT n.oid, n.nspowner FROM pg_catalog.pg_namespace n WHERE n.nspname = 'chunkd'
+), owned AS (
+    SELECT pg_catalog.format('table %s', c.oid::pg_catalog.regclass) AS what, c.relowner AS owner
+    FROM pg_catalog.pg_class c JOIN schema s ON c.relnamespace = s.oid
+    UNION ALL
+    SELECT pg_catalog.format('function %s', p.oid::pg_catalog.regprocedure), p.proowner
+    FROM pg_catalog.pg_proc p JOIN schema s ON p.pronamespace = s.oid
+    UNION ALL
+    SELECT pg_catalog.format('type %s', t.oid::pg_catalog.regtype), t.typowner
+    FROM pg_catalog.pg_type t JOIN schema s ON t.typnamespace = s.oid
+)
+SELECT current_user AS role,
+       pg_catalog.current_database() AS database,
+       pg_catalog.current_setting('transaction_read_only') = 'on' AS read_only,
+       pg_catalog.pg_is_in_recovery() AS in_recovery,
+       pg_catalog.has_database_privilege(pg_catalog.current_database(), 'CREATE') AS can_create,
+       (SELECT pg_catalog.pg_get_userbyid(s.nspowner) FROM schema s) AS schema_owner,
+       (SELECT pg_catalog.format('%s (owned by %s)', o.what, pg_catalog.pg_get_userbyid(o.owner))
+        FROM owned o CROSS JOIN schema s
+        WHERE o.owner <> s.nspowner
+        ORDER BY o.what
+        LIMIT 1) AS foreign_object;
+
+-- name: migrate_create_schema
+-- Only when the schema does not exist: CREATE SCHEMA needs CREATE on the database even with
+-- IF NOT EXISTS, and the owner of a schema a DBA created beforehand may not have it.
+CREATE SCHEMA chunkd;
 
 -- name: migrate_bootstrap
-CREATE SCHEMA IF NOT EXISTS chunkd;
 REVOKE ALL ON SCHEMA chunkd FROM PUBLIC;
 CREATE TABLE IF NOT EXISTS chunkd.schema_migrations (
     version    int PRIMARY KEY,
     name       text NOT NULL,
-    applied_at timestamptz NOT NULL DEFAULT now()
+    applied_at timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 REVOKE ALL ON chunkd.schema_migrations FROM PUBLIC;
 -- Lets a role with only EXECUTE grants (the worker role) check the version at start-up.
@@ -22,17 +75,43 @@ CREATE OR REPLACE FUNCTION chunkd.schema_versions() RETURNS int[]
 LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
-    SELECT coalesce(array_agg(m.version ORDER BY m.version), '{}') FROM chunkd.schema_migrations m;
+    SELECT coalesce(pg_catalog.array_agg(m.version ORDER BY m.version), '{}') FROM chunkd.schema_migrations m;
 END;
 REVOKE ALL ON FUNCTION chunkd.schema_versions() FROM PUBLIC;
 
+-- name: schema_access
+-- Whether the schema exists and what this role may do with it (needs no privilege at all).
+SELECT current_user AS role,
+       pg_catalog.current_database() AS database,
+       n.oid IS NOT NULL AS schema_exists,
+       coalesce(pg_catalog.has_schema_privilege(n.oid, 'USAGE'), false) AS usage,
+       CASE WHEN pg_catalog.has_schema_privilege(n.oid, 'USAGE')
+            THEN pg_catalog.to_regclass('chunkd.schema_migrations') IS NOT NULL
+       END AS migrated,
+       (SELECT pg_catalog.has_function_privilege(p.oid, 'EXECUTE')
+        FROM pg_catalog.pg_proc p
+        WHERE p.pronamespace = n.oid AND p.proname = 'schema_versions') AS can_read_version
+FROM (SELECT) AS one
+LEFT JOIN pg_catalog.pg_namespace n ON n.nspname = 'chunkd';
+
 -- name: applied_versions
 -- Through a function, so a role with only EXECUTE grants (the worker role) can check it.
-SELECT unnest(chunkd.schema_versions()) AS version;
+SELECT pg_catalog.unnest(chunkd.schema_versions()) AS version;
 
--- name: schema_exists
--- to_regclass does not raise when the schema was never migrated.
-SELECT to_regclass('chunkd.schema_migrations') IS NOT NULL;
+-- name: daemon_preflight
+-- Before `chunkd run` writes anything: the daemon's functions ($1) this role may not execute
+-- (as regprocedure text), and whether the database takes writes.
+SELECT ARRAY(SELECT p.oid::pg_catalog.regprocedure::text
+             FROM pg_catalog.pg_proc p
+             JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+             WHERE n.nspname = 'chunkd' AND p.proname = ANY ($1::text[])
+               AND NOT pg_catalog.has_function_privilege(p.oid, 'EXECUTE')
+             ORDER BY 1) AS not_executable,
+       pg_catalog.current_setting('transaction_read_only') = 'on' AS read_only,
+       pg_catalog.pg_is_in_recovery() AS in_recovery;
+
+-- name: current_role
+SELECT current_user;
 
 -- name: record_version
 INSERT INTO chunkd.schema_migrations (version, name) VALUES ($1, $2);
@@ -91,7 +170,7 @@ SELECT chunkd.create_sync_job($1, $2::jsonb, $3::jsonb, $4, $5, $6);
 
 -- name: ops_recent_job_ids
 -- The newest jobs first ($1 = how many; NULL = all) and how many jobs there are in all.
-SELECT j.id, count(*) OVER () AS total_jobs
+SELECT j.id, pg_catalog.count(*) OVER () AS total_jobs
 FROM chunkd.sync_jobs j
 ORDER BY j.created_at DESC, j.id
 LIMIT $1;
@@ -135,7 +214,7 @@ LIMIT $2;
 -- Is any worker that heartbeated within $2 able to run kind $1?
 SELECT EXISTS (
     SELECT 1 FROM chunkd.workers w
-    WHERE $1 = ANY (w.kinds) AND w.last_heartbeat_at > now() - $2::interval);
+    WHERE $1 = ANY (w.kinds) AND w.last_heartbeat_at > pg_catalog.now() - $2::interval);
 
 -- name: ops_retry_failed_chunks
 SELECT chunkd.retry_failed_chunks($1);
@@ -150,6 +229,6 @@ SELECT chunkd.purge_finished_jobs($1);
 -- Heartbeat ages by the database clock, so the client's clock does not matter.
 SELECT w.worker_id, w.host, w.pid, w.version, w.kinds, w.concurrency, w.started_at,
        w.last_heartbeat_at,
-       extract(epoch FROM now() - w.last_heartbeat_at)::float8 AS heartbeat_age_s
+       extract(epoch FROM pg_catalog.now() - w.last_heartbeat_at)::float8 AS heartbeat_age_s
 FROM chunkd.workers w
 ORDER BY w.host, w.started_at, w.worker_id;

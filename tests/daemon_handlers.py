@@ -18,7 +18,7 @@ _pool: asyncpg.Pool | None = None
 _lock = asyncio.Lock()
 
 EXECUTIONS_DDL = """
-CREATE TABLE IF NOT EXISTS test_executions (
+CREATE TABLE IF NOT EXISTS public.test_executions (
     id         bigserial PRIMARY KEY,
     chunk_id   uuid NOT NULL,
     queue_id   uuid NOT NULL,
@@ -47,7 +47,8 @@ async def record(chunk: Chunk) -> dict[str, object]:
     if payload.get("sleep_s"):
         await asyncio.sleep(float(payload["sleep_s"]))
     await pool.execute(
-        "INSERT INTO test_executions (chunk_id, queue_id, job_id, seq, attempt, pid, started_at)"
+        "INSERT INTO public.test_executions"
+        " (chunk_id, queue_id, job_id, seq, attempt, pid, started_at)"
         " VALUES ($1, $2, $3, $4, $5, $6, $7)",
         chunk.chunk_id, chunk.queue_id, chunk.sync_job_id, chunk.seq, chunk.attempt,
         os.getpid(), started,

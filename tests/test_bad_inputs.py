@@ -435,7 +435,8 @@ async def test_clock_skewed_daemon_follows_the_database_clock(conn, start, offse
         await conn.fetchval("SELECT count(*) FROM chunkd.chunk_events WHERE event = 'reaped'") == 0
     )
     runs = await conn.fetch(
-        "SELECT chunk_id, attempt, started_at, ended_at FROM test_executions ORDER BY started_at"
+        "SELECT chunk_id, attempt, started_at, ended_at FROM public.test_executions"
+        " ORDER BY started_at"
     )
     assert len(runs) == 6
     by_chunk: dict = {}

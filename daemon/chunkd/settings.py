@@ -4,8 +4,38 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Literal
 
-__all__ = ["RunSettings", "parse_duration"]
+__all__ = ["POOLER_MODES", "Dsn", "PoolerMode", "RunSettings", "parse_duration", "pooler_mode"]
+
+# How connections reach PostgreSQL. "session": each connection is a session (direct, or a
+# pooler in session mode); "transaction": a pooler that hands each transaction to any server
+# connection (PgBouncer's pool_mode = transaction, Supabase's port 6543); "auto": find out.
+PoolerMode = Literal["auto", "session", "transaction"]
+POOLER_MODES: tuple[PoolerMode, ...] = ("auto", "session", "transaction")
+
+
+class Dsn(str):
+    """A PostgreSQL connection URI that also says how to use it: ``pooler`` (``--pooler``).
+
+    A plain ``str`` is a DSN with ``pooler="auto"``; this type carries an explicit choice
+    through every layer that connects, without a second argument beside each DSN.
+    """
+
+    pooler: PoolerMode
+
+    def __new__(cls, value: str, pooler: PoolerMode = "auto") -> Dsn:
+        if pooler not in POOLER_MODES:
+            raise ValueError(f"--pooler must be one of {', '.join(POOLER_MODES)}, not {pooler!r}")
+        dsn = super().__new__(cls, value)
+        dsn.pooler = pooler
+        return dsn
+
+
+def pooler_mode(dsn: str) -> PoolerMode:
+    """The ``--pooler`` choice carried by ``dsn`` (``"auto"`` for a plain string)."""
+    return dsn.pooler if isinstance(dsn, Dsn) else "auto"
+
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -58,6 +88,7 @@ class RunSettings:
 
         return {
             "dsn": redact_dsn(self.dsn),
+            "pooler": pooler_mode(self.dsn),
             "handlers": list(self.handlers),
             "concurrency": self.concurrency,
             "lease_s": self.lease_s,

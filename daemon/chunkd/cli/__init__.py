@@ -80,4 +80,19 @@ def main(argv: list[str] | None = None) -> None:
         # HandlerError and bad header options land here: user input, one line.
         click.echo(f"chunkd: error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
+    except Exception as exc:
+        # A server refusal no command translated itself (a privilege, a read-only database):
+        # one line too. Anything else is a bug, and keeps its traceback.
+        line = _server_refusal(exc)
+        if line is None:
+            raise
+        click.echo(f"chunkd: error: {line}", err=True)
+        sys.exit(EXIT_USAGE)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _server_refusal(exc: Exception) -> str | None:
+    from chunkd.db import DatabaseError
+    from chunkd.db.server_errors import describe_server_error
+
+    return describe_server_error(exc) if isinstance(exc, DatabaseError) else None

@@ -29,13 +29,13 @@ __all__ = ["migrate", "run"]
 def migrate(dsn: str, check: bool) -> None:
     """Install or upgrade the chunkd schema (safe to run concurrently and repeatedly)."""
     from chunkd.db import connect
-    from chunkd.db.migrate import apply_migrations, check_schema
+    from chunkd.db.migrate import apply_migrations, check_version
 
     async def go() -> None:
         conn = await connect(dsn)
         try:
             if check:
-                state = await check_schema(conn)
+                state = await check_version(conn)
                 click.echo(f"chunkd schema is current (version {max(state.applied)})")
                 return
             applied = await apply_migrations(conn)

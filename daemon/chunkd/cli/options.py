@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from chunkd.settings import parse_duration
+from chunkd.settings import POOLER_MODES, Dsn, parse_duration
 
 if TYPE_CHECKING:
     import asyncpg
@@ -68,12 +68,40 @@ class Line(click.ParamType[str]):
 LINE = Line()
 
 
+_POOLER_KEY = "chunkd.pooler"
+
+
+def _remember_pooler(ctx: click.Context, _param: click.Parameter, value: str) -> None:
+    ctx.meta[_POOLER_KEY] = value
+
+
+def _dsn_with_pooler(ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
+    # --pooler is eager, so it has been read by now, wherever it stands on the command line.
+    return None if value is None else Dsn(value, ctx.meta.get(_POOLER_KEY, "auto"))
+
+
 def dsn_option(func: F) -> F:
-    return click.option(
+    """``--dsn`` and ``--pooler``: the command receives ``dsn`` as a :class:`Dsn` carrying both."""
+    func = click.option(
         "--dsn",
         envvar=["CHUNKD_DSN", "DATABASE_URL"],
         required=True,
+        callback=_dsn_with_pooler,
         help="PostgreSQL connection URI.  [env: CHUNKD_DSN, DATABASE_URL]",
+    )(func)
+    return click.option(
+        "--pooler",
+        type=click.Choice(POOLER_MODES),
+        default="auto",
+        show_default=True,
+        envvar="CHUNKD_POOLER",
+        is_eager=True,
+        expose_value=False,
+        callback=_remember_pooler,
+        help="A connection pooler between chunkd and PostgreSQL: 'transaction' (PgBouncer's "
+        "pool_mode = transaction, Supabase's port 6543) runs without prepared statements or "
+        "LISTEN; 'session' for a direct connection or a session pooler; 'auto' detects a "
+        "pooler and then assumes transaction mode.  [env: CHUNKD_POOLER]",
     )(func)
 
 

@@ -50,7 +50,7 @@ async def enqueue(
 
     Numbers go as they were read (:class:`decimal.Decimal` written exactly, never through a
     float)."""
-    with database_errors():
+    with database_errors(conn):
         job_id: UUID = await conn.fetchval(
             queries()["ops_create_sync_job"],
             kind,
@@ -112,7 +112,7 @@ async def list_jobs(conn: asyncpg.Connection, *, limit: int | None) -> tuple[lis
     shown jobs' chunks, not the whole history.
     """
     q = queries()
-    with database_errors():
+    with database_errors(conn):
         id_rows = await conn.fetch(q["ops_recent_job_ids"], limit)
         if not id_rows:
             return [], 0
@@ -187,7 +187,7 @@ async def job_detail(
     conn: asyncpg.Connection, job_id: UUID, *, stale_after_s: float, errors_limit: int = 10
 ) -> JobDetail:
     q = queries()
-    with database_errors():
+    with database_errors(conn):
         progress = await conn.fetchval(q["ops_job_progress"], job_id)
         settings = await conn.fetchrow(q["ops_job_settings"], job_id)
         if progress is None or settings is None:
@@ -218,28 +218,28 @@ async def job_detail(
 
 async def retry_failed(conn: asyncpg.Connection, job_id: UUID) -> int:
     """Failed chunks back to pending with their attempts reset; how many."""
-    with database_errors():
+    with database_errors(conn):
         count: int = await conn.fetchval(queries()["ops_retry_failed_chunks"], job_id)
     return count
 
 
 async def cancel_job(conn: asyncpg.Connection, job_id: UUID) -> int:
     """Pending and processing chunks to cancelled; how many."""
-    with database_errors():
+    with database_errors(conn):
         count: int = await conn.fetchval(queries()["ops_cancel_sync_job"], job_id)
     return count
 
 
 async def reap(conn: asyncpg.Connection) -> int:
     """Chunks whose lease expired back to pending (or failed); how many."""
-    with database_errors():
+    with database_errors(conn):
         count: int = await conn.fetchval(queries()["cleanup_stuck_chunks"])
     return count
 
 
 async def purge_finished(conn: asyncpg.Connection, older_than_s: float) -> int:
     """Jobs finished more than ``older_than_s`` ago, deleted with all their rows; how many."""
-    with database_errors():
+    with database_errors(conn):
         count: int = await conn.fetchval(
             queries()["ops_purge_finished_jobs"], timedelta(seconds=older_than_s)
         )

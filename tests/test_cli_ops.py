@@ -443,14 +443,34 @@ async def test_cancel_then_retry_is_refused(database, conn) -> None:
     # The worker still running the claimed chunk is fenced out.
     assert not await complete(conn, running["queue_id"], "w", 1)
 
+    # Cancelling it again: the job is finished, and the operator is told so (issue #16, 9).
     result = await run_cli("cancel", str(job), dsn=database.dsn)
-    assert result.stdout.strip() == f"cancelled 0 chunks of job {job}"
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.error_line() == f"job {job} is already finished (cancelled): nothing to cancel"
     result = await run_cli("retry", str(job), dsn=database.dsn)
     assert result.exit_code == 2
     assert result.error_line() == f"sync job {job} is cancelled; its chunks cannot be retried"
     missing = uuid.uuid4()
     result = await run_cli("cancel", str(missing), dsn=database.dsn)
     assert result.exit_code == 2 and result.error_line() == f"no sync job {missing}"
+
+
+@pytest.mark.parametrize("outcomes", [("completed",) * 2, ("completed", "failed")])
+async def test_cancel_of_a_finished_job_says_so_and_changes_nothing(
+    database, conn, outcomes: tuple[str, ...]
+) -> None:
+    job = await create_job(conn, len(outcomes), max_attempts=1)
+    for row, outcome in zip(await claim(conn, "w", len(outcomes)), outcomes, strict=True):
+        if outcome == "completed":
+            assert await complete(conn, row["queue_id"], "w", row["attempt"])
+        else:
+            assert await fail(conn, row["queue_id"], "w", row["attempt"], "boom") == "failed"
+    before = await status_counts(conn, job)
+    result = await run_cli("cancel", str(job), dsn=database.dsn)
+    status = "completed" if "failed" not in outcomes else "partial_failure"
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.error_line() == f"job {job} is already finished ({status}): nothing to cancel"
+    assert await status_counts(conn, job) == before
 
 
 async def test_reap_recovers_expired_leases(database, conn) -> None:

@@ -87,6 +87,8 @@ async def test_cli_and_daemon_work_through_pgbouncer_in_transaction_mode(
     for command in (["status"], ["status", job], ["workers"]):
         result = await chunkd(*command, dsn=pooled_dsn)
         assert result.code == 0, (command, result.stderr)
+    cancel = await chunkd("cancel", job, dsn=pooled_dsn)
+    assert cancel.code == 2 and "already finished (completed)" in cancel.one_error_line()
     assert await daemon.stop() == 0
     events = daemon.events()
     unavailable = [e for e in events if e["event"] == "listener.unavailable"]

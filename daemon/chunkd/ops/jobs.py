@@ -224,9 +224,23 @@ async def retry_failed(conn: asyncpg.Connection, job_id: UUID) -> int:
 
 
 async def cancel_job(conn: asyncpg.Connection, job_id: UUID) -> int:
-    """Pending and processing chunks to cancelled; how many."""
+    """Pending and processing chunks to cancelled; how many.
+
+    Raises :class:`~chunkd.errors.ChunkdError` when there is nothing to cancel because the job
+    is already finished (naming its status), or does not exist.
+    """
+    q = queries()
     with database_errors(conn):
-        count: int = await conn.fetchval(queries()["ops_cancel_sync_job"], job_id)
+        count: int = await conn.fetchval(q["ops_cancel_sync_job"], job_id)
+        if count == 0:
+            # cancel_sync_job returns 0 alike for a finished job and one that cancels nothing.
+            progress = await conn.fetchval(q["ops_job_progress"], job_id)
+    if count == 0:
+        if progress is None:
+            raise ChunkdError(f"no sync job {job_id}")
+        status = progress["overall_status"]
+        if status in TERMINAL_STATUSES:
+            raise ChunkdError(f"job {job_id} is already finished ({status}): nothing to cancel")
     return count
 
 

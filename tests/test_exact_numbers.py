@@ -10,8 +10,10 @@ refuse, with line and column, a number no reader could take as given (``1e400``)
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import json
+import pickle
 import threading
 from collections.abc import Iterator
 from decimal import Decimal
@@ -99,6 +101,15 @@ def test_a_claimed_chunk_splices_the_stored_text_and_decodes_exactly() -> None:
         chunk.queue_id, chunk.chunk_id, chunk.sync_job_id, 3, 1, 'k"ind', EXACT, {"tenant": 2.5}
     )
     assert same == chunk and json.loads(same.to_json(), parse_float=Decimal) == decoded
+
+
+def test_a_chunk_survives_pickle_and_copy_decoded_or_not() -> None:
+    chunk = _claimed_chunk(PAYLOAD_TEXT)
+    for _round in ("undecoded", "decoded"):
+        again = pickle.loads(pickle.dumps(chunk))
+        assert again == chunk and again.to_json() == chunk.to_json()
+        assert copy.copy(chunk) == chunk and copy.deepcopy(chunk) == chunk
+        _ = chunk.payload, chunk.job_payload  # the second round: already decoded
 
 
 def test_a_payload_too_deep_for_python_fails_only_when_read() -> None:

@@ -254,11 +254,23 @@ class Chunk:
             f"kind={self.kind!r}, payload={self.payload!r}, job_payload={self.job_payload!r})"
         )
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Picklable (a process pool, say) although __setattr__ refuses: rebuilt, not restored.
+        ids = (self.queue_id, self.chunk_id, self.sync_job_id, self.seq, self.attempt, self.kind)
+        if self._payload is _UNDECODED or self._job_payload is _UNDECODED:
+            return (_chunk_from_json, (*ids, self._payload_json, self._job_payload_json))
+        return (Chunk, (*ids, self._payload, self._job_payload))
+
     def __setattr__(self, name: str, value: object) -> None:
         raise FrozenInstanceError(f"cannot assign to field {name!r}")
 
     def __delattr__(self, name: str) -> None:
         raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+
+def _chunk_from_json(*args: Any) -> Chunk:
+    *ids, payload_json, job_payload_json = args
+    return Chunk.from_json(*ids, payload_json=payload_json, job_payload_json=job_payload_json)
 
 
 class PermanentError(Exception):

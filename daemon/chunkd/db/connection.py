@@ -205,6 +205,10 @@ async def _route_and_connect(
     # auto: a pooler announces a backend pid of its own (its cancel key), not the server's.
     try:
         behind_pooler = await _backend_pid(conn, timeout_s) != conn.get_server_pid()
+    except asyncpg.PostgresError as exc:
+        # Something between us and the server refused even that: play safe.
+        log.debug("db.pooler_probe_failed", error=str(exc))
+        behind_pooler = True
     except BaseException:
         conn.terminate()
         raise

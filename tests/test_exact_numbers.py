@@ -110,6 +110,9 @@ def test_a_chunk_survives_pickle_and_copy_decoded_or_not() -> None:
         assert again == chunk and again.to_json() == chunk.to_json()
         assert copy.copy(chunk) == chunk and copy.deepcopy(chunk) == chunk
         _ = chunk.payload, chunk.job_payload  # the second round: already decoded
+    plain = Chunk(*[getattr(chunk, f) for f in ("queue_id", "chunk_id", "sync_job_id")], 1, 1,
+                  "k", EXACT, {})  # fmt: skip
+    assert pickle.loads(pickle.dumps(plain)) == plain
 
 
 def test_a_payload_too_deep_for_python_fails_only_when_read() -> None:

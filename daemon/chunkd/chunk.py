@@ -255,9 +255,10 @@ class Chunk:
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Picklable (a process pool, say) although __setattr__ refuses: rebuilt, not restored.
+        # Picklable (a process pool, say) although __setattr__ refuses: rebuilt, not restored;
+        # a claimed chunk keeps its JSON text (what http: and exec: handlers are given).
         ids = (self.queue_id, self.chunk_id, self.sync_job_id, self.seq, self.attempt, self.kind)
-        if self._payload is _UNDECODED or self._job_payload is _UNDECODED:
+        if self._payload_json is not None and self._job_payload_json is not None:
             return (_chunk_from_json, (*ids, self._payload_json, self._job_payload_json))
         return (Chunk, (*ids, self._payload, self._job_payload))
 

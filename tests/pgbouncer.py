@@ -1,5 +1,5 @@
 """A real PgBouncer in front of the test server, in ``pool_mode = transaction`` (as Supabase's
-port 6543 and most PgBouncer deployments run it), for the transaction-pooler tests.
+port 6543 and most PgBouncer deployments run it) or ``session``, for the pooler tests.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _server_of(dsn: str) -> tuple[str, str, str, str | None]:
 
 
 @contextlib.contextmanager
-def pgbouncer(binary: str, server_dsn: str) -> Iterator[str]:
+def pgbouncer(binary: str, server_dsn: str, pool_mode: str = "transaction") -> Iterator[str]:
     """Runs PgBouncer for the server of ``server_dsn``; yields a DSN template with ``{db}``."""
     host, port, user, password = _server_of(server_dsn)
     base = Path(tempfile.mkdtemp(prefix="chunkd-pgbouncer-"))
@@ -62,7 +62,7 @@ listen_port = {listen_port}
 unix_socket_dir =
 auth_type = trust
 auth_file = {base / "users.txt"}
-pool_mode = transaction
+pool_mode = {pool_mode}
 max_client_conn = 500
 default_pool_size = 20
 logfile = {base / "pgbouncer.log"}

@@ -15,7 +15,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from chunkd.db import create_pool
 from chunkd.db.listener import POOLER_POLL_INTERVAL_S
+from chunkd.settings import Dsn
 from daemon_helpers import CliRun, run_chunkd, wait_until
 from pgbouncer import pgbouncer
 from resources import pgbouncer_binary
@@ -26,6 +28,13 @@ from sql_helpers import status_counts
 def bouncer(pg_server) -> Iterator[str]:
     """A DSN template (``{db}``) that reaches the test server through PgBouncer."""
     with pgbouncer(pgbouncer_binary(), pg_server.admin_dsn) as template:
+        yield template
+
+
+@pytest.fixture(scope="module")
+def session_bouncer(pg_server) -> Iterator[str]:
+    """The same in ``pool_mode = session`` (Supabase's session pooler is of this kind)."""
+    with pgbouncer(pgbouncer_binary(), pg_server.admin_dsn, pool_mode="session") as template:
         yield template
 
 
@@ -123,3 +132,31 @@ async def test_pooler_named_by_option_or_environment(conn, database, pooled_dsn:
         assert await daemon.stop() == 0
         (unavailable,) = [e for e in daemon.events() if e["event"] == "listener.unavailable"]
         assert unavailable["reason"].startswith("--pooler transaction")
+
+
+async def test_session_pooler_named_with_pooler_session_keeps_listen_and_the_pin(
+    conn, database, empty_database: str, session_bouncer: str, start
+) -> None:
+    """PgBouncer refuses search_path as a startup parameter, so it is SET after connecting,
+    and set again whenever the pool resets a connection (RESET ALL would undo it)."""
+    empty = session_bouncer.format(db=urlsplit(empty_database).path.lstrip("/"))
+    migrate = await chunkd("migrate", "--pooler", "session", dsn=empty)
+    assert migrate.code == 0, migrate.stderr
+    dsn = session_bouncer.format(db=database.name)
+    pool = await create_pool(Dsn(dsn, "session"), size=2)
+    try:
+        for _ in range(3):  # each fetch releases the connection, and the pool resets it
+            assert await pool.fetchval("SHOW search_path") == "pg_catalog, pg_temp"
+    finally:
+        await pool.close()
+    daemon = start("--handler", "echo=bad_handlers:echo", "--poll-interval", "60s", dsn=dsn,
+                   env={"CHUNKD_POOLER": "session"})  # fmt: skip
+    await daemon.wait_for_event("daemon.ready")
+    job = (await chunkd("enqueue", "--kind", "echo", "-", dsn=dsn, stdin=b"[1, 2]")).stdout
+    # Woken by NOTIFY through the session pooler: the safety poll is a minute away.
+    await wait_until(
+        lambda: finished(conn, job.strip(), {"completed": 2}), timeout_s=10, what="the job"
+    )
+    assert await daemon.stop() == 0
+    events = [e["event"] for e in daemon.events()]
+    assert "listener.connected" in events and "listener.unavailable" not in events

@@ -241,11 +241,23 @@ async def connect(
     return conn
 
 
-async def _keep_session(_conn: asyncpg.Connection) -> None:
-    """The pool's reset on release: nothing to undo. chunkd's statements leave no session state
-    (no SET, LISTEN, cursor or session advisory lock: the listener has its own connection), so
-    asyncpg's default reset (RESET ALL and more: one more round trip per statement) is skipped;
-    an open transaction is still rolled back by asyncpg before this runs."""
+async def _nothing_to_reset(_conn: asyncpg.Connection) -> None:
+    """The pool's reset on release through a transaction pooler: asyncpg's default (RESET ALL,
+    UNLISTEN *, pg_advisory_unlock_all() ...) would run on whichever server connection the
+    pooler picks, and chunkd keeps no session state there to undo. (An open transaction is still
+    rolled back by asyncpg before this runs.)"""
+
+
+async def _reset_and_pin(conn: asyncpg.Connection) -> None:
+    """The pool's reset on release through a session pooler that refused search_path as a
+    startup parameter: asyncpg's default reset ends with RESET ALL, so the pin is set again
+    (in the same round trip)."""
+    # Two fixed statements, no value: asyncpg's reset query, then the named block.
+    await conn.execute(conn.get_reset_query() + "\n" + queries()["pin_search_path_session"])
+
+
+# How the pool resets a connection on release, by how search_path is pinned (None: asyncpg's).
+_POOL_RESET = {"startup": None, "set": _reset_and_pin, "none": _nothing_to_reset}
 
 
 async def create_pool(dsn: str, *, size: int, timeout_s: float = 10.0) -> asyncpg.Pool:
@@ -268,7 +280,7 @@ async def create_pool(dsn: str, *, size: int, timeout_s: float = 10.0) -> asyncp
             min_size=1,
             max_size=size,
             init=init,
-            reset=_keep_session,
+            reset=_POOL_RESET[route.pin],
             timeout=timeout_s,
             # Reconnected connections re-prepare lazily; a restart of Postgres invalidates them.
             max_inactive_connection_lifetime=lifetime_s,

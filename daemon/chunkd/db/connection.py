@@ -230,15 +230,29 @@ async def connect(
     The returned :class:`Connection` says whether it goes through a transaction pooler.
     Raises :class:`~chunkd.errors.ConnectError` (never with the password).
     """
-    conn, route = await _route_and_connect(
-        dsn, timeout_s=timeout_s, application_name=application_name
-    )
+    try:
+        conn, route = await _route_and_connect(
+            dsn, timeout_s=timeout_s, application_name=application_name
+        )
+    except TRANSIENT_ERRORS as exc:
+        raise _went_away(dsn, exc) from None
     try:
         await _init_connection(conn, route)
-    except BaseException:
+    except BaseException as exc:
         conn.terminate()
+        if isinstance(exc, TRANSIENT_ERRORS):
+            raise _went_away(dsn, exc) from None
         raise
     return conn
+
+
+def _went_away(dsn: str, exc: BaseException) -> ServerNotReadyError:
+    # Connected, then cut while setting the connection up (a restart, a terminated backend):
+    # worth waiting for, like a server that is starting up.
+    return ServerNotReadyError(
+        f"cannot connect to {redact_dsn(dsn)}: the connection was lost while it was set up "
+        f"({_describe(exc, dsn)})"
+    )
 
 
 async def _nothing_to_reset(_conn: asyncpg.Connection) -> None:
@@ -263,11 +277,14 @@ _POOL_RESET = {"startup": None, "set": _reset_and_pin, "none": _nothing_to_reset
 async def create_pool(dsn: str, *, size: int, timeout_s: float = 10.0) -> asyncpg.Pool:
     """The daemon's pool of up to ``size`` connections, routed like :func:`connect`; raises
     :class:`~chunkd.errors.ConnectError`."""
-    probe, route = await _route_and_connect(dsn, timeout_s=timeout_s, application_name="chunkd")
     try:
-        idle_timeout_s = await idle_session_timeout_s(probe)
-    finally:
-        await probe.close()
+        probe, route = await _route_and_connect(dsn, timeout_s=timeout_s, application_name="chunkd")
+        try:
+            idle_timeout_s = await idle_session_timeout_s(probe)
+        finally:
+            probe.terminate()
+    except TRANSIENT_ERRORS as exc:
+        raise _went_away(dsn, exc) from None
     # Idle connections are closed before the server's idle_session_timeout would cut them.
     lifetime_s = 300.0 if idle_timeout_s is None else min(300.0, idle_timeout_s / 2)
 

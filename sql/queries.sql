@@ -85,8 +85,17 @@ SELECT status, chunks FROM chunkd.queue_depth();
 -- Operator commands
 -- (chunkd enqueue/status/retry/cancel/reap/purge/workers; chunkd.ops runs them.)
 
--- name: ops_create_sync_job
-SELECT chunkd.create_sync_job($1, $2::jsonb, $3::jsonb, $4, $5, $6);
+-- name: ops_create_job
+-- $1: the job object (create_sync_job's arguments by name); $2: seconds from now until it may
+-- start, by the database clock (`--in`), or NULL. Whether the job was created, or an unfinished
+-- one with the same dedupe key returned.
+SELECT j.sync_job_id, j.created
+FROM chunkd.create_jobs(
+    jsonb_build_array($1::jsonb || CASE WHEN $2::float8 IS NULL THEN '{}'::jsonb
+                                        ELSE jsonb_build_object(
+                                            'run_at', now() + make_interval(secs => $2))
+                                   END),
+    true) j;
 
 -- name: ops_recent_job_ids
 -- The newest jobs first ($1 = how many; NULL = all) and how many jobs there are in all.
@@ -99,7 +108,7 @@ LIMIT $1;
 -- Filtered by job id so the view's GROUP BY reads only these jobs' chunks.
 SELECT s.parent_sync_job_id, s.kind, s.total_chunks, s.pending_chunks, s.processing_chunks,
        s.completed_chunks, s.failed_chunks, s.cancelled_chunks, s.overall_status,
-       s.progress_percentage, s.created_at, s.started_at, s.finished_at
+       s.progress_percentage, s.created_at, s.started_at, s.finished_at, s.run_at
 FROM chunkd.chunk_processing_status s
 WHERE s.parent_sync_job_id = ANY ($1::uuid[])
 ORDER BY s.created_at DESC, s.parent_sync_job_id;
@@ -108,7 +117,8 @@ ORDER BY s.created_at DESC, s.parent_sync_job_id;
 SELECT chunkd.get_sync_job_progress($1);
 
 -- name: ops_job_settings
-SELECT j.priority, j.max_concurrency, j.max_attempts FROM chunkd.sync_jobs j WHERE j.id = $1;
+SELECT j.priority, j.max_concurrency, j.max_attempts, j.dedupe_key
+FROM chunkd.sync_jobs j WHERE j.id = $1;
 
 -- name: ops_recent_errors
 -- The job's latest failures, retries and reaps, newest first, with the chunk's position: from
@@ -152,3 +162,4 @@ SELECT w.worker_id, w.host, w.pid, w.version, w.kinds, w.concurrency, w.started_
        extract(epoch FROM now() - w.last_heartbeat_at)::float8 AS heartbeat_age_s
 FROM chunkd.workers w
 ORDER BY w.host, w.started_at, w.worker_id;
+

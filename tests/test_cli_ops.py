@@ -337,6 +337,7 @@ async def test_status_json_for_scripts(database, conn) -> None:
         "created_at": None,
         "started_at": None,
         "finished_at": None,
+        "run_at": None,
     }
     assert by_id[str(done)]["overall_status"] == "completed"
     assert by_id[str(done)]["finished_at"] is not None

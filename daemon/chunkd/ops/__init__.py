@@ -10,6 +10,7 @@ from chunkd.ops.errors import database_errors
 from chunkd.ops.input import MAX_INPUT_BYTES, parse_chunks, parse_json_option
 from chunkd.ops.jobs import (
     TERMINAL_STATUSES,
+    Enqueued,
     JobDetail,
     JobRow,
     cancel_job,
@@ -25,6 +26,7 @@ from chunkd.ops.workers import WorkerRow, list_workers
 __all__ = [
     "MAX_INPUT_BYTES",
     "TERMINAL_STATUSES",
+    "Enqueued",
     "JobDetail",
     "JobRow",
     "WorkerRow",

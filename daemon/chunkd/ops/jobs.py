@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TERMINAL_STATUSES",
+    "Enqueued",
     "JobDetail",
     "JobRow",
     "cancel_job",
@@ -36,6 +37,15 @@ __all__ = [
 TERMINAL_STATUSES = frozenset({"completed", "partial_failure", "cancelled"})
 
 
+@dataclass(frozen=True)
+class Enqueued:
+    """What ``enqueue`` did: ``created`` is False when an unfinished job of the same kind
+    holds the dedupe key, and ``job_id`` is that job's."""
+
+    job_id: UUID
+    created: bool
+
+
 async def enqueue(
     conn: asyncpg.Connection,
     *,
@@ -45,19 +55,30 @@ async def enqueue(
     max_concurrency: int | None,
     max_attempts: int,
     priority: int,
-) -> UUID:
-    """One job through ``create_sync_job``: job, chunks and queue rows in one transaction."""
+    run_at: datetime | None = None,
+    run_in_s: float | None = None,
+    dedupe_key: str | None = None,
+) -> Enqueued:
+    """One job through ``create_jobs``, the function behind ``create_sync_job``: job, chunks
+    and queue rows in one transaction. ``run_in_s`` (seconds from now by the database clock)
+    takes the place of ``run_at``."""
+    spec = {
+        "kind": kind,
+        "chunks": chunks,
+        "payload": payload,
+        "max_concurrency": max_concurrency,
+        "max_attempts": max_attempts,
+        "priority": priority,
+        "run_at": run_at.isoformat() if run_at is not None else None,
+        "dedupe_key": dedupe_key,
+    }
     with database_errors():
-        job_id: UUID = await conn.fetchval(
-            queries()["ops_create_sync_job"],
-            kind,
-            json.dumps(chunks, ensure_ascii=False, separators=(",", ":")),
-            json.dumps(payload, ensure_ascii=False, separators=(",", ":")),
-            max_concurrency,
-            max_attempts,
-            priority,
+        (row,) = await conn.fetch(
+            queries()["ops_create_job"],
+            json.dumps(spec, ensure_ascii=False, separators=(",", ":")),
+            run_in_s,
         )
-    return job_id
+    return Enqueued(job_id=row["sync_job_id"], created=row["created"])
 
 
 @dataclass(frozen=True)
@@ -77,6 +98,7 @@ class JobRow:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    run_at: datetime | None = None
 
     @property
     def terminal(self) -> bool:
@@ -98,6 +120,7 @@ class JobRow:
             "created_at": self.created_at.isoformat(),
             "started_at": self.started_at.isoformat() if self.started_at else None,
             "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+            "run_at": self.run_at.isoformat() if self.run_at else None,
         }
 
 
@@ -134,6 +157,7 @@ def _job_row(record: asyncpg.Record) -> JobRow:
         created_at=record["created_at"],
         started_at=record["started_at"],
         finished_at=record["finished_at"],
+        run_at=record["run_at"],
     )
 
 
@@ -148,6 +172,7 @@ class JobDetail:
     max_attempts: int
     recent_errors: list[dict[str, Any]]
     live_worker_for_kind: bool
+    dedupe_key: str | None = None
 
     @property
     def kind(self) -> str:
@@ -174,6 +199,7 @@ class JobDetail:
             "priority": self.priority,
             "max_concurrency": self.max_concurrency,
             "max_attempts": self.max_attempts,
+            "dedupe_key": self.dedupe_key,
             "live_worker_for_kind": self.live_worker_for_kind,
             "note": self.note,
             "recent_errors": self.recent_errors,
@@ -210,6 +236,7 @@ async def job_detail(
             for r in errors
         ],
         live_worker_for_kind=bool(live),
+        dedupe_key=settings["dedupe_key"],
     )
 
 

@@ -163,3 +163,23 @@ SELECT w.worker_id, w.host, w.pid, w.version, w.kinds, w.concurrency, w.started_
 FROM chunkd.workers w
 ORDER BY w.host, w.started_at, w.worker_id;
 
+-- Python client (chunkd.client, chunkd.client.sync): the same statements for asyncpg and
+-- psycopg (through its raw cursors, which take $n placeholders). Casts on every parameter, so
+-- each driver sends what the function takes; jsonb comes back as text, decoded by the client.
+
+-- name: client_create_sync_job
+SELECT chunkd.create_sync_job($1::text, $2::jsonb, $3::jsonb, $4::int, $5::int, $6::int,
+                              $7::timestamptz, $8::text);
+
+-- name: client_create_sync_jobs
+-- Ids in input order.
+SELECT t.id FROM chunkd.create_sync_jobs($1::jsonb) WITH ORDINALITY AS t(id, n) ORDER BY t.n;
+
+-- name: client_get_progress
+SELECT chunkd.get_sync_job_progress($1::uuid)::text;
+
+-- name: client_cancel
+SELECT chunkd.cancel_sync_job($1::uuid);
+
+-- name: client_retry_failed
+SELECT chunkd.retry_failed_chunks($1::uuid);

@@ -337,3 +337,14 @@ def test_the_client_imports_no_driver_the_caller_does_not_use(database) -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0 and done.stdout == "ok\n", done.stderr
+
+
+def test_the_client_is_re_exported_from_chunkd() -> None:
+    names = ["create_sync_job", "create_sync_jobs", "get_progress", "cancel", "retry_failed"]
+    for name in names:
+        assert getattr(chunkd, name) is getattr(chunkd.client, name)
+        assert getattr(sync, name).__name__ == name, "the blocking API has the same names"
+        assert name in chunkd.__all__ and name in sync.__all__
+    assert chunkd.Progress is sync.Progress is chunkd.client.Progress
+    assert issubclass(chunkd.InvalidInputError, ValueError)
+    assert issubclass(chunkd.JobNotFoundError, LookupError)

@@ -339,6 +339,29 @@ def test_the_client_imports_no_driver_the_caller_does_not_use(database) -> None:
     assert done.returncode == 0 and done.stdout == "ok\n", done.stderr
 
 
+async def test_the_callers_row_factories_and_record_classes_do_not_matter(database, conn) -> None:
+    from psycopg.rows import dict_row
+
+    class Row(asyncpg.Record):
+        pass
+
+    custom = await asyncpg.connect(database.dsn, record_class=Row)
+    try:
+        job = await chunkd.create_sync_job(custom, "k", [1])
+        assert (await chunkd.get_progress(custom, job)).total_chunks == 1
+    finally:
+        await custom.close()
+    async with await psycopg.AsyncConnection.connect(
+        database.dsn, autocommit=True, row_factory=dict_row
+    ) as dicts:
+        assert await chunkd.create_sync_jobs(dicts, [{"kind": "k", "chunks": [1]}])
+        assert (await chunkd.get_progress(dicts, job)).kind == "k"
+    with psycopg.connect(database.dsn, autocommit=True, row_factory=dict_row) as blocking:
+        assert sync.cancel(blocking, job) == 1
+        assert sync.create_sync_job(blocking, "k", [1]) != job
+    assert await job_count(conn) == 3
+
+
 def test_the_client_is_re_exported_from_chunkd() -> None:
     names = ["create_sync_job", "create_sync_jobs", "get_progress", "cancel", "retry_failed"]
     for name in names:

@@ -76,9 +76,11 @@ async def _fetch(conn: AsyncConnection, name: str, args: Sequence[Any]) -> list[
             return [tuple(r) for r in records]
         if driver == "psycopg":
             import psycopg
+            from psycopg.rows import tuple_row
 
             if isinstance(conn, psycopg.AsyncConnection):
-                async with psycopg.AsyncRawCursor(conn) as cursor:
+                # Tuples whatever row factory the caller's connection has (dict_row, ...).
+                async with psycopg.AsyncRawCursor(conn, row_factory=tuple_row) as cursor:
                     await cursor.execute(sql, args)
                     return await cursor.fetchall()
     except Exception as exc:

@@ -50,10 +50,12 @@ def _fetch(conn: Connection, name: str, args: Sequence[Any]) -> list[tuple[Any, 
     sql = queries()[name]
     if driver_of(conn) == "psycopg":
         import psycopg
+        from psycopg.rows import tuple_row
 
         if isinstance(conn, psycopg.Connection):
             try:
-                with psycopg.RawCursor(conn) as cursor:
+                # Tuples whatever row factory the caller's connection has (dict_row, ...).
+                with psycopg.RawCursor(conn, row_factory=tuple_row) as cursor:
                     cursor.execute(sql, args)
                     return cursor.fetchall()
             except Exception as exc:

@@ -56,9 +56,9 @@ $$;
 -- ---------------------------------------------------------------------------------------------
 
 -- run_at: as given (NULL = at once); the job is `scheduled` while it lies ahead and nothing has
--- started. dedupe_key: at most one unfinished, uncancelled job per (kind, key). The index's
--- columns are already in other indexes' keys or predicates, so the counter updates of the hot
--- path stay HOT.
+-- started. dedupe_key: at most one unfinished, uncancelled job per (kind, key). The index
+-- makes no column the hot path updates an indexed one (finished_at and cancelled_at were in
+-- jobs_limited_active's predicate already), so the counter updates stay HOT.
 ALTER TABLE chunkd.jobs
     ADD COLUMN run_at timestamptz,
     ADD COLUMN dedupe_key text
@@ -72,7 +72,7 @@ CREATE UNIQUE INDEX jobs_dedupe ON chunkd.jobs (kind, dedupe_key)
 
 -- The job objects of create_sync_jobs, one row each, typed, with create_sync_job's defaults
 -- for absent keys. The columns after `ord` are the accepted keys: a new option is a new
--- column here, then a check in invalid_job_specs and a column in create_jobs' insert.
+-- column here, then a check in invalid_job_spec and a column in create_jobs' insert.
 --
 -- The helpers of create_jobs below have SQL-standard bodies, parsed when they are created, so
 -- no name in them is looked up at call time, and no SET search_path: with one they could not

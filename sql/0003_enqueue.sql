@@ -448,6 +448,95 @@ CREATE CONSTRAINT TRIGGER jobs_run_at_notify
     EXECUTE FUNCTION chunkd.trigger_run_at_notify();
 
 -- ---------------------------------------------------------------------------------------------
+-- Claim: a limited job waiting for its run_at does not need the slow path
+-- ---------------------------------------------------------------------------------------------
+
+-- As in version 2, except the test for the slow path: a limited job whose run_at lies ahead
+-- has no chunk in `ready` (all wait in `scheduled`), so it cannot be claimed, and until its
+-- run_at it no longer sends every claim of its kinds down claim_limited. Measured (claim +
+-- complete of 15,000 unlimited chunks, batch 100, server CPU per chunk): 30 us instead of 25
+-- while one delayed max_concurrency job waited, with version 2's test; 20 and 20 with this
+-- one. (Replaced in place: the grants stay.)
+-- The daemon's claim: `id` is the chunk's internal key, used for its outcome. One statement on
+-- the fast path (no limited job of these kinds is active): delete the picked ready rows, insert
+-- their attempts, return the payloads.
+CREATE OR REPLACE FUNCTION chunkd.claim_chunks(
+    worker_id text,
+    batch_size int,
+    kinds text[],
+    lease_s float8
+) RETURNS TABLE (
+    id bigint,
+    queue_id uuid,
+    chunk_id uuid,
+    sync_job_id uuid,
+    seq int,
+    attempt int,
+    kind text,
+    payload jsonb,
+    job_payload jsonb,
+    lease_expires_at timestamptz
+)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    p_worker text := claim_chunks.worker_id;
+    p_batch int := claim_chunks.batch_size;
+    p_kinds text[] := claim_chunks.kinds;
+    p_until timestamptz;
+BEGIN
+    IF p_worker IS NULL OR length(p_worker) = 0 THEN
+        RAISE EXCEPTION 'chunkd: worker_id must not be empty' USING ERRCODE = '22023';
+    END IF;
+    IF p_batch IS NULL OR p_batch < 1 THEN
+        RAISE EXCEPTION 'chunkd: batch_size must be >= 1, got %', p_batch USING ERRCODE = '22023';
+    END IF;
+    IF lease_s IS NULL OR NOT lease_s > 0 OR lease_s = 'Infinity' THEN
+        RAISE EXCEPTION 'chunkd: lease must be a positive number of seconds' USING ERRCODE = '22023';
+    END IF;
+    p_until := now() + chunkd.seconds(lease_s);
+    PERFORM chunkd.promote_due();
+
+    IF EXISTS (SELECT 1 FROM chunkd.jobs j
+               WHERE j.max_concurrency IS NOT NULL AND j.finished_at IS NULL
+                 AND j.cancelled_at IS NULL AND (p_kinds IS NULL OR j.kind = ANY (p_kinds))
+                 AND (j.run_at IS NULL OR j.run_at <= now())) THEN
+        RETURN QUERY SELECT * FROM chunkd.claim_limited(p_worker, p_batch, p_kinds, p_until);
+        RETURN;
+    END IF;
+
+    RETURN QUERY
+    WITH del AS (
+        -- ctid is safe here: ready rows are never updated, and the lock is held until DELETE.
+        DELETE FROM chunkd.ready r
+        WHERE r.ctid = ANY (ARRAY(
+            SELECT q.ctid FROM chunkd.ready q
+            WHERE NOT q.limited AND (p_kinds IS NULL OR q.kind = ANY (p_kinds))
+            ORDER BY q.priority DESC, q.seq
+            LIMIT p_batch
+            FOR UPDATE SKIP LOCKED))
+        RETURNING r.chunk_id, r.job_id, r.seq, r.priority, r.kind, r.limited, r.claims, r.attempt
+    ), ins AS (
+        INSERT INTO chunkd.attempts (chunk_id, n, attempt, job_id, limited, worker_id,
+                                     lease_expires_at)
+        SELECT d.chunk_id, d.claims + 1, d.attempt + 1, d.job_id, d.limited, p_worker, p_until
+        FROM del d
+    ), started AS (
+        UPDATE chunkd.jobs j SET started_at = now()
+        WHERE j.id IN (SELECT d.job_id FROM del d) AND j.started_at IS NULL
+    )
+    SELECT d.chunk_id, c.queue_id, c.chunk_id, j.public_id, d.seq, d.attempt + 1, d.kind,
+           c.payload, j.payload, p_until
+    FROM del d
+    JOIN chunkd.chunks c ON c.id = d.chunk_id
+    JOIN chunkd.jobs j ON j.id = d.job_id
+    ORDER BY d.priority DESC, d.seq;
+END;
+$$;
+
+-- ---------------------------------------------------------------------------------------------
 -- Retry: a job that is unfinished again holds its dedupe key again
 -- ---------------------------------------------------------------------------------------------
 

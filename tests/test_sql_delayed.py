@@ -12,7 +12,7 @@ import pytest
 from chunkd.db import connect
 from daemon_helpers import wait_until
 from enqueue_helpers import db_time, enqueue, overall_status
-from sql_helpers import claim, status_counts
+from sql_helpers import claim, make_due, status_counts
 
 
 async def test_a_delayed_job_is_scheduled_and_never_claimed_before_run_at(conn) -> None:
@@ -163,3 +163,21 @@ async def test_a_run_at_that_is_not_a_time_is_refused_and_writes_nothing(
         )
     assert message in str(error.value)
     assert await conn.fetchval("SELECT count(*) FROM chunkd.sync_jobs") == 0
+
+
+async def test_a_waiting_delayed_limited_job_keeps_claims_on_the_fast_path(conn) -> None:
+    """claim_limited (the slow path) is for limited jobs that may have runnable chunks; one
+    whose run_at lies ahead has none, and must not slow every claim of its kind until then."""
+    calls = "SELECT pg_stat_get_xact_function_calls('chunkd.claim_limited'::regproc)"
+    async with conn.transaction():
+        await conn.execute("SET LOCAL track_functions = 'all'")
+        await enqueue(conn, 2)
+        limited = await enqueue(conn, 2, max_concurrency=1, run_at=await db_time(conn, 3600))
+        assert len(await claim(conn, "w", 10)) == 2
+        assert await conn.fetchval(calls) is None, "no call of the slow path"
+        # Its run_at comes: now the slow path serves it, one chunk at a time.
+        await conn.execute("UPDATE chunkd.jobs SET run_at = now() WHERE public_id = $1", limited)
+        await make_due(conn, limited)
+        (row,) = await claim(conn, "w", 10)
+        assert (row["parent_sync_job_id"], row["seq"]) == (limited, 0)
+        assert await conn.fetchval(calls) == 1

@@ -58,6 +58,8 @@ def test_the_wheel_installs_and_runs_from_a_fresh_venv(empty_database: str, tmp_
     shipped_sql = {f"chunkd/sql/{p.name}" for p in (ROOT / "sql").glob("*.sql")}
     assert shipped_sql <= names, shipped_sql - names
     assert not any(n.startswith(("tests/", "docs/", "bench/")) for n in names)
+    # The client is typed for the applications that call it (PEP 561).
+    assert {"chunkd/py.typed", "chunkd/client/__init__.py", "chunkd/client/sync.py"} <= names
 
     # Install into a fresh venv, away from the checkout.
     home = tmp_path / "user"

@@ -6,11 +6,12 @@ Every function takes ``conn``: an asyncpg ``Connection`` or ``Pool``, or a psyco
 functions, blocking, for a psycopg 3 ``Connection``.
 
 **Transactional enqueue.** A job is created by one statement on ``conn``, so it belongs to the
-transaction ``conn`` is in: inside ``async with conn.transaction():`` (asyncpg) or
-``async with conn.transaction():`` / a non-autocommit psycopg connection, it commits or rolls
-back with the caller's own writes (a job is never created for an order that was rolled back,
-and never lost for one that committed). Outside a transaction (asyncpg, or psycopg in
-autocommit mode) it is committed at once; a pool runs it on a connection of its own.
+transaction ``conn`` is in: inside ``async with conn.transaction():`` (either driver), or on a
+psycopg connection not in autocommit mode (which opens a transaction with its first
+statement), it commits or rolls back with the caller's own writes: a job is never created for
+an order that was rolled back, and never lost for one that committed. Outside a transaction
+(asyncpg, or psycopg in autocommit mode) it is committed at once; a pool runs it on a
+connection of its own.
 
 **Errors.** A value chunkd refuses raises :class:`~chunkd.errors.InvalidInputError` (a
 ``ValueError``) with the server's message; an unknown job

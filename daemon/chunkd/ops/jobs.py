@@ -1,8 +1,9 @@
 """What the operator commands do to jobs: enqueue, read progress, retry, cancel, reap, purge.
 
 Every function takes a connection from :func:`chunkd.db.connect` and runs named statements from
-``sql/queries.sql``; writes go through the public SQL functions, so the checks that protect an
-edge function calling ``create_sync_job`` over RPC protect the CLI too.
+``sql/queries.sql``; writes go through the SQL functions (enqueue through ``create_jobs``, the
+function behind ``create_sync_job``), so the checks that protect an edge function calling
+``create_sync_job`` over RPC protect the CLI too.
 """
 
 from __future__ import annotations

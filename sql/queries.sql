@@ -50,6 +50,10 @@ FROM chunkd.claim_chunks($1, $2, $3, $4);
 -- name: complete_attempts
 SELECT id FROM chunkd.complete_attempts($1, $2, $3, $4) AS id;
 
+-- name: complete_and_append
+-- A continuation: the completion and the chunks it appends, fenced together (NULL: fenced out).
+SELECT chunkd.complete_and_append($1, $2, $3, $4::jsonb, $5::jsonb);
+
 -- name: fail_attempt
 SELECT chunkd.fail_attempt($1, $2, $3, $4, $5, $6, $7, $8);
 
@@ -81,6 +85,23 @@ SELECT chunkd.next_due_in($1);
 -- name: queue_depth
 -- status in (pending, scheduled, processing) and how many chunks; sampled by the metrics task.
 SELECT status, chunks FROM chunkd.queue_depth();
+
+-- Schedules (chunkd.runtime.schedules fires them; chunkd.db.schedules runs these)
+
+-- name: schedule_clock
+SELECT clock_timestamp();
+
+-- name: schedules_due
+SELECT id, name, cron, timezone, next_fire_at FROM chunkd.schedules_due($1, $2);
+
+-- name: next_schedule_at
+SELECT chunkd.next_schedule_at();
+
+-- name: plan_schedule
+SELECT chunkd.plan_schedule($1, $2, $3);
+
+-- name: fire_schedule
+SELECT outcome, sync_job_id FROM chunkd.fire_schedule($1, $2, $3, $4);
 
 -- Operator commands
 -- (chunkd enqueue/status/retry/cancel/reap/purge/workers; chunkd.ops runs them.)

@@ -1,6 +1,6 @@
 """chunkd: a durable chunk-processing daemon for PostgreSQL."""
 
-from chunkd.chunk import Chunk, PermanentError, RetryLater
+from chunkd.chunk import Chunk, Continue, PermanentError, RetryLater
 from chunkd.version import __version__
 
-__all__ = ["Chunk", "PermanentError", "RetryLater", "__version__"]
+__all__ = ["Chunk", "Continue", "PermanentError", "RetryLater", "__version__"]

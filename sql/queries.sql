@@ -107,7 +107,38 @@ SELECT outcome, sync_job_id FROM chunkd.fire_schedule($1, $2, $3, $4);
 -- (chunkd enqueue/status/retry/cancel/reap/purge/workers; chunkd.ops runs them.)
 
 -- name: ops_create_sync_job
-SELECT chunkd.create_sync_job($1, $2::jsonb, $3::jsonb, $4, $5, $6);
+SELECT chunkd.create_sync_job($1, $2::jsonb, $3::jsonb, $4, $5, $6, open => $7,
+                              on_finish_kind => $8);
+
+-- name: ops_append_chunks
+SELECT chunkd.append_chunks($1, $2::jsonb);
+
+-- name: ops_close_sync_job
+SELECT chunkd.close_sync_job($1);
+
+-- name: ops_job_state
+-- `chunkd wait`: the job's overall status and whether it is finished (NULL: no such job).
+SELECT s.overall_status, j.finished_at IS NOT NULL AS finished
+FROM chunkd.jobs j JOIN chunkd.chunk_processing_status s ON s.parent_sync_job_id = j.public_id
+WHERE j.public_id = $1;
+
+-- name: ops_create_schedule
+SELECT chunkd.create_schedule($1, $2, $3, $4::jsonb, $5::jsonb, $6, $7, $8, $9, $10);
+
+-- name: ops_drop_schedule
+SELECT chunkd.drop_schedule($1);
+
+-- name: ops_pause_schedule
+SELECT chunkd.pause_schedule($1);
+
+-- name: ops_resume_schedule
+SELECT chunkd.resume_schedule($1);
+
+-- name: ops_schedules
+SELECT s.name, s.cron, s.timezone, s.kind, s.dedupe, s.paused_at, s.next_fire_at,
+       s.last_fired_at, j.public_id AS last_job_id, s.last_error
+FROM chunkd.schedules s LEFT JOIN chunkd.jobs j ON j.id = s.last_job_id
+ORDER BY s.name;
 
 -- name: ops_recent_job_ids
 -- The newest jobs first ($1 = how many; NULL = all) and how many jobs there are in all.

@@ -231,7 +231,10 @@ async def _check_sql(
             seen.add("grants")
     elif "has_function_privilege" in statement:
         assert [(r["api_role"], str(r["callable"])) for r in rows] == [
-            ("service_role", "chunkd.create_sync_job(text,jsonb,jsonb,integer,integer,integer,boolean,text)"),
+            (
+                "service_role",
+                "chunkd.create_sync_job(text,jsonb,jsonb,integer,integer,integer,boolean,text)",
+            ),
             ("service_role", "chunkd.get_sync_job_progress(uuid)"),
         ]
         seen.add("privileges")

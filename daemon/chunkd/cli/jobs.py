@@ -66,6 +66,21 @@ __all__ = ["cancel", "enqueue", "retry", "status"]
     envvar="CHUNKD_PRIORITY",
     help="Higher runs first.  [env: CHUNKD_PRIORITY]",
 )
+@click.option(
+    "--open",
+    "open_job",
+    is_flag=True,
+    envvar="CHUNKD_OPEN",
+    help="An open job: more chunks come with `chunkd append`, and it never finishes before "
+    "`chunkd close`. The input may then be empty.  [env: CHUNKD_OPEN]",
+)
+@click.option(
+    "--on-finish-kind",
+    default=None,
+    envvar="CHUNKD_ON_FINISH_KIND",
+    help="When the job finishes, a one-chunk job of this kind is created (its chunk carries "
+    "the job's id, status and counts).  [env: CHUNKD_ON_FINISH_KIND]",
+)
 @click.argument("source", metavar="[FILE|-]", type=click.File("rb"), required=False)
 def enqueue(
     dsn: str,
@@ -74,6 +89,8 @@ def enqueue(
     max_concurrency: int | None,
     max_attempts: int,
     priority: int,
+    open_job: bool,
+    on_finish_kind: str | None,
     source: IO[bytes] | None,
 ) -> None:
     """Create a sync job from a JSON array of chunk payloads, or NDJSON (one payload per line),
@@ -84,11 +101,12 @@ def enqueue(
     from chunkd import ops
 
     if source is None:
-        if sys.stdin.isatty():
+        if sys.stdin.isatty() and not open_job:
             raise ChunkdError("no input: give FILE, or '-' and pipe the chunks to stdin")
-        source = click.open_file("-", "rb")
+        source = None if sys.stdin.isatty() else click.open_file("-", "rb")
     job_payload = ops.parse_json_option("--payload", payload)
-    chunks = ops.parse_chunks(source.read(ops.MAX_INPUT_BYTES + 1))
+    data = source.read(ops.MAX_INPUT_BYTES + 1) if source is not None else b""
+    chunks = [] if open_job and not data.strip() else ops.parse_chunks(data)
     job_id = with_connection(
         dsn,
         lambda conn: ops.enqueue(
@@ -99,6 +117,8 @@ def enqueue(
             max_concurrency=max_concurrency,
             max_attempts=max_attempts,
             priority=priority,
+            open_job=open_job,
+            on_finish_kind=on_finish_kind,
         ),
     )
     click.echo(str(job_id))

@@ -45,8 +45,12 @@ async def enqueue(
     max_concurrency: int | None,
     max_attempts: int,
     priority: int,
+    open_job: bool = False,
+    on_finish_kind: str | None = None,
 ) -> UUID:
-    """One job through ``create_sync_job``: job, chunks and queue rows in one transaction."""
+    """One job through ``create_sync_job``: job, chunks and queue rows in one transaction.
+    ``open_job``: the job takes chunks from ``append`` until closed (``chunks`` may be empty);
+    ``on_finish_kind``: the kind of the one-chunk job created when this one finishes."""
     with database_errors():
         job_id: UUID = await conn.fetchval(
             queries()["ops_create_sync_job"],
@@ -56,6 +60,8 @@ async def enqueue(
             max_concurrency,
             max_attempts,
             priority,
+            open_job,
+            on_finish_kind,
         )
     return job_id
 

@@ -12,7 +12,7 @@ import os
 
 import asyncpg
 
-from chunkd import Chunk, PermanentError, RetryLater
+from chunkd import Chunk, Continue, PermanentError, RetryLater
 
 _pool: asyncpg.Pool | None = None
 _lock = asyncio.Lock()
@@ -65,3 +65,18 @@ async def record(chunk: Chunk) -> dict[str, object]:
     if payload.get("result") == "nul":
         return {"text": "NUL \u0000 inside"}  # valid JSON that jsonb refuses
     return {"seq": chunk.seq, "attempt": chunk.attempt}
+
+
+async def chain(chunk: Chunk) -> Continue:
+    """A continuation chain: page n records its execution and appends page n + 1 until
+    ``last``; the result names the page, so a test can match results to seqs."""
+    await record(chunk)
+    page, last = chunk.payload["page"], chunk.payload["last"]
+    following = [{"page": page + 1, "last": last}] if page < last else []
+    return Continue(result={"page": page}, chunks=following)
+
+
+async def after(chunk: Chunk) -> dict[str, object]:
+    """An on_finish follow-up: records that it ran."""
+    await record(chunk)
+    return {"of": chunk.payload["sync_job_id"], "status": chunk.payload["overall_status"]}

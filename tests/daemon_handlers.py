@@ -69,10 +69,13 @@ async def record(chunk: Chunk) -> dict[str, object]:
 
 async def chain(chunk: Chunk) -> Continue:
     """A continuation chain: page n records its execution and appends page n + 1 until
-    ``last``; the result names the page, so a test can match results to seqs."""
-    await record(chunk)
+    ``last``; the result names the page, so a test can match results to seqs. The page
+    ``slow_page`` takes 2 s (a window to kill its daemon in)."""
     page, last = chunk.payload["page"], chunk.payload["last"]
-    following = [{"page": page + 1, "last": last}] if page < last else []
+    if page == chunk.payload.get("slow_page"):
+        await asyncio.sleep(2)
+    await record(chunk)
+    following = [{**chunk.payload, "page": page + 1}] if page < last else []
     return Continue(result={"page": page}, chunks=following)
 
 

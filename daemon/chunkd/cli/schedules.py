@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from chunkd.cli.options import INT32, console, dsn_option, with_connection
+from chunkd.errors import ChunkdError
 
 __all__ = ["schedule"]
 
@@ -59,7 +60,9 @@ def add(
     """Create the schedule NAME, or replace its definition."""
     from chunkd import ops
 
-    chunk_list = ops.parse_chunks(chunks.encode())
+    chunk_list = ops.parse_json_option("--chunks", chunks)
+    if not isinstance(chunk_list, list) or not chunk_list:
+        raise ChunkdError("--chunks must be a non-empty JSON array of chunk payloads")
     job_payload = ops.parse_json_option("--payload", payload)
     outcome = with_connection(
         dsn,

@@ -96,7 +96,7 @@ BEGIN
         RAISE EXCEPTION 'chunkd: chunks must not be empty' USING ERRCODE = '22023';
     END IF;
     IF pg_column_size(chunks) > 16 * 1024 * 1024 THEN
-        RAISE EXCEPTION 'chunkd: chunks are % bytes, above the limit of 16 MiB per call',
+        RAISE EXCEPTION 'chunkd: chunks are % bytes, above the limit of 16 MiB per job (or per append)',
             pg_column_size(chunks) USING ERRCODE = '54000';
     END IF;
     IF n > 1000000 THEN

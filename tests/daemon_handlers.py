@@ -58,6 +58,13 @@ async def record(chunk: Chunk) -> dict[str, object]:
         raise PermanentError("planned permanent failure")
     if payload.get("fail") == "retry_later" and chunk.attempt == 1:
         raise RetryLater(float(payload.get("delay_s", 1)))
+    if payload.get("fail") == "first_run":
+        # Fails for good the first time the chunk ever runs; an operator's retry then succeeds.
+        runs = await pool.fetchval(
+            "SELECT count(*) FROM test_executions WHERE chunk_id = $1", chunk.chunk_id
+        )
+        if runs == 1:
+            raise PermanentError("planned failure of the first run")
     if payload.get("fail") == "hang" and chunk.attempt == 1:
         await asyncio.sleep(3600)
     if payload.get("fail_until", 0) >= chunk.attempt:

@@ -96,7 +96,10 @@ async def test_workers_live_and_stale_with_what_they_hold(conn, database) -> Non
     await claim(conn, "host-b:2:bbb", 1, kinds=["export"])
     await fail(conn, (await claim(conn, "host-b:2:bbb", 1, kinds=["export"]))[0]["queue_id"],
                "host-b:2:bbb", 1, "later", retry_in=timedelta(hours=1))  # fmt: skip
-    async with serve(database.dsn, stale_after_s=60) as url, httpx.AsyncClient(base_url=url) as http:
+    async with (
+        serve(database.dsn, stale_after_s=60) as url,
+        httpx.AsyncClient(base_url=url) as http,
+    ):
         page = (await http.get("/workers")).text
         live = dict(re.findall(r'data-worker="([^"]+)" data-live="(\d)"', page))
         assert live == {"host-a:1:aaa": "1", "host-b:2:bbb": "0"}
@@ -105,7 +108,9 @@ async def test_workers_live_and_stale_with_what_they_hold(conn, database) -> Non
         assert "1 live, 1 stale" in page
 
         queue = (await http.get("/queue?part=table")).text
-        by_kind = dict(re.findall(r'data-kind="([^"]+)"><td>[^<]+</td>((?:<td.*?</td>\s*)+)', queue))
+        by_kind = dict(
+            re.findall(r'data-kind="([^"]+)"><td>[^<]+</td>((?:<td.*?</td>\s*)+)', queue)
+        )
         numbers = {k: re.findall(r">(\d+)<", v) for k, v in by_kind.items()}
         assert numbers == {"export": ["0", "1", "1"], "mail-sync": ["2", "0", "3"]}
         assert 'data-status="pending">pending <b>2</b>' in queue
@@ -186,7 +191,10 @@ async def test_a_read_only_role_runs_every_page_but_not_the_actions(
     progress = await conn.fetchval("SELECT chunkd.get_sync_job_progress($1)", job)
     assert progress["failed_chunks"] == 1, "nothing changed"
 
-    async with serve(dsn_as(database.dsn, operator)) as url, httpx.AsyncClient(base_url=url) as http:
+    async with (
+        serve(dsn_as(database.dsn, operator)) as url,
+        httpx.AsyncClient(base_url=url) as http,
+    ):
         confirm = await http.get(f"/jobs/{job}/retry")
         done = await http.post(f"/jobs/{job}/retry", data={"csrf": csrf_of(confirm.text)})
         assert done.status_code == 303

@@ -1,14 +1,19 @@
 """``chunkd web``: the dashboard and the progress API (:mod:`chunkd.web`), served by uvicorn.
 
 The listening socket is bound here, before uvicorn starts, so a port in use or an address
-that is not this machine's is one line and exit 2. uvicorn installs the SIGTERM/SIGINT
-handlers while it serves; a stop first ends the open event streams, then closes the pool.
+that is not this machine's is one line and exit 2. SIGTERM/SIGINT end the open event streams,
+let requests in progress finish, close the pool and exit 0; a second signal closes the
+connections at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import signal
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -126,7 +131,6 @@ def web(
 
 async def _serve(settings: WebSettings, sock: socket.socket) -> None:
     import structlog
-    import uvicorn
 
     from chunkd.db import connect, create_pool
     from chunkd.db.migrate import check_schema
@@ -141,15 +145,19 @@ async def _serve(settings: WebSettings, sock: socket.socket) -> None:
     pool = await create_pool(settings.dsn, size=settings.pool_size)
     try:
         app = create_app(settings, pool)
-        config = uvicorn.Config(
-            app,
-            log_config=None,
-            access_log=False,
-            lifespan="off",
-            server_header=False,
-            timeout_graceful_shutdown=5,
-        )
-        server = _Server(config, app)
+        server = _server(app)
+        loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            # First signal: end the event streams, stop accepting, let requests finish;
+            # a second one: close connections at once.
+            if server.should_exit:
+                server.force_exit = True
+            app.state.stopping.set()
+            server.should_exit = True
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         structlog.get_logger("chunkd.web").info(
@@ -158,25 +166,31 @@ async def _serve(settings: WebSettings, sock: socket.socket) -> None:
             dsn=redact_dsn(settings.dsn),
             token_required=settings.token is not None,
         )
-        await server.serve(sockets=[sock])
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
     finally:
         await pool.close()
 
 
-class _Server:
-    """uvicorn's server, whose exit signal also ends the app's event streams at once."""
+def _server(app: Starlette) -> Any:
+    """uvicorn's server without its own signal handling (this command installs the
+    handlers, and exits 0 after a graceful stop instead of re-raising the signal)."""
+    import uvicorn
 
-    def __init__(self, config: Any, app: Starlette) -> None:
-        import uvicorn
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
 
-        app_state = app.state
-
-        class Server(uvicorn.Server):
-            def handle_exit(self, sig: int, frame: Any) -> None:
-                app_state.stopping.set()
-                super().handle_exit(sig, frame)
-
-        self._server = Server(config)
-
-    async def serve(self, sockets: list[socket.socket]) -> None:
-        await self._server.serve(sockets=sockets)
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        server_header=False,
+        timeout_graceful_shutdown=5,
+    )
+    return Server(config)

@@ -224,7 +224,9 @@ def start_web(database: TestDatabase, tmp_path):  # type: ignore[no-untyped-def]
     servers: list[WebProcess] = []
 
     def _start(*args: str, dsn: str | None = None, env: dict[str, str] | None = None) -> WebProcess:
-        server = WebProcess(dsn or database.dsn, tmp_path / f"web{len(servers)}.log", *args, env=env)
+        server = WebProcess(
+            dsn or database.dsn, tmp_path / f"web{len(servers)}.log", *args, env=env
+        )
         servers.append(server)
         return server
 

@@ -174,9 +174,7 @@ async def test_the_dashboard_in_a_real_browser(conn, database, start, start_web)
             assert errors == [], errors
 
             # Bound beyond localhost, the dashboard refuses a request without the token.
-            guarded = start_web(
-                "--host", "0.0.0.0", "--port", "0", env={"CHUNKD_WEB_TOKEN": TOKEN}
-            )
+            guarded = start_web("--host", "0.0.0.0", "--port", "0", env={"CHUNKD_WEB_TOKEN": TOKEN})
             await guarded.listening()
             other = guarded.local_url()
             stranger = await browser.new_page()

@@ -63,9 +63,7 @@ async def serve(dsn: str, **options: Any) -> AsyncIterator[str]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_config=None, access_log=False, lifespan="off")
-    )
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off"))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         deadline = time.monotonic() + 10

@@ -1,14 +1,15 @@
 -- Statements of `chunkd web` only, one named block each ("-- name: NAME"), read by chunkd.web.
--- They read through the public SQL contract (the views chunk_processing_status,
--- chunk_processing_queue, chunk_events, sync_jobs, chunked_sync_jobs, workers and the functions
--- get_sync_job_progress, queue_depth, queue_depth_by_kind, in_flight_by_worker), so a role
--- with SELECT on those views and EXECUTE on those functions runs every page; the actions call
--- cancel_sync_job and retry_failed_chunks. Values are always bound parameters.
+-- They read through the public SQL contract (the views chunk_processing_queue, chunk_events,
+-- sync_jobs, chunked_sync_jobs, workers and the functions get_sync_job_progress, queue_depth,
+-- and the read-only functions of 0003_web.sql: sync_jobs_page, sync_job_status_counts,
+-- queue_depth_by_kind, in_flight_by_worker), so a role with SELECT on those views and
+-- EXECUTE on those functions runs every page; the actions call cancel_sync_job and
+-- retry_failed_chunks. Values are always bound parameters.
 
 -- name: web_jobs_page
 -- One page of jobs, newest first, optionally of one kind ($1) and one overall status ($2);
--- $3 rows from offset $4. Throughput as get_sync_job_progress computes it (terminal chunks
--- that ran per second since the job started).
+-- $3 rows from offset $4 (the columns of chunk_processing_status). Throughput as
+-- get_sync_job_progress computes it (terminal chunks that ran, per second since the start).
 SELECT s.parent_sync_job_id AS id, s.kind, s.total_chunks, s.pending_chunks,
        s.processing_chunks, s.completed_chunks, s.failed_chunks, s.cancelled_chunks,
        s.overall_status, s.progress_percentage, s.created_at, s.started_at, s.finished_at,
@@ -17,17 +18,11 @@ SELECT s.parent_sync_job_id AS id, s.kind, s.total_chunks, s.pending_chunks,
                        / greatest(extract(epoch FROM
                            coalesce(s.finished_at, now()) - s.started_at), 0.001), 2)
        END::float8 AS chunks_per_second
-FROM chunkd.chunk_processing_status s
-WHERE ($1::text IS NULL OR s.kind = $1) AND ($2::text IS NULL OR s.overall_status = $2)
-ORDER BY s.created_at DESC, s.parent_sync_job_id
-LIMIT $3 OFFSET $4;
+FROM chunkd.sync_jobs_page($1, $2, $3, $4) s;
 
 -- name: web_job_facets
 -- How many jobs of kind $1 (NULL: any) are in each overall status.
-SELECT s.overall_status, count(*) AS jobs
-FROM chunkd.chunk_processing_status s
-WHERE $1::text IS NULL OR s.kind = $1
-GROUP BY s.overall_status;
+SELECT c.overall_status, c.jobs FROM chunkd.sync_job_status_counts($1) c;
 
 -- name: web_kinds
 -- Every job kind, for the filter.

@@ -137,7 +137,7 @@ async def web_roles(conn):  # type: ignore[no-untyped-def]
     await conn.execute(f"CREATE ROLE {operator} LOGIN IN ROLE {reader}")
     await conn.execute(f"GRANT USAGE ON SCHEMA chunkd TO {reader}")
     tables, functions = _documented("chunkd_web")
-    assert "chunk_processing_status" in tables and "queue_depth_by_kind()" in functions
+    assert "chunk_events" in tables and "sync_jobs_page(text, text, int, int)" in functions
     for table in tables:
         await conn.execute(f"GRANT SELECT ON chunkd.{table} TO {reader}")
     for signature in functions:
@@ -200,6 +200,44 @@ async def test_a_read_only_role_runs_every_page_but_not_the_actions(
         assert done.status_code == 303
     progress = await conn.fetchval("SELECT chunkd.get_sync_job_progress($1)", job)
     assert progress["failed_chunks"] == 0 and progress["pending_chunks"] == 2
+
+
+async def test_the_jobs_page_function_agrees_with_chunk_processing_status(conn) -> None:
+    """sync_jobs_page (0003_web.sql) derives pending from the open attempts instead of
+    counting the queue; in every state it must give the view's columns exactly."""
+    await create_job(conn, 2, kind="untouched")
+    running = await create_job(conn, 4, kind="running")
+    [one, two] = await claim(conn, "w1", 2, kinds=["running"])
+    await complete(conn, one["queue_id"], "w1", one["attempt"])
+    await fail(conn, two["queue_id"], "w1", two["attempt"], "later")  # waiting for its retry
+    finished = await create_job(conn, 2, kind="finished", max_attempts=1)
+    for row in await claim(conn, "w1", 2, kinds=["finished"]):
+        await fail(conn, row["queue_id"], "w1", row["attempt"], "boom", retryable=False)
+    half = await create_job(conn, 3, kind="half")
+    [first] = await claim(conn, "w1", 1, kinds=["half"])
+    await complete(conn, first["queue_id"], "w1", first["attempt"])
+    await claim(conn, "w1", 1, kinds=["half"])
+    await conn.execute("SELECT chunkd.cancel_sync_job($1)", half)
+    done = await create_job(conn, 1, kind="done")
+    [last] = await claim(conn, "w1", 1, kinds=["done"])
+    await complete(conn, last["queue_id"], "w1", last["attempt"])
+    # Same columns, same order: the function's table is the view's row type.
+    view = await conn.fetch("SELECT * FROM chunkd.chunk_processing_status ORDER BY created_at DESC")
+    page = await conn.fetch("SELECT * FROM chunkd.sync_jobs_page(NULL, NULL, 100, 0)")
+    assert list(page[0].keys()) == list(view[0].keys())
+    assert [tuple(r) for r in page] == [tuple(r) for r in view]
+    assert {r["overall_status"] for r in view} == {
+        "pending", "processing", "partial_failure", "cancelled", "completed"
+    }  # fmt: skip
+    counts = dict(await conn.fetch("SELECT * FROM chunkd.sync_job_status_counts(NULL)"))
+    assert counts == {"pending": 1, "processing": 1, "partial_failure": 1, "cancelled": 1,
+                      "completed": 1}  # fmt: skip
+    only = await conn.fetch("SELECT * FROM chunkd.sync_jobs_page('running', 'processing')")
+    assert [r["parent_sync_job_id"] for r in only] == [running]
+    assert [r[0] for r in await conn.fetch(
+        "SELECT parent_sync_job_id FROM chunkd.sync_jobs_page(NULL, NULL, 2, 1)")] == [
+        half, finished]  # fmt: skip
+    assert done
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,12 @@ SELECT j.kind, j.priority, j.max_concurrency, j.max_attempts, j.total_chunks, j.
 FROM chunkd.sync_jobs j
 WHERE j.id = $1;
 
+-- name: web_live_worker_for_kind
+-- Is any worker that heartbeated within $2 seconds able to run kind $1?
+SELECT EXISTS (
+    SELECT 1 FROM chunkd.workers w
+    WHERE $1 = ANY (w.kinds) AND w.last_heartbeat_at > now() - make_interval(secs => $2));
+
 -- name: web_job_payload
 SELECT j.payload FROM chunkd.sync_jobs j WHERE j.id = $1;
 

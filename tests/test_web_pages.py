@@ -70,6 +70,11 @@ async def test_job_page_shows_its_chunks_errors_and_audit_trail(conn, database) 
         assert "IMAP timeout" in page and "worker-a" in page
         assert 'data-action="cancel"' in page and 'data-action="retry"' not in page
         assert "Throughput" in page and "<svg" in page
+        assert "no live worker handles kind &#39;mail-sync&#39;" in page
+        await conn.execute(
+            "SELECT chunkd.register_worker('h:1:x', 'h', 1, '0.2.0', '{mail-sync}', 4)"
+        )
+        assert "no live worker" not in (await http.get(f"/jobs/{job}?part=summary")).text
 
         chunk = (await http.get(f"/jobs/{job}/chunks/1")).text
         events = re.findall(r"<td>(claimed|retry scheduled|enqueued)</td>", chunk)

@@ -99,6 +99,14 @@ class JobPage:
     bucket_s: float
     throughput: list[dict[str, Any]] = field(default_factory=list)
     errors: list[dict[str, Any]] = field(default_factory=list)
+    live_worker: bool = True
+
+    @property
+    def note(self) -> str | None:
+        """Why the job may not move: chunks wait and no live worker handles its kind."""
+        if self.progress["pending_chunks"] and not self.live_worker:
+            return f"no live worker handles kind {self.progress['kind']!r}"
+        return None
 
     @property
     def terminal(self) -> bool:
@@ -111,7 +119,9 @@ def _bucket_s(started_at: datetime, until: datetime) -> float:
     return float(max(1, int(span_s / THROUGHPUT_BUCKETS) + 1))
 
 
-async def job_page(pool: asyncpg.Pool, job_id: UUID, *, errors_limit: int = 10) -> JobPage | None:
+async def job_page(
+    pool: asyncpg.Pool, job_id: UUID, *, stale_after_s: float, errors_limit: int = 10
+) -> JobPage | None:
     q = _sql()
     with database_errors():
         async with pool.acquire() as conn:
@@ -134,12 +144,16 @@ async def job_page(pool: asyncpg.Pool, job_id: UUID, *, errors_limit: int = 10) 
                 rows = await conn.fetch(q["web_job_throughput"], job_id, bucket_s, started)
                 throughput = _fill_buckets([dict(r) for r in rows], started, until, bucket_s)
             errors = await conn.fetch(q["web_job_errors"], job_id, errors_limit)
+            live = await conn.fetchval(
+                q["web_live_worker_for_kind"], progress["kind"], stale_after_s
+            )
     return JobPage(
         progress=progress,
         settings=dict(settings),
         bucket_s=bucket_s,
         throughput=throughput,
         errors=[dict(r) for r in errors],
+        live_worker=bool(live),
     )
 
 

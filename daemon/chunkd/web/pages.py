@@ -74,7 +74,10 @@ async def jobs(request: Request) -> Response:
 
 
 async def _job_page(request: Request) -> data.JobPage:
-    page = await data.job_page(request.app.state.pool, request.path_params["job_id"])
+    state = request.app.state
+    page = await data.job_page(
+        state.pool, request.path_params["job_id"], stale_after_s=state.settings.stale_after_s
+    )
     if page is None:
         raise HTTPException(404, f"no sync job {request.path_params['job_id']}")
     return page

@@ -69,9 +69,10 @@ def available(progress: dict[str, Any]) -> list[Action]:
     return [a for a in ACTIONS.values() if a.applies(progress)]
 
 
-async def run_action(pool: asyncpg.Pool, action: Action, job_id: UUID) -> str:
-    """Runs the action; returns its result line. Raises ChunkdError with one line when the
-    server refuses (no such job, a cancelled job, a role without the grant)."""
+async def run_action(pool: asyncpg.Pool, action: Action, job_id: UUID) -> int:
+    """Runs the action; returns the function's count (chunks retried, cancelled). Raises
+    ChunkdError with one line when the server refuses (no such job, a cancelled job, a role
+    without the grant)."""
     with database_errors():
-        n = await pool.fetchval(queries("web.sql")[action.statement], job_id)
-    return action.done.format(n=n)
+        n: int = await pool.fetchval(queries("web.sql")[action.statement], job_id)
+    return n

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from starlette.exceptions import HTTPException
@@ -26,6 +26,9 @@ from starlette.routing import BaseRoute, Route
 from chunkd.errors import ChunkdError
 from chunkd.ops import TERMINAL_STATUSES
 from chunkd.web import data, present
+
+if TYPE_CHECKING:
+    import asyncpg
 
 __all__ = ["HEARTBEAT_S", "routes"]
 
@@ -75,7 +78,11 @@ async def events(request: Request) -> Response:
 
 
 async def _stream(
-    pool: Any, job_id: UUID, first: dict[str, Any], refresh_s: float, stopping: asyncio.Event
+    pool: asyncpg.Pool,
+    job_id: UUID,
+    first: dict[str, Any],
+    refresh_s: float,
+    stopping: asyncio.Event,
 ) -> AsyncIterator[str]:
     """Progress events until the job is finished or the server stops. A database error
     does not end the stream: it is reported as an ``event: error`` and the next read tries

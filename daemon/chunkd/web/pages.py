@@ -158,8 +158,7 @@ async def action(request: Request) -> Response:
     pool = request.app.state.pool
     if request.method == "POST":
         await checked_form(request)
-        result = await run_action(pool, chosen, job_id)
-        n = result.split(" ", 1)[0]
+        n = await run_action(pool, chosen, job_id)
         return RedirectResponse(
             f"/jobs/{job_id}?{urlencode({'done': chosen.name, 'n': n})}", status_code=303
         )

@@ -50,6 +50,10 @@ FROM chunkd.claim_chunks($1, $2, $3, $4);
 -- name: complete_attempts
 SELECT id FROM chunkd.complete_attempts($1, $2, $3, $4) AS id;
 
+-- name: complete_and_append
+-- A continuation: the completion and the chunks it appends, fenced together (NULL: fenced out).
+SELECT chunkd.complete_and_append($1, $2, $3, $4::jsonb, $5::jsonb);
+
 -- name: fail_attempt
 SELECT chunkd.fail_attempt($1, $2, $3, $4, $5, $6, $7, $8);
 
@@ -82,6 +86,23 @@ SELECT chunkd.next_due_in($1);
 -- status in (pending, scheduled, processing) and how many chunks; sampled by the metrics task.
 SELECT status, chunks FROM chunkd.queue_depth();
 
+-- Schedules (chunkd.runtime.schedules fires them; chunkd.db.schedules runs these)
+
+-- name: schedule_clock
+SELECT clock_timestamp();
+
+-- name: schedules_due
+SELECT id, name, cron, timezone, next_fire_at FROM chunkd.schedules_due($1, $2);
+
+-- name: next_schedule_at
+SELECT chunkd.next_schedule_at();
+
+-- name: plan_schedule
+SELECT chunkd.plan_schedule($1, $2, $3);
+
+-- name: fire_schedule
+SELECT outcome, sync_job_id FROM chunkd.fire_schedule($1, $2, $3, $4);
+
 -- Operator commands
 -- (chunkd enqueue/status/retry/cancel/reap/purge/workers; chunkd.ops runs them.)
 
@@ -96,6 +117,36 @@ FROM chunkd.create_jobs(
                                             'run_at', now() + make_interval(secs => $2))
                                    END),
     true) j;
+
+-- name: ops_append_chunks
+SELECT chunkd.append_chunks($1, $2::jsonb);
+
+-- name: ops_close_sync_job
+SELECT chunkd.close_sync_job($1);
+
+-- name: ops_job_state
+-- `chunkd wait`: the job's overall status and whether it is finished (NULL: no such job).
+SELECT s.overall_status, j.finished_at IS NOT NULL AS finished
+FROM chunkd.jobs j JOIN chunkd.chunk_processing_status s ON s.parent_sync_job_id = j.public_id
+WHERE j.public_id = $1;
+
+-- name: ops_create_schedule
+SELECT chunkd.create_schedule($1, $2, $3, $4::jsonb, $5::jsonb, $6, $7, $8, $9, $10);
+
+-- name: ops_drop_schedule
+SELECT chunkd.drop_schedule($1);
+
+-- name: ops_pause_schedule
+SELECT chunkd.pause_schedule($1);
+
+-- name: ops_resume_schedule
+SELECT chunkd.resume_schedule($1);
+
+-- name: ops_schedules
+SELECT s.name, s.cron, s.timezone, s.kind, s.dedupe, s.paused_at, s.next_fire_at,
+       s.last_fired_at, j.public_id AS last_job_id, s.last_error
+FROM chunkd.schedules s LEFT JOIN chunkd.jobs j ON j.id = s.last_job_id
+ORDER BY s.name;
 
 -- name: ops_recent_job_ids
 -- The newest jobs first ($1 = how many; NULL = all) and how many jobs there are in all.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs the whole test suite on a fresh machine: PostgreSQL server binaries (from Debian's
-# packages when none are found), a virtualenv with chunkd and its test and docs extras, lint,
-# mypy --strict (configured in pyproject.toml), the documentation site (strict: a broken link or
+# Runs the whole test suite on a fresh machine: PostgreSQL server binaries, Dovecot and Chromium
+# (from Debian's packages when missing), a virtualenv with chunkd and its test and docs extras,
+# lint, mypy --strict (configured in pyproject.toml), the documentation site (strict: a broken link or
 # a page missing from the nav fails), pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +16,23 @@ if ! have_postgres; then
     if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+fi
+
+# The IMAP example's test (tests/test_imap_sync.py) runs a real Dovecot.
+if ! command -v dovecot >/dev/null 2>&1 && [ ! -x /usr/sbin/dovecot ]; then
+    echo "tests/run.sh: installing Dovecot (dovecot-imapd)" >&2
+    if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+        dovecot-imapd >/dev/null
+fi
+
+# The dashboard's browser test drives Debian's Chromium (never a browser Playwright downloads).
+if [ ! -x /usr/bin/chromium ]; then
+    echo "tests/run.sh: installing Chromium for the browser test" >&2
+    if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null
 fi
 
 PYTHON="${PYTHON:-python3}"

@@ -249,7 +249,7 @@ async def _check_sql(
             (
                 "service_role",
                 "chunkd.create_sync_job(text,jsonb,jsonb,integer,integer,integer,"
-                "timestamp with time zone,text)",
+                "timestamp with time zone,text,boolean,text)",
             ),
             ("service_role", "chunkd.create_sync_jobs(jsonb)"),
             ("service_role", "chunkd.get_sync_job_progress(uuid)"),

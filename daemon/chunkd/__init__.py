@@ -1,6 +1,6 @@
 """chunkd: a durable chunk-processing daemon for PostgreSQL."""
 
-from chunkd.chunk import Chunk, PermanentError, RetryLater
+from chunkd.chunk import Chunk, Continue, PermanentError, RetryLater
 from chunkd.client import (
     Progress,
     cancel,
@@ -14,6 +14,7 @@ from chunkd.version import __version__
 
 __all__ = [
     "Chunk",
+    "Continue",
     "InvalidInputError",
     "JobNotFoundError",
     "PermanentError",

@@ -93,6 +93,21 @@ __all__ = ["cancel", "enqueue", "retry", "status"]
     help="While an unfinished job of this kind has this key, create nothing and print that "
     "job's id (said on stderr).  [env: CHUNKD_DEDUPE_KEY]",
 )
+@click.option(
+    "--open",
+    "open_job",
+    is_flag=True,
+    envvar="CHUNKD_OPEN",
+    help="An open job: more chunks come with `chunkd append`, and it never finishes before "
+    "`chunkd close`. The input may then be empty.  [env: CHUNKD_OPEN]",
+)
+@click.option(
+    "--on-finish-kind",
+    default=None,
+    envvar="CHUNKD_ON_FINISH_KIND",
+    help="When the job finishes, a one-chunk job of this kind is created (its chunk carries "
+    "the job's id, status and counts).  [env: CHUNKD_ON_FINISH_KIND]",
+)
 @click.argument("source", metavar="[FILE|-]", type=click.File("rb"), required=False)
 def enqueue(
     dsn: str,
@@ -104,6 +119,8 @@ def enqueue(
     run_at: datetime | None,
     run_in: float | None,
     dedupe_key: str | None,
+    open_job: bool,
+    on_finish_kind: str | None,
     source: IO[bytes] | None,
 ) -> None:
     """Create a sync job from a JSON array of chunk payloads, or NDJSON (one payload per line),
@@ -119,11 +136,12 @@ def enqueue(
     if dedupe_key is not None and not dedupe_key:
         raise ChunkdError("--dedupe-key must not be empty (leave it out for no key)")
     if source is None:
-        if sys.stdin.isatty():
+        if sys.stdin.isatty() and not open_job:
             raise ChunkdError("no input: give FILE, or '-' and pipe the chunks to stdin")
-        source = click.open_file("-", "rb")
+        source = None if sys.stdin.isatty() else click.open_file("-", "rb")
     job_payload = ops.parse_json_option("--payload", payload)
-    chunks = ops.parse_chunks(source.read(ops.MAX_INPUT_BYTES + 1))
+    data = source.read(ops.MAX_INPUT_BYTES + 1) if source is not None else b""
+    chunks = [] if open_job and not data.strip() else ops.parse_chunks(data)
     done = with_connection(
         dsn,
         lambda conn: ops.enqueue(
@@ -137,6 +155,8 @@ def enqueue(
             run_at=run_at,
             run_in_s=run_in,
             dedupe_key=dedupe_key,
+            open_job=open_job,
+            on_finish_kind=on_finish_kind,
         ),
     )
     click.echo(str(done.job_id))

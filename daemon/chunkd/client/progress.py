@@ -31,6 +31,10 @@ class Progress:
     decimals); times are aware datetimes (``run_at`` None: not delayed); ``chunks_per_second``
     counts completed and failed chunks since the first claim (None before it), and
     ``eta_seconds`` is the remaining chunks at that rate (None: unknown, 0: finished).
+    ``open``: the job takes appended chunks until closed; ``total_is_final`` is false while
+    chunks may still be appended (an open job, or one growing by continuations), and
+    ``appended_chunks`` counts those added by continuations; ``on_finish_kind`` is the kind of
+    the follow-up job created when it finishes (None: none).
     """
 
     sync_job_id: UUID
@@ -49,6 +53,10 @@ class Progress:
     run_at: datetime | None
     chunks_per_second: float | None
     eta_seconds: float | None
+    open: bool = False
+    total_is_final: bool = True
+    appended_chunks: int = 0
+    on_finish_kind: str | None = None
 
     @property
     def finished(self) -> bool:

@@ -59,10 +59,14 @@ async def enqueue(
     run_at: datetime | None = None,
     run_in_s: float | None = None,
     dedupe_key: str | None = None,
+    open_job: bool = False,
+    on_finish_kind: str | None = None,
 ) -> Enqueued:
     """One job through ``create_jobs``, the function behind ``create_sync_job``: job, chunks
     and queue rows in one transaction. ``run_in_s`` (seconds from now by the database clock)
-    takes the place of ``run_at``."""
+    takes the place of ``run_at``; ``open_job``: the job takes chunks from ``append`` until
+    closed (``chunks`` may be empty); ``on_finish_kind``: the kind of the one-chunk job created
+    when this one finishes."""
     spec = {
         "kind": kind,
         "chunks": chunks,
@@ -72,6 +76,8 @@ async def enqueue(
         "priority": priority,
         "run_at": run_at.isoformat() if run_at is not None else None,
         "dedupe_key": dedupe_key,
+        "open": open_job,
+        "on_finish_kind": on_finish_kind,
     }
     with database_errors():
         (row,) = await conn.fetch(

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from chunkd.chunk import Chunk, PermanentError, RetryLater
+from chunkd.chunk import Chunk, Continue, PermanentError, RetryLater
 from chunkd.db import ClaimedRow
 from chunkd.handlers import Handler
 from chunkd.observability.metrics import Metrics
@@ -95,6 +95,10 @@ class Worker:
         except (Exception, SystemExit, KeyboardInterrupt, GeneratorExit) as exc:
             # SystemExit too: a handler calling sys.exit() fails its chunk, not the daemon.
             return Outcome(error=_describe(exc))
+        if isinstance(result, Continue):
+            from chunkd.runtime.continuation import continuation_outcome
+
+            return continuation_outcome(result)
         try:
             result_json = None if result is None else json.dumps(result, allow_nan=False)
         except (TypeError, ValueError, RecursionError) as exc:

@@ -1,4 +1,4 @@
--- chunkd schema version 3: delayed start, dedupe keys, bulk enqueue.
+-- chunkd schema version 5: delayed start, dedupe keys, bulk enqueue.
 --
 -- create_sync_job gains two trailing arguments, run_at and dedupe_key; create_sync_jobs creates
 -- many jobs in one call. Both go through chunkd.create_jobs, the one place where a job is
@@ -87,7 +87,9 @@ RETURNS TABLE (
     max_attempts int,
     priority int,
     run_at timestamptz,
-    dedupe_key text
+    dedupe_key text,
+    open boolean,
+    on_finish_kind text
 )
 LANGUAGE sql STABLE
 BEGIN ATOMIC
@@ -97,11 +99,13 @@ BEGIN ATOMIC
            CASE WHEN e.spec ? 'max_attempts' THEN x.max_attempts ELSE 3 END,
            coalesce(x.priority, 0),
            x.run_at,
-           x.dedupe_key
+           x.dedupe_key,
+           coalesce(x.open, false),
+           x.on_finish_kind
     FROM jsonb_array_elements(job_specs.jobs) WITH ORDINALITY AS e(spec, ord)
     CROSS JOIN LATERAL jsonb_to_record(e.spec) AS x(
         kind text, chunks jsonb, payload jsonb, max_concurrency int, max_attempts int,
-        priority int, run_at timestamptz, dedupe_key text);
+        priority int, run_at timestamptz, dedupe_key text, open boolean, on_finish_kind text);
 END;
 
 -- The first job object that is not an object or has a key job_specs does not know (a
@@ -144,7 +148,8 @@ BEGIN ATOMIC
     FROM chunkd.job_specs(invalid_job_spec.jobs) s
     WHERE (s.kind IS NOT NULL AND length(s.kind) BETWEEN 1 AND 200
            AND CASE WHEN jsonb_typeof(s.chunks) = 'array'
-                    THEN jsonb_array_length(s.chunks) BETWEEN 1 AND 1000000
+                    THEN jsonb_array_length(s.chunks)
+                         BETWEEN CASE WHEN s.open THEN 0 ELSE 1 END AND 1000000
                          AND pg_column_size(s.chunks) <= 16 * 1024 * 1024
                     ELSE false END
            AND pg_column_size(s.payload) <= 1024 * 1024
@@ -152,6 +157,7 @@ BEGIN ATOMIC
            AND s.max_attempts >= 1
            AND (s.run_at IS NULL OR isfinite(s.run_at))
            AND (s.dedupe_key IS NULL OR length(s.dedupe_key) BETWEEN 1 AND 256)
+           AND (s.on_finish_kind IS NULL OR length(s.on_finish_kind) BETWEEN 1 AND 200)
           ) IS NOT TRUE
     ORDER BY s.ord
     LIMIT 1;
@@ -255,7 +261,7 @@ BEGIN
         ELSIF bad.chunks IS NULL OR jsonb_typeof(bad.chunks) <> 'array' THEN
             RAISE EXCEPTION 'chunkd: %chunks must be a JSON array of chunk payloads, got %',
                 where_, coalesce(jsonb_typeof(bad.chunks), 'null') USING ERRCODE = '22023';
-        ELSIF jsonb_array_length(bad.chunks) = 0 THEN
+        ELSIF jsonb_array_length(bad.chunks) = 0 AND NOT bad.open THEN
             RAISE EXCEPTION 'chunkd: %chunks must not be empty', where_ USING ERRCODE = '22023';
         ELSIF bad.max_concurrency < 1 THEN
             RAISE EXCEPTION 'chunkd: %max_concurrency must be NULL (unlimited) or >= 1, got %',
@@ -272,6 +278,9 @@ BEGIN
         ELSIF length(bad.dedupe_key) > 256 THEN
             RAISE EXCEPTION 'chunkd: %dedupe_key must be at most 256 characters, got %',
                 where_, length(bad.dedupe_key) USING ERRCODE = '22023';
+        ELSIF length(bad.on_finish_kind) = 0 OR length(bad.on_finish_kind) > 200 THEN
+            RAISE EXCEPTION 'chunkd: %on_finish_kind must be NULL or a non-empty text of at '
+                'most 200 characters', where_ USING ERRCODE = '22023';
         -- Documented limits: a queue is not a blob store, and one huge job must not bloat the
         -- tables every claim reads. (Sizes as stored, i.e. after jsonb encoding.)
         ELSIF pg_column_size(bad.chunks) > 16 * 1024 * 1024 THEN
@@ -299,9 +308,10 @@ BEGIN
         ), ins AS (
             INSERT INTO chunkd.jobs AS j (public_id, kind, payload, max_concurrency,
                                           max_attempts, priority, total_chunks, run_at,
-                                          dedupe_key)
+                                          dedupe_key, open, on_finish_kind)
             SELECT i.public_id, i.kind, i.payload, i.max_concurrency, i.max_attempts,
-                   i.priority, jsonb_array_length(i.chunks), i.run_at, i.dedupe_key
+                   i.priority, jsonb_array_length(i.chunks), i.run_at, i.dedupe_key, i.open,
+                   i.on_finish_kind
             FROM input i
             ORDER BY i.dedupe_key IS NULL, i.kind, i.dedupe_key, i.ord
             ON CONFLICT (kind, dedupe_key)
@@ -381,9 +391,9 @@ BEGIN
 END;
 $$;
 
--- The public enqueue: version 1's six arguments, then run_at and dedupe_key. A new signature
--- is a new function: created beside the old one, the old one's grants carried over, then the
--- old one dropped.
+-- The public enqueue: version 1's six arguments, then run_at and dedupe_key, then version 3's
+-- open and on_finish_kind. A new signature is a new function: created beside the old one, the
+-- old one's grants carried over, then the old one dropped.
 CREATE FUNCTION chunkd.create_sync_job(
     kind text,
     chunks jsonb,
@@ -392,7 +402,9 @@ CREATE FUNCTION chunkd.create_sync_job(
     max_attempts int DEFAULT 3,
     priority int DEFAULT 0,
     run_at timestamptz DEFAULT NULL,
-    dedupe_key text DEFAULT NULL
+    dedupe_key text DEFAULT NULL,
+    open boolean DEFAULT false,
+    on_finish_kind text DEFAULT NULL
 ) RETURNS uuid
 LANGUAGE sql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -407,14 +419,16 @@ BEGIN ATOMIC
             'max_attempts', create_sync_job.max_attempts,
             'priority', create_sync_job.priority,
             'run_at', create_sync_job.run_at,
-            'dedupe_key', create_sync_job.dedupe_key)),
+            'dedupe_key', create_sync_job.dedupe_key,
+            'open', create_sync_job.open,
+            'on_finish_kind', create_sync_job.on_finish_kind)),
         true) j;
 END;
 
 SELECT chunkd.carry_grants(
-    'chunkd.create_sync_job(text, jsonb, jsonb, int, int, int)',
-    'chunkd.create_sync_job(text, jsonb, jsonb, int, int, int, timestamptz, text)');
-DROP FUNCTION chunkd.create_sync_job(text, jsonb, jsonb, int, int, int);
+    'chunkd.create_sync_job(text, jsonb, jsonb, int, int, int, boolean, text)',
+    'chunkd.create_sync_job(text, jsonb, jsonb, int, int, int, timestamptz, text, boolean, text)');
+DROP FUNCTION chunkd.create_sync_job(text, jsonb, jsonb, int, int, int, boolean, text);
 
 -- Many jobs in one call and one transaction (a planner fanning out one job per mailbox makes
 -- one round trip); ids in input order.
@@ -593,6 +607,24 @@ $$;
 -- Monitoring: the `scheduled` status
 -- ---------------------------------------------------------------------------------------------
 
+-- A job's overall status, from its row alone, for the dashboard's functions (a job's counters
+-- say everything but pending/processing, which only matter before it finishes). The view below
+-- spells the same CASE out: a view's caller needs EXECUTE on every function it calls, and the
+-- roles that read the view are granted nothing else. tests/test_web_pages.py holds the two
+-- equal in every status.
+CREATE FUNCTION chunkd.overall_status(j chunkd.jobs) RETURNS text
+LANGUAGE sql STABLE
+RETURN CASE
+    WHEN j.cancelled_at IS NOT NULL THEN 'cancelled'
+    WHEN j.finished_at IS NULL THEN
+        CASE WHEN j.started_at IS NOT NULL THEN 'processing'
+             WHEN j.run_at > now() THEN 'scheduled'
+             ELSE 'pending' END
+    WHEN j.failed_chunks > 0 THEN 'partial_failure'
+    WHEN j.cancelled_chunks > 0 THEN 'cancelled'
+    ELSE 'completed'
+END;
+
 -- Columns are appended (run_at, dedupe_key), so the views are replaced in place and whatever
 -- depends on them keeps working.
 CREATE OR REPLACE VIEW chunkd.sync_jobs AS
@@ -622,8 +654,8 @@ SELECT
         WHEN j.cancelled_chunks > 0 THEN 'cancelled'
         ELSE 'completed'
     END AS overall_status,
-    round((j.completed_chunks + j.failed_chunks + j.cancelled_chunks) * 100.0
-          / j.total_chunks, 2) AS progress_percentage,
+    coalesce(round((j.completed_chunks + j.failed_chunks + j.cancelled_chunks) * 100.0
+                   / nullif(j.total_chunks, 0), 2), 0) AS progress_percentage,
     j.created_at,
     j.started_at,
     j.finished_at,
@@ -634,6 +666,7 @@ CROSS JOIN LATERAL (
            + (SELECT count(*) FROM chunkd.scheduled s WHERE s.job_id = j.id) AS pending
 ) c;
 
+-- As in version 3, plus run_at.
 CREATE OR REPLACE FUNCTION chunkd.get_sync_job_progress(sync_job_id uuid) RETURNS jsonb
 LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -655,11 +688,17 @@ BEGIN ATOMIC
         'run_at', s.run_at,
         'chunks_per_second', r.chunks_per_second,
         'eta_seconds', CASE
-            WHEN s.pending_chunks + s.processing_chunks = 0 THEN 0
+            WHEN s.pending_chunks + s.processing_chunks = 0 AND NOT j.open THEN 0
             WHEN r.chunks_per_second > 0
             THEN round((s.pending_chunks + s.processing_chunks) / r.chunks_per_second, 1)
-        END)
+        END,
+        'open', j.open,
+        'total_is_final', j.finished_at IS NOT NULL OR j.cancelled_at IS NOT NULL
+                          OR (NOT j.open AND j.appended_chunks = 0),
+        'appended_chunks', j.appended_chunks,
+        'on_finish_kind', j.on_finish_kind)
     FROM chunkd.chunk_processing_status s
+    JOIN chunkd.jobs j ON j.public_id = s.parent_sync_job_id
     CROSS JOIN LATERAL (
         SELECT CASE WHEN s.started_at IS NULL THEN NULL
                     ELSE round((s.completed_chunks + s.failed_chunks)::numeric
@@ -670,6 +709,61 @@ BEGIN ATOMIC
     WHERE s.parent_sync_job_id = get_sync_job_progress.sync_job_id;
 END;
 
+-- The dashboard's jobs list (version 4) takes the view's new column and status too. Its table
+-- changes, so it is a new function: created beside the old one, grants carried, old dropped.
+ALTER FUNCTION chunkd.sync_jobs_page(text, text, int, int) RENAME TO sync_jobs_page_v4;
+CREATE FUNCTION chunkd.sync_jobs_page(kind text DEFAULT NULL, status text DEFAULT NULL,
+                                      page_size int DEFAULT 50, skip int DEFAULT 0)
+RETURNS TABLE (parent_sync_job_id uuid, kind text, total_chunks int, pending_chunks int,
+               processing_chunks int, completed_chunks int, failed_chunks int,
+               cancelled_chunks int, overall_status text, progress_percentage numeric,
+               created_at timestamptz, started_at timestamptz, finished_at timestamptz,
+               run_at timestamptz)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    WITH page AS (
+        SELECT j.id, j.public_id, j.kind, j.total_chunks, j.completed_chunks, j.failed_chunks,
+               j.cancelled_chunks, j.created_at, j.started_at, j.finished_at, j.run_at,
+               chunkd.overall_status(j) AS overall_status
+        FROM chunkd.jobs j
+        WHERE (sync_jobs_page.kind IS NULL OR j.kind = sync_jobs_page.kind)
+          AND (sync_jobs_page.status IS NULL
+               OR chunkd.overall_status(j) = sync_jobs_page.status)
+        ORDER BY j.created_at DESC, j.public_id
+        LIMIT greatest(sync_jobs_page.page_size, 0) OFFSET greatest(sync_jobs_page.skip, 0)
+    ), running AS (
+        SELECT a.job_id, count(*)::int AS n
+        FROM chunkd.attempts a
+        WHERE a.ended_at IS NULL AND a.job_id IN (SELECT p.id FROM page p)
+        GROUP BY a.job_id
+    )
+    SELECT p.public_id, p.kind, p.total_chunks,
+           p.total_chunks - p.completed_chunks - p.failed_chunks - p.cancelled_chunks
+               - coalesce(r.n, 0),
+           coalesce(r.n, 0), p.completed_chunks, p.failed_chunks, p.cancelled_chunks,
+           p.overall_status,
+           coalesce(round((p.completed_chunks + p.failed_chunks + p.cancelled_chunks) * 100.0
+                          / nullif(p.total_chunks, 0), 2), 0),
+           p.created_at, p.started_at, p.finished_at, p.run_at
+    FROM page p LEFT JOIN running r ON r.job_id = p.id
+    ORDER BY p.created_at DESC, p.public_id;
+END;
+SELECT chunkd.carry_grants('chunkd.sync_jobs_page_v4(text, text, int, int)',
+                           'chunkd.sync_jobs_page(text, text, int, int)');
+DROP FUNCTION chunkd.sync_jobs_page_v4(text, text, int, int);
+
+CREATE OR REPLACE FUNCTION chunkd.sync_job_status_counts(kind text DEFAULT NULL)
+RETURNS TABLE (overall_status text, jobs bigint)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT chunkd.overall_status(j), count(*)
+    FROM chunkd.jobs j
+    WHERE sync_job_status_counts.kind IS NULL OR j.kind = sync_job_status_counts.kind
+    GROUP BY 1;
+END;
+
 -- Nothing is granted to PUBLIC (functions are executable by PUBLIC by default).
 REVOKE ALL ON FUNCTION chunkd.carry_grants(regprocedure, regprocedure) FROM PUBLIC;
 REVOKE ALL ON FUNCTION chunkd.job_specs(jsonb) FROM PUBLIC;
@@ -677,15 +771,18 @@ REVOKE ALL ON FUNCTION chunkd.misshapen_job_specs(jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION chunkd.invalid_job_spec(jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION chunkd.job_spec_problem(jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION chunkd.create_jobs(jsonb, boolean) FROM PUBLIC;
-REVOKE ALL ON FUNCTION chunkd.create_sync_job(text, jsonb, jsonb, int, int, int, timestamptz, text)
+REVOKE ALL ON FUNCTION
+    chunkd.create_sync_job(text, jsonb, jsonb, int, int, int, timestamptz, text, boolean, text)
     FROM PUBLIC;
 REVOKE ALL ON FUNCTION chunkd.create_sync_jobs(jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION chunkd.trigger_run_at_notify() FROM PUBLIC;
+REVOKE ALL ON FUNCTION chunkd.overall_status(chunkd.jobs) FROM PUBLIC;
+REVOKE ALL ON FUNCTION chunkd.sync_jobs_page(text, text, int, int) FROM PUBLIC;
 
 -- Whoever could create jobs can create them in bulk, and learn whether a job was created.
 SELECT chunkd.carry_grants(
-    'chunkd.create_sync_job(text, jsonb, jsonb, int, int, int, timestamptz, text)',
+    'chunkd.create_sync_job(text, jsonb, jsonb, int, int, int, timestamptz, text, boolean, text)',
     'chunkd.create_sync_jobs(jsonb)');
 SELECT chunkd.carry_grants(
-    'chunkd.create_sync_job(text, jsonb, jsonb, int, int, int, timestamptz, text)',
+    'chunkd.create_sync_job(text, jsonb, jsonb, int, int, int, timestamptz, text, boolean, text)',
     'chunkd.create_jobs(jsonb, boolean)');

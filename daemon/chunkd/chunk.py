@@ -1,5 +1,6 @@
-"""The chunk handed to handlers, the two exceptions handlers raise to steer retries, and the
-exact JSON that carries payloads and results.
+"""The chunk handed to handlers, the two exceptions handlers raise to steer retries,
+``Continue``, which a handler returns to add chunks to its own job, and the exact JSON that
+carries payloads and results.
 
 These names are public API: handlers written by users import them from ``chunkd``.
 
@@ -15,14 +16,15 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from dataclasses import FrozenInstanceError
+from collections.abc import Sequence
+from dataclasses import FrozenInstanceError, dataclass
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
 import orjson
 
-__all__ = ["Chunk", "PermanentError", "RetryLater", "dumps_json", "loads_json"]
+__all__ = ["Chunk", "Continue", "PermanentError", "RetryLater", "dumps_json", "loads_json"]
 
 # A non-integer number token has a digit followed by '.', 'e' or 'E'; an integer of 19 digits
 # or more may not fit the 64 bits orjson reads exactly (it turns bigger ones into floats).
@@ -286,3 +288,21 @@ class RetryLater(Exception):
             raise ValueError("RetryLater delay_s must be >= 0")
         super().__init__(message or f"retry requested in {delay_s}s")
         self.delay_s = float(delay_s)
+
+
+@dataclass(frozen=True, slots=True)
+class Continue:
+    """Returned by a handler: complete this chunk with ``result`` and append ``chunks`` to its
+    job (a continuation: the next page, the next UID range).
+
+    The chunks are appended in the same transaction as the completion, and only if the
+    completion is accepted: a stale worker (its lease was lost and the chunk re-claimed)
+    appends nothing. They take the job's next ``seq`` values, so a ``max_concurrency = 1`` job
+    runs them in order after this chunk. ``result`` is any JSON value (or None); ``chunks`` is
+    a sequence of JSON chunk payloads (empty: a plain completion). Limits as for enqueue: at
+    most 16 MiB of chunks per call and 1,000,000 chunks per job; a ``Continue`` over them fails
+    the chunk at once (``PermanentError``).
+    """
+
+    result: Any = None
+    chunks: Sequence[Any] = ()

@@ -70,6 +70,11 @@ class RunSettings:
     metrics_port: int | None = None
     metrics_interval_s: float = 15.0
     http_headers: dict[str, str] = field(default_factory=dict)
+    # Schedules: how often the database is asked for due schedules (at most; the daemon
+    # sleeps until the earliest due time when that is sooner). 0 = this daemon fires none.
+    schedule_interval_s: float = 5.0
+    # Tests only: a file holding the schedule clock's time (ISO 8601), instead of the database's.
+    schedule_clock_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -101,4 +106,5 @@ class RunSettings:
             "metrics_port": self.metrics_port,
             "metrics_interval_s": self.metrics_interval_s,
             "http_headers": sorted(self.http_headers),
+            "schedule_interval_s": self.schedule_interval_s,
         }

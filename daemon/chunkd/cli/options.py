@@ -8,6 +8,7 @@ import os
 import sys
 import uuid
 from collections.abc import Callable, Coroutine
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -24,9 +25,11 @@ __all__ = [
     "JOB_ID",
     "LINE",
     "STALE_AFTER_DEFAULT",
+    "TIMESTAMP",
     "Duration",
     "JobId",
     "Line",
+    "Timestamp",
     "console",
     "dsn_option",
     "plural",
@@ -55,6 +58,41 @@ class Duration(click.ParamType[float]):
 
 
 DURATION = Duration()
+
+
+class Timestamp(click.ParamType[datetime]):
+    """A point in time: ISO 8601 with a time zone (``2026-12-01T08:00:00Z``, ``...+01:00``).
+
+    A time without a zone is refused rather than guessed: the client's and the database's
+    zones may differ, and an hour off is a job started an hour early.
+    """
+
+    name = "timestamp"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        try:
+            when = datetime.fromisoformat(str(value).strip())
+        except ValueError:
+            self.fail(
+                f"{value!r} is not a timestamp: give ISO 8601 with a time zone, "
+                "e.g. 2026-12-01T08:00:00Z",
+                param,
+                ctx,
+            )
+        if when.tzinfo is None or when.utcoffset() is None:
+            self.fail(
+                f"{value!r} has no time zone: add Z (UTC) or an offset such as +01:00",
+                param,
+                ctx,
+            )
+        return when
+
+
+TIMESTAMP = Timestamp()
 
 
 class Line(click.ParamType[str]):

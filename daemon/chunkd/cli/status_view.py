@@ -36,6 +36,7 @@ __all__ = [
 Snapshot = ops.JobDetail | tuple[list[ops.JobRow], int]
 
 _STATUS_STYLE = {
+    "scheduled": "blue",
     "pending": "yellow",
     "processing": "cyan",
     "completed": "green",
@@ -165,9 +166,12 @@ def job_view(detail: ops.JobDetail) -> RenderableType:
         "settings",
         f"priority {detail.priority}, max_concurrency "
         f"{detail.max_concurrency if detail.max_concurrency is not None else 'unlimited'}, "
-        f"max_attempts {detail.max_attempts}",
+        f"max_attempts {detail.max_attempts}"
+        + (f", dedupe_key {detail.dedupe_key!r}" if detail.dedupe_key is not None else ""),
     )
     facts.add_row("created", _when(p.get("created_at")))
+    if p.get("run_at") is not None:
+        facts.add_row("run at", _when(p["run_at"]))
     facts.add_row("started", _when(p.get("started_at")))
     facts.add_row("finished", _when(p.get("finished_at")))
     parts: list[RenderableType] = [facts]

@@ -9,6 +9,7 @@ from uuid import UUID
 
 import asyncpg
 
+from chunkd.db.schedules import ScheduleStore
 from chunkd.db.sql_files import queries
 
 __all__ = ["ClaimedRow", "Queue"]
@@ -38,6 +39,7 @@ class Queue:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
         self._q = queries()
+        self.schedules = ScheduleStore(pool)
 
     async def claim(
         self, worker_id: str, batch_size: int, kinds: Sequence[str] | None, lease_s: float
@@ -68,6 +70,22 @@ class Queue:
             list(results_json),
         )
         return {row[0] for row in rows}
+
+    async def complete_and_append(
+        self,
+        worker_id: str,
+        chunk_id: int,
+        attempt: int,
+        result_json: str | None,
+        chunks_json: str,
+    ) -> int | None:
+        """Completes one chunk and appends ``chunks_json`` (a JSON array) to its job, in one
+        transaction; returns how many were appended, or None when fenced out (nothing
+        changed). Raises DatabaseError when the chunks are refused (limits)."""
+        appended: int | None = await self._pool.fetchval(
+            self._q["complete_and_append"], worker_id, chunk_id, attempt, result_json, chunks_json
+        )
+        return appended
 
     async def fail(
         self,

@@ -1,8 +1,9 @@
 """The ``exec:CMD`` handler: run a command per chunk, chunk JSON on stdin, result on stdout.
 
 Exit status mapping (spec §4): 0 is done (stdout parsed as JSON, else kept as text, empty
-is ``None``), 75 (``EX_TEMPFAIL``, as in sysexits.h) is retryable, anything else, including
-death by a signal, fails the chunk at once.
+is ``None``; a ``"$chunkd"`` key appends chunks, see :mod:`chunkd.handlers.reserved`), 75
+(``EX_TEMPFAIL``, as in sysexits.h) is retryable, anything else, including death by a
+signal, fails the chunk at once.
 
 Each command runs in its own session, so when the daemon's per-chunk timeout cancels us we
 can SIGKILL the whole process group: a ``sh -c`` wrapper's children would otherwise outlive
@@ -22,6 +23,7 @@ from typing import Any
 
 from chunkd.chunk import Chunk, PermanentError
 from chunkd.handlers import HandlerError
+from chunkd.handlers.reserved import continuation_of
 
 __all__ = ["EX_TEMPFAIL", "ExecHandler", "ExecRetryableError"]
 
@@ -49,9 +51,10 @@ def _parse_stdout(stdout: bytes) -> Any:
         return None
     try:
         # Decimal: the result is stored with every number exactly as printed.
-        return json.loads(text, parse_constant=_reject_constant, parse_float=Decimal)
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=Decimal)
     except ValueError:
         return text
+    return continuation_of(value)
 
 
 def _stderr_excerpt(stderr: bytes) -> str:

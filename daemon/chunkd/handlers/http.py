@@ -1,6 +1,7 @@
 """The ``http:URL`` handler: POST each chunk as JSON to a URL (e.g. a Supabase edge function).
 
-Status mapping (spec §4): 2xx is done, 408/429/5xx/timeouts/connection errors are retryable
+Status mapping (spec §4): 2xx is done (a ``"$chunkd"`` key in a JSON object body appends
+chunks, see :mod:`chunkd.handlers.reserved`), 408/429/5xx/timeouts/connection errors are retryable
 (``Retry-After`` is honoured via :class:`~chunkd.RetryLater`), 3xx and other 4xx fail the
 chunk at once. Configured headers usually carry credentials (``Authorization: Bearer …``),
 so their values never appear in logs, reprs or error messages, and they live only inside the
@@ -23,6 +24,7 @@ import httpx
 
 from chunkd.chunk import Chunk, PermanentError, RetryLater
 from chunkd.handlers import HandlerError
+from chunkd.handlers.reserved import continuation_of
 from chunkd.version import __version__
 
 __all__ = [
@@ -262,11 +264,12 @@ class HttpHandler:
                 return None
             try:
                 # Decimal: the result is stored with every number exactly as sent.
-                return json.loads(
+                value = json.loads(
                     response.content, parse_constant=_reject_constant, parse_float=Decimal
                 )
             except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
                 return response.text
+            return continuation_of(value)  # "$chunkd": {"append": [...]}
         prefix = f"HTTP {status} from {self.display_url}"
         if 300 <= status < 400:
             raise PermanentError(f"{prefix}: redirects are not followed; configure the final URL")

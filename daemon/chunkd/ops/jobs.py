@@ -1,8 +1,9 @@
 """What the operator commands do to jobs: enqueue, read progress, retry, cancel, reap, purge.
 
 Every function takes a connection from :func:`chunkd.db.connect` and runs named statements from
-``sql/queries.sql``; writes go through the public SQL functions, so the checks that protect an
-edge function calling ``create_sync_job`` over RPC protect the CLI too.
+``sql/queries.sql``; writes go through the SQL functions (enqueue through ``create_jobs``, the
+function behind ``create_sync_job``), so the checks that protect an edge function calling
+``create_sync_job`` over RPC protect the CLI too.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TERMINAL_STATUSES",
+    "Enqueued",
     "JobDetail",
     "JobRow",
     "cancel_job",
@@ -36,6 +38,15 @@ __all__ = [
 TERMINAL_STATUSES = frozenset({"completed", "partial_failure", "cancelled"})
 
 
+@dataclass(frozen=True)
+class Enqueued:
+    """What ``enqueue`` did: ``created`` is False when an unfinished job of the same kind
+    holds the dedupe key, and ``job_id`` is that job's."""
+
+    job_id: UUID
+    created: bool
+
+
 async def enqueue(
     conn: asyncpg.Connection,
     *,
@@ -45,22 +56,37 @@ async def enqueue(
     max_concurrency: int | None,
     max_attempts: int,
     priority: int,
-) -> UUID:
-    """One job through ``create_sync_job``: job, chunks and queue rows in one transaction.
-
-    Numbers go as they were read (:class:`decimal.Decimal` written exactly, never through a
-    float)."""
+    run_at: datetime | None = None,
+    run_in_s: float | None = None,
+    dedupe_key: str | None = None,
+    open_job: bool = False,
+    on_finish_kind: str | None = None,
+) -> Enqueued:
+    """One job through ``create_jobs``, the function behind ``create_sync_job``: job, chunks
+    and queue rows in one transaction. ``run_in_s`` (seconds from now by the database clock)
+    takes the place of ``run_at``; ``open_job``: the job takes chunks from ``append`` until
+    closed (``chunks`` may be empty); ``on_finish_kind``: the kind of the one-chunk job created
+    when this one finishes. Numbers go as they were read (:class:`decimal.Decimal` written
+    exactly, never through a float)."""
+    spec = {
+        "kind": kind,
+        "chunks": chunks,
+        "payload": payload,
+        "max_concurrency": max_concurrency,
+        "max_attempts": max_attempts,
+        "priority": priority,
+        "run_at": run_at.isoformat() if run_at is not None else None,
+        "dedupe_key": dedupe_key,
+        "open": open_job,
+        "on_finish_kind": on_finish_kind,
+    }
     with database_errors(conn):
-        job_id: UUID = await conn.fetchval(
-            queries()["ops_create_sync_job"],
-            kind,
-            dumps_json(chunks, ensure_ascii=False),
-            dumps_json(payload, ensure_ascii=False),
-            max_concurrency,
-            max_attempts,
-            priority,
+        (row,) = await conn.fetch(
+            queries()["ops_create_job"],
+            dumps_json(spec, ensure_ascii=False),
+            run_in_s,
         )
-    return job_id
+    return Enqueued(job_id=row["sync_job_id"], created=row["created"])
 
 
 @dataclass(frozen=True)
@@ -80,6 +106,7 @@ class JobRow:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    run_at: datetime | None = None
 
     @property
     def terminal(self) -> bool:
@@ -101,6 +128,7 @@ class JobRow:
             "created_at": self.created_at.isoformat(),
             "started_at": self.started_at.isoformat() if self.started_at else None,
             "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+            "run_at": self.run_at.isoformat() if self.run_at else None,
         }
 
 
@@ -137,6 +165,7 @@ def _job_row(record: asyncpg.Record) -> JobRow:
         created_at=record["created_at"],
         started_at=record["started_at"],
         finished_at=record["finished_at"],
+        run_at=record["run_at"],
     )
 
 
@@ -151,6 +180,7 @@ class JobDetail:
     max_attempts: int
     recent_errors: list[dict[str, Any]]
     live_worker_for_kind: bool
+    dedupe_key: str | None = None
 
     @property
     def kind(self) -> str:
@@ -177,6 +207,7 @@ class JobDetail:
             "priority": self.priority,
             "max_concurrency": self.max_concurrency,
             "max_attempts": self.max_attempts,
+            "dedupe_key": self.dedupe_key,
             "live_worker_for_kind": self.live_worker_for_kind,
             "note": self.note,
             "recent_errors": self.recent_errors,
@@ -213,6 +244,7 @@ async def job_detail(
             for r in errors
         ],
         live_worker_for_kind=bool(live),
+        dedupe_key=settings["dedupe_key"],
     )
 
 

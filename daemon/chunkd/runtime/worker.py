@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from chunkd.chunk import Chunk, PermanentError, RetryLater, dumps_json
+from chunkd.chunk import Chunk, Continue, PermanentError, RetryLater, dumps_json
 from chunkd.db import ClaimedRow
 from chunkd.handlers import Handler
 from chunkd.observability.metrics import Metrics
@@ -94,6 +94,10 @@ class Worker:
         except (Exception, SystemExit, KeyboardInterrupt, GeneratorExit) as exc:
             # SystemExit too: a handler calling sys.exit() fails its chunk, not the daemon.
             return Outcome(error=_describe(exc))
+        if isinstance(result, Continue):
+            from chunkd.runtime.continuation import continuation_outcome
+
+            return continuation_outcome(result)
         try:
             # dumps_json: a Decimal (as handlers get for non-integers) is written exactly.
             result_json = None if result is None else dumps_json(result)

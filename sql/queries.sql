@@ -169,7 +169,7 @@ SELECT status, chunks FROM chunkd.queue_depth();
 -- Schedules (chunkd.runtime.schedules fires them; chunkd.db.schedules runs these)
 
 -- name: schedule_clock
-SELECT clock_timestamp();
+SELECT pg_catalog.clock_timestamp();
 
 -- name: schedules_due
 SELECT id, name, cron, timezone, next_fire_at FROM chunkd.schedules_due($1, $2);
@@ -192,10 +192,11 @@ SELECT outcome, sync_job_id FROM chunkd.fire_schedule($1, $2, $3, $4);
 -- one with the same dedupe key returned.
 SELECT j.sync_job_id, j.created
 FROM chunkd.create_jobs(
-    jsonb_build_array($1::jsonb || CASE WHEN $2::float8 IS NULL THEN '{}'::jsonb
-                                        ELSE jsonb_build_object(
-                                            'run_at', now() + make_interval(secs => $2))
-                                   END),
+    pg_catalog.jsonb_build_array(
+        $1::jsonb || CASE WHEN $2::float8 IS NULL THEN '{}'::jsonb
+                          ELSE pg_catalog.jsonb_build_object(
+                              'run_at', pg_catalog.now() + pg_catalog.make_interval(secs => $2))
+                     END),
     true) j;
 
 -- name: ops_append_chunks
@@ -304,7 +305,8 @@ SELECT chunkd.create_sync_job($1::text, $2::jsonb, $3::jsonb, $4::int, $5::int, 
 
 -- name: client_create_sync_jobs
 -- Ids in input order.
-SELECT t.id FROM chunkd.create_sync_jobs($1::jsonb) WITH ORDINALITY AS t(id, n) ORDER BY t.n;
+SELECT create_sync_jobs FROM chunkd.create_sync_jobs($1::jsonb) WITH ORDINALITY
+ORDER BY ordinality;
 
 -- name: client_get_progress
 SELECT chunkd.get_sync_job_progress($1::uuid)::text;

@@ -62,7 +62,7 @@ async def record(chunk: Chunk) -> dict[str, object]:
     if payload.get("fail") == "first_run":
         # Fails for good the first time the chunk ever runs; an operator's retry then succeeds.
         runs = await pool.fetchval(
-            "SELECT count(*) FROM test_executions WHERE chunk_id = $1", chunk.chunk_id
+            "SELECT count(*) FROM public.test_executions WHERE chunk_id = $1", chunk.chunk_id
         )
         if runs == 1:
             raise PermanentError("planned failure of the first run")

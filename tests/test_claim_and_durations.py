@@ -55,7 +55,7 @@ async def test_small_limited_job_starts_at_once_beside_busy_limited_jobs(db, sta
         counts = await status_counts(db, job)
         assert counts.get("pending", 0) > 20, "the big jobs were not drained first"
     rows = await db.fetch(
-        "SELECT job_id, seq, started_at, ended_at FROM test_executions WHERE job_id = $1"
+        "SELECT job_id, seq, started_at, ended_at FROM public.test_executions WHERE job_id = $1"
         " ORDER BY seq",
         small,
     )

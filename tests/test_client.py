@@ -25,7 +25,7 @@ import chunkd
 from chunkd.client import sync
 from enqueue_helpers import job_count, overall_status
 
-ORDERS = "CREATE TABLE orders (id int PRIMARY KEY)"
+ORDERS = "CREATE TABLE public.orders (id int PRIMARY KEY)"
 
 
 class Abort(Exception):
@@ -33,7 +33,7 @@ class Abort(Exception):
 
 
 async def _orders(conn: asyncpg.Connection) -> list[int]:
-    return [r["id"] for r in await conn.fetch("SELECT id FROM orders ORDER BY id")]
+    return [r["id"] for r in await conn.fetch("SELECT id FROM public.orders ORDER BY id")]
 
 
 async def _jobs(conn: asyncpg.Connection) -> list[tuple[str, str]]:
@@ -49,12 +49,12 @@ async def _jobs(conn: asyncpg.Connection) -> list[tuple[str, str]]:
 async def test_asyncpg_job_commits_and_rolls_back_with_the_callers_transaction(conn) -> None:
     await conn.execute(ORDERS)
     async with conn.transaction():
-        await conn.execute("INSERT INTO orders VALUES (1)")
+        await conn.execute("INSERT INTO public.orders VALUES (1)")
         job = await chunkd.create_sync_job(conn, "ship", [{"order": 1}], payload={"order": 1})
         [bulk] = await chunkd.create_sync_jobs(conn, [{"kind": "invoice", "chunks": [1]}])
     with pytest.raises(Abort):
         async with conn.transaction():
-            await conn.execute("INSERT INTO orders VALUES (2)")
+            await conn.execute("INSERT INTO public.orders VALUES (2)")
             await chunkd.create_sync_job(conn, "ship", [{"order": 2}], payload={"order": 2})
             await chunkd.create_sync_jobs(conn, [{"kind": "invoice", "chunks": [2]}])
             raise Abort
@@ -88,20 +88,20 @@ async def test_psycopg_async_job_commits_and_rolls_back_with_the_callers_transac
 ) -> None:
     await conn.execute(ORDERS)
     # Non-autocommit: the first statement opens the transaction, as psycopg always does.
-    await psycopg_async.execute("INSERT INTO orders VALUES (1)")
+    await psycopg_async.execute("INSERT INTO public.orders VALUES (1)")
     await chunkd.create_sync_job(psycopg_async, "ship", [1], payload={"order": 1})
     assert await job_count(conn) == 0, "not visible before the caller commits"
     await psycopg_async.commit()
-    await psycopg_async.execute("INSERT INTO orders VALUES (2)")
+    await psycopg_async.execute("INSERT INTO public.orders VALUES (2)")
     await chunkd.create_sync_jobs(psycopg_async, [{"kind": "ship", "chunks": [2]}])
     await psycopg_async.rollback()
     with pytest.raises(Abort):
         async with psycopg_async.transaction():
-            await psycopg_async.execute("INSERT INTO orders VALUES (3)")
+            await psycopg_async.execute("INSERT INTO public.orders VALUES (3)")
             await chunkd.create_sync_job(psycopg_async, "ship", [3], payload={"order": 3})
             raise Abort
     async with psycopg_async.transaction():
-        await psycopg_async.execute("INSERT INTO orders VALUES (4)")
+        await psycopg_async.execute("INSERT INTO public.orders VALUES (4)")
         await chunkd.create_sync_job(psycopg_async, "ship", [4], payload={"order": 4})
     assert await _orders(conn) == [1, 4]
     assert await _jobs(conn) == [("ship", '{"order": 1}'), ("ship", '{"order": 4}')]
@@ -120,18 +120,18 @@ async def test_psycopg_sync_job_commits_and_rolls_back_with_the_callers_transact
     conn, psycopg_sync
 ) -> None:
     await conn.execute(ORDERS)
-    psycopg_sync.execute("INSERT INTO orders VALUES (1)")
+    psycopg_sync.execute("INSERT INTO public.orders VALUES (1)")
     job = sync.create_sync_job(psycopg_sync, "ship", [1], payload={"order": 1})
     psycopg_sync.commit()
-    psycopg_sync.execute("INSERT INTO orders VALUES (2)")
+    psycopg_sync.execute("INSERT INTO public.orders VALUES (2)")
     sync.create_sync_job(psycopg_sync, "ship", [2], payload={"order": 2})
     psycopg_sync.rollback()
     with pytest.raises(Abort), psycopg_sync.transaction():
-        psycopg_sync.execute("INSERT INTO orders VALUES (3)")
+        psycopg_sync.execute("INSERT INTO public.orders VALUES (3)")
         sync.create_sync_jobs(psycopg_sync, [{"kind": "ship", "chunks": [3]}])
         raise Abort
     with psycopg_sync.transaction():
-        psycopg_sync.execute("INSERT INTO orders VALUES (4)")
+        psycopg_sync.execute("INSERT INTO public.orders VALUES (4)")
         [bulk] = sync.create_sync_jobs(psycopg_sync, [{"kind": "ship", "chunks": [4]}])
     assert await _orders(conn) == [1, 4]
     assert await _jobs(conn) == [("ship", '{"order": 1}'), ("ship", "{}")]

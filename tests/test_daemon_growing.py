@@ -54,7 +54,7 @@ async def _check_chain(conn: asyncpg.Connection, job, pages: int) -> list[asyncp
     assert {r["status"] for r in rows} == {"completed"}
     assert all(r["result"] == {"page": r["seq"]} for r in rows)
     runs = await conn.fetch(
-        "SELECT DISTINCT ON (seq) seq, started_at, ended_at FROM test_executions "
+        "SELECT DISTINCT ON (seq) seq, started_at, ended_at FROM public.test_executions "
         "WHERE job_id = $1 ORDER BY seq, started_at",
         job,
     )
@@ -77,7 +77,7 @@ async def test_a_chain_of_500_pages_runs_in_order_with_no_gap(db, start) -> None
     start("--handler", CHAIN, "--concurrency", "4", *FAST)
     await wait_until(lambda: _finished(db, job), timeout_s=90, what="the chain to finish")
     await _check_chain(db, job, 500)
-    runs = await db.fetchval("SELECT count(*) FROM test_executions WHERE job_id = $1", job)
+    runs = await db.fetchval("SELECT count(*) FROM public.test_executions WHERE job_id = $1", job)
     assert runs == 500, "no daemon died: every page ran exactly once"
 
 
@@ -205,7 +205,7 @@ async def test_on_finish_follow_up_runs_once_per_job(db, start) -> None:
 
     await wait_until(follow_ups_done, timeout_s=60, what="10 follow-up jobs")
     runs = await db.fetch(
-        "SELECT q.result->>'of' AS of, count(*) AS n FROM test_executions e "
+        "SELECT q.result->>'of' AS of, count(*) AS n FROM public.test_executions e "
         "JOIN chunkd.chunk_processing_queue q ON q.id = e.queue_id "
         "JOIN chunkd.sync_jobs j ON j.id = q.parent_sync_job_id "
         "WHERE j.kind = 'after' GROUP BY 1"

@@ -32,6 +32,9 @@ async def test_a_mailbox_synced_by_continuation_survives_a_sigkill(
     conn: asyncpg.Connection, database, start, imap: ImapServer
 ) -> None:
     assert sum(FOLDERS.values()) >= 2000
+    # The example's table lives where an application's would (schema public); chunkd's own
+    # connections pin search_path to pg_catalog, so this test's connection names it.
+    await conn.execute("SET search_path = public, pg_catalog")
     await conn.execute((EXAMPLE / "schema.sql").read_text())
     finished: list[str] = []
     listener = await connect(database.dsn)

@@ -222,8 +222,8 @@ async def test_no_usage_then_no_execute_each_named_with_the_grant(
         line,
     ), line
     assert await refused(*ENQUEUE, dsn=dsn) == (
-        f"role {role} may not execute chunkd.create_sync_job: ask the schema's owner for "
-        f"GRANT EXECUTE ON FUNCTION chunkd.create_sync_job(...) TO {role}; "
+        f"role {role} may not execute chunkd.create_jobs: ask the schema's owner for "
+        f"GRANT EXECUTE ON FUNCTION chunkd.create_jobs(...) TO {role}; "
         "(docs/security.md lists the grants of each role)"
     )
     assert await conn.fetchval("SELECT count(*) FROM chunkd.workers") == 0

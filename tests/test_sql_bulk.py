@@ -12,7 +12,7 @@ import pytest
 
 from chunkd.db import connect
 from chunkd.db.migrate import apply_migrations
-from chunkd.db.sql_files import migrations, queries
+from chunkd.db.sql_files import migrations
 from enqueue_helpers import create_sync_jobs, db_time, job_count, overall_status
 
 
@@ -200,11 +200,7 @@ async def test_upgrading_from_version_2_keeps_whoever_could_enqueue_enqueuing(
 ) -> None:
     conn = await connect(empty_database)
     try:
-        async with conn.transaction():
-            await conn.execute(queries()["migrate_bootstrap"])
-            for migration in migrations()[:2]:
-                await conn.execute(migration.sql)
-                await conn.execute(queries()["record_version"], migration.version, migration.name)
+        assert await apply_migrations(conn, up_to=2) == [1, 2]
         await conn.execute(
             f"GRANT USAGE ON SCHEMA chunkd TO {role};"
             f" GRANT EXECUTE ON FUNCTION chunkd.create_sync_job(text, jsonb, jsonb, int, int, int)"

@@ -23,19 +23,14 @@ import asyncpg
 
 from chunkd.db import connect
 from chunkd.db.migrate import apply_migrations
-from chunkd.db.sql_files import migrations, queries
+from chunkd.db.sql_files import migrations
 from sql_helpers import claim, complete, fail
 
 V1_WORKER = "oldhost:4242:abcdef"
 
 
 async def _install_v1(conn: asyncpg.Connection) -> None:
-    q = queries()
-    (v1,) = [m for m in migrations() if m.version == 1]
-    async with conn.transaction():
-        await conn.execute(q["migrate_bootstrap"])
-        await conn.execute(v1.sql)
-        await conn.execute(q["record_version"], v1.version, v1.name)
+    assert await apply_migrations(conn, up_to=1) == [1]
 
 
 async def _job(conn: asyncpg.Connection, n: int, kind: str = "k", **options: Any) -> UUID:

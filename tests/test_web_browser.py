@@ -158,7 +158,8 @@ async def test_the_dashboard_in_a_real_browser(conn, database, start, start_web)
                 '#summary .summary[data-status="completed"]', timeout=30_000
             )
             runs = await conn.fetch(
-                "SELECT seq, count(*) AS n FROM test_executions WHERE job_id = $1 GROUP BY seq",
+                "SELECT seq, count(*) AS n FROM public.test_executions WHERE job_id = $1"
+                " GROUP BY seq",
                 flaky,
             )
             assert sorted((r["seq"], r["n"]) for r in runs) == [(s, 2) for s in range(6)]

@@ -192,7 +192,9 @@ async def test_a_read_only_role_runs_every_page_but_not_the_actions(
         confirm = await http.get(f"/jobs/{job}/retry")
         refused = await http.post(f"/jobs/{job}/retry", data={"csrf": csrf_of(confirm.text)})
         assert refused.status_code == 503
-        assert "permission denied for function retry_failed_chunks" in refused.text
+        # One line naming what is missing and the GRANT that fixes it (chunkd.db.server_errors).
+        assert "may not execute chunkd.retry_failed_chunks" in refused.text
+        assert "GRANT EXECUTE ON FUNCTION chunkd.retry_failed_chunks" in refused.text
     progress = await conn.fetchval("SELECT chunkd.get_sync_job_progress($1)", job)
     assert progress["failed_chunks"] == 1, "nothing changed"
 

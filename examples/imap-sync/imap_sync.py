@@ -36,6 +36,7 @@ from typing import Any
 
 import asyncpg
 
+import chunkd
 from chunkd import Chunk, Continue, PermanentError
 
 __all__ = ["plan", "sync_folder"]
@@ -182,15 +183,18 @@ async def plan(chunk: Chunk) -> dict[str, Any]:
     cfg = dict(chunk.job_payload)
     folders = await asyncio.to_thread(_list_folders, cfg)
     pool = await _db()
-    jobs = {}
-    async with pool.acquire() as conn, conn.transaction():
-        for folder in folders:
-            payload = {**cfg, "folder": folder}
-            jobs[folder] = str(
-                await conn.fetchval(
-                    "SELECT chunkd.create_sync_job('imap_sync', '[{\"from_uid\": 1}]'::jsonb, "
-                    "$1::jsonb, max_concurrency => 1)",
-                    json.dumps(payload),
-                )
-            )
-    return {"jobs": jobs}
+    async with pool.acquire() as conn:
+        # One round trip and one transaction for every folder (the client's bulk enqueue).
+        ids = await chunkd.create_sync_jobs(
+            conn,
+            [
+                {
+                    "kind": "imap_sync",
+                    "chunks": [{"from_uid": 1}],
+                    "payload": {**cfg, "folder": folder},
+                    "max_concurrency": 1,
+                }
+                for folder in folders
+            ],
+        )
+    return {"jobs": {folder: str(job) for folder, job in zip(folders, ids, strict=True)}}

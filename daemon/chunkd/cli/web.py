@@ -133,13 +133,13 @@ async def _serve(settings: WebSettings, sock: socket.socket) -> None:
     import structlog
 
     from chunkd.db import connect, create_pool
-    from chunkd.db.migrate import check_schema
+    from chunkd.db.migrate import check_version
     from chunkd.redact import redact_dsn
     from chunkd.web import create_app
 
     conn = await connect(settings.dsn, application_name="chunkd-web")
     try:
-        await check_schema(conn)
+        await check_version(conn)  # the version only: a read-only role runs the dashboard
     finally:
         await conn.close()
     pool = await create_pool(settings.dsn, size=settings.pool_size)

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
 
+from chunkd.chunk import dumps_json
 from chunkd.errors import ChunkdError, InvalidInputError, JobNotFoundError, SchemaVersionError
 
 __all__ = [
@@ -59,7 +60,9 @@ def job_id(job: UUID | str) -> UUID:
 
 def _json(name: str, value: Any) -> str:
     try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        # dumps_json: the Decimals handlers get for non-integers are written exactly (a
+        # planner handler passes a payload it was given straight on).
+        return dumps_json(value, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"{name} is not JSON: {exc}") from None
 

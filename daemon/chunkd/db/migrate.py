@@ -74,8 +74,9 @@ async def schema_state(conn: asyncpg.Connection) -> SchemaState:
     return SchemaState(applied=tuple(r["version"] for r in rows), known=known)
 
 
-async def apply_migrations(conn: asyncpg.Connection) -> list[int]:
-    """Applies what is missing; returns the versions applied by this call.
+async def apply_migrations(conn: asyncpg.Connection, *, up_to: int | None = None) -> list[int]:
+    """Applies what is missing (up to version ``up_to``, default all); returns the versions
+    applied by this call. ``up_to`` is for tests that build an older schema's state.
 
     Raises :class:`~chunkd.errors.SchemaVersionError` for a schema newer than this chunkd, and
     :class:`~chunkd.errors.ChunkdError` for anything that stops it before it writes (see the
@@ -106,6 +107,8 @@ async def apply_migrations(conn: asyncpg.Connection) -> list[int]:
         for migration in migrations():
             if migration.version in state.applied:
                 continue
+            if up_to is not None and migration.version > up_to:
+                break
             try:
                 async with conn.transaction():
                     await conn.execute(q["pin_search_path"])
@@ -179,10 +182,11 @@ async def check_version(conn: asyncpg.Connection) -> SchemaState:
 @cache
 def daemon_functions() -> tuple[str, ...]:
     """The chunkd functions the daemon's statements call: every named block of
-    ``sql/queries.sql`` except the operator commands (``ops_``) and ``migrate_``."""
+    ``sql/queries.sql`` except the operator commands (``ops_``), the Python client's
+    (``client_``) and ``migrate_``."""
     names: set[str] = set()
     for name, sql in queries().items():
-        if not name.startswith(("ops_", "migrate_")):
+        if not name.startswith(("ops_", "client_", "migrate_")):
             names.update(re.findall(r"\bchunkd\.([a-z_][a-z0-9_]*)\(", sql))
     return tuple(sorted(names))
 

@@ -24,9 +24,9 @@ from typing import TypeVar
 
 import asyncpg
 
-from chunkd import Chunk
+from chunkd import Chunk, Continue
 
-__all__ = ["EXECUTIONS_DDL", "FAILURE_RATE", "handle"]
+__all__ = ["EXECUTIONS_DDL", "FAILURE_RATE", "chain", "handle"]
 
 #: Share of executions that raise (a transient, retryable failure).
 FAILURE_RATE = 0.02
@@ -117,3 +117,12 @@ async def handle(chunk: Chunk) -> dict[str, object]:
     if failed:
         raise RuntimeError(f"planned transient failure (attempt {chunk.attempt})")
     return {"execution": str(execution_id)}
+
+
+async def chain(chunk: Chunk) -> Continue:
+    """A continuation chain: runs like ``handle`` (recorded, may fail on purpose), then appends
+    the next page until ``last``."""
+    result = await handle(chunk)
+    page, last = chunk.payload["page"], chunk.payload["last"]
+    following = [{"page": page + 1, "last": last}] if page < last else []
+    return Continue(result=result, chunks=following)

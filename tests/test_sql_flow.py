@@ -88,14 +88,14 @@ async def test_paused_job_is_not_claimed_its_flight_finishes_and_resume_wakes(
     rows = await claim(conn, "w", 10)
     assert [r["seq"] for r in rows] == [1, 2, 3, 4]
     events = await conn.fetch(
-        "SELECT event, status, queue_id, worker_id, kind FROM chunkd.chunk_events"
+        "SELECT event, status, worker_id, kind FROM chunkd.job_events"
         " WHERE sync_job_id = $1 AND event IN ('paused', 'resumed') ORDER BY at",
         paused,
     )
     user = await conn.fetchval("SELECT session_user")
     assert [tuple(e) for e in events] == [
-        ("paused", "paused", None, user, "test"),
-        ("resumed", "pending", None, user, "test"),
+        ("paused", "paused", user, "test"),
+        ("resumed", "pending", user, "test"),
     ]
 
 
@@ -157,10 +157,10 @@ async def test_paused_kind_holds_present_and_future_jobs_of_that_kind_only(conn)
     rows = await claim(conn, "w", 10)
     assert len(rows) == 5
     events = await conn.fetch(
-        "SELECT event, sync_job_id, queue_id, kind FROM chunkd.chunk_events"
+        "SELECT event, sync_job_id, kind FROM chunkd.job_events"
         " WHERE event IN ('paused', 'resumed') ORDER BY at"
     )
-    assert [tuple(e) for e in events] == [("paused", None, None, "a"), ("resumed", None, None, "a")]
+    assert [tuple(e) for e in events] == [("paused", None, "a"), ("resumed", None, "a")]
 
 
 async def test_a_pause_waits_for_a_claim_under_way_and_later_claims_see_it(database) -> None:

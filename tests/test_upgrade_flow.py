@@ -8,7 +8,7 @@ import uuid
 
 from chunkd.db import connect
 from chunkd.db.migrate import apply_migrations
-from chunkd.db.sql_files import migrations, queries
+from chunkd.db.sql_files import migrations
 from sql_helpers import claim_or_wait
 
 
@@ -17,18 +17,11 @@ async def test_upgrade_from_version_2_keeps_work_and_grants(empty_database) -> N
     role = f"chunkd_up_{uuid.uuid4().hex[:10]}"
     conn = await connect(empty_database)
     try:
-        async with conn.transaction():
-            await conn.execute(queries()["migrate_bootstrap"])
-        for migration in migrations():
-            if migration.version < flow:
-                async with conn.transaction():
-                    await conn.execute(migration.sql)
-                    await conn.execute(
-                        queries()["record_version"], migration.version, migration.name
-                    )
+        await apply_migrations(conn, up_to=flow - 1)
         await conn.execute(f"CREATE ROLE {role}")
         await conn.execute(
-            f"GRANT EXECUTE ON FUNCTION chunkd.create_sync_job(text, jsonb, jsonb, int, int, int),"
+            "GRANT EXECUTE ON FUNCTION chunkd.create_sync_job(text, jsonb, jsonb, int, int, int,"
+            " timestamptz, text, boolean, text),"
             f" chunkd.claim_chunks(text, int, text[], float8), chunkd.queue_depth() TO {role}"
         )
         plain = await conn.fetchval("SELECT chunkd.create_sync_job('k', '[1, 2, 3]')")
@@ -42,7 +35,8 @@ async def test_upgrade_from_version_2_keeps_work_and_grants(empty_database) -> N
         assert await apply_migrations(conn) == [flow]
 
         for function in (
-            "create_sync_job(text, jsonb, jsonb, int, int, int, numeric, text)",
+            "create_sync_job(text, jsonb, jsonb, int, int, int, timestamptz, text, boolean, text,"
+            " numeric, text)",
             "claim_or_wait(text, int, text[], float8, float8)",
             "claim_chunks(text, int, text[], float8)",
             "queue_depth()",

@@ -38,6 +38,7 @@ __all__ = [
 Snapshot = ops.JobDetail | tuple[list[ops.JobRow], int, list[ops.FlowLimit]]
 
 _STATUS_STYLE = {
+    "scheduled": "blue",
     "pending": "yellow",
     "paused": "bold yellow",
     "processing": "cyan",
@@ -223,12 +224,15 @@ def job_view(detail: ops.JobDetail) -> RenderableType:
         "settings",
         f"priority {detail.priority}, max_concurrency "
         f"{detail.max_concurrency if detail.max_concurrency is not None else 'unlimited'}, "
-        f"max_attempts {detail.max_attempts}",
+        f"max_attempts {detail.max_attempts}"
+        + (f", dedupe_key {detail.dedupe_key!r}" if detail.dedupe_key is not None else ""),
     )
     flow = detail.flow.lines(detail.kind, _when)
     if flow:
         facts.add_row("flow", Text("\n".join(flow), style="yellow"))
     facts.add_row("created", _when(p.get("created_at")))
+    if p.get("run_at") is not None:
+        facts.add_row("run at", _when(p["run_at"]))
     facts.add_row("started", _when(p.get("started_at")))
     facts.add_row("finished", _when(p.get("finished_at")))
     parts: list[RenderableType] = [facts]

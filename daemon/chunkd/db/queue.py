@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 from uuid import UUID
 
 import asyncpg
 
+from chunkd.db.schedules import ScheduleStore
 from chunkd.db.sql_files import queries
 
 __all__ = ["Claim", "ClaimedRow", "Queue"]
@@ -18,7 +18,8 @@ __all__ = ["Claim", "ClaimedRow", "Queue"]
 @dataclass(frozen=True, slots=True)
 class ClaimedRow:
     """One claimed chunk as the claim returns it; ``id`` is its internal key (outcomes use it),
-    the uuids are its public identity."""
+    the uuids are its public identity. The payloads are JSON text as the database prints them
+    (decoded only if a handler reads them, so every number stays exactly as stored)."""
 
     id: int
     queue_id: UUID
@@ -27,8 +28,8 @@ class ClaimedRow:
     seq: int
     attempt: int
     kind: str
-    payload: Any
-    job_payload: Any
+    payload_json: str
+    job_payload_json: str
     lease_expires_at: datetime
 
 
@@ -47,6 +48,7 @@ class Queue:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
         self._q = queries()
+        self.schedules = ScheduleStore(pool)
 
     async def claim(
         self,
@@ -95,6 +97,22 @@ class Queue:
             list(results_json),
         )
         return {row[0] for row in rows}
+
+    async def complete_and_append(
+        self,
+        worker_id: str,
+        chunk_id: int,
+        attempt: int,
+        result_json: str | None,
+        chunks_json: str,
+    ) -> int | None:
+        """Completes one chunk and appends ``chunks_json`` (a JSON array) to its job, in one
+        transaction; returns how many were appended, or None when fenced out (nothing
+        changed). Raises DatabaseError when the chunks are refused (limits)."""
+        appended: int | None = await self._pool.fetchval(
+            self._q["complete_and_append"], worker_id, chunk_id, attempt, result_json, chunks_json
+        )
+        return appended
 
     async def fail(
         self,

@@ -34,6 +34,8 @@ class Outcome:
     error: str | None = None
     retryable: bool = True
     retry_in_s: float | None = None
+    # A continuation: a JSON array of chunks appended to the job with this completion.
+    append_json: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +76,10 @@ class Outcomes:
 
     async def record(self, row: ClaimedRow, outcome: Outcome, duration_ms: float) -> None:
         """Queues a completion (returns at once) or writes a failure (returns when written)."""
+        if outcome.error is None and outcome.append_json is not None:
+            # Not batched: its own fenced statement (rare next to plain completions).
+            await asyncio.shield(self._complete_and_append(row, outcome, duration_ms))
+            return
         if outcome.error is None:
             self._buffer.append(_Completion(row, outcome.result_json, duration_ms))
             self._has_work.set()
@@ -139,6 +145,29 @@ class Outcomes:
                 [c.result_json for c in batch],
             ),
         )
+
+    async def _complete_and_append(
+        self, row: ClaimedRow, outcome: Outcome, duration_ms: float
+    ) -> None:
+        assert outcome.append_json is not None
+        append_json = outcome.append_json
+        try:
+            appended = await retry_transient(
+                "complete_and_append",
+                lambda: self._queue.complete_and_append(
+                    self._worker_id, row.id, row.attempt, outcome.result_json, append_json
+                ),
+            )
+        except DatabaseError as exc:  # refused (limits, a value jsonb cannot hold): for good
+            error = f"continuation rejected by the database: {exc}"
+            await self._fail(row, Outcome(error=error, retryable=False), duration_ms)
+            return
+        if appended is None:
+            self._fenced(row, duration_ms, "completed")
+            return
+        self._inflight.settled(row.id)
+        self._for_kind(row.kind).completed.inc()
+        log.info("chunk.completed", appended=appended, **self._fields(row, duration_ms))
 
     async def _fail(self, row: ClaimedRow, outcome: Outcome, duration_ms: float) -> None:
         error = (outcome.error or "unknown error").replace("\0", "")  # text cannot hold NUL

@@ -13,3 +13,8 @@ async def noop(chunk: Chunk) -> None:
 
 async def sleep10(chunk: Chunk) -> None:
     await asyncio.sleep(0.010)
+
+
+async def sleep_payload(chunk: Chunk) -> None:
+    """Sleeps the chunk payload's ``sleep_s`` (bench/flow_bench.py)."""
+    await asyncio.sleep(float(chunk.payload["sleep_s"]))

@@ -9,9 +9,11 @@ transient failures); 20 jobs (some with ``max_concurrency = 1``). During ``--dur
 daemon is SIGKILLed every ``--kill-every`` seconds and replaced; random chunkd connections are
 cut with ``pg_terminate_backend``; the database turns read-only for a few seconds once; Postgres
 restarts once; one daemon is frozen with SIGSTOP for longer than its lease, then resumed with
-SIGCONT; one daemon is stopped with SIGTERM and replaced. Then the chaos stops and the run must
-converge. The figures printed at the end are checked, and the exit code is 1 unless every
-check holds (2 for a setup error).
+SIGCONT; one daemon is stopped with SIGTERM and replaced. Beside the 20 jobs: a continuation
+chain (a ``max_concurrency = 1`` job that starts with one page and appends the next from each
+completion) and a schedule firing every 5 s (every daemon fires schedules). Then the chaos
+stops and the run must converge. The figures printed at the end are checked, and the exit code
+is 1 unless every check holds (2 for a setup error).
 
 All times compared come from the database host's clock: the database's ``clock_timestamp()``,
 and the handler's, taken on the same host when things happen (see ``chaos_handler``).
@@ -58,8 +60,14 @@ JOBS = 20
 LIMITED_JOBS = 5
 KIND = "chaos"
 LEASE_S = 3.0
+CHAIN_KIND = "chaos_chain"
+TICK_KIND = "chaos_tick"
+SCHEDULE = "chaos-every-5s"
 DAEMON_ARGS = [
     "--handler", f"{KIND}=chaos_handler:handle",
+    "--handler", f"{CHAIN_KIND}=chaos_handler:chain",
+    "--handler", f"{TICK_KIND}=chaos_handler:handle",
+    "--schedule-interval", "500ms",
     "--concurrency", str(CONCURRENCY),
     "--lease", f"{LEASE_S:g}s",
     "--reap-interval", "500ms",
@@ -312,6 +320,25 @@ async def run_chaos(
     restart_at = args.duration * rng.uniform(0.27, 0.37)
     stall_at = args.duration * rng.uniform(0.45, 0.5)
     sigterm_at = args.duration * rng.uniform(0.65, 0.75)
+    chain_pages = max(20, int(args.duration * 4))
+    await db.run(
+        lambda c: c.fetchval(
+            "SELECT chunkd.create_sync_job($1, $2::jsonb, max_concurrency => 1,"
+            " max_attempts => $3)",
+            CHAIN_KIND,
+            json.dumps([{"page": 0, "last": chain_pages - 1}]),
+            MAX_ATTEMPTS,
+        )
+    )
+    await db.run(
+        lambda c: c.fetchval(
+            "SELECT chunkd.create_schedule($1, '*/5 * * * * *', $2, '[{}]', dedupe => false,"
+            " max_attempts => $3)",
+            SCHEDULE,
+            TICK_KIND,
+            MAX_ATTEMPTS,
+        )
+    )
     started = time.monotonic()
     next_kill = rng.uniform(lo, hi)
     next_cut = rng.uniform(1.0, 4.0)
@@ -410,6 +437,8 @@ async def run_chaos(
         n, limit = jobs[job_no]
         await enqueue(db, n, limit, job_no)
         job_no += 1
+    # The schedule stops with the chaos, so the run can converge (paused: its fires stay).
+    await db.run(lambda c: c.execute("SELECT chunkd.pause_schedule($1)", SCHEDULE))
     return chaos
 
 
@@ -674,6 +703,8 @@ async def analyse(db: Db, chaos: Chaos, fleet: Fleet, converged: bool) -> list[C
         and not any(x["attempt"] == e["attempt"] for x in by_queue.get(e["queue_id"], []))
     )
 
+    growing = await growing_checks(db)
+
     def pct(n: int) -> str:
         return f"{100.0 * n / total:.2f} % ({n}/{total})" if total else "n/a (no chunks)"
 
@@ -689,6 +720,7 @@ async def analyse(db: Db, chaos: Chaos, fleet: Fleet, converged: bool) -> list[C
         ),
         Check("completed without a finished execution", str(unbacked), unbacked == 0),
         Check("max_concurrency = 1 chunks that overlapped in time", str(overlaps), overlaps == 0),
+        *growing,
         *(Check(f"  e.g. {text}", "", None) for text in overlap_examples),
         Check(
             f"chunks stuck processing under a renewed lease (claimed > {STUCK_AFTER_S:g} s ago)",
@@ -818,6 +850,69 @@ def _read_only_checks(chaos: Chaos, logs: list[dict[str, Any]]) -> list[Check]:
             f"{len({e['_pid'] for e in said})} daemons, {len(said)} lines",
             None,
         )
+    ]
+
+
+async def growing_checks(db: Db) -> list[Check]:
+    """The continuation chain, the schedule and the job_finished events."""
+    chain = await db.run(
+        lambda c: c.fetch(
+            "SELECT c.seq, (c.payload->>'page')::int AS page, (c.payload->>'last')::int AS last"
+            " FROM chunkd.chunked_sync_jobs c JOIN chunkd.sync_jobs j ON j.id = c.sync_job_id"
+            " WHERE j.kind = $1 ORDER BY c.seq",
+            CHAIN_KIND,
+        )
+    )
+    pages = chain[0]["last"] + 1 if chain else 0
+    chain_ok = (
+        [r["seq"] for r in chain] == list(range(pages))
+        and all(r["page"] == r["seq"] for r in chain)
+        and pages > 0
+    )
+    fires = await db.run(
+        lambda c: c.fetch(
+            "SELECT f.due_at, f.sync_job_id FROM chunkd.schedule_fires f"
+            " JOIN chunkd.schedules s ON s.id = f.schedule_id WHERE s.name = $1",
+            SCHEDULE,
+        )
+    )
+    tick_jobs = await db.run(
+        lambda c: c.fetchval("SELECT count(*) FROM chunkd.sync_jobs WHERE kind = $1", TICK_KIND)
+    )
+    due_times = [f["due_at"] for f in fires]
+    fires_ok = (
+        len(fires) > 0
+        and tick_jobs == len(fires)
+        and len({f["sync_job_id"] for f in fires}) == len(fires)
+        and len(set(due_times)) == len(due_times)
+        and all(t.second % 5 == 0 and t.microsecond == 0 for t in due_times)
+    )
+    span = (max(due_times) - min(due_times)).total_seconds() if due_times else 0.0
+    announced = await db.run(
+        lambda c: c.fetch(
+            "SELECT j.finished_at IS NOT NULL AS finished, count(e.event) AS events"
+            " FROM chunkd.sync_jobs j LEFT JOIN chunkd.job_events e"
+            "   ON e.sync_job_id = j.id AND e.event = 'job_finished'"
+            " GROUP BY j.id, j.finished_at"
+        )
+    )
+    wrong = sum(1 for r in announced if r["events"] != (1 if r["finished"] else 0))
+    return [
+        Check(
+            "continuation chain: every page appended once, seq without gap",
+            f"{len(chain)} chunks for {pages} pages",
+            chain_ok,
+        ),
+        Check(
+            "schedule every 5 s: one job per fired due time, none twice",
+            f"{len(fires)} fires over {span:.0f} s, {tick_jobs} jobs",
+            fires_ok,
+        ),
+        Check(
+            "jobs whose job_finished events are not exactly one per finish",
+            f"{wrong} of {len(announced)}",
+            wrong == 0,
+        ),
     ]
 
 

@@ -30,9 +30,9 @@ from typing import TypeVar
 
 import asyncpg
 
-from chunkd import Chunk
+from chunkd import Chunk, Continue
 
-__all__ = ["EXECUTIONS_DDL", "FAILURE_RATE", "handle"]
+__all__ = ["EXECUTIONS_DDL", "FAILURE_RATE", "chain", "handle"]
 
 #: Share of executions that raise (a transient, retryable failure).
 FAILURE_RATE = 0.02
@@ -147,3 +147,12 @@ async def _stamp(
             )
         )
     )  # fmt: skip
+
+
+async def chain(chunk: Chunk) -> Continue:
+    """A continuation chain: runs like ``handle`` (recorded, may fail on purpose), then appends
+    the next page until ``last``."""
+    result = await handle(chunk)
+    page, last = chunk.payload["page"], chunk.payload["last"]
+    following = [{"page": page + 1, "last": last}] if page < last else []
+    return Continue(result=result, chunks=following)

@@ -176,7 +176,7 @@ async def _claim_complete_seconds(conn: Any, chunks: int, batch: int = 100) -> f
     started = time.perf_counter()
     while True:
         rows = await conn.fetch(
-            "SELECT id, attempt FROM chunkd.claim_chunks('w', $1, NULL, 600)", batch
+            "SELECT id, attempt FROM chunkd.claim_or_wait('w', $1, NULL, 600)", batch
         )
         if not rows:
             return time.perf_counter() - started

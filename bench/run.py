@@ -17,7 +17,8 @@ Rows:
   can be vacuumed. chunkd and PGQueuer (best settings), each as a ratio of its own clean run;
   the clean and held runs are interleaved (order rotated each rep) and the ratio is taken
   within each rep, median over reps;
-- 10 ms handler, latency, and chunkd-only rows (claim cost, processes, memory).
+- 10 ms handler, latency, and chunkd-only rows (claim cost, processes, memory, and enqueue
+  through the Python client: bench/enqueue_bench.py).
 
 The peers are installed from PyPI into their own venv (bench/peers/requirements.txt), never
 into the project's. Results are also written to bench/results/latest.json.
@@ -397,6 +398,13 @@ async def main(args: argparse.Namespace) -> int:
             "rss",
             *(["--jobs", "40000"] if args.quick else []),
         )
+        print("chunkd only: enqueue", file=sys.stderr)
+        enqueue = await b.measure(
+            "chunkd enqueue (one-chunk jobs)",
+            "enqueue_bench.py",
+            me,
+            *(["--jobs", "5000", "--single", "500"] if args.quick else []),
+        )
     finally:
         cluster.cleanup()
     elapsed = time.monotonic() - started
@@ -461,6 +469,16 @@ async def main(args: argparse.Namespace) -> int:
         ),
         ("  2 processes / 1", _min_med(procs, "scaling_2_over_1", "{:.2f}")),
         ("daemon RSS growth, 20k -> 200k chunks", _min_med(rss, "growth", "{:+.1%}")),
+        ("enqueue, one-chunk jobs/s, 1 conn, each call committed (min / median)", ""),
+        ("  create_sync_jobs, 1,000 jobs per call", _min_med(enqueue, "per_second")),
+        ("  the same, every job with a dedupe key", _min_med(enqueue, "keyed_per_second")),
+        ("  create_sync_job, one job per call", _min_med(enqueue, "single_per_second")),
+        (
+            "  create_sync_jobs / target of 5,000/s",
+            f"{_median(enqueue, 'per_second') / 5000:.1f}x"
+            if _values(enqueue, "per_second")
+            else "error",
+        ),
     ]
     settings = {e["label"]: e["runs"][0].get("settings") for e in b.results}
     report = {

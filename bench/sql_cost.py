@@ -201,7 +201,7 @@ async def measure_chunkd(
             nonlocal accepted_total, claim_s
             while True:
                 t0 = time.perf_counter()
-                rows = await queue.claim(worker, opts.batch, [KIND], LEASE_S)
+                rows = (await queue.claim(worker, opts.batch, [KIND], LEASE_S)).rows
                 claim_s += time.perf_counter() - t0
                 if not rows:
                     return accepted_total

@@ -153,6 +153,8 @@ CREATE TABLE chunkd.events (
     at        timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX events_by_job ON chunkd.events (job_id);
+-- A chunk cancelled while pending is cancelled for good, whatever its last attempt was.
+CREATE INDEX events_cancelled ON chunkd.events (chunk_id) WHERE event = 'cancelled';
 
 -- The final state of chunks that were finished under schema version 1 (their attempts were not
 -- recorded one by one; their transitions are in events_v1).
@@ -339,8 +341,9 @@ BEGIN ATOMIC
 END;
 
 -- A chunk's state, derived from where its rows are: in ready or scheduled = pending; an open
--- attempt = processing; otherwise the outcome of its last attempt if that was final (or its
--- version 1 outcome), and cancelled if it left the queue without one (cancel of a pending chunk).
+-- attempt = processing; cancelled if a cancel took it from the queue (even after an operator
+-- retry of a failed attempt); otherwise the outcome of its last attempt if that was final (or
+-- its version 1 outcome), and cancelled if it left the queue without one.
 CREATE VIEW chunkd.chunk_state AS
 SELECT
     c.id,
@@ -349,6 +352,8 @@ SELECT
     CASE
         WHEN p.attempt IS NOT NULL THEN 'pending'
         WHEN la.n IS NOT NULL AND la.ended_at IS NULL THEN 'processing'
+        WHEN EXISTS (SELECT 1 FROM chunkd.events e
+                     WHERE e.chunk_id = c.id AND e.event = 'cancelled') THEN 'cancelled'
         WHEN la.n IS NOT NULL AND la.final THEN
             CASE la.outcome WHEN 'completed' THEN 'completed' WHEN 'cancelled' THEN 'cancelled'
                             ELSE 'failed' END

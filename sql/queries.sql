@@ -1,20 +1,73 @@
 -- Runtime statements of chunkd, one named block each ("-- name: NAME"), loaded once by
 -- chunkd.sql_files.queries() and used as queries["NAME"]. Values are always bound parameters.
+--
+-- Every built-in is called as pg_catalog.NAME: chunkd pins search_path on its own connections,
+-- but not through a transaction pooler (which refuses it as a startup parameter), and an
+-- unqualified call can resolve to a better-matching function another role put in a schema on
+-- the caller's search_path (CVE-2018-1058). tests/test_search_path.py checks every block.
 
 -- name: migrate_lock
 -- Serialises concurrent `chunkd migrate` runs (session lock: held across the per-file transactions).
-SELECT pg_advisory_lock(hashtext('chunkd.migrate'));
+SELECT pg_catalog.pg_advisory_lock(pg_catalog.hashtext('chunkd.migrate'));
 
 -- name: migrate_unlock
-SELECT pg_advisory_unlock(hashtext('chunkd.migrate'));
+SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtext('chunkd.migrate'));
+
+-- name: pin_search_path
+-- First in every migration's transaction: whatever the connection's setting, built-ins and
+-- unqualified names in the migration files resolve in pg_catalog only.
+SET LOCAL search_path = pg_catalog, pg_temp;
+
+-- name: pin_search_path_session
+-- After connecting through a session pooler that refuses search_path as a startup parameter.
+SET search_path = pg_catalog, pg_temp;
+
+-- name: backend_pid
+-- Run as COPY (simple protocol): a pooler announces a pid of its own at connect, not this one.
+SELECT pg_catalog.pg_backend_pid()
+
+-- name: idle_session_timeout
+-- In milliseconds (0: off; no row before PostgreSQL 14). The listener pings well within it.
+SELECT s.setting::int8 FROM pg_catalog.pg_settings s WHERE s.name = 'idle_session_timeout';
+
+-- name: migrate_preflight
+-- What `chunkd migrate` checks before it writes anything: a writable primary, who owns the
+-- schema (if it exists), anything in it owned by another role, whether this role may create it.
+WITH schema AS (
+    SELECT n.oid, n.nspowner FROM pg_catalog.pg_namespace n WHERE n.nspname = 'chunkd'
+), owned AS (
+    SELECT pg_catalog.format('table %s', c.oid::pg_catalog.regclass) AS what, c.relowner AS owner
+    FROM pg_catalog.pg_class c JOIN schema s ON c.relnamespace = s.oid
+    UNION ALL
+    SELECT pg_catalog.format('function %s', p.oid::pg_catalog.regprocedure), p.proowner
+    FROM pg_catalog.pg_proc p JOIN schema s ON p.pronamespace = s.oid
+    UNION ALL
+    SELECT pg_catalog.format('type %s', t.oid::pg_catalog.regtype), t.typowner
+    FROM pg_catalog.pg_type t JOIN schema s ON t.typnamespace = s.oid
+)
+SELECT current_user AS role,
+       pg_catalog.current_database() AS database,
+       pg_catalog.current_setting('transaction_read_only') = 'on' AS read_only,
+       pg_catalog.pg_is_in_recovery() AS in_recovery,
+       pg_catalog.has_database_privilege(pg_catalog.current_database(), 'CREATE') AS can_create,
+       (SELECT pg_catalog.pg_get_userbyid(s.nspowner) FROM schema s) AS schema_owner,
+       (SELECT pg_catalog.format('%s (owned by %s)', o.what, pg_catalog.pg_get_userbyid(o.owner))
+        FROM owned o CROSS JOIN schema s
+        WHERE o.owner <> s.nspowner
+        ORDER BY o.what
+        LIMIT 1) AS foreign_object;
+
+-- name: migrate_create_schema
+-- Only when the schema does not exist: CREATE SCHEMA needs CREATE on the database even with
+-- IF NOT EXISTS, and the owner of a schema a DBA created beforehand may not have it.
+CREATE SCHEMA chunkd;
 
 -- name: migrate_bootstrap
-CREATE SCHEMA IF NOT EXISTS chunkd;
 REVOKE ALL ON SCHEMA chunkd FROM PUBLIC;
 CREATE TABLE IF NOT EXISTS chunkd.schema_migrations (
     version    int PRIMARY KEY,
     name       text NOT NULL,
-    applied_at timestamptz NOT NULL DEFAULT now()
+    applied_at timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 REVOKE ALL ON chunkd.schema_migrations FROM PUBLIC;
 -- Lets a role with only EXECUTE grants (the worker role) check the version at start-up.
@@ -22,17 +75,43 @@ CREATE OR REPLACE FUNCTION chunkd.schema_versions() RETURNS int[]
 LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
-    SELECT coalesce(array_agg(m.version ORDER BY m.version), '{}') FROM chunkd.schema_migrations m;
+    SELECT coalesce(pg_catalog.array_agg(m.version ORDER BY m.version), '{}') FROM chunkd.schema_migrations m;
 END;
 REVOKE ALL ON FUNCTION chunkd.schema_versions() FROM PUBLIC;
 
+-- name: schema_access
+-- Whether the schema exists and what this role may do with it (needs no privilege at all).
+SELECT current_user AS role,
+       pg_catalog.current_database() AS database,
+       n.oid IS NOT NULL AS schema_exists,
+       coalesce(pg_catalog.has_schema_privilege(n.oid, 'USAGE'), false) AS usage,
+       CASE WHEN pg_catalog.has_schema_privilege(n.oid, 'USAGE')
+            THEN pg_catalog.to_regclass('chunkd.schema_migrations') IS NOT NULL
+       END AS migrated,
+       (SELECT pg_catalog.has_function_privilege(p.oid, 'EXECUTE')
+        FROM pg_catalog.pg_proc p
+        WHERE p.pronamespace = n.oid AND p.proname = 'schema_versions') AS can_read_version
+FROM (SELECT) AS one
+LEFT JOIN pg_catalog.pg_namespace n ON n.nspname = 'chunkd';
+
 -- name: applied_versions
 -- Through a function, so a role with only EXECUTE grants (the worker role) can check it.
-SELECT unnest(chunkd.schema_versions()) AS version;
+SELECT pg_catalog.unnest(chunkd.schema_versions()) AS version;
 
--- name: schema_exists
--- to_regclass does not raise when the schema was never migrated.
-SELECT to_regclass('chunkd.schema_migrations') IS NOT NULL;
+-- name: daemon_preflight
+-- Before `chunkd run` writes anything: the daemon's functions ($1) this role may not execute
+-- (as regprocedure text), and whether the database takes writes.
+SELECT ARRAY(SELECT p.oid::pg_catalog.regprocedure::text
+             FROM pg_catalog.pg_proc p
+             JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+             WHERE n.nspname = 'chunkd' AND p.proname = ANY ($1::text[])
+               AND NOT pg_catalog.has_function_privilege(p.oid, 'EXECUTE')
+             ORDER BY 1) AS not_executable,
+       pg_catalog.current_setting('transaction_read_only') = 'on' AS read_only,
+       pg_catalog.pg_is_in_recovery() AS in_recovery;
+
+-- name: current_role
+SELECT current_user;
 
 -- name: record_version
 INSERT INTO chunkd.schema_migrations (version, name) VALUES ($1, $2);
@@ -41,14 +120,21 @@ INSERT INTO chunkd.schema_migrations (version, name) VALUES ($1, $2);
 -- The listener's liveness check: a connection that died silently fails this.
 SELECT 1;
 
--- name: claim_chunks
--- `id` is the chunk's internal key: outcomes, heartbeats and releases use it.
-SELECT id, queue_id, chunk_id, sync_job_id, seq, attempt, kind, payload, job_payload,
-       lease_expires_at
-FROM chunkd.claim_chunks($1, $2, $3, $4);
+-- name: claim_or_wait
+-- `id` is the chunk's internal key: outcomes, heartbeats and releases use it. The payloads as
+-- the text jsonb prints, so handlers get every number exactly as stored. A row with id NULL
+-- carries only wait_s: rate limits held chunks back, come back in wait_s seconds. $5: seconds
+-- until this claimer comes back anyway (a turn it holds), or NULL.
+SELECT id, queue_id, chunk_id, sync_job_id, seq, attempt, kind, payload::text,
+       job_payload::text, lease_expires_at, wait_s
+FROM chunkd.claim_or_wait($1, $2, $3, $4, $5);
 
 -- name: complete_attempts
 SELECT id FROM chunkd.complete_attempts($1, $2, $3, $4) AS id;
+
+-- name: complete_and_append
+-- A continuation: the completion and the chunks it appends, fenced together (NULL: fenced out).
+SELECT chunkd.complete_and_append($1, $2, $3, $4::jsonb, $5::jsonb);
 
 -- name: fail_attempt
 SELECT chunkd.fail_attempt($1, $2, $3, $4, $5, $6, $7, $8);
@@ -84,18 +170,76 @@ SELECT chunkd.deregister_worker($1);
 SELECT chunkd.next_due_in($1);
 
 -- name: queue_depth
--- status in (pending, scheduled, processing) and how many chunks; sampled by the metrics task.
+-- status in (pending, paused, throttled, scheduled, processing) and how many chunks; sampled by
+-- the metrics task.
 SELECT status, chunks FROM chunkd.queue_depth();
+
+-- Schedules (chunkd.runtime.schedules fires them; chunkd.db.schedules runs these)
+
+-- name: schedule_clock
+SELECT pg_catalog.clock_timestamp();
+
+-- name: schedules_due
+SELECT id, name, cron, timezone, next_fire_at FROM chunkd.schedules_due($1, $2);
+
+-- name: next_schedule_at
+SELECT chunkd.next_schedule_at();
+
+-- name: plan_schedule
+SELECT chunkd.plan_schedule($1, $2, $3);
+
+-- name: fire_schedule
+SELECT outcome, sync_job_id FROM chunkd.fire_schedule($1, $2, $3, $4);
 
 -- Operator commands
 -- (chunkd enqueue/status/retry/cancel/reap/purge/workers; chunkd.ops runs them.)
 
--- name: ops_create_sync_job
-SELECT chunkd.create_sync_job($1, $2::jsonb, $3::jsonb, $4, $5, $6);
+-- name: ops_create_job
+-- $1: the job object (create_sync_job's arguments by name); $2: seconds from now until it may
+-- start, by the database clock (`--in`), or NULL. Whether the job was created, or an unfinished
+-- one with the same dedupe key returned.
+SELECT j.sync_job_id, j.created
+FROM chunkd.create_jobs(
+    pg_catalog.jsonb_build_array(
+        $1::jsonb || CASE WHEN $2::float8 IS NULL THEN '{}'::jsonb
+                          ELSE pg_catalog.jsonb_build_object(
+                              'run_at', pg_catalog.now() + pg_catalog.make_interval(secs => $2))
+                     END),
+    true) j;
+
+-- name: ops_append_chunks
+SELECT chunkd.append_chunks($1, $2::jsonb);
+
+-- name: ops_close_sync_job
+SELECT chunkd.close_sync_job($1);
+
+-- name: ops_job_state
+-- `chunkd wait`: the job's overall status and whether it is finished (NULL: no such job).
+SELECT s.overall_status, j.finished_at IS NOT NULL AS finished
+FROM chunkd.jobs j JOIN chunkd.chunk_processing_status s ON s.parent_sync_job_id = j.public_id
+WHERE j.public_id = $1;
+
+-- name: ops_create_schedule
+SELECT chunkd.create_schedule($1, $2, $3, $4::jsonb, $5::jsonb, $6, $7, $8, $9, $10);
+
+-- name: ops_drop_schedule
+SELECT chunkd.drop_schedule($1);
+
+-- name: ops_pause_schedule
+SELECT chunkd.pause_schedule($1);
+
+-- name: ops_resume_schedule
+SELECT chunkd.resume_schedule($1);
+
+-- name: ops_schedules
+SELECT s.name, s.cron, s.timezone, s.kind, s.dedupe, s.paused_at, s.next_fire_at,
+       s.last_fired_at, j.public_id AS last_job_id, s.last_error
+FROM chunkd.schedules s LEFT JOIN chunkd.jobs j ON j.id = s.last_job_id
+ORDER BY s.name;
 
 -- name: ops_recent_job_ids
 -- The newest jobs first ($1 = how many; NULL = all) and how many jobs there are in all.
-SELECT j.id, count(*) OVER () AS total_jobs
+SELECT j.id, pg_catalog.count(*) OVER () AS total_jobs
 FROM chunkd.sync_jobs j
 ORDER BY j.created_at DESC, j.id
 LIMIT $1;
@@ -104,7 +248,7 @@ LIMIT $1;
 -- Filtered by job id so the view's GROUP BY reads only these jobs' chunks.
 SELECT s.parent_sync_job_id, s.kind, s.total_chunks, s.pending_chunks, s.processing_chunks,
        s.completed_chunks, s.failed_chunks, s.cancelled_chunks, s.overall_status,
-       s.progress_percentage, s.created_at, s.started_at, s.finished_at
+       s.progress_percentage, s.created_at, s.started_at, s.finished_at, s.run_at
 FROM chunkd.chunk_processing_status s
 WHERE s.parent_sync_job_id = ANY ($1::uuid[])
 ORDER BY s.created_at DESC, s.parent_sync_job_id;
@@ -113,7 +257,15 @@ ORDER BY s.created_at DESC, s.parent_sync_job_id;
 SELECT chunkd.get_sync_job_progress($1);
 
 -- name: ops_job_settings
-SELECT j.priority, j.max_concurrency, j.max_attempts FROM chunkd.sync_jobs j WHERE j.id = $1;
+-- With the flow controls that apply to the job: its own, its key's and its kind's.
+SELECT j.priority, j.max_concurrency, j.max_attempts, j.dedupe_key, j.paused_at, j.max_per_second,
+       r.burst::int AS job_burst, j.concurrency_key, l.max_concurrency AS key_max_concurrency,
+       k.paused_at AS kind_paused_at, k.per_second AS kind_per_second, k.burst AS kind_burst
+FROM chunkd.jobs j
+LEFT JOIN chunkd.job_rates r ON r.job_id = j.id
+LEFT JOIN chunkd.concurrency_limits l ON l.key = j.concurrency_key
+LEFT JOIN chunkd.kind_flow k ON k.kind = j.kind
+WHERE j.public_id = $1;
 
 -- name: ops_recent_errors
 -- The job's latest failures, retries and reaps, newest first, with the chunk's position: from
@@ -139,7 +291,7 @@ LIMIT $2;
 -- Is any worker that heartbeated within $2 able to run kind $1?
 SELECT EXISTS (
     SELECT 1 FROM chunkd.workers w
-    WHERE $1 = ANY (w.kinds) AND w.last_heartbeat_at > now() - $2::interval);
+    WHERE $1 = ANY (w.kinds) AND w.last_heartbeat_at > pg_catalog.now() - $2::interval);
 
 -- name: ops_retry_failed_chunks
 SELECT chunkd.retry_failed_chunks($1);
@@ -154,6 +306,53 @@ SELECT chunkd.purge_finished_jobs($1);
 -- Heartbeat ages by the database clock, so the client's clock does not matter.
 SELECT w.worker_id, w.host, w.pid, w.version, w.kinds, w.concurrency, w.started_at,
        w.last_heartbeat_at,
-       extract(epoch FROM now() - w.last_heartbeat_at)::float8 AS heartbeat_age_s
+       extract(epoch FROM pg_catalog.now() - w.last_heartbeat_at)::float8 AS heartbeat_age_s
 FROM chunkd.workers w
 ORDER BY w.host, w.started_at, w.worker_id;
+
+-- Flow control (chunkd pause/resume/limit; chunkd.ops.flow runs them)
+
+-- name: ops_pause_sync_job
+SELECT chunkd.pause_sync_job($1);
+
+-- name: ops_resume_sync_job
+SELECT chunkd.resume_sync_job($1);
+
+-- name: ops_pause_kind
+SELECT chunkd.pause_kind($1);
+
+-- name: ops_resume_kind
+SELECT chunkd.resume_kind($1);
+
+-- name: ops_set_rate_limit
+SELECT chunkd.set_rate_limit($1, $2, $3);
+
+-- name: ops_set_concurrency_limit
+SELECT chunkd.set_concurrency_limit($1, $2);
+
+-- name: ops_flow_limits
+SELECT scope, name, paused_at, per_second, burst, tokens, max_concurrency, processing, pending,
+       active_jobs
+FROM chunkd.flow_limits();
+
+-- Python client (chunkd.client, chunkd.client.sync): the same statements for asyncpg and
+-- psycopg (through its raw cursors, which take $n placeholders). Casts on every parameter, so
+-- each driver sends what the function takes; jsonb comes back as text, decoded by the client.
+
+-- name: client_create_sync_job
+SELECT chunkd.create_sync_job($1::text, $2::jsonb, $3::jsonb, $4::int, $5::int, $6::int,
+                              $7::timestamptz, $8::text);
+
+-- name: client_create_sync_jobs
+-- Ids in input order.
+SELECT create_sync_jobs FROM chunkd.create_sync_jobs($1::jsonb) WITH ORDINALITY
+ORDER BY ordinality;
+
+-- name: client_get_progress
+SELECT chunkd.get_sync_job_progress($1::uuid)::text;
+
+-- name: client_cancel
+SELECT chunkd.cancel_sync_job($1::uuid);
+
+-- name: client_retry_failed
+SELECT chunkd.retry_failed_chunks($1::uuid);

@@ -14,12 +14,17 @@ from typing import Any
 
 from chunkd import Chunk
 
-__all__ = ["echo", "hangs", "non_json", "raises", "slow_echo", "sys_exit"]
+__all__ = ["echo", "hangs", "non_json", "number_types", "raises", "slow_echo", "sys_exit"]
 
 
 async def echo(chunk: Chunk) -> dict[str, Any]:
     """Returns what it was given, so a test can check a hostile payload made the round trip."""
     return {"kind": chunk.kind, "payload": chunk.payload, "job_payload": chunk.job_payload}
+
+
+async def number_types(chunk: Chunk) -> dict[str, Any]:
+    """The Python type of each value of the payload (an object): what a handler is given."""
+    return {key: type(value).__name__ for key, value in chunk.payload.items()}
 
 
 async def slow_echo(chunk: Chunk) -> dict[str, Any]:

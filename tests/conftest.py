@@ -214,3 +214,22 @@ def start(database: TestDatabase, tmp_path):  # type: ignore[no-untyped-def]
     yield _start
     for daemon in daemons:
         daemon.kill()  # SIGKILL also ends a daemon a test left stopped with SIGSTOP
+
+
+@pytest.fixture
+def start_web(database: TestDatabase, tmp_path):  # type: ignore[no-untyped-def]
+    """Starts real ``chunkd web`` subprocesses on the test database; all killed at teardown."""
+    from web_helpers import WebProcess
+
+    servers: list[WebProcess] = []
+
+    def _start(*args: str, dsn: str | None = None, env: dict[str, str] | None = None) -> WebProcess:
+        server = WebProcess(
+            dsn or database.dsn, tmp_path / f"web{len(servers)}.log", *args, env=env
+        )
+        servers.append(server)
+        return server
+
+    yield _start
+    for server in servers:
+        server.kill()

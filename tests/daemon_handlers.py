@@ -12,13 +12,13 @@ import os
 
 import asyncpg
 
-from chunkd import Chunk, PermanentError, RetryLater
+from chunkd import Chunk, Continue, PermanentError, RetryLater
 
 _pool: asyncpg.Pool | None = None
 _lock = asyncio.Lock()
 
 EXECUTIONS_DDL = """
-CREATE TABLE IF NOT EXISTS test_executions (
+CREATE TABLE IF NOT EXISTS public.test_executions (
     id         bigserial PRIMARY KEY,
     chunk_id   uuid NOT NULL,
     queue_id   uuid NOT NULL,
@@ -47,7 +47,8 @@ async def record(chunk: Chunk) -> dict[str, object]:
     if payload.get("sleep_s"):
         await asyncio.sleep(float(payload["sleep_s"]))
     await pool.execute(
-        "INSERT INTO test_executions (chunk_id, queue_id, job_id, seq, attempt, pid, started_at)"
+        "INSERT INTO public.test_executions"
+        " (chunk_id, queue_id, job_id, seq, attempt, pid, started_at)"
         " VALUES ($1, $2, $3, $4, $5, $6, $7)",
         chunk.chunk_id, chunk.queue_id, chunk.sync_job_id, chunk.seq, chunk.attempt,
         os.getpid(), started,
@@ -58,6 +59,13 @@ async def record(chunk: Chunk) -> dict[str, object]:
         raise PermanentError("planned permanent failure")
     if payload.get("fail") == "retry_later" and chunk.attempt == 1:
         raise RetryLater(float(payload.get("delay_s", 1)))
+    if payload.get("fail") == "first_run":
+        # Fails for good the first time the chunk ever runs; an operator's retry then succeeds.
+        runs = await pool.fetchval(
+            "SELECT count(*) FROM public.test_executions WHERE chunk_id = $1", chunk.chunk_id
+        )
+        if runs == 1:
+            raise PermanentError("planned failure of the first run")
     if payload.get("fail") == "hang" and chunk.attempt == 1:
         await asyncio.sleep(3600)
     if payload.get("fail_until", 0) >= chunk.attempt:
@@ -65,3 +73,21 @@ async def record(chunk: Chunk) -> dict[str, object]:
     if payload.get("result") == "nul":
         return {"text": "NUL \u0000 inside"}  # valid JSON that jsonb refuses
     return {"seq": chunk.seq, "attempt": chunk.attempt}
+
+
+async def chain(chunk: Chunk) -> Continue:
+    """A continuation chain: page n records its execution and appends page n + 1 until
+    ``last``; the result names the page, so a test can match results to seqs. The page
+    ``slow_page`` takes 2 s (a window to kill its daemon in)."""
+    page, last = chunk.payload["page"], chunk.payload["last"]
+    if page == chunk.payload.get("slow_page"):
+        await asyncio.sleep(2)
+    await record(chunk)
+    following = [{**chunk.payload, "page": page + 1}] if page < last else []
+    return Continue(result={"page": page}, chunks=following)
+
+
+async def after(chunk: Chunk) -> dict[str, object]:
+    """An on_finish follow-up: records that it ran."""
+    await record(chunk)
+    return {"of": chunk.payload["sync_job_id"], "status": chunk.payload["overall_status"]}

@@ -10,10 +10,45 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 TESTS_DIR = Path(__file__).resolve().parent
+
+
+@dataclass
+class CliRun:
+    """One finished ``chunkd`` command: exit code, stdout, stderr."""
+
+    code: int
+    stdout: str
+    stderr: str
+
+    def one_error_line(self) -> str:
+        """The single ``chunkd: error: ...`` line on stderr (and no traceback), without prefix."""
+        lines = self.stderr.strip().splitlines()
+        assert len(lines) == 1, self.stderr
+        assert lines[0].startswith("chunkd: error: "), self.stderr
+        return lines[0].removeprefix("chunkd: error: ")
+
+
+def run_chunkd(*args: str, stdin: bytes = b"", env: dict[str, str] | None = None) -> CliRun:
+    """``chunkd ARGS`` as a real subprocess, without the caller's DSN variables, handlers on
+    PYTHONPATH (blocking: call it through asyncio.to_thread from async tests)."""
+    full_env = {k: v for k, v in os.environ.items() if k not in ("CHUNKD_DSN", "DATABASE_URL")}
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])
+    )
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [sys.executable, "-m", "chunkd.cli", *args],
+        input=stdin,
+        capture_output=True,
+        env=full_env,
+        timeout=60,
+    )
+    return CliRun(proc.returncode, proc.stdout.decode(), proc.stderr.decode(errors="replace"))
 
 
 class Daemon:

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Runs the whole test suite on a fresh machine: PostgreSQL server binaries (from Debian's
-# packages when none are found), a virtualenv with chunkd and its test and docs extras, lint,
-# mypy --strict (configured in pyproject.toml), the documentation site (strict: a broken link or
-# a page missing from the nav fails), pytest.
+# Runs the whole test suite on a fresh machine: what the tests need from Debian's packages when
+# it is missing (PostgreSQL server binaries, PgBouncer for the transaction-pooler tests,
+# libfaketime for the clock-skew tests, Dovecot for the IMAP example, Chromium for the
+# dashboard's browser test; never a browser Playwright downloads), a virtualenv with chunkd and its test and docs extras,
+# lint, mypy --strict (configured in pyproject.toml), the documentation site (strict: a broken
+# link or a page missing from the nav fails), pytest. Under CI a test whose resource is missing
+# fails instead of skipping.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,11 +14,27 @@ have_postgres() {
     compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null && return 0
     [ -n "${CHUNKD_TEST_DSN:-}" ]
 }
-if ! have_postgres; then
-    echo "tests/run.sh: installing PostgreSQL server binaries" >&2
+have_pgbouncer() {
+    command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ]
+}
+have_faketime() {
+    compgen -G "/usr/lib/*/faketime/libfaketime.so.1" >/dev/null
+}
+have_dovecot() {
+    command -v dovecot >/dev/null 2>&1 || [ -x /usr/sbin/dovecot ]
+}
+missing=()
+have_postgres || missing+=(postgresql)
+have_pgbouncer || missing+=(pgbouncer)
+have_faketime || missing+=(faketime)
+have_dovecot || missing+=(dovecot-imapd)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "tests/run.sh: installing ${missing[*]}" >&2
     if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null
 fi
 
 PYTHON="${PYTHON:-python3}"

@@ -19,16 +19,21 @@ async def create_job(
     max_attempts: int = 3,
     priority: int = 0,
     payload: Any = None,
+    max_per_second: float | None = None,
+    concurrency_key: str | None = None,
 ) -> UUID:
     chunks = [{"i": i} for i in range(n)] if isinstance(n, int) else n
     return await conn.fetchval(
-        "SELECT chunkd.create_sync_job($1, $2::jsonb, $3::jsonb, $4, $5, $6)",
+        "SELECT chunkd.create_sync_job($1, $2::jsonb, $3::jsonb, $4, $5, $6,"
+        " max_per_second => $7, concurrency_key => $8)",
         kind,
         json.dumps(chunks),
         json.dumps(payload if payload is not None else {}),
         max_concurrency,
         max_attempts,
         priority,
+        max_per_second,
+        concurrency_key,
     )
 
 
@@ -47,6 +52,29 @@ async def claim(
         kinds,
         lease,
     )
+
+
+async def claim_or_wait(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    worker: str,
+    batch: int = 1,
+    *,
+    kinds: list[str] | None = None,
+    lease_s: float = 600.0,
+    waiting_s: float | None = None,
+) -> tuple[list[asyncpg.Record], float | None]:
+    """The daemon's claim: the claimed rows, and the wait it was told (None: not throttled)."""
+    rows = await conn.fetch(
+        "SELECT * FROM chunkd.claim_or_wait($1, $2, $3, $4, $5)",
+        worker,
+        batch,
+        kinds,
+        lease_s,
+        waiting_s,
+    )
+    waits = [r["wait_s"] for r in rows if r["id"] is None]
+    assert len(waits) <= 1, rows
+    return [r for r in rows if r["id"] is not None], (waits[0] if waits else None)
 
 
 async def complete(

@@ -13,7 +13,6 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
@@ -24,10 +23,10 @@ from chunkd.db.sql_files import migrations
 from chunkd.demo.cluster import PostgresCluster
 from daemon_handlers import EXECUTIONS_DDL
 from daemon_helpers import TESTS_DIR, wait_until
+from resources import faketime_library
 from sql_helpers import create_job, status_counts
 
 EXIT_USAGE = 2
-FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 
 
 @dataclass
@@ -414,20 +413,18 @@ async def test_sigstopped_daemon_loses_its_chunks_and_gives_them_up_on_resume(co
     assert not [e for e in frozen.events() if e["event"] in ("chunk.completed", "chunk.fenced")]
 
 
-@pytest.mark.skipif(
-    not FAKETIME_LIB.exists(), reason="needs libfaketime (apt-get install faketime)"
-)
 @pytest.mark.parametrize("offset", ["+2h", "-3h"])
 async def test_clock_skewed_daemon_follows_the_database_clock(conn, start, offset: str) -> None:
     """A daemon whose clock is hours off (libfaketime) behaves exactly as an honest one:
     leases, retry delays and timers all come from the database clock."""
+    library = faketime_library()  # under CI a missing libfaketime fails this test
     await conn.execute(EXECUTIONS_DDL)
     job = await create_job(conn, [{"fail_until": 1, "sleep_s": 1.0}] * 3, max_attempts=3)
     daemon = start(
         "--handler", "test=daemon_handlers:record", "--lease", "1500ms",
         "--reap-interval", "200ms", "--retry-base", "1s", "--retry-cap", "1s",
         "--poll-interval", "60s",
-        env={"LD_PRELOAD": str(FAKETIME_LIB), "FAKETIME": offset, "FAKETIME_NO_CACHE": "1"},
+        env={"LD_PRELOAD": str(library), "FAKETIME": offset, "FAKETIME_NO_CACHE": "1"},
     )  # fmt: skip
     ready = await daemon.wait_for_event("daemon.ready")
     db_now = await conn.fetchval("SELECT now()")
@@ -440,7 +437,8 @@ async def test_clock_skewed_daemon_follows_the_database_clock(conn, start, offse
         await conn.fetchval("SELECT count(*) FROM chunkd.chunk_events WHERE event = 'reaped'") == 0
     )
     runs = await conn.fetch(
-        "SELECT chunk_id, attempt, started_at, ended_at FROM test_executions ORDER BY started_at"
+        "SELECT chunk_id, attempt, started_at, ended_at FROM public.test_executions"
+        " ORDER BY started_at"
     )
     assert len(runs) == 6
     by_chunk: dict = {}

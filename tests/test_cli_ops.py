@@ -252,6 +252,84 @@ async def test_enqueue_reports_the_sql_checks_as_one_line(database, conn) -> Non
     assert await _job_count(conn) == 0
 
 
+async def test_enqueue_with_a_dedupe_key_prints_the_unfinished_jobs_id(database, conn) -> None:
+    first = await run_cli(
+        "enqueue", "--kind", "mail", "--dedupe-key", "ada", "-", dsn=database.dsn, stdin="[1, 2]"
+    )
+    assert first.exit_code == 0 and first.stderr == "", first.stderr
+    again = await run_cli("enqueue", "--kind", "mail", "-", dsn=database.dsn, stdin="[3]",
+                          CHUNKD_DEDUPE_KEY="ada")  # fmt: skip
+    assert again.exit_code == 0
+    assert again.stdout == first.stdout
+    assert again.stderr == (
+        "chunkd: an unfinished 'mail' job holds dedupe key 'ada': nothing created, its id printed\n"
+    )
+    other = await run_cli(
+        "enqueue", "--kind", "export", "--dedupe-key", "ada", "-", dsn=database.dsn, stdin="[1]"
+    )
+    assert other.stdout != first.stdout and other.stderr == ""
+    assert await _job_count(conn) == 2
+
+
+async def test_enqueue_at_and_in_delay_the_job(database, conn) -> None:
+    at = await run_cli(
+        "enqueue", "--kind", "k", "--at", "2126-12-01T08:00:00+01:00", "-",
+        dsn=database.dsn, stdin="[1]",
+    )  # fmt: skip
+    later = await run_cli("enqueue", "--kind", "k", "-", dsn=database.dsn, stdin="[1]",
+                          CHUNKD_IN="15m")  # fmt: skip
+    env_at = await run_cli("enqueue", "--kind", "k", "-", dsn=database.dsn, stdin="[1]",
+                           CHUNKD_AT="2126-01-01T00:00:00Z")  # fmt: skip
+    for result in (at, later, env_at):
+        assert result.exit_code == 0, result.stderr
+    rows = {
+        str(r["id"]): r
+        for r in await conn.fetch(
+            "SELECT j.id, j.run_at, j.run_at - j.created_at AS delay, s.overall_status"
+            " FROM chunkd.sync_jobs j"
+            " JOIN chunkd.chunk_processing_status s ON s.parent_sync_job_id = j.id"
+        )
+    }
+    assert {r["overall_status"] for r in rows.values()} == {"scheduled"}
+    assert rows[at.stdout.strip()]["run_at"].isoformat() == "2126-12-01T07:00:00+00:00"
+    assert rows[env_at.stdout.strip()]["run_at"].isoformat() == "2126-01-01T00:00:00+00:00"
+    delay = rows[later.stdout.strip()]["delay"]
+    assert timedelta(minutes=15) <= delay < timedelta(minutes=15, seconds=5)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--at", "tomorrow"],
+            "Invalid value for '--at': 'tomorrow' is not a timestamp: give ISO 8601 with a time"
+            " zone, e.g. 2026-12-01T08:00:00Z",
+        ),
+        (
+            ["--at", "2026-12-01T08:00:00"],
+            "Invalid value for '--at': '2026-12-01T08:00:00' has no time zone: add Z (UTC) or an"
+            " offset such as +01:00",
+        ),
+        (["--in", "soon"], "Invalid value for '--in': 'soon' is not a duration"),
+        (
+            ["--at", "2026-12-01T08:00:00Z", "--in", "5m"],
+            "--at and --in both say when to start: give one of them",
+        ),
+        (["--dedupe-key", ""], "--dedupe-key must not be empty (leave it out for no key)"),
+        (["--dedupe-key", "k" * 300], "dedupe_key must be at most 256 characters, got 300"),
+    ],
+    ids=["at-not-a-time", "at-naive", "in-not-a-duration", "at-and-in", "empty-key", "long-key"],
+)
+async def test_enqueue_refuses_bad_start_times_and_keys_and_inserts_nothing(
+    database, conn, args: list[str], message: str
+) -> None:
+    result = await run_cli("enqueue", "--kind", "k", *args, "-", dsn=database.dsn, stdin="[1]")
+    assert result.exit_code == 2
+    assert result.error_line().startswith(message), result.stderr
+    assert result.stdout == ""
+    assert await _job_count(conn) == 0
+
+
 async def test_connection_and_dsn_mistakes_are_one_line_without_the_password() -> None:
     result = await run_cli(
         "status", dsn="postgresql://chunkd:s3cret-pw@127.0.0.1:1/nowhere", stdin=None
@@ -337,6 +415,7 @@ async def test_status_json_for_scripts(database, conn) -> None:
         "created_at": None,
         "started_at": None,
         "finished_at": None,
+        "run_at": None,
     }
     assert by_id[str(done)]["overall_status"] == "completed"
     assert by_id[str(done)]["finished_at"] is not None
@@ -443,14 +522,34 @@ async def test_cancel_then_retry_is_refused(database, conn) -> None:
     # The worker still running the claimed chunk is fenced out.
     assert not await complete(conn, running["queue_id"], "w", 1)
 
+    # Cancelling it again: the job is finished, and the operator is told so (issue #16, 9).
     result = await run_cli("cancel", str(job), dsn=database.dsn)
-    assert result.stdout.strip() == f"cancelled 0 chunks of job {job}"
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.error_line() == f"job {job} is already finished (cancelled): nothing to cancel"
     result = await run_cli("retry", str(job), dsn=database.dsn)
     assert result.exit_code == 2
     assert result.error_line() == f"sync job {job} is cancelled; its chunks cannot be retried"
     missing = uuid.uuid4()
     result = await run_cli("cancel", str(missing), dsn=database.dsn)
     assert result.exit_code == 2 and result.error_line() == f"no sync job {missing}"
+
+
+@pytest.mark.parametrize("outcomes", [("completed",) * 2, ("completed", "failed")])
+async def test_cancel_of_a_finished_job_says_so_and_changes_nothing(
+    database, conn, outcomes: tuple[str, ...]
+) -> None:
+    job = await create_job(conn, len(outcomes), max_attempts=1)
+    for row, outcome in zip(await claim(conn, "w", len(outcomes)), outcomes, strict=True):
+        if outcome == "completed":
+            assert await complete(conn, row["queue_id"], "w", row["attempt"])
+        else:
+            assert await fail(conn, row["queue_id"], "w", row["attempt"], "boom") == "failed"
+    before = await status_counts(conn, job)
+    result = await run_cli("cancel", str(job), dsn=database.dsn)
+    status = "completed" if "failed" not in outcomes else "partial_failure"
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.error_line() == f"job {job} is already finished ({status}): nothing to cancel"
+    assert await status_counts(conn, job) == before
 
 
 async def test_reap_recovers_expired_leases(database, conn) -> None:

@@ -47,7 +47,9 @@ async def test_three_jobs_of_300_each_complete_exactly_once(db, start) -> None:
     jobs = [await create_job(db, [{"sleep_s": 0.002}] * 300) for _ in range(3)]
     daemon = start("--handler", RECORD, "--concurrency", "20")
     await wait_until(await _completed(db, 900), timeout_s=60, what="900 completions")
-    runs = await db.fetch("SELECT chunk_id, count(*) AS n FROM test_executions GROUP BY chunk_id")
+    runs = await db.fetch(
+        "SELECT chunk_id, count(*) AS n FROM public.test_executions GROUP BY chunk_id"
+    )
     assert len(runs) == 900 and {r["n"] for r in runs} == {1}
     for job in jobs:
         assert await status_counts(db, job) == {"completed": 300}
@@ -70,7 +72,7 @@ async def test_limited_job_runs_in_seq_order_without_overlap_beside_a_parallel_j
     start("--handler", RECORD, "--concurrency", "10")
     await wait_until(await _completed(db, 90), timeout_s=60, what="90 completions")
     runs = await db.fetch(
-        "SELECT seq, started_at, ended_at FROM test_executions WHERE job_id = $1"
+        "SELECT seq, started_at, ended_at FROM public.test_executions WHERE job_id = $1"
         " ORDER BY started_at",
         limited,
     )
@@ -80,7 +82,7 @@ async def test_limited_job_runs_in_seq_order_without_overlap_beside_a_parallel_j
     # The parallel job really ran beside it: some of its chunks overlapped the limited window.
     window = (runs[0]["started_at"], runs[-1]["ended_at"])
     beside = await db.fetchval(
-        "SELECT count(*) FROM test_executions WHERE job_id = $1 AND started_at < $3"
+        "SELECT count(*) FROM public.test_executions WHERE job_id = $1 AND started_at < $3"
         " AND ended_at > $2",
         parallel,
         *window,
@@ -88,10 +90,10 @@ async def test_limited_job_runs_in_seq_order_without_overlap_beside_a_parallel_j
     assert beside > 5
     max_parallel = await db.fetchval(
         """SELECT max(n) FROM (
-               SELECT (SELECT count(*) FROM test_executions o
+               SELECT (SELECT count(*) FROM public.test_executions o
                        WHERE o.job_id = e.job_id AND o.started_at <= e.started_at
                          AND o.ended_at > e.started_at) AS n
-               FROM test_executions e WHERE e.job_id = $1) x""",
+               FROM public.test_executions e WHERE e.job_id = $1) x""",
         parallel,
     )
     assert max_parallel > 1
@@ -114,7 +116,8 @@ async def test_failures_retry_with_backoff_then_fail_permanent_and_retry_later(d
     starts = [
         r["started_at"]
         for r in await db.fetch(
-            "SELECT started_at FROM test_executions WHERE job_id = $1 ORDER BY attempt", always
+            "SELECT started_at FROM public.test_executions WHERE job_id = $1 ORDER BY attempt",
+            always,
         )
     ]
     gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(starts)]
@@ -128,7 +131,8 @@ async def test_failures_retry_with_backoff_then_fail_permanent_and_retry_later(d
     assert "planned permanent failure" in row["error_message"]
 
     runs = await db.fetch(
-        "SELECT attempt, started_at FROM test_executions WHERE job_id = $1 ORDER BY attempt", later
+        "SELECT attempt, started_at FROM public.test_executions WHERE job_id = $1 ORDER BY attempt",
+        later,
     )
     assert [r["attempt"] for r in runs] == [1, 2]
     gap = (runs[1]["started_at"] - runs[0]["started_at"]).total_seconds()
@@ -169,7 +173,7 @@ async def test_handler_longer_than_lease_keeps_its_chunk(db, start) -> None:
     start("--handler", RECORD, "--lease", "1500ms", "--reap-interval", "200ms")
     await wait_until(lambda: _terminal(db, job), timeout_s=20, what="the long chunk")
     assert await status_counts(db, job) == {"completed": 1}
-    assert await db.fetchval("SELECT count(*) FROM test_executions") == 1
+    assert await db.fetchval("SELECT count(*) FROM public.test_executions") == 1
     reaped = await db.fetchval("SELECT count(*) FROM chunkd.chunk_events WHERE event = 'reaped'")
     assert reaped == 0
 
@@ -260,7 +264,7 @@ async def test_postgres_restart_mid_run_daemon_survives_and_finishes(
     try:
         await wait_until(lambda: _terminal(fresh, job), timeout_s=60, what="all chunks")
         assert await status_counts(fresh, job) == {"completed": 200}
-        runs = await fresh.fetchval("SELECT count(DISTINCT chunk_id) FROM test_executions")
+        runs = await fresh.fetchval("SELECT count(DISTINCT chunk_id) FROM public.test_executions")
         assert runs == 200
         completed_twice = await fresh.fetchval(
             "SELECT count(*) FROM (SELECT queue_id FROM chunkd.chunk_events"
@@ -296,8 +300,8 @@ async def test_two_processes_on_2000_chunks_never_run_a_chunk_twice(db, start) -
     start("--handler", RECORD, "--concurrency", "20")
     await wait_until(lambda: _terminal(db, job), timeout_s=90, what="2000 chunks")
     assert await status_counts(db, job) == {"completed": 2000}
-    assert await db.fetchval("SELECT count(*) FROM test_executions") == 2000
-    pids = await db.fetchval("SELECT count(DISTINCT pid) FROM test_executions")
+    assert await db.fetchval("SELECT count(*) FROM public.test_executions") == 2000
+    pids = await db.fetchval("SELECT count(DISTINCT pid) FROM public.test_executions")
     assert pids == 2, "both processes should have worked"
 
 

@@ -78,7 +78,10 @@ def test_the_pages_that_run_are_the_expected_ones() -> None:
     assert names == [
         "README.md",
         "cli.md",
+        "continuations.md",
+        "flow-control.md",
         "getting-started.md",
+        "schedules.md",
         "security.md",
         "sql-api.md",
         "systemd.md",

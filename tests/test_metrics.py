@@ -89,7 +89,7 @@ async def test_scraped_metrics_match_the_database(db, database, tmp_path) -> Non
             return events if done and events.get("retry_scheduled") == 2 else None
 
         events = await wait_until(settled, timeout_s=30, what="4 completed, 1 failed, 2 retries")
-        executions = await db.fetchval("SELECT count(*) FROM test_executions")
+        executions = await db.fetchval("SELECT count(*) FROM public.test_executions")
         assert executions == events["claimed"] == 7  # 6 chunks, one ran twice
 
         async def scraped_all() -> Samples | None:

@@ -6,6 +6,8 @@ Roles are cluster-wide, so each test makes its own with a random name and drops 
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import os
 import re
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -307,6 +310,8 @@ async def test_enqueue_only_role_can_create_jobs_and_nothing_else(
             ("DELETE FROM chunkd.ready", ()),
             ("INSERT INTO chunkd.sync_jobs (kind, total_chunks) VALUES ('k', 1)", ()),
             ("INSERT INTO chunkd.jobs (kind, total_chunks) VALUES ('k', 1)", ()),
+            ("SELECT * FROM chunkd.job_specs('[]')", ()),
+            ("SELECT chunkd.carry_grants('chunkd.seconds(float8)', 'chunkd.seconds(float8)')", ()),
         ):
             with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied"):
                 await enqueuer.execute(statement, *args)
@@ -314,6 +319,57 @@ async def test_enqueue_only_role_can_create_jobs_and_nothing_else(
         await enqueuer.close()
     assert await status_counts(conn, job) == {"pending": 3}
     assert await conn.fetchval("SELECT count(*) FROM chunkd.sync_jobs") == 1
+
+
+async def test_enqueue_only_role_uses_every_enqueue_option_everywhere(
+    conn, database, make_role
+) -> None:
+    """Delayed start, dedupe keys and bulk enqueue need no grant beyond the documented ones:
+    through SQL, the Python client on asyncpg and on psycopg, and `chunkd enqueue`."""
+    import psycopg
+
+    import chunkd
+    from chunkd.client import sync
+
+    role = await make_role(ENQUEUE_FUNCTIONS)
+    dsn = dsn_as(database.dsn, role)
+    later = datetime.now(UTC) + timedelta(hours=1)
+    enqueuer = await connect(dsn)
+    try:
+        delayed = await enqueuer.fetchval(
+            "SELECT chunkd.create_sync_job('mail', '[1]', run_at => now() + interval '1 hour',"
+            " dedupe_key => 'ada')"
+        )
+        again = await chunkd.create_sync_job(enqueuer, "mail", [2], dedupe_key="ada")
+        bulk = await chunkd.create_sync_jobs(
+            enqueuer,
+            [{"kind": "mail", "chunks": [1], "run_at": later}, {"kind": "x", "chunks": [2]}],
+        )
+        created = await enqueuer.fetchval(
+            "SELECT created FROM chunkd.create_jobs($1::jsonb)",
+            json.dumps([{"kind": "mail", "chunks": [3], "dedupe_key": "ada"}]),
+        )
+    finally:
+        await enqueuer.close()
+    assert again == delayed and created is False and len(bulk) == 2
+    with psycopg.connect(dsn, autocommit=True) as blocking:
+        assert sync.create_sync_job(blocking, "mail", [9], dedupe_key="ada") == delayed
+        assert len(sync.create_sync_jobs(blocking, [{"kind": "y", "chunks": [1]}])) == 1
+    cli = [sys.executable, "-m", "chunkd", "enqueue", "--kind", "mail", "--dedupe-key", "bob",
+           "--in", "15m", "-"]  # fmt: skip
+    env = {**_env_with_tests(), "CHUNKD_DSN": dsn}
+    run = functools.partial(
+        subprocess.run, cli, input="[1]", capture_output=True, text=True, timeout=60, env=env
+    )
+    first = await asyncio.to_thread(run)
+    second = await asyncio.to_thread(run)
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert first.stdout == second.stdout and "nothing created" in second.stderr
+    statuses = await conn.fetch(
+        "SELECT s.overall_status, count(*) AS n FROM chunkd.chunk_processing_status s"
+        " GROUP BY 1 ORDER BY 1"
+    )
+    assert [(r["overall_status"], r["n"]) for r in statuses] == [("pending", 2), ("scheduled", 3)]
 
 
 # --------------------------------------------------------------------------------------------

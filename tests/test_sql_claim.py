@@ -187,3 +187,29 @@ async def test_claim_rejects_bad_arguments(conn) -> None:
             assert "chunkd:" in str(exc)
         else:
             raise AssertionError(f"claim({worker!r}, {batch}) should have been rejected")
+
+
+async def test_claim_for_few_slots_skips_limited_jobs_without_a_free_slot(conn) -> None:
+    """Version 1 offered a claim for n slots the n oldest limited jobs, full or not: a small
+    job behind two busy max_concurrency = 1 jobs got nothing from a claim for one or two."""
+    big = [await create_job(conn, 30, max_concurrency=1) for _ in range(2)]
+    first = await claim(conn, "w", 4)
+    assert sorted((r["parent_sync_job_id"], r["seq"]) for r in first) == sorted(
+        (job, 0) for job in big
+    )
+    small = await create_job(conn, 3, max_concurrency=1)
+    (row,) = await claim(conn, "w", 1)
+    assert (row["parent_sync_job_id"], row["seq"]) == (small, 0)
+    assert await claim(conn, "w", 2) == [], "every limited job is at its limit"
+
+
+async def test_limited_jobs_take_turns_by_progress(conn) -> None:
+    """With a slot at a time, limited jobs of equal priority rotate: the job whose next chunk
+    has the lowest seq goes first, as unlimited jobs interleave by seq."""
+    jobs = [await create_job(conn, 4, max_concurrency=1) for _ in range(3)]
+    order = []
+    for _ in range(12):
+        (row,) = await claim(conn, "w", 1)
+        order.append((jobs.index(row["parent_sync_job_id"]), row["seq"]))
+        assert await complete(conn, row["queue_id"], "w", row["attempt"])
+    assert order == [(j, seq) for seq in range(4) for j in range(3)]

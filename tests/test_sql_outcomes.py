@@ -233,3 +233,16 @@ async def test_audit_has_one_row_per_transition_with_worker_and_attempt(conn) ->
         ("claimed", "processing", 3, "w4", None),
         ("completed", "completed", 3, "w4", None),
     ]
+
+
+async def test_failed_then_retried_then_cancelled_chunk_reads_cancelled(conn) -> None:
+    """Found by the dashboard's chunk map: the last attempt of such a chunk failed for good,
+    but a cancel took it from the queue after the operator's retry."""
+    job = await create_job(conn, 1, max_attempts=1)
+    (row,) = await claim(conn, "w", 1)
+    assert await fail(conn, row["queue_id"], "w", 1, "broken", retryable=False) == "failed"
+    assert await conn.fetchval("SELECT chunkd.retry_failed_chunks($1)", job) == 1
+    assert await conn.fetchval("SELECT chunkd.cancel_sync_job($1)", job) == 1
+    assert await status_counts(conn, job) == {"cancelled": 1}
+    progress = await conn.fetchval("SELECT chunkd.get_sync_job_progress($1)", job)
+    assert progress["cancelled_chunks"] == 1 and progress["failed_chunks"] == 0

@@ -74,10 +74,14 @@ async def test_get_sync_job_progress_keys_counts_and_eta(conn) -> None:
     assert set(p) == {
         "sync_job_id", "kind", "total_chunks", "pending_chunks", "processing_chunks",
         "completed_chunks", "failed_chunks", "cancelled_chunks", "overall_status",
-        "progress_percentage", "created_at", "started_at", "finished_at",
+        "progress_percentage", "created_at", "started_at", "finished_at", "run_at",
         "chunks_per_second", "eta_seconds",
+        # Schema version 3: growing jobs.
+        "open", "total_is_final", "appended_chunks", "on_finish_kind",
     }  # fmt: skip
     assert p["sync_job_id"] == str(job) and p["kind"] == "mail"
+    assert p["run_at"] is None  # not delayed
+    assert (p["open"], p["total_is_final"], p["appended_chunks"]) == (False, True, 0)
     assert (p["total_chunks"], p["pending_chunks"], p["processing_chunks"]) == (10, 6, 1)
     assert (p["completed_chunks"], p["overall_status"]) == (3, "processing")
     assert p["progress_percentage"] == 30.0
@@ -211,7 +215,8 @@ async def test_schema_grants_nothing_to_public(conn) -> None:
                        has_table_privilege('{role}', 'chunkd.chunk_processing_queue',
                                            'SELECT') AS sel,
                        has_function_privilege('{role}',
-                         'chunkd.create_sync_job(text,jsonb,jsonb,integer,integer,integer)',
+                         'chunkd.create_sync_job(text,jsonb,jsonb,integer,integer,integer,'
+                         'timestamptz,text,boolean,text,numeric,text)',
                          'EXECUTE') AS exec"""
         )
         assert dict(checks) == {"usage": False, "sel": False, "exec": False}

@@ -170,9 +170,9 @@ def _substitute(text: str, dsn: str, edge: EdgeFunction, job_id: str | None) -> 
 
 def test_guide_has_the_snippets_this_test_runs() -> None:
     languages = [lang for lang, _ in doc_blocks()]
-    assert set(languages) <= {"sql", "sh", "ts", "json"}, languages
+    assert set(languages) <= {"sql", "sh", "ts", "json", "python"}, languages
     assert languages.count("sh") == 2
-    assert languages.count("sql") == 5
+    assert languages.count("sql") == 6
     text = DOC.read_text(encoding="utf-8")
     assert "not reachable" in text  # the guide says how it is tested
     assert EXAMPLE_DSN in text and EXAMPLE_URL in text
@@ -187,13 +187,14 @@ async def test_the_guide_top_to_bottom(
     exports: list[str] = []
     job_id: str | None = None
     seen: set[str] = set()
+    delayed_ids: list[str] = []
     documented_body = None
     try:
         for index, (lang, raw) in enumerate(doc_blocks()):
             if lang == "json":
                 documented_body = json.loads(raw)
                 continue
-            if lang == "ts":
+            if lang in ("ts", "python"):
                 continue
             block = _substitute(raw, dsn, edge_function, job_id)
             if lang == "sh":
@@ -211,10 +212,19 @@ async def test_the_guide_top_to_bottom(
                 continue
             for statement in sql_statements(block):
                 rows = await conn.fetch(statement)
-                job_id = await _check_sql(conn, statement, rows, job_id, seen)
+                job_id = await _check_sql(conn, statement, rows, job_id, seen, delayed_ids)
     finally:
         await conn.close()
-    assert seen == {"migrate", "grants", "privileges", "enqueue", "run", "watch", "audit"}, seen
+    assert seen == {
+        "migrate",
+        "grants",
+        "privileges",
+        "enqueue",
+        "delayed",
+        "run",
+        "watch",
+        "audit",
+    }, seen
     # The documented request body is exactly what the daemon sent.
     assert documented_body is not None
     sent = edge_function.requests[0].body
@@ -223,18 +233,44 @@ async def test_the_guide_top_to_bottom(
 
 
 async def _check_sql(
-    conn: Any, statement: str, rows: list[Any], job_id: str | None, seen: set[str]
+    conn: Any,
+    statement: str,
+    rows: list[Any],
+    job_id: str | None,
+    seen: set[str],
+    seen_delayed: list[str],
 ) -> str | None:
     """The outcome each of the guide's statements promises."""
     if statement.startswith(("GRANT", "REVOKE", "NOTIFY")):
         if statement.startswith("GRANT EXECUTE ON FUNCTION chunkd.create_sync_job"):
             seen.add("grants")
     elif "has_function_privilege" in statement:
-        assert [(r["api_role"], str(r["callable"])) for r in rows] == [
-            ("service_role", "chunkd.create_sync_job(text,jsonb,jsonb,integer,integer,integer)"),
+        # (ORDER BY a regprocedure sorts by OID: compare as a set of names.)
+        assert sorted((r["api_role"], str(r["callable"])) for r in rows) == [
+            (
+                "service_role",
+                "chunkd.create_sync_job(text,jsonb,jsonb,integer,integer,integer,"
+                "timestamp with time zone,text,boolean,text,numeric,text)",
+            ),
+            ("service_role", "chunkd.create_sync_jobs(jsonb)"),
             ("service_role", "chunkd.get_sync_job_progress(uuid)"),
         ]
         seen.add("privileges")
+    elif "dedupe_key => 'bob@example.com'" in statement:
+        # The delayed, keyed job: called twice, one job, scheduled.
+        assert await conn.fetchval("SELECT current_user") == "service_role"
+        delayed = str(rows[0]["sync_job_id"])
+        if "delayed" in seen:
+            assert delayed == seen_delayed[0], "the second call returned the first job"
+            status = await _as_owner(
+                conn,
+                "SELECT overall_status FROM chunkd.chunk_processing_status"
+                " WHERE parent_sync_job_id = $1",
+                uuid.UUID(delayed),
+            )
+            assert status == "scheduled"
+        seen_delayed.append(delayed)
+        seen.add("delayed")
     elif "chunkd.create_sync_job(" in statement:
         assert await conn.fetchval("SELECT current_user") == "service_role"
         job_id = str(rows[0]["sync_job_id"])
@@ -253,11 +289,11 @@ async def _check_sql(
             finally:
                 await conn.execute("RESET ROLE")
     elif "FROM chunkd.chunk_processing_queue ORDER BY created_at DESC LIMIT 10" in statement:
-        assert len(rows) == 5  # the guide's 4 chunks and the test's extra one
+        assert len(rows) == 7  # the guide's 4 + 2 delayed chunks, and the test's extra one
     elif statement == "SELECT * FROM chunkd.chunk_processing_status":
         statuses = {str(r["parent_sync_job_id"]): r["overall_status"] for r in rows}
         assert statuses[job_id] == "completed"
-        assert sorted(statuses.values()) == ["completed", "partial_failure"]
+        assert sorted(statuses.values()) == ["completed", "partial_failure", "scheduled"]
     elif statement == "SELECT chunkd.cleanup_stuck_chunks()":
         assert rows[0][0] == 0  # the daemon left nothing stuck
     elif "get_sync_job_progress" in statement:
@@ -266,10 +302,19 @@ async def _check_sql(
         seen.add("watch")
     elif "FROM chunkd.chunk_events" in statement:
         events = {r["event"]: r["count"] for r in rows}
-        assert events["enqueued"] == 5 and events["completed"] == 4 and events["failed"] == 1
+        assert events["enqueued"] == 7 and events["completed"] == 4 and events["failed"] == 1
         assert events["retry_scheduled"] == 2  # the 429 and the 503
         seen.add("audit")
     return job_id
+
+
+async def _as_owner(conn: Any, query: str, *args: Any) -> Any:
+    """A check the guide's API role may not run, as the owner, back to that role after."""
+    await conn.execute("RESET ROLE")
+    try:
+        return await conn.fetchval(query, *args)
+    finally:
+        await conn.execute("SET ROLE service_role")
 
 
 async def _run_daemon_block(

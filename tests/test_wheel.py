@@ -57,7 +57,16 @@ def test_the_wheel_installs_and_runs_from_a_fresh_venv(empty_database: str, tmp_
     assert {"chunkd/sql/0001_queue.sql", "chunkd/sql/queries.sql"} <= names
     shipped_sql = {f"chunkd/sql/{p.name}" for p in (ROOT / "sql").glob("*.sql")}
     assert shipped_sql <= names, shipped_sql - names
+    web_files = {
+        f"chunkd/{p.relative_to(ROOT / 'daemon' / 'chunkd').as_posix()}"
+        for p in (ROOT / "daemon" / "chunkd" / "web").rglob("*")
+        if p.suffix in (".html", ".css", ".js")
+    }
+    assert "chunkd/web/templates/base.html" in web_files
+    assert web_files <= names, web_files - names
     assert not any(n.startswith(("tests/", "docs/", "bench/")) for n in names)
+    # The client is typed for the applications that call it (PEP 561).
+    assert {"chunkd/py.typed", "chunkd/client/__init__.py", "chunkd/client/sync.py"} <= names
 
     # Install into a fresh venv, away from the checkout.
     home = tmp_path / "user"
@@ -105,6 +114,24 @@ def test_the_wheel_installs_and_runs_from_a_fresh_venv(empty_database: str, tmp_
     current = _run([chunkd, "migrate", "--check"], cwd=home, env=env, timeout_s=60)
     assert current.returncode == 0, current.stdout + current.stderr
     assert current.stdout == f"chunkd schema is current (version {MIGRATIONS})\n", current.stdout
+
+    # chunkd web serves its templates and static files from the installed package.
+    serve_once = (
+        "import subprocess, sys, time, json, urllib.request\n"
+        "p = subprocess.Popen([sys.argv[1], '--log-format', 'json', 'web', '--port', '0'],"
+        " stdout=subprocess.PIPE, text=True)\n"
+        "try:\n"
+        "    for line in p.stdout:\n"
+        "        if 'web.listening' in line:\n"
+        "            url = json.loads(line)['url']; break\n"
+        "    for path in ('jobs', 'static/app.js'):\n"
+        "        print(path, urllib.request.urlopen(url + path, timeout=10).status)\n"
+        "finally:\n"
+        "    p.terminate(); p.wait(20)\n"
+    )
+    served = _run([str(bin_dir / "python"), "-c", serve_once, chunkd], cwd=home, env=env)
+    assert served.returncode == 0, served.stdout + served.stderr
+    assert served.stdout.splitlines() == ["jobs 200", "static/app.js 200"], served.stdout
 
     del env["CHUNKD_DSN"]  # the demo brings its own PostgreSQL
     demo = _run([chunkd, "demo", "--chunks", "30"], cwd=home, env=env, timeout_s=180)

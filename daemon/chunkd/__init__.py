@@ -1,6 +1,29 @@
 """chunkd: a durable chunk-processing daemon for PostgreSQL."""
 
-from chunkd.chunk import Chunk, PermanentError, RetryLater
+from chunkd.chunk import Chunk, Continue, PermanentError, RetryLater
+from chunkd.client import (
+    Progress,
+    cancel,
+    create_sync_job,
+    create_sync_jobs,
+    get_progress,
+    retry_failed,
+)
+from chunkd.errors import InvalidInputError, JobNotFoundError
 from chunkd.version import __version__
 
-__all__ = ["Chunk", "PermanentError", "RetryLater", "__version__"]
+__all__ = [
+    "Chunk",
+    "Continue",
+    "InvalidInputError",
+    "JobNotFoundError",
+    "PermanentError",
+    "Progress",
+    "RetryLater",
+    "__version__",
+    "cancel",
+    "create_sync_job",
+    "create_sync_jobs",
+    "get_progress",
+    "retry_failed",
+]

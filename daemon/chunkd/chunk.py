@@ -1,33 +1,193 @@
-"""The chunk handed to handlers, and the two exceptions handlers raise to steer retries.
+"""The chunk handed to handlers, the two exceptions handlers raise to steer retries,
+``Continue``, which a handler returns to add chunks to its own job, and the exact JSON that
+carries payloads and results.
 
 These names are public API: handlers written by users import them from ``chunkd``.
+
+Numbers are never changed on their way: a claimed chunk keeps its payloads as the JSON text the
+database returned, so ``http:`` and ``exec:`` handlers receive that text unchanged, and a
+Python handler gets it decoded on first use with :class:`decimal.Decimal` for every number that
+is not an integer (a float would turn ``1234567890.123456789012345`` into
+``1234567890.1234567`` and ``1e-400`` into ``0.0``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import re
+import secrets
+from collections.abc import Sequence
+from dataclasses import FrozenInstanceError, dataclass
+from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-__all__ = ["Chunk", "PermanentError", "RetryLater"]
+import orjson
+
+__all__ = ["Chunk", "Continue", "PermanentError", "RetryLater", "dumps_json", "loads_json"]
+
+# A non-integer number token has a digit followed by '.', 'e' or 'E'; an integer of 19 digits
+# or more may not fit the 64 bits orjson reads exactly (it turns bigger ones into floats).
+# Strings can match too: that only sends a payload down the exact (slower) path needlessly.
+_NOT_FOR_ORJSON = re.compile(r"[0-9][.eE]|[0-9]{19}")
 
 
-@dataclass(frozen=True, slots=True)
+def _big_int(text: str) -> int | Decimal:
+    # Python refuses int() of more than 4,300 digits (a guard against slow conversions).
+    return int(text) if len(text) <= 4000 else Decimal(text)
+
+
+def loads_json(text: str) -> Any:
+    """JSON text to Python values, exactly: integers as :class:`int`, every other number as
+    :class:`decimal.Decimal`, never a float.
+
+    Raises :class:`ValueError` (:class:`json.JSONDecodeError`) for text that is not JSON and
+    :class:`RecursionError` for nesting deeper than Python's recursion limit.
+    """
+    if _NOT_FOR_ORJSON.search(text) is None:
+        try:
+            return orjson.loads(text)  # only integers of up to 18 digits: exact, and fast
+        except orjson.JSONDecodeError:
+            pass  # the standard library below gives the error its usual form
+    try:
+        return json.loads(text, parse_float=Decimal)
+    except ValueError as exc:
+        if isinstance(exc, json.JSONDecodeError):
+            raise
+        return json.loads(text, parse_float=Decimal, parse_int=_big_int)
+
+
+def dumps_json(value: Any, *, ensure_ascii: bool = True) -> str:
+    """Python values to compact JSON text; a :class:`~decimal.Decimal` is written exactly.
+
+    Raises :class:`ValueError` for NaN or an infinity (JSON has neither) and for circular
+    references, :class:`TypeError` for a value JSON cannot hold.
+    """
+    decimals: list[str] = []
+    marker = ""
+
+    def exact(obj: object) -> str:
+        nonlocal marker
+        if not isinstance(obj, Decimal):
+            raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+        if not obj.is_finite():
+            raise ValueError(f"Out of range float values are not JSON compliant: {obj}")
+        if not marker:
+            marker = f"chunkd-decimal-{secrets.token_hex(8)}-"
+        decimals.append(str(obj))  # str() of a finite Decimal is a valid JSON number
+        return f"{marker}{len(decimals) - 1}"
+
+    text = json.dumps(
+        value, allow_nan=False, ensure_ascii=ensure_ascii, separators=(",", ":"), default=exact
+    )
+    if not decimals:
+        return text
+    return re.sub(f'"{marker}([0-9]+)"', lambda m: decimals[int(m[1])], text)
+
+
+_UNDECODED: Any = object()
+
+
 class Chunk:
     """One claimed chunk, immutable so a handler cannot corrupt what the worker reports.
 
-    ``idempotency_key`` stays the same across attempts of the same chunk: handlers run at
-    least once, so anything they write outside Postgres should be keyed on it.
+    ``payload`` and ``job_payload`` are the decoded JSON (numbers exact: :class:`int`, or
+    :class:`decimal.Decimal` for non-integers). ``idempotency_key`` stays the same across
+    attempts of the same chunk: handlers run at least once, so anything they write outside
+    Postgres should be keyed on it.
     """
 
+    __slots__ = (
+        "_job_payload",
+        "_job_payload_json",
+        "_payload",
+        "_payload_json",
+        "attempt",
+        "chunk_id",
+        "kind",
+        "queue_id",
+        "seq",
+        "sync_job_id",
+    )
     queue_id: UUID
     chunk_id: UUID
     sync_job_id: UUID
     seq: int
     attempt: int
     kind: str
-    payload: Any
-    job_payload: Any
+    _payload: Any
+    _job_payload: Any
+    _payload_json: str | None
+    _job_payload_json: str | None
+
+    def __init__(
+        self,
+        queue_id: UUID,
+        chunk_id: UUID,
+        sync_job_id: UUID,
+        seq: int,
+        attempt: int,
+        kind: str,
+        payload: Any,
+        job_payload: Any,
+    ) -> None:
+        self._set(queue_id, chunk_id, sync_job_id, seq, attempt, kind)
+        object.__setattr__(self, "_payload", payload)
+        object.__setattr__(self, "_job_payload", job_payload)
+        object.__setattr__(self, "_payload_json", None)
+        object.__setattr__(self, "_job_payload_json", None)
+
+    @classmethod
+    def from_json(
+        cls,
+        queue_id: UUID,
+        chunk_id: UUID,
+        sync_job_id: UUID,
+        seq: int,
+        attempt: int,
+        kind: str,
+        *,
+        payload_json: str,
+        job_payload_json: str,
+    ) -> Chunk:
+        """A chunk whose payloads are JSON text, as claimed: decoded only when first read."""
+        chunk = cls.__new__(cls)
+        chunk._set(queue_id, chunk_id, sync_job_id, seq, attempt, kind)
+        object.__setattr__(chunk, "_payload", _UNDECODED)
+        object.__setattr__(chunk, "_job_payload", _UNDECODED)
+        object.__setattr__(chunk, "_payload_json", payload_json)
+        object.__setattr__(chunk, "_job_payload_json", job_payload_json)
+        return chunk
+
+    def _set(
+        self, queue_id: UUID, chunk_id: UUID, sync_job_id: UUID, seq: int, attempt: int, kind: str
+    ) -> None:
+        for name, value in (
+            ("queue_id", queue_id),
+            ("chunk_id", chunk_id),
+            ("sync_job_id", sync_job_id),
+            ("seq", seq),
+            ("attempt", attempt),
+            ("kind", kind),
+        ):
+            object.__setattr__(self, name, value)
+
+    @property
+    def payload(self) -> Any:
+        """The chunk's own payload, decoded JSON (decoded when first read: a payload too deep
+        for Python raises :class:`RecursionError` here, in the handler that reads it)."""
+        if self._payload is _UNDECODED:
+            assert self._payload_json is not None
+            object.__setattr__(self, "_payload", loads_json(self._payload_json))
+        return self._payload
+
+    @property
+    def job_payload(self) -> Any:
+        """The job's payload (the same for every chunk of the job), decoded JSON."""
+        if self._job_payload is _UNDECODED:
+            assert self._job_payload_json is not None
+            object.__setattr__(self, "_job_payload", loads_json(self._job_payload_json))
+        return self._job_payload
 
     @property
     def idempotency_key(self) -> str:
@@ -36,7 +196,7 @@ class Chunk:
         return f"chunkd:{self.chunk_id}"
 
     def to_json_dict(self) -> dict[str, Any]:
-        """The wire form used by the http and exec handlers."""
+        """The wire form used by the http and exec handlers, as Python values."""
         return {
             "queue_id": str(self.queue_id),
             "chunk_id": str(self.chunk_id),
@@ -48,6 +208,72 @@ class Chunk:
             "job_payload": self.job_payload,
             "idempotency_key": self.idempotency_key,
         }
+
+    def to_json(self) -> str:
+        """The wire form as JSON text, with the payloads exactly as stored (never re-encoded).
+
+        Raises :class:`TypeError` or :class:`ValueError` when a payload given as Python values
+        is not JSON.
+        """
+        payload = self._payload_json
+        if payload is None:
+            payload = dumps_json(self._payload)
+        job_payload = self._job_payload_json
+        if job_payload is None:
+            job_payload = dumps_json(self._job_payload)
+        return (
+            f'{{"queue_id":"{self.queue_id}","chunk_id":"{self.chunk_id}",'
+            f'"sync_job_id":"{self.sync_job_id}","seq":{int(self.seq)},'
+            f'"attempt":{int(self.attempt)},"kind":{json.dumps(self.kind)},'
+            f'"payload":{payload},"job_payload":{job_payload},'
+            f'"idempotency_key":{json.dumps(self.idempotency_key)}}}'
+        )
+
+    def _fields(self) -> tuple[Any, ...]:
+        return (
+            self.queue_id,
+            self.chunk_id,
+            self.sync_job_id,
+            self.seq,
+            self.attempt,
+            self.kind,
+            self.payload,
+            self.job_payload,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Chunk):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        return (
+            f"Chunk(queue_id={self.queue_id!r}, chunk_id={self.chunk_id!r}, "
+            f"sync_job_id={self.sync_job_id!r}, seq={self.seq!r}, attempt={self.attempt!r}, "
+            f"kind={self.kind!r}, payload={self.payload!r}, job_payload={self.job_payload!r})"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Picklable (a process pool, say) although __setattr__ refuses: rebuilt, not restored;
+        # a claimed chunk keeps its JSON text (what http: and exec: handlers are given).
+        ids = (self.queue_id, self.chunk_id, self.sync_job_id, self.seq, self.attempt, self.kind)
+        if self._payload_json is not None and self._job_payload_json is not None:
+            return (_chunk_from_json, (*ids, self._payload_json, self._job_payload_json))
+        return (Chunk, (*ids, self._payload, self._job_payload))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+
+def _chunk_from_json(*args: Any) -> Chunk:
+    *ids, payload_json, job_payload_json = args
+    return Chunk.from_json(*ids, payload_json=payload_json, job_payload_json=job_payload_json)
 
 
 class PermanentError(Exception):
@@ -62,3 +288,21 @@ class RetryLater(Exception):
             raise ValueError("RetryLater delay_s must be >= 0")
         super().__init__(message or f"retry requested in {delay_s}s")
         self.delay_s = float(delay_s)
+
+
+@dataclass(frozen=True, slots=True)
+class Continue:
+    """Returned by a handler: complete this chunk with ``result`` and append ``chunks`` to its
+    job (a continuation: the next page, the next UID range).
+
+    The chunks are appended in the same transaction as the completion, and only if the
+    completion is accepted: a stale worker (its lease was lost and the chunk re-claimed)
+    appends nothing. They take the job's next ``seq`` values, so a ``max_concurrency = 1`` job
+    runs them in order after this chunk. ``result`` is any JSON value (or None); ``chunks`` is
+    a sequence of JSON chunk payloads (empty: a plain completion). Limits as for enqueue: at
+    most 16 MiB of chunks per call and 1,000,000 chunks per job; a ``Continue`` over them fails
+    the chunk at once (``PermanentError``).
+    """
+
+    result: Any = None
+    chunks: Sequence[Any] = ()

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["ChunkdError", "ConnectError", "SchemaVersionError", "ServerNotReadyError"]
+__all__ = [
+    "ChunkdError",
+    "ConnectError",
+    "InvalidInputError",
+    "JobNotFoundError",
+    "SchemaVersionError",
+    "ServerNotReadyError",
+]
 
 
 class ChunkdError(Exception):
@@ -19,3 +26,16 @@ class ServerNotReadyError(ConnectError):
 
 class SchemaVersionError(ChunkdError):
     """The database schema is behind or ahead of what this chunkd knows."""
+
+
+class InvalidInputError(ChunkdError, ValueError):
+    """A value chunkd refuses: chunks that are not a non-empty list, an empty dedupe key, a
+    ``run_at`` without a time zone, a retry of a cancelled job, a limit passed, ...
+
+    The message is the server's (without its ``chunkd: `` prefix) or the client's own check,
+    and names the value and what is wrong with it.
+    """
+
+
+class JobNotFoundError(ChunkdError, LookupError):
+    """No sync job has the given id."""

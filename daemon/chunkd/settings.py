@@ -4,8 +4,38 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Literal
 
-__all__ = ["RunSettings", "parse_duration"]
+__all__ = ["POOLER_MODES", "Dsn", "PoolerMode", "RunSettings", "parse_duration", "pooler_mode"]
+
+# How connections reach PostgreSQL. "session": each connection is a session (direct, or a
+# pooler in session mode); "transaction": a pooler that hands each transaction to any server
+# connection (PgBouncer's pool_mode = transaction, Supabase's port 6543); "auto": find out.
+PoolerMode = Literal["auto", "session", "transaction"]
+POOLER_MODES: tuple[PoolerMode, ...] = ("auto", "session", "transaction")
+
+
+class Dsn(str):
+    """A PostgreSQL connection URI that also says how to use it: ``pooler`` (``--pooler``).
+
+    A plain ``str`` is a DSN with ``pooler="auto"``; this type carries an explicit choice
+    through every layer that connects, without a second argument beside each DSN.
+    """
+
+    pooler: PoolerMode
+
+    def __new__(cls, value: str, pooler: PoolerMode = "auto") -> Dsn:
+        if pooler not in POOLER_MODES:
+            raise ValueError(f"--pooler must be one of {', '.join(POOLER_MODES)}, not {pooler!r}")
+        dsn = super().__new__(cls, value)
+        dsn.pooler = pooler
+        return dsn
+
+
+def pooler_mode(dsn: str) -> PoolerMode:
+    """The ``--pooler`` choice carried by ``dsn`` (``"auto"`` for a plain string)."""
+    return dsn.pooler if isinstance(dsn, Dsn) else "auto"
+
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -40,6 +70,11 @@ class RunSettings:
     metrics_port: int | None = None
     metrics_interval_s: float = 15.0
     http_headers: dict[str, str] = field(default_factory=dict)
+    # Schedules: how often the database is asked for due schedules (at most; the daemon
+    # sleeps until the earliest due time when that is sooner). 0 = this daemon fires none.
+    schedule_interval_s: float = 5.0
+    # Tests only: a file holding the schedule clock's time (ISO 8601), instead of the database's.
+    schedule_clock_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -58,6 +93,7 @@ class RunSettings:
 
         return {
             "dsn": redact_dsn(self.dsn),
+            "pooler": pooler_mode(self.dsn),
             "handlers": list(self.handlers),
             "concurrency": self.concurrency,
             "lease_s": self.lease_s,
@@ -70,4 +106,5 @@ class RunSettings:
             "metrics_port": self.metrics_port,
             "metrics_interval_s": self.metrics_interval_s,
             "http_headers": sorted(self.http_headers),
+            "schedule_interval_s": self.schedule_interval_s,
         }

@@ -1,7 +1,9 @@
 """The ``chunkd`` command line: the group and the entry point. This package is the only place
 that reads argv and the environment, sets up logging, or installs signal handlers; one module
 per group of commands (:mod:`~chunkd.cli.daemon`, :mod:`~chunkd.cli.jobs`,
-:mod:`~chunkd.cli.maintenance`), shared option types in :mod:`~chunkd.cli.options`.
+:mod:`~chunkd.cli.growing`, :mod:`~chunkd.cli.schedules`, :mod:`~chunkd.cli.flow`,
+:mod:`~chunkd.cli.maintenance`, :mod:`~chunkd.cli.web`), shared option types in
+:mod:`~chunkd.cli.options`.
 
 A user mistake (bad option, bad DSN, unknown handler, wrong schema) is one line on stderr and
 exit code 2, never a traceback.
@@ -52,11 +54,18 @@ def cli(log_format: LogFormat, log_level: str) -> None:
 
 def _register_commands() -> None:
     from chunkd.cli.daemon import migrate, run
+    from chunkd.cli.flow import limit, pause, resume
+    from chunkd.cli.growing import append, close, wait
     from chunkd.cli.jobs import cancel, enqueue, retry, status
     from chunkd.cli.maintenance import purge, reap, workers
+    from chunkd.cli.schedules import schedule
+    from chunkd.cli.web import web
     from chunkd.demo.command import demo
 
-    for command in (migrate, run, enqueue, status, retry, cancel, reap, purge, workers, demo):
+    for command in (
+        migrate, run, enqueue, append, close, status, wait, retry, cancel, pause, resume, limit,
+        schedule, reap, purge, workers, web, demo,
+    ):  # fmt: skip
         cli.add_command(command)
 
 
@@ -80,4 +89,19 @@ def main(argv: list[str] | None = None) -> None:
         # HandlerError and bad header options land here: user input, one line.
         click.echo(f"chunkd: error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
+    except Exception as exc:
+        # A server refusal no command translated itself (a privilege, a read-only database):
+        # one line too. Anything else is a bug, and keeps its traceback.
+        line = _server_refusal(exc)
+        if line is None:
+            raise
+        click.echo(f"chunkd: error: {line}", err=True)
+        sys.exit(EXIT_USAGE)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _server_refusal(exc: Exception) -> str | None:
+    from chunkd.db import DatabaseError
+    from chunkd.db.server_errors import describe_server_error
+
+    return describe_server_error(exc) if isinstance(exc, DatabaseError) else None

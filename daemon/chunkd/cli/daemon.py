@@ -29,13 +29,13 @@ __all__ = ["migrate", "run"]
 def migrate(dsn: str, check: bool) -> None:
     """Install or upgrade the chunkd schema (safe to run concurrently and repeatedly)."""
     from chunkd.db import connect
-    from chunkd.db.migrate import apply_migrations, check_schema
+    from chunkd.db.migrate import apply_migrations, check_version
 
     async def go() -> None:
         conn = await connect(dsn)
         try:
             if check:
-                state = await check_schema(conn)
+                state = await check_version(conn)
                 click.echo(f"chunkd schema is current (version {max(state.applied)})")
                 return
             applied = await apply_migrations(conn)
@@ -158,6 +158,22 @@ def _fail_line(message: str, code: int) -> int:
     help="'Name: value' header for http: handlers, repeatable; never logged.  "
     "[env: CHUNKD_HTTP_HEADERS, one per line]",
 )
+@click.option(
+    "--schedule-interval",
+    type=DURATION,
+    default="5s",
+    show_default=True,
+    envvar="CHUNKD_SCHEDULE_INTERVAL",
+    help="How often due schedules are checked at most (sooner when one is due); 0 = this "
+    "daemon fires no schedule.  [env: CHUNKD_SCHEDULE_INTERVAL]",
+)
+@click.option(
+    "--schedule-clock-file",
+    default=None,
+    hidden=True,
+    envvar="CHUNKD_SCHEDULE_CLOCK_FILE",
+    help="Tests only: read the schedule clock from this file (ISO 8601).",
+)
 def run(
     dsn: str,
     handlers: tuple[str, ...],
@@ -172,6 +188,8 @@ def run(
     metrics_port: int | None,
     metrics_interval: float,
     http_headers: tuple[str, ...],
+    schedule_interval: float,
+    schedule_clock_file: str | None,
 ) -> None:
     """Run the daemon: claim chunks and run their handlers until SIGTERM/SIGINT."""
     from chunkd.handlers import HandlerOptions, load_handlers
@@ -196,6 +214,8 @@ def run(
             metrics_port=metrics_port,
             metrics_interval_s=metrics_interval,
             http_headers=headers,
+            schedule_interval_s=schedule_interval,
+            schedule_clock_file=schedule_clock_file,
         )
     except ValueError as exc:
         raise ChunkdError(str(exc)) from None

@@ -7,6 +7,7 @@ Thin wrappers: the queries live in :mod:`chunkd.ops`, the drawing in
 from __future__ import annotations
 
 import sys
+from datetime import datetime
 from typing import IO
 from uuid import UUID
 
@@ -17,6 +18,7 @@ from chunkd.cli.options import (
     INT32,
     JOB_ID,
     STALE_AFTER_DEFAULT,
+    TIMESTAMP,
     console,
     dsn_option,
     plural,
@@ -66,6 +68,61 @@ __all__ = ["cancel", "enqueue", "retry", "status"]
     envvar="CHUNKD_PRIORITY",
     help="Higher runs first.  [env: CHUNKD_PRIORITY]",
 )
+@click.option(
+    "--max-per-second",
+    default=None,
+    envvar="CHUNKD_MAX_PER_SECOND",
+    metavar="RATE",
+    help="This job's own rate limit, fleet-wide: 5/s, 90/m, 0.5. Default: none.  "
+    "[env: CHUNKD_MAX_PER_SECOND]",
+)
+@click.option(
+    "--concurrency-key",
+    default=None,
+    envvar="CHUNKD_CONCURRENCY_KEY",
+    help="Share a concurrency limit (`chunkd limit --key KEY --concurrency N`) with the other "
+    "jobs of this key, e.g. a tenant.  [env: CHUNKD_CONCURRENCY_KEY]",
+)
+@click.option(
+    "--at",
+    "run_at",
+    type=TIMESTAMP,
+    default=None,
+    envvar="CHUNKD_AT",
+    help="Start no chunk before this time: ISO 8601 with a time zone, e.g. "
+    "2026-12-01T08:00:00Z.  [env: CHUNKD_AT]",
+)
+@click.option(
+    "--in",
+    "run_in",
+    type=DURATION,
+    default=None,
+    envvar="CHUNKD_IN",
+    help="Start no chunk before this long from now, by the database clock: 90s, 15m, 2h.  "
+    "[env: CHUNKD_IN]",
+)
+@click.option(
+    "--dedupe-key",
+    default=None,
+    envvar="CHUNKD_DEDUPE_KEY",
+    help="While an unfinished job of this kind has this key, create nothing and print that "
+    "job's id (said on stderr).  [env: CHUNKD_DEDUPE_KEY]",
+)
+@click.option(
+    "--open",
+    "open_job",
+    is_flag=True,
+    envvar="CHUNKD_OPEN",
+    help="An open job: more chunks come with `chunkd append`, and it never finishes before "
+    "`chunkd close`. The input may then be empty.  [env: CHUNKD_OPEN]",
+)
+@click.option(
+    "--on-finish-kind",
+    default=None,
+    envvar="CHUNKD_ON_FINISH_KIND",
+    help="When the job finishes, a one-chunk job of this kind is created (its chunk carries "
+    "the job's id, status and counts).  [env: CHUNKD_ON_FINISH_KIND]",
+)
 @click.argument("source", metavar="[FILE|-]", type=click.File("rb"), required=False)
 def enqueue(
     dsn: str,
@@ -74,22 +131,36 @@ def enqueue(
     max_concurrency: int | None,
     max_attempts: int,
     priority: int,
+    run_at: datetime | None,
+    run_in: float | None,
+    dedupe_key: str | None,
+    open_job: bool,
+    on_finish_kind: str | None,
+    max_per_second: str | None,
+    concurrency_key: str | None,
     source: IO[bytes] | None,
 ) -> None:
     """Create a sync job from a JSON array of chunk payloads, or NDJSON (one payload per line),
     read from FILE or stdin; prints the job id.
 
-    Nothing is inserted unless the whole input is valid.
+    Nothing is inserted unless the whole input is valid. With --dedupe-key, an unfinished job
+    of the same kind with that key is not duplicated: its id is printed instead.
     """
     from chunkd import ops
 
+    if run_at is not None and run_in is not None:
+        raise ChunkdError("--at and --in both say when to start: give one of them")
+    if dedupe_key is not None and not dedupe_key:
+        raise ChunkdError("--dedupe-key must not be empty (leave it out for no key)")
     if source is None:
-        if sys.stdin.isatty():
+        if sys.stdin.isatty() and not open_job:
             raise ChunkdError("no input: give FILE, or '-' and pipe the chunks to stdin")
-        source = click.open_file("-", "rb")
+        source = None if sys.stdin.isatty() else click.open_file("-", "rb")
     job_payload = ops.parse_json_option("--payload", payload)
-    chunks = ops.parse_chunks(source.read(ops.MAX_INPUT_BYTES + 1))
-    job_id = with_connection(
+    rate = ops.parse_rate(max_per_second) if max_per_second is not None else None
+    data = source.read(ops.MAX_INPUT_BYTES + 1) if source is not None else b""
+    chunks = [] if open_job and not data.strip() else ops.parse_chunks(data)
+    done = with_connection(
         dsn,
         lambda conn: ops.enqueue(
             conn,
@@ -99,9 +170,22 @@ def enqueue(
             max_concurrency=max_concurrency,
             max_attempts=max_attempts,
             priority=priority,
+            run_at=run_at,
+            run_in_s=run_in,
+            dedupe_key=dedupe_key,
+            open_job=open_job,
+            on_finish_kind=on_finish_kind,
+            max_per_second=rate,
+            concurrency_key=concurrency_key,
         ),
     )
-    click.echo(str(job_id))
+    click.echo(str(done.job_id))
+    if not done.created:
+        click.echo(
+            f"chunkd: an unfinished {kind!r} job holds dedupe key {dedupe_key!r}: "
+            "nothing created, its id printed",
+            err=True,
+        )
 
 
 @click.command()

@@ -8,11 +8,12 @@ import os
 import sys
 import uuid
 from collections.abc import Callable, Coroutine
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from chunkd.settings import parse_duration
+from chunkd.settings import POOLER_MODES, Dsn, parse_duration
 
 if TYPE_CHECKING:
     import asyncpg
@@ -24,9 +25,11 @@ __all__ = [
     "JOB_ID",
     "LINE",
     "STALE_AFTER_DEFAULT",
+    "TIMESTAMP",
     "Duration",
     "JobId",
     "Line",
+    "Timestamp",
     "console",
     "dsn_option",
     "plural",
@@ -57,6 +60,41 @@ class Duration(click.ParamType[float]):
 DURATION = Duration()
 
 
+class Timestamp(click.ParamType[datetime]):
+    """A point in time: ISO 8601 with a time zone (``2026-12-01T08:00:00Z``, ``...+01:00``).
+
+    A time without a zone is refused rather than guessed: the client's and the database's
+    zones may differ, and an hour off is a job started an hour early.
+    """
+
+    name = "timestamp"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        try:
+            when = datetime.fromisoformat(str(value).strip())
+        except ValueError:
+            self.fail(
+                f"{value!r} is not a timestamp: give ISO 8601 with a time zone, "
+                "e.g. 2026-12-01T08:00:00Z",
+                param,
+                ctx,
+            )
+        if when.tzinfo is None or when.utcoffset() is None:
+            self.fail(
+                f"{value!r} has no time zone: add Z (UTC) or an offset such as +01:00",
+                param,
+                ctx,
+            )
+        return when
+
+
+TIMESTAMP = Timestamp()
+
+
 class Line(click.ParamType[str]):
     """A value that may contain spaces (``exec:`` commands): from the environment, a list of
     them is one per line, not split on whitespace as click does by default."""
@@ -68,12 +106,40 @@ class Line(click.ParamType[str]):
 LINE = Line()
 
 
+_POOLER_KEY = "chunkd.pooler"
+
+
+def _remember_pooler(ctx: click.Context, _param: click.Parameter, value: str) -> None:
+    ctx.meta[_POOLER_KEY] = value
+
+
+def _dsn_with_pooler(ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
+    # --pooler is eager, so it has been read by now, wherever it stands on the command line.
+    return None if value is None else Dsn(value, ctx.meta.get(_POOLER_KEY, "auto"))
+
+
 def dsn_option(func: F) -> F:
-    return click.option(
+    """``--dsn`` and ``--pooler``: the command receives ``dsn`` as a :class:`Dsn` carrying both."""
+    func = click.option(
         "--dsn",
         envvar=["CHUNKD_DSN", "DATABASE_URL"],
         required=True,
+        callback=_dsn_with_pooler,
         help="PostgreSQL connection URI.  [env: CHUNKD_DSN, DATABASE_URL]",
+    )(func)
+    return click.option(
+        "--pooler",
+        type=click.Choice(POOLER_MODES),
+        default="auto",
+        show_default=True,
+        envvar="CHUNKD_POOLER",
+        is_eager=True,
+        expose_value=False,
+        callback=_remember_pooler,
+        help="A connection pooler between chunkd and PostgreSQL: 'transaction' (PgBouncer's "
+        "pool_mode = transaction, Supabase's port 6543) runs without prepared statements or "
+        "LISTEN; 'session' for a direct connection or a session pooler; 'auto' detects a "
+        "pooler and then assumes transaction mode.  [env: CHUNKD_POOLER]",
     )(func)
 
 

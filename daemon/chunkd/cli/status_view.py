@@ -26,17 +26,21 @@ if TYPE_CHECKING:
     import asyncpg
 
 __all__ = [
+    "flow_table",
     "job_view",
     "jobs_table",
     "watch",
     "workers_table",
 ]
 
-# One redraw's data: one job's detail, or the newest jobs and how many jobs exist.
-Snapshot = ops.JobDetail | tuple[list[ops.JobRow], int]
+# One redraw's data: one job's detail, or the newest jobs, how many jobs exist, and the flow
+# controls in effect.
+Snapshot = ops.JobDetail | tuple[list[ops.JobRow], int, list[ops.FlowLimit]]
 
 _STATUS_STYLE = {
+    "scheduled": "blue",
     "pending": "yellow",
+    "paused": "bold yellow",
     "processing": "cyan",
     "completed": "green",
     "partial_failure": "red",
@@ -77,11 +81,16 @@ def _count(n: int, style: str) -> Text:
 
 
 def jobs_table(
-    jobs: Sequence[ops.JobRow], total_jobs: int, *, bars: bool = False
+    jobs: Sequence[ops.JobRow],
+    total_jobs: int,
+    *,
+    bars: bool = False,
+    limits: Sequence[ops.FlowLimit] = (),
 ) -> RenderableType:
-    """All shown jobs, newest first; ``bars`` draws progress bars instead of bare percentages."""
+    """All shown jobs, newest first; ``bars`` draws progress bars instead of bare percentages;
+    ``limits`` (the flow controls in effect) are summed up below the table."""
     if not jobs:
-        return Text("no sync jobs")
+        return Group(Text("no sync jobs"), *_flow_summary(limits))
     # One space between columns and a short bar: a 160-column terminal shows everything; a
     # narrower one shortens headers and kinds first, never the job id (it is what you copy).
     table = Table(
@@ -110,9 +119,59 @@ def jobs_table(
             else f"{job.progress_percentage:.2f}%",
             _when(job.created_at),
         )
+    parts: list[RenderableType] = [table]
     if total_jobs > len(jobs):
         more = f"showing the newest {len(jobs)} of {total_jobs} jobs (--limit 0 shows all)"
-        return Group(table, Text(more, style="dim"))
+        parts.append(Text(more, style="dim"))
+    parts.extend(_flow_summary(limits))
+    return Group(*parts) if len(parts) > 1 else table
+
+
+def _flow_text(item: ops.FlowLimit) -> str:
+    """One flow control in a few words: ``kind 'mail' 20/s (burst 10), paused``."""
+    name = item.name if item.scope == "job" else repr(item.name)
+    words = [f"{item.scope} {name}"]
+    if item.per_second is not None:
+        words.append(f"{ops.format_rate(item.per_second)} (burst {item.burst})")
+    if item.scope == "key":
+        limit = item.max_concurrency
+        words.append(f"at most {limit} at once" if limit is not None else "no limit")
+        words.append(f"{item.processing} processing")
+    if item.paused_at is not None:
+        words.append("paused")
+    return " ".join(words[:2]) + "".join(f", {w}" for w in words[2:])
+
+
+def _flow_summary(limits: Sequence[ops.FlowLimit]) -> list[RenderableType]:
+    if not limits:
+        return []
+    return [Text("flow control: " + "; ".join(_flow_text(x) for x in limits), style="yellow")]
+
+
+def flow_table(limits: Sequence[ops.FlowLimit]) -> RenderableType:
+    """``chunkd limit --list``: every paused or rate-limited kind, concurrency key and paused
+    job, with its chunks processing and pending."""
+    if not limits:
+        return Text("no flow control in effect: nothing paused, no rate or concurrency limit")
+    table = Table(header_style="bold", pad_edge=False, box=None, padding=(0, 1))
+    table.add_column("scope", no_wrap=True)
+    table.add_column("name", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    for name in ("rate", "burst", "tokens", "concurrency", "processing", "pending", "jobs"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for x in limits:
+        table.add_row(
+            x.scope,
+            x.name,
+            Text("paused", style="bold yellow") if x.paused_at is not None else "-",
+            ops.format_rate(x.per_second),
+            str(x.burst) if x.burst is not None else "-",
+            f"{x.tokens:.1f}" if x.tokens is not None else "-",
+            str(x.max_concurrency) if x.max_concurrency is not None else "-",
+            str(x.processing),
+            str(x.pending),
+            str(x.active_jobs) if x.active_jobs is not None else "-",
+        )
     return table
 
 
@@ -165,9 +224,15 @@ def job_view(detail: ops.JobDetail) -> RenderableType:
         "settings",
         f"priority {detail.priority}, max_concurrency "
         f"{detail.max_concurrency if detail.max_concurrency is not None else 'unlimited'}, "
-        f"max_attempts {detail.max_attempts}",
+        f"max_attempts {detail.max_attempts}"
+        + (f", dedupe_key {detail.dedupe_key!r}" if detail.dedupe_key is not None else ""),
     )
+    flow = detail.flow.lines(detail.kind, _when)
+    if flow:
+        facts.add_row("flow", Text("\n".join(flow), style="yellow"))
     facts.add_row("created", _when(p.get("created_at")))
+    if p.get("run_at") is not None:
+        facts.add_row("run at", _when(p["run_at"]))
     facts.add_row("started", _when(p.get("started_at")))
     facts.add_row("finished", _when(p.get("finished_at")))
     parts: list[RenderableType] = [facts]
@@ -221,16 +286,16 @@ async def _snapshot(
         detail = await ops.job_detail(conn, job_id, stale_after_s=stale_after_s)
         return detail, detail.terminal
     jobs, total = await ops.list_jobs(conn, limit=limit)
-    return (jobs, total), all(job.terminal for job in jobs)
+    return (jobs, total, await ops.flow_limits(conn)), all(job.terminal for job in jobs)
 
 
 def _render(snapshot: Snapshot, *, as_json: bool, bars: bool) -> RenderableType | str:
     if isinstance(snapshot, ops.JobDetail):
         return json.dumps(snapshot.as_json()) if as_json else job_view(snapshot)
-    jobs, total = snapshot
+    jobs, total, limits = snapshot
     if as_json:
         return json.dumps([job.as_json() for job in jobs])
-    return jobs_table(jobs, total, bars=bars)
+    return jobs_table(jobs, total, bars=bars, limits=limits)
 
 
 async def watch(

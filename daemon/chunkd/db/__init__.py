@@ -6,26 +6,37 @@
 - :mod:`~chunkd.db.listener`: the dedicated LISTEN connection;
 - :mod:`~chunkd.db.sql_files`: the shipped SQL (migrations, named statements);
 - :mod:`~chunkd.db.migrate`: applying and checking migrations.
+
+The names below are imported on first use (PEP 562), not by ``import chunkd.db``: the client
+(:mod:`chunkd.client`) reads its statements from :mod:`~chunkd.db.sql_files` and must not pull
+in asyncpg, structlog and the rest for an application that talks to PostgreSQL with psycopg.
 """
 
-from chunkd.db.connection import (
-    DATABASE_ERRORS,
-    TRANSIENT_ERRORS,
-    DatabaseError,
-    connect,
-    create_pool,
-    is_data_error,
-    retry_transient,
-    sqlstate,
-    validate_identifier,
-)
-from chunkd.db.listener import CHANNEL, Listener
-from chunkd.db.queue import ClaimedRow, Queue
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from chunkd.db.connection import (
+        DATABASE_ERRORS,
+        TRANSIENT_ERRORS,
+        DatabaseError,
+        connect,
+        create_pool,
+        is_data_error,
+        retry_transient,
+        sqlstate,
+        validate_identifier,
+    )
+    from chunkd.db.listener import CHANNEL, Listener
+    from chunkd.db.queue import Claim, ClaimedRow, Queue
 
 __all__ = [
     "CHANNEL",
     "DATABASE_ERRORS",
     "TRANSIENT_ERRORS",
+    "Claim",
     "ClaimedRow",
     "DatabaseError",
     "Listener",
@@ -37,3 +48,29 @@ __all__ = [
     "sqlstate",
     "validate_identifier",
 ]
+
+_MODULE_OF = {
+    "CHANNEL": "listener",
+    "Listener": "listener",
+    "Claim": "queue",
+    "ClaimedRow": "queue",
+    "Queue": "queue",
+    "DATABASE_ERRORS": "connection",
+    "TRANSIENT_ERRORS": "connection",
+    "DatabaseError": "connection",
+    "connect": "connection",
+    "create_pool": "connection",
+    "is_data_error": "connection",
+    "sqlstate": "connection",
+    "retry_transient": "connection",
+    "validate_identifier": "connection",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'chunkd.db' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"chunkd.db.{module}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value

@@ -1,7 +1,9 @@
 """Connections to PostgreSQL: single connections and pools, with errors made user-facing.
 
 Connection errors are translated into :class:`ConnectError` with the password removed, so
-nothing above this package ever prints a DSN as given. Also the classification of errors:
+nothing above this package ever prints a DSN as given. Every connection pins ``search_path``
+(:data:`SEARCH_PATH`) and finds out whether it goes through a transaction pooler (``--pooler``,
+:func:`chunkd.settings.pooler_mode`). Also the classification of errors:
 :data:`TRANSIENT_ERRORS` (the same statement may simply be retried, on a fresh connection),
 :func:`is_data_error` (this value can never be stored: retrying it cannot help) and
 :data:`DATABASE_ERRORS` (everything the database or the connection to it can raise, which a
@@ -14,20 +16,26 @@ import asyncio
 import json
 import re
 from collections.abc import Awaitable, Callable
-from typing import Final, TypeVar
+from dataclasses import dataclass
+from typing import Any, Final, Literal, TypeVar
 
 import asyncpg
 import structlog
 
+from chunkd.db.sql_files import queries
 from chunkd.errors import ConnectError, ServerNotReadyError
 from chunkd.redact import redact_dsn, scrub_password
+from chunkd.settings import pooler_mode
 
 __all__ = [
     "DATABASE_ERRORS",
+    "SEARCH_PATH",
     "TRANSIENT_ERRORS",
+    "Connection",
     "DatabaseError",
     "connect",
     "create_pool",
+    "idle_session_timeout_s",
     "is_data_error",
     "retry_transient",
     "sqlstate",
@@ -40,6 +48,10 @@ log = structlog.get_logger("chunkd.db")
 # no module outside chunkd.db imports asyncpg.
 DatabaseError = asyncpg.PostgresError
 T = TypeVar("T")
+
+# Every chunkd connection resolves names in pg_catalog first and never in a schema another role
+# can create objects in (pg_temp last: it is never searched for functions or operators).
+SEARCH_PATH = "pg_catalog, pg_temp"
 
 # Identifiers that cannot be bound parameters (the LISTEN channel) are checked against this.
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -121,47 +133,228 @@ def _describe(exc: BaseException, dsn: str) -> str:
     return scrub_password(text, dsn).splitlines()[0]
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
+class Connection(asyncpg.Connection):
+    """An asyncpg connection that knows how it reaches the server.
+
+    ``transaction_pooler``: through a pooler that hands each transaction to any server
+    connection, so no named prepared statements (asyncpg's statement cache is off), no LISTEN,
+    and no session state may be relied on.
+    """
+
+    transaction_pooler = False
+
+
+@dataclass(frozen=True)
+class _Route:
+    transaction_pooler: bool
+    # search_path as a startup parameter (direct connections), or by SET after connecting (a
+    # session pooler that refuses the parameter), or not at all (a transaction pooler: a SET
+    # would change the server connection of whoever gets it next).
+    pin: Literal["startup", "set", "none"]
+
+    def server_settings(self, application_name: str) -> dict[str, str]:
+        settings = {"application_name": application_name}
+        if self.pin == "startup":
+            settings["search_path"] = SEARCH_PATH
+        return settings
+
+    def connect_kwargs(self, application_name: str) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "server_settings": self.server_settings(application_name),
+            "connection_class": Connection,
+        }
+        if self.transaction_pooler:
+            # Unnamed statements only: asyncpg then parses each statement again in the same
+            # round trip as its execution, so no server connection keeps anything of ours.
+            kwargs["statement_cache_size"] = 0
+        return kwargs
+
+
+_DIRECT = _Route(transaction_pooler=False, pin="startup")
+_SESSION_POOLER = _Route(transaction_pooler=False, pin="set")
+_TRANSACTION_POOLER = _Route(transaction_pooler=True, pin="none")
+
+
+async def _init_connection(conn: asyncpg.Connection, route: _Route) -> None:
+    if isinstance(conn, Connection):
+        conn.transaction_pooler = route.transaction_pooler
+    if route.pin == "set":
+        await conn.execute(queries()["pin_search_path_session"])
     # jsonb in: already-serialised text (the worker serialises results itself so a bad value
-    # fails that chunk alone); jsonb out: decoded Python values.
+    # fails that chunk alone); jsonb out: decoded Python values (claims read payloads as text).
     await conn.set_type_codec(
         "jsonb", schema="pg_catalog", encoder=lambda text: text, decoder=json.loads
     )
 
 
-async def connect(
-    dsn: str, *, timeout_s: float = 10.0, application_name: str = "chunkd"
+def _refused_startup_parameter(exc: BaseException) -> bool:
+    # PgBouncer: "unsupported startup parameter: search_path" (08P01, at connect).
+    return isinstance(exc, asyncpg.PostgresError) and "startup parameter" in str(exc)
+
+
+async def _backend_pid(conn: asyncpg.Connection, timeout_s: float) -> int:
+    # COPY goes through the simple query protocol: no prepared statement (named or not) is
+    # left on a server connection that a transaction pooler may hand to someone else.
+    out = bytearray()
+
+    async def sink(data: bytes) -> None:
+        out.extend(data)
+
+    await conn.copy_from_query(queries()["backend_pid"], output=sink, timeout=timeout_s)
+    return int(out.decode().strip())
+
+
+async def _open(
+    dsn: str, route: _Route, *, timeout_s: float, application_name: str
 ) -> asyncpg.Connection:
-    """A single connection (migrations, LISTEN, CLI commands), with errors made user-facing."""
     try:
-        conn = await asyncpg.connect(
-            dsn, timeout=timeout_s, server_settings={"application_name": application_name}
+        conn: asyncpg.Connection = await asyncpg.connect(
+            str(dsn), timeout=timeout_s, **route.connect_kwargs(application_name)
         )
     except _CONNECT_ERRORS as exc:
+        if _refused_startup_parameter(exc):
+            raise
         message = f"cannot connect to {redact_dsn(dsn)}: {_describe(exc, dsn)}"
         if isinstance(exc, asyncpg.exceptions.CannotConnectNowError):
             raise ServerNotReadyError(message) from None
         raise ConnectError(message) from None
-    await _init_connection(conn)
     return conn
 
 
+async def _route_and_connect(
+    dsn: str, *, timeout_s: float, application_name: str
+) -> tuple[asyncpg.Connection, _Route]:
+    """Connects as ``--pooler`` says (``auto``: finds out) and returns the route it took."""
+    mode = pooler_mode(dsn)
+    if mode == "transaction":
+        route = _TRANSACTION_POOLER
+        conn = await _open(dsn, route, timeout_s=timeout_s, application_name=application_name)
+        return conn, route
+    try:
+        conn = await _open(dsn, _DIRECT, timeout_s=timeout_s, application_name=application_name)
+    except asyncpg.PostgresError as exc:
+        # A pooler that refuses search_path as a startup parameter: a session pooler if the
+        # user says so, otherwise assume transaction pooling (it works in either mode).
+        route = _SESSION_POOLER if mode == "session" else _TRANSACTION_POOLER
+        log.debug("db.startup_parameter_refused", error=str(exc), route=route.pin)
+        conn = await _open(dsn, route, timeout_s=timeout_s, application_name=application_name)
+        return conn, route
+    if mode == "session":
+        return conn, _DIRECT
+    # auto: a pooler announces a backend pid of its own (its cancel key), not the server's.
+    try:
+        behind_pooler = await _backend_pid(conn, timeout_s) != conn.get_server_pid()
+    except asyncpg.PostgresError as exc:
+        # Something between us and the server refused even that: play safe.
+        log.debug("db.pooler_probe_failed", error=str(exc))
+        behind_pooler = True
+    except BaseException:
+        conn.terminate()
+        raise
+    if not behind_pooler:
+        return conn, _DIRECT
+    await conn.close()
+    route = _TRANSACTION_POOLER
+    return await _open(dsn, route, timeout_s=timeout_s, application_name=application_name), route
+
+
+async def connect(
+    dsn: str, *, timeout_s: float = 10.0, application_name: str = "chunkd"
+) -> asyncpg.Connection:
+    """A single connection (migrations, LISTEN, CLI commands), with errors made user-facing.
+
+    ``dsn`` may be a :class:`chunkd.settings.Dsn` carrying ``--pooler``; with ``auto`` (and for
+    a plain string) a connection pooler is detected. Built-ins resolve in ``pg_catalog`` first:
+    ``search_path`` is pinned to ``pg_catalog, pg_temp`` except through a transaction pooler.
+    The returned :class:`Connection` says whether it goes through a transaction pooler.
+    Raises :class:`~chunkd.errors.ConnectError` (never with the password).
+    """
+    try:
+        conn, route = await _route_and_connect(
+            dsn, timeout_s=timeout_s, application_name=application_name
+        )
+    except TRANSIENT_ERRORS as exc:
+        raise _went_away(dsn, exc) from None
+    try:
+        await _init_connection(conn, route)
+    except BaseException as exc:
+        conn.terminate()
+        if isinstance(exc, TRANSIENT_ERRORS):
+            raise _went_away(dsn, exc) from None
+        raise
+    return conn
+
+
+def _went_away(dsn: str, exc: BaseException) -> ServerNotReadyError:
+    # Connected, then cut while setting the connection up (a restart, a terminated backend):
+    # worth waiting for, like a server that is starting up.
+    return ServerNotReadyError(
+        f"cannot connect to {redact_dsn(dsn)}: the connection was lost while it was set up "
+        f"({_describe(exc, dsn)})"
+    )
+
+
+async def _nothing_to_reset(_conn: asyncpg.Connection) -> None:
+    """The pool's reset on release through a transaction pooler: asyncpg's default (RESET ALL,
+    UNLISTEN *, pg_advisory_unlock_all() ...) would run on whichever server connection the
+    pooler picks, and chunkd keeps no session state there to undo. (An open transaction is still
+    rolled back by asyncpg before this runs.)"""
+
+
+async def _reset_and_pin(conn: asyncpg.Connection) -> None:
+    """The pool's reset on release through a session pooler that refused search_path as a
+    startup parameter: asyncpg's default reset ends with RESET ALL, so the pin is set again
+    (in the same round trip)."""
+    # Two fixed statements, no value: asyncpg's reset query, then the named block.
+    await conn.execute(conn.get_reset_query() + "\n" + queries()["pin_search_path_session"])
+
+
+# How the pool resets a connection on release, by how search_path is pinned (None: asyncpg's).
+_POOL_RESET = {"startup": None, "set": _reset_and_pin, "none": _nothing_to_reset}
+
+
 async def create_pool(dsn: str, *, size: int, timeout_s: float = 10.0) -> asyncpg.Pool:
+    """The daemon's pool of up to ``size`` connections, routed like :func:`connect`; raises
+    :class:`~chunkd.errors.ConnectError`."""
+    try:
+        probe, route = await _route_and_connect(dsn, timeout_s=timeout_s, application_name="chunkd")
+        try:
+            idle_timeout_s = await idle_session_timeout_s(probe)
+        finally:
+            probe.terminate()
+    except TRANSIENT_ERRORS as exc:
+        raise _went_away(dsn, exc) from None
+    # Idle connections are closed before the server's idle_session_timeout would cut them.
+    lifetime_s = 300.0 if idle_timeout_s is None else min(300.0, idle_timeout_s / 2)
+
+    async def init(conn: asyncpg.Connection) -> None:
+        await _init_connection(conn, route)
+
     try:
         pool = await asyncpg.create_pool(
-            dsn,
+            str(dsn),
             min_size=1,
             max_size=size,
-            init=_init_connection,
+            init=init,
+            reset=_POOL_RESET[route.pin],
             timeout=timeout_s,
-            server_settings={"application_name": "chunkd"},
             # Reconnected connections re-prepare lazily; a restart of Postgres invalidates them.
-            max_inactive_connection_lifetime=300,
+            max_inactive_connection_lifetime=lifetime_s,
+            **route.connect_kwargs("chunkd"),
         )
     except _CONNECT_ERRORS as exc:
         raise ConnectError(f"cannot connect to {redact_dsn(dsn)}: {_describe(exc, dsn)}") from None
     assert pool is not None
     return pool
+
+
+async def idle_session_timeout_s(conn: asyncpg.Connection) -> float | None:
+    """The server's ``idle_session_timeout`` for this session in seconds (None: none)."""
+    try:
+        ms: int | None = await conn.fetchval(queries()["idle_session_timeout"])
+    except asyncpg.PostgresError:
+        return None
+    return ms / 1000 if ms else None
 
 
 async def retry_transient(

@@ -5,20 +5,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 from uuid import UUID
 
 import asyncpg
 
+from chunkd.db.schedules import ScheduleStore
 from chunkd.db.sql_files import queries
 
-__all__ = ["ClaimedRow", "Queue"]
+__all__ = ["Claim", "ClaimedRow", "Queue"]
 
 
 @dataclass(frozen=True, slots=True)
 class ClaimedRow:
     """One claimed chunk as the claim returns it; ``id`` is its internal key (outcomes use it),
-    the uuids are its public identity."""
+    the uuids are its public identity. The payloads are JSON text as the database prints them
+    (decoded only if a handler reads them, so every number stays exactly as stored)."""
 
     id: int
     queue_id: UUID
@@ -27,9 +28,18 @@ class ClaimedRow:
     seq: int
     attempt: int
     kind: str
-    payload: Any
-    job_payload: Any
+    payload_json: str
+    job_payload_json: str
     lease_expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What one claim returned: the chunks, and when rate limits held chunks back, how many
+    seconds until the database expects tokens for this claimer (``wait_s``; None otherwise)."""
+
+    rows: list[ClaimedRow]
+    wait_s: float | None
 
 
 class Queue:
@@ -38,19 +48,38 @@ class Queue:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
         self._q = queries()
+        self.schedules = ScheduleStore(pool)
 
     async def claim(
-        self, worker_id: str, batch_size: int, kinds: Sequence[str] | None, lease_s: float
-    ) -> list[ClaimedRow]:
-        """Claims up to ``batch_size`` chunks of these kinds for ``lease_s`` seconds."""
-        rows = await self._pool.fetch(
-            self._q["claim_chunks"],
+        self,
+        worker_id: str,
+        batch_size: int,
+        kinds: Sequence[str] | None,
+        lease_s: float,
+        *,
+        waiting_s: float | None = None,
+    ) -> Claim:
+        """Claims up to ``batch_size`` chunks of these kinds for ``lease_s`` seconds.
+
+        ``waiting_s``: seconds until this claimer comes back anyway (a turn it was given by an
+        earlier claim and still holds), so the database gives it no new one.
+        """
+        records = await self._pool.fetch(
+            self._q["claim_or_wait"],
             worker_id,
             batch_size,
             list(kinds) if kinds is not None else None,
             lease_s,
+            waiting_s,
         )
-        return [ClaimedRow(*row) for row in rows]
+        rows: list[ClaimedRow] = []
+        wait_s: float | None = None
+        for record in records:
+            if record[0] is None:
+                wait_s = float(record[10])
+            else:
+                rows.append(ClaimedRow(*record[:10]))
+        return Claim(rows, wait_s)
 
     async def complete(
         self,
@@ -68,6 +97,22 @@ class Queue:
             list(results_json),
         )
         return {row[0] for row in rows}
+
+    async def complete_and_append(
+        self,
+        worker_id: str,
+        chunk_id: int,
+        attempt: int,
+        result_json: str | None,
+        chunks_json: str,
+    ) -> int | None:
+        """Completes one chunk and appends ``chunks_json`` (a JSON array) to its job, in one
+        transaction; returns how many were appended, or None when fenced out (nothing
+        changed). Raises DatabaseError when the chunks are refused (limits)."""
+        appended: int | None = await self._pool.fetchval(
+            self._q["complete_and_append"], worker_id, chunk_id, attempt, result_json, chunks_json
+        )
+        return appended
 
     async def fail(
         self,

@@ -1,8 +1,9 @@
 """The ``exec:CMD`` handler: run a command per chunk, chunk JSON on stdin, result on stdout.
 
 Exit status mapping (spec §4): 0 is done (stdout parsed as JSON, else kept as text, empty
-is ``None``), 75 (``EX_TEMPFAIL``, as in sysexits.h) is retryable, anything else, including
-death by a signal, fails the chunk at once.
+is ``None``; a ``"$chunkd"`` key appends chunks, see :mod:`chunkd.handlers.reserved`), 75
+(``EX_TEMPFAIL``, as in sysexits.h) is retryable, anything else, including death by a
+signal, fails the chunk at once.
 
 Each command runs in its own session, so when the daemon's per-chunk timeout cancels us we
 can SIGKILL the whole process group: a ``sh -c`` wrapper's children would otherwise outlive
@@ -17,10 +18,12 @@ import json
 import os
 import shlex
 import signal
+from decimal import Decimal
 from typing import Any
 
 from chunkd.chunk import Chunk, PermanentError
 from chunkd.handlers import HandlerError
+from chunkd.handlers.reserved import continuation_of
 
 __all__ = ["EX_TEMPFAIL", "ExecHandler", "ExecRetryableError"]
 
@@ -47,9 +50,11 @@ def _parse_stdout(stdout: bytes) -> Any:
     if not text:
         return None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        # Decimal: the result is stored with every number exactly as printed.
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=Decimal)
     except ValueError:
         return text
+    return continuation_of(value)
 
 
 def _stderr_excerpt(stderr: bytes) -> str:
@@ -104,7 +109,8 @@ class ExecHandler:
     async def __call__(self, chunk: Chunk) -> Any:
         """Run the command for one chunk; return its result or raise to steer the retry."""
         try:
-            stdin = json.dumps(chunk.to_json_dict()).encode()
+            # The payloads exactly as stored: numbers are never re-encoded.
+            stdin = chunk.to_json().encode()
         except (TypeError, ValueError) as exc:
             raise PermanentError(f"chunk is not JSON-serialisable: {exc}") from None
         try:

@@ -1,6 +1,7 @@
 """The ``http:URL`` handler: POST each chunk as JSON to a URL (e.g. a Supabase edge function).
 
-Status mapping (spec §4): 2xx is done, 408/429/5xx/timeouts/connection errors are retryable
+Status mapping (spec §4): 2xx is done (a ``"$chunkd"`` key in a JSON object body appends
+chunks, see :mod:`chunkd.handlers.reserved`), 408/429/5xx/timeouts/connection errors are retryable
 (``Retry-After`` is honoured via :class:`~chunkd.RetryLater`), 3xx and other 4xx fail the
 chunk at once. Configured headers usually carry credentials (``Authorization: Bearer …``),
 so their values never appear in logs, reprs or error messages, and they live only inside the
@@ -14,6 +15,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
+from decimal import Decimal
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,6 +24,7 @@ import httpx
 
 from chunkd.chunk import Chunk, PermanentError, RetryLater
 from chunkd.handlers import HandlerError
+from chunkd.handlers.reserved import continuation_of
 from chunkd.version import __version__
 
 __all__ = [
@@ -228,7 +231,8 @@ class HttpHandler:
         """Send one chunk; return its result or raise to steer the retry (module docstring)."""
         client = self._get_client()
         try:
-            body = json.dumps(chunk.to_json_dict())
+            # The payloads exactly as stored: numbers are never re-encoded.
+            body = chunk.to_json()
         except (TypeError, ValueError) as exc:
             raise PermanentError(f"chunk is not JSON-serialisable: {exc}") from None
         # `from None` everywhere below: the httpx exception chain carries the request
@@ -259,9 +263,13 @@ class HttpHandler:
             if not response.content.strip():
                 return None
             try:
-                return json.loads(response.content, parse_constant=_reject_constant)
+                # Decimal: the result is stored with every number exactly as sent.
+                value = json.loads(
+                    response.content, parse_constant=_reject_constant, parse_float=Decimal
+                )
             except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
                 return response.text
+            return continuation_of(value)  # "$chunkd": {"append": [...]}
         prefix = f"HTTP {status} from {self.display_url}"
         if 300 <= status < 400:
             raise PermanentError(f"{prefix}: redirects are not followed; configure the final URL")

@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from chunkd.db import TRANSIENT_ERRORS, DatabaseError
+from chunkd.db.server_errors import describe_server_error
 from chunkd.errors import ChunkdError
+
+if TYPE_CHECKING:
+    import asyncpg
 
 __all__ = ["database_errors"]
 
-_SCHEMA_MISSING = {"3F000", "42P01", "42883"}  # invalid schema, undefined table / function
-
 
 @contextlib.contextmanager
-def database_errors() -> Iterator[None]:
+def database_errors(conn: asyncpg.Connection | None = None) -> Iterator[None]:
     """Turns a server error into one ChunkdError line.
 
     Our SQL functions raise messages that start with ``chunkd: `` and are written for users;
-    the prefix is dropped because the CLI prints ``chunkd: error: `` itself. Anything else is
-    shown by its first line only (a server error can carry a multi-line DETAIL/context).
+    the prefix is dropped because the CLI prints ``chunkd: error: `` itself. A refusal names
+    what is missing and the GRANT that fixes it (with the role of ``conn``, when given);
+    anything else is shown by its first line only (a server error can carry a multi-line
+    DETAIL/context).
     """
     try:
         yield
@@ -29,11 +34,8 @@ def database_errors() -> Iterator[None]:
         message = (str(exc) or type(exc).__name__).splitlines()[0]
         raise ChunkdError(f"database unavailable, try again: {message}") from None
     except DatabaseError as exc:
-        message = (str(exc) or type(exc).__name__).splitlines()[0]
-        if message.startswith("chunkd: "):
-            raise ChunkdError(message.removeprefix("chunkd: ")) from None
-        if getattr(exc, "sqlstate", None) in _SCHEMA_MISSING:
-            raise ChunkdError(
-                f"the chunkd schema is missing or incomplete ({message}); run `chunkd migrate`"
-            ) from None
-        raise ChunkdError(f"database error: {message}") from None
+        role = None
+        if conn is not None:
+            # Reported by the server at connect (ParameterStatus): no query needed.
+            role = getattr(conn.get_settings(), "session_authorization", None)
+        raise ChunkdError(describe_server_error(exc, role=role)) from None

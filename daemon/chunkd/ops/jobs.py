@@ -1,27 +1,31 @@
 """What the operator commands do to jobs: enqueue, read progress, retry, cancel, reap, purge.
 
 Every function takes a connection from :func:`chunkd.db.connect` and runs named statements from
-``sql/queries.sql``; writes go through the public SQL functions, so the checks that protect an
-edge function calling ``create_sync_job`` over RPC protect the CLI too.
+``sql/queries.sql``; writes go through the SQL functions (enqueue through ``create_jobs``, the
+function behind ``create_sync_job``), so the checks that protect an edge function calling
+``create_sync_job`` over RPC protect the CLI too.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+from chunkd.chunk import dumps_json
 from chunkd.db.sql_files import queries
 from chunkd.errors import ChunkdError
 from chunkd.ops.errors import database_errors
+from chunkd.ops.flow import JobFlow
 
 if TYPE_CHECKING:
     import asyncpg
 
 __all__ = [
     "TERMINAL_STATUSES",
+    "Enqueued",
     "JobDetail",
     "JobRow",
     "cancel_job",
@@ -36,6 +40,15 @@ __all__ = [
 TERMINAL_STATUSES = frozenset({"completed", "partial_failure", "cancelled"})
 
 
+@dataclass(frozen=True)
+class Enqueued:
+    """What ``enqueue`` did: ``created`` is False when an unfinished job of the same kind
+    holds the dedupe key, and ``job_id`` is that job's."""
+
+    job_id: UUID
+    created: bool
+
+
 async def enqueue(
     conn: asyncpg.Connection,
     *,
@@ -45,19 +58,43 @@ async def enqueue(
     max_concurrency: int | None,
     max_attempts: int,
     priority: int,
-) -> UUID:
-    """One job through ``create_sync_job``: job, chunks and queue rows in one transaction."""
-    with database_errors():
-        job_id: UUID = await conn.fetchval(
-            queries()["ops_create_sync_job"],
-            kind,
-            json.dumps(chunks, ensure_ascii=False, separators=(",", ":")),
-            json.dumps(payload, ensure_ascii=False, separators=(",", ":")),
-            max_concurrency,
-            max_attempts,
-            priority,
+    run_at: datetime | None = None,
+    run_in_s: float | None = None,
+    dedupe_key: str | None = None,
+    open_job: bool = False,
+    on_finish_kind: str | None = None,
+    max_per_second: Decimal | None = None,
+    concurrency_key: str | None = None,
+) -> Enqueued:
+    """One job through ``create_jobs``, the function behind ``create_sync_job``: job, chunks
+    and queue rows in one transaction. ``run_in_s`` (seconds from now by the database clock)
+    takes the place of ``run_at``; ``open_job``: the job takes chunks from ``append`` until
+    closed (``chunks`` may be empty); ``on_finish_kind``: the kind of the one-chunk job created
+    when this one finishes; ``max_per_second``: the job's own rate limit (chunks per second);
+    ``concurrency_key``: the key whose concurrency limit (``chunkd limit --key``) this job shares
+    with others. Numbers go as they were read (:class:`decimal.Decimal` written
+    exactly, never through a float)."""
+    spec = {
+        "kind": kind,
+        "chunks": chunks,
+        "payload": payload,
+        "max_concurrency": max_concurrency,
+        "max_attempts": max_attempts,
+        "priority": priority,
+        "run_at": run_at.isoformat() if run_at is not None else None,
+        "dedupe_key": dedupe_key,
+        "open": open_job,
+        "on_finish_kind": on_finish_kind,
+        "max_per_second": max_per_second,
+        "concurrency_key": concurrency_key,
+    }
+    with database_errors(conn):
+        (row,) = await conn.fetch(
+            queries()["ops_create_job"],
+            dumps_json(spec, ensure_ascii=False),
+            run_in_s,
         )
-    return job_id
+    return Enqueued(job_id=row["sync_job_id"], created=row["created"])
 
 
 @dataclass(frozen=True)
@@ -77,6 +114,7 @@ class JobRow:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    run_at: datetime | None = None
 
     @property
     def terminal(self) -> bool:
@@ -98,6 +136,7 @@ class JobRow:
             "created_at": self.created_at.isoformat(),
             "started_at": self.started_at.isoformat() if self.started_at else None,
             "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+            "run_at": self.run_at.isoformat() if self.run_at else None,
         }
 
 
@@ -109,7 +148,7 @@ async def list_jobs(conn: asyncpg.Connection, *, limit: int | None) -> tuple[lis
     shown jobs' chunks, not the whole history.
     """
     q = queries()
-    with database_errors():
+    with database_errors(conn):
         id_rows = await conn.fetch(q["ops_recent_job_ids"], limit)
         if not id_rows:
             return [], 0
@@ -134,6 +173,7 @@ def _job_row(record: asyncpg.Record) -> JobRow:
         created_at=record["created_at"],
         started_at=record["started_at"],
         finished_at=record["finished_at"],
+        run_at=record["run_at"],
     )
 
 
@@ -148,6 +188,8 @@ class JobDetail:
     max_attempts: int
     recent_errors: list[dict[str, Any]]
     live_worker_for_kind: bool
+    flow: JobFlow = field(default_factory=JobFlow)
+    dedupe_key: str | None = None
 
     @property
     def kind(self) -> str:
@@ -163,7 +205,11 @@ class JobDetail:
 
     @property
     def note(self) -> str | None:
-        """Why a job may not move: pending chunks and nobody alive to claim them."""
+        """Why a job may not move: paused, or pending chunks and nobody alive to claim them."""
+        if self.overall_status == "paused":
+            if self.flow.paused_at is not None:
+                return f"paused: `chunkd resume {self.progress['sync_job_id']}` resumes it"
+            return f"kind {self.kind!r} paused: `chunkd resume --kind {self.kind}` resumes it"
         if self.progress.get("pending_chunks") and not self.live_worker_for_kind:
             return f"no live worker handles kind {self.kind!r}"
         return None
@@ -174,6 +220,8 @@ class JobDetail:
             "priority": self.priority,
             "max_concurrency": self.max_concurrency,
             "max_attempts": self.max_attempts,
+            "flow": self.flow.as_json(),
+            "dedupe_key": self.dedupe_key,
             "live_worker_for_kind": self.live_worker_for_kind,
             "note": self.note,
             "recent_errors": self.recent_errors,
@@ -184,7 +232,7 @@ async def job_detail(
     conn: asyncpg.Connection, job_id: UUID, *, stale_after_s: float, errors_limit: int = 10
 ) -> JobDetail:
     q = queries()
-    with database_errors():
+    with database_errors(conn):
         progress = await conn.fetchval(q["ops_job_progress"], job_id)
         settings = await conn.fetchrow(q["ops_job_settings"], job_id)
         if progress is None or settings is None:
@@ -210,33 +258,58 @@ async def job_detail(
             for r in errors
         ],
         live_worker_for_kind=bool(live),
+        flow=JobFlow(
+            paused_at=settings["paused_at"],
+            max_per_second=settings["max_per_second"],
+            job_burst=settings["job_burst"],
+            concurrency_key=settings["concurrency_key"],
+            key_max_concurrency=settings["key_max_concurrency"],
+            kind_paused_at=settings["kind_paused_at"],
+            kind_per_second=settings["kind_per_second"],
+            kind_burst=settings["kind_burst"],
+        ),
+        dedupe_key=settings["dedupe_key"],
     )
 
 
 async def retry_failed(conn: asyncpg.Connection, job_id: UUID) -> int:
     """Failed chunks back to pending with their attempts reset; how many."""
-    with database_errors():
+    with database_errors(conn):
         count: int = await conn.fetchval(queries()["ops_retry_failed_chunks"], job_id)
     return count
 
 
 async def cancel_job(conn: asyncpg.Connection, job_id: UUID) -> int:
-    """Pending and processing chunks to cancelled; how many."""
-    with database_errors():
-        count: int = await conn.fetchval(queries()["ops_cancel_sync_job"], job_id)
+    """Pending and processing chunks to cancelled; how many.
+
+    Raises :class:`~chunkd.errors.ChunkdError` when there is nothing to cancel because the job
+    is already finished (naming its status), or does not exist.
+    """
+    q = queries()
+    with database_errors(conn):
+        count: int = await conn.fetchval(q["ops_cancel_sync_job"], job_id)
+        if count == 0:
+            # cancel_sync_job returns 0 alike for a finished job and one that cancels nothing.
+            progress = await conn.fetchval(q["ops_job_progress"], job_id)
+    if count == 0:
+        if progress is None:
+            raise ChunkdError(f"no sync job {job_id}")
+        status = progress["overall_status"]
+        if status in TERMINAL_STATUSES:
+            raise ChunkdError(f"job {job_id} is already finished ({status}): nothing to cancel")
     return count
 
 
 async def reap(conn: asyncpg.Connection) -> int:
     """Chunks whose lease expired back to pending (or failed); how many."""
-    with database_errors():
+    with database_errors(conn):
         count: int = await conn.fetchval(queries()["cleanup_stuck_chunks"])
     return count
 
 
 async def purge_finished(conn: asyncpg.Connection, older_than_s: float) -> int:
     """Jobs finished more than ``older_than_s`` ago, deleted with all their rows; how many."""
-    with database_errors():
+    with database_errors(conn):
         count: int = await conn.fetchval(
             queries()["ops_purge_finished_jobs"], timedelta(seconds=older_than_s)
         )

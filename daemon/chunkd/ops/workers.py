@@ -46,7 +46,7 @@ class WorkerRow:
 async def list_workers(conn: asyncpg.Connection, *, stale_after_s: float) -> list[WorkerRow]:
     """Registered daemons; ages come from the database clock, so a skewed client cannot make a
     live worker look stale."""
-    with database_errors():
+    with database_errors(conn):
         rows = await conn.fetch(queries()["ops_workers"])
     return [
         WorkerRow(

@@ -5,6 +5,11 @@ future ``run_at``, the safety poll, a (re)connect of the listener, or a slot fre
 claim that came back full (so more is likely queued). A claim that comes back short means
 the queue is drained for us, and we wait for the next signal instead of polling.
 
+Rate limits: a claim cut short by a rate limit comes back with the time the database expects
+tokens for us (a turn: the daemons of a fleet are given turns one after another, so they do
+not all wake at once). One such timer is kept, and its time left is sent with every claim: a
+claimer that already holds a turn is not given another by claims made in between.
+
 Prefetch: a claim takes a round trip (and a WAL flush), so a slot refilled only after its
 handler returned sits idle for that long. When handlers are short compared with a claim, the
 claimer keeps a few chunks ready: as many as the slots would free during a few claims,
@@ -41,6 +46,10 @@ MAX_CLAIM = 500
 MAX_TIMERS = 10_000
 # Weight of the newest sample in the moving averages behind the prefetch.
 EWMA_ALPHA = 0.1
+# Added to every timer: uvloop's timers count whole milliseconds from a cached loop time and
+# were measured firing up to 0.4 ms early; a claim that runs before run_at finds nothing due,
+# and the chunks would then wait for the safety poll.
+TIMER_SLACK_S = 0.002
 
 
 class _MovingAverage:
@@ -82,6 +91,8 @@ class Claimer:
         self._backlog = False  # the last claim came back full
         self._timer: asyncio.TimerHandle | None = None
         self._due: list[float] = []  # heap of loop times at which retries become due
+        self._turn: asyncio.TimerHandle | None = None  # rate limits: when to come back
+        self._turn_at: float | None = None
         self._stopped = False
         self._min_batch = max(1, inflight.concurrency // 4)
         self._ready: deque[ClaimedRow] = deque()  # claimed, waiting for a slot
@@ -125,7 +136,7 @@ class Claimer:
     def arm_timer(self, due_in_s: float) -> None:
         loop = asyncio.get_running_loop()
         if len(self._due) < MAX_TIMERS:
-            heapq.heappush(self._due, loop.time() + due_in_s)
+            heapq.heappush(self._due, loop.time() + due_in_s + TIMER_SLACK_S)
         self._schedule_next()
 
     def _schedule_next(self) -> None:
@@ -142,6 +153,25 @@ class Claimer:
         self._timer = None
         self._schedule_next()
         self.work_signalled()
+
+    def _take_turn(self, wait_s: float) -> None:
+        """The database said: rate limits held chunks back, come back in ``wait_s``."""
+        if self._turn is not None:
+            self._turn.cancel()
+        loop = asyncio.get_running_loop()
+        self._turn_at = loop.time() + wait_s
+        self._turn = loop.call_at(self._turn_at, self._turn_came)
+
+    def _turn_came(self) -> None:
+        self._turn = None
+        self._turn_at = None
+        self.work_signalled()
+
+    def _turn_left_s(self) -> float | None:
+        if self._turn_at is None:
+            return None
+        left = self._turn_at - asyncio.get_running_loop().time()
+        return left if left > 0 else None
 
     def slot_freed(self, handler_s: float) -> None:
         self._handler_s.add(handler_s)
@@ -161,6 +191,8 @@ class Claimer:
         self._stopped = True
         if self._timer is not None:
             self._timer.cancel()
+        if self._turn is not None:
+            self._turn.cancel()
         self._wake.set()
 
     # --- the loop ----------------------------------------------------------------------
@@ -189,7 +221,9 @@ class Claimer:
         # The lease cannot end before the claim was sent plus the lease, on our own clock.
         lease_ends_at = asyncio.get_running_loop().time() + self._lease_s
         try:
-            rows = await self._queue.claim(self._worker_id, wanted, self._kinds, self._lease_s)
+            claim = await self._queue.claim(
+                self._worker_id, wanted, self._kinds, self._lease_s, waiting_s=self._turn_left_s()
+            )
         except DATABASE_ERRORS as exc:
             await self._health.failed("claim", exc)
             self._maybe_more = True
@@ -197,6 +231,9 @@ class Claimer:
             return
         self._health.wrote()
         self._claim_s.add(time.perf_counter() - started)
+        rows = claim.rows
+        if claim.wait_s is not None and not self._stopped:
+            self._take_turn(claim.wait_s)
         self._backlog = len(rows) == wanted
         if self._backlog:
             self._maybe_more = True
@@ -206,6 +243,7 @@ class Claimer:
                 "claim.done",
                 wanted=wanted,
                 claimed=len(rows),
+                wait_s=claim.wait_s,
                 running=self._inflight.running,
                 ready=len(self._ready),
                 prefetch=self.prefetch,

@@ -22,7 +22,7 @@ log = structlog.get_logger("chunkd.runtime.depth")
 DEFAULT_INTERVAL_S = 15.0
 # What queue_depth() reports; each is always exported, so a status that empties drops to 0
 # instead of keeping its last non-zero value (or vanishing, which breaks alert expressions).
-DEPTH_STATUSES = ("pending", "scheduled", "processing")
+DEPTH_STATUSES = ("pending", "paused", "throttled", "scheduled", "processing")
 
 
 class QueueDepthSampler:

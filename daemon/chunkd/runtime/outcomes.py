@@ -60,6 +60,8 @@ class Outcome:
     error: str | None = None
     retryable: bool = True
     retry_in_s: float | None = None
+    # A continuation: a JSON array of chunks appended to the job with this completion.
+    append_json: str | None = None
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -149,11 +151,13 @@ class Outcomes:
 
     async def _complete_some(self) -> bool:
         """Writes the oldest batch; False when the database could not take it."""
+        if self._completions[0].outcome.append_json is not None:
+            return await self._complete_and_append(self._completions[0])
         batch: list[_Queued] = []
         ids: set[int] = set()
         for item in self._completions[:MAX_BATCH]:
-            if item.row.id in ids:  # a later claim of the same chunk: next batch
-                break
+            if item.row.id in ids or item.outcome.append_json is not None:
+                break  # a later claim of the same chunk, or a continuation: a write of its own
             ids.add(item.row.id)
             batch.append(item)
         try:
@@ -195,6 +199,35 @@ class Outcomes:
         )
         self._health.wrote()
         return accepted
+
+    async def _complete_and_append(self, item: _Queued) -> bool:
+        """A continuation: its completion and the chunks it appends, in one fenced statement
+        of its own (rare next to plain completions)."""
+        row, outcome = item.row, item.outcome
+        assert outcome.append_json is not None
+        try:
+            appended = await self._queue.complete_and_append(
+                self._worker_id, row.id, row.attempt, outcome.result_json, outcome.append_json
+            )
+        except Exception as exc:
+            if isinstance(exc, DATABASE_ERRORS) and not is_data_error(exc):
+                await self._health.failed("complete", exc)
+                return False
+            # Refused for good (a value jsonb cannot hold, the per-job limit): fail the chunk.
+            self._completions.remove(item)
+            error = storable_text(f"continuation rejected by the database: {first_line(exc)}")
+            self._failures.append(replace(item, outcome=Outcome(error=error, retryable=False)))
+            self._failures_queued.set()
+            return True
+        self._health.wrote()
+        self._completions.remove(item)
+        if appended is None:
+            self._fenced(row, item.duration_ms, "completed")
+        else:
+            self._inflight.settled(row)
+            self._for_kind(row.kind).completed.inc()
+            log.info("chunk.completed", appended=appended, **self._fields(row, item.duration_ms))
+        return True
 
     def _completed(self, batch: list[_Queued], accepted: set[int]) -> None:
         for c in batch:

@@ -31,6 +31,7 @@ from chunkd.runtime.heartbeat import Heartbeat
 from chunkd.runtime.inflight import InFlight
 from chunkd.runtime.outcomes import Outcomes
 from chunkd.runtime.reaper import Reaper
+from chunkd.runtime.schedules import Scheduler, file_clock
 from chunkd.runtime.stall import StallDetector
 from chunkd.runtime.stop import Stopping, stop_gracefully
 from chunkd.runtime.worker import Worker
@@ -216,6 +217,8 @@ async def _serve(
     }
     if notifier.enabled:
         services["systemd"] = tell_systemd
+    if settings.schedule_interval_s > 0:
+        services["schedules"] = _scheduler(settings, queue, worker_id).run
     if settings.metrics_port is not None:
         from chunkd.runtime.depth import QueueDepthSampler
 
@@ -246,3 +249,10 @@ async def _serve(
             task.cancel()
         await asyncio.gather(*service_tasks.values(), return_exceptions=True)
         log.info("daemon.stopped", worker_id=worker_id)
+
+
+def _scheduler(settings: RunSettings, queue: Queue, worker_id: str) -> Scheduler:
+    clock = file_clock(settings.schedule_clock_file) if settings.schedule_clock_file else None
+    return Scheduler(
+        queue.schedules, worker_id=worker_id, interval_s=settings.schedule_interval_s, clock=clock
+    )

@@ -10,14 +10,13 @@ lease, so the chunk is released at the stop or returned by the reaper.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
 from typing import Any
 
 import structlog
 
-from chunkd.chunk import Chunk, PermanentError, RetryLater
+from chunkd.chunk import Chunk, Continue, PermanentError, RetryLater, dumps_json
 from chunkd.db import ClaimedRow
 from chunkd.handlers import Handler
 from chunkd.observability.metrics import Metrics
@@ -83,15 +82,15 @@ class Worker:
 
     async def _call_handler(self, row: ClaimedRow) -> Outcome:
         handler = self._handlers[row.kind]
-        chunk = Chunk(
+        chunk = Chunk.from_json(
             queue_id=row.queue_id,
             chunk_id=row.chunk_id,
             sync_job_id=row.sync_job_id,
             seq=row.seq,
             attempt=row.attempt,
             kind=row.kind,
-            payload=row.payload,
-            job_payload=row.job_payload,
+            payload_json=row.payload_json,
+            job_payload_json=row.job_payload_json,
         )
         timeout = asyncio.timeout(self._timeout_s)
         try:
@@ -117,8 +116,13 @@ class Worker:
         except (Exception, SystemExit, KeyboardInterrupt, GeneratorExit) as exc:
             # SystemExit too: a handler calling sys.exit() fails its chunk, not the daemon.
             return Outcome(error=describe_exception(exc))
+        if isinstance(result, Continue):
+            from chunkd.runtime.continuation import continuation_outcome
+
+            return continuation_outcome(result)
         try:
-            result_json = None if result is None else json.dumps(result, allow_nan=False)
+            # dumps_json: a Decimal (as handlers get for non-integers) is written exactly.
+            result_json = None if result is None else dumps_json(result)
         except (TypeError, ValueError, RecursionError) as exc:
             # Deterministic: the same code returns the same value next time. Fail for good.
             error = f"handler returned a value that is not JSON: {exc}"

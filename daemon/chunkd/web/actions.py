@@ -1,0 +1,78 @@
+"""The operator actions of the job page: each a POST behind a confirmation page, CSRF and
+the operator token, calling one public SQL function.
+
+Adding one (pause and resume, when they exist) is one :class:`Action` in :data:`ACTIONS`
+and its named statement in ``sql/web.sql``: the routes, the confirmation page and the
+buttons are generic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from chunkd.db.sql_files import queries
+from chunkd.ops import TERMINAL_STATUSES, database_errors
+
+if TYPE_CHECKING:
+    import asyncpg
+
+__all__ = ["ACTIONS", "Action", "available", "run_action"]
+
+
+@dataclass(frozen=True)
+class Action:
+    """``name`` is the URL segment (``/jobs/{id}/{name}``); ``statement`` the named block of
+    ``sql/web.sql`` it runs with the job id; ``applies`` says, from the job's progress
+    document, whether the button is shown; ``question`` and ``done`` are the texts of the
+    confirmation page and of the result (``{n}`` = the function's return value)."""
+
+    name: str
+    label: str
+    statement: str
+    applies: Callable[[dict[str, Any]], bool]
+    question: str
+    done: str
+    danger: bool = False
+
+
+ACTIONS: dict[str, Action] = {
+    a.name: a
+    for a in (
+        Action(
+            name="retry",
+            label="Retry failed chunks",
+            statement="web_retry_failed_chunks",
+            applies=lambda p: bool(p["failed_chunks"]) and p["overall_status"] != "cancelled",
+            question="Put the {failed_chunks} failed chunk(s) of this job back to pending, "
+            "with their attempts reset?",
+            done="{n} failed chunk(s) back to pending",
+        ),
+        Action(
+            name="cancel",
+            label="Cancel job",
+            statement="web_cancel_sync_job",
+            applies=lambda p: p["overall_status"] not in TERMINAL_STATUSES,
+            question="Cancel this job? Its {pending_chunks} pending and {processing_chunks} "
+            "processing chunk(s) become cancelled; running handlers are fenced out.",
+            done="{n} chunk(s) cancelled",
+            danger=True,
+        ),
+    )
+}
+
+
+def available(progress: dict[str, Any]) -> list[Action]:
+    """The actions that apply to a job in this state, in display order."""
+    return [a for a in ACTIONS.values() if a.applies(progress)]
+
+
+async def run_action(pool: asyncpg.Pool, action: Action, job_id: UUID) -> int:
+    """Runs the action; returns the function's count (chunks retried, cancelled). Raises
+    ChunkdError with one line when the server refuses (no such job, a cancelled job, a role
+    without the grant)."""
+    with database_errors():
+        n: int = await pool.fetchval(queries("web.sql")[action.statement], job_id)
+    return n

@@ -1,0 +1,243 @@
+"""What each page reads: one function per page or fragment, on the named statements of
+``sql/web.sql`` (the public views and functions only). Server errors become one-line
+:class:`~chunkd.errors.ChunkdError` messages (:func:`chunkd.ops.database_errors`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from chunkd.db.sql_files import queries
+from chunkd.ops import TERMINAL_STATUSES, database_errors
+
+if TYPE_CHECKING:
+    import asyncpg
+
+__all__ = [
+    "JOB_STATUSES",
+    "PAGE_SIZE",
+    "ChunkDetail",
+    "JobPage",
+    "JobsListing",
+    "QueueDepth",
+    "chunk_detail",
+    "chunk_map",
+    "chunk_payload",
+    "job_page",
+    "job_payload",
+    "job_progress",
+    "jobs_listing",
+    "queue_depth",
+    "workers",
+]
+
+PAGE_SIZE = 50
+JOB_STATUSES = ("pending", "processing", "completed", "partial_failure", "cancelled")
+THROUGHPUT_BUCKETS = 60
+
+
+def _sql() -> dict[str, str]:
+    return queries("web.sql")
+
+
+@dataclass(frozen=True)
+class JobsListing:
+    """One page of the jobs list: ``rows`` (dicts of ``web_jobs_page``), whether a next page
+    exists, the jobs of the chosen kind by status, and every kind (for the filter)."""
+
+    rows: list[dict[str, Any]]
+    has_next: bool
+    facets: dict[str, int]
+    kinds: list[str]
+
+
+async def jobs_listing(
+    pool: asyncpg.Pool, *, kind: str | None, status: str | None, page: int
+) -> JobsListing:
+    q = _sql()
+    with database_errors():
+        async with pool.acquire() as conn:
+            rows = await conn.fetch(
+                q["web_jobs_page"], kind, status, PAGE_SIZE + 1, (page - 1) * PAGE_SIZE
+            )
+            facets = await conn.fetch(q["web_job_facets"], kind)
+            kinds = await conn.fetch(q["web_kinds"])
+    shown = [_with_eta(dict(r)) for r in rows[:PAGE_SIZE]]
+    return JobsListing(
+        rows=shown,
+        has_next=len(rows) > PAGE_SIZE,
+        facets={r["overall_status"]: r["jobs"] for r in facets},
+        kinds=[r["kind"] for r in kinds],
+    )
+
+
+def _with_eta(row: dict[str, Any]) -> dict[str, Any]:
+    """Adds ``eta_seconds`` and ``terminal`` the way get_sync_job_progress defines them."""
+    remaining = row["pending_chunks"] + row["processing_chunks"]
+    rate = row.get("chunks_per_second")
+    row["eta_seconds"] = 0 if remaining == 0 else (remaining / rate if rate else None)
+    row["terminal"] = row["overall_status"] in TERMINAL_STATUSES
+    return row
+
+
+async def job_progress(pool: asyncpg.Pool, job_id: UUID) -> dict[str, Any] | None:
+    """``get_sync_job_progress(job_id)`` as a dict, or None when there is no such job."""
+    with database_errors():
+        progress: dict[str, Any] | None = await pool.fetchval(_sql()["web_job_progress"], job_id)
+    return progress
+
+
+@dataclass(frozen=True)
+class JobPage:
+    """The job detail page: progress (the ``get_sync_job_progress`` keys), settings, the
+    throughput chart's buckets, and the latest errors."""
+
+    progress: dict[str, Any]
+    settings: dict[str, Any]
+    bucket_s: float
+    throughput: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    live_worker: bool = True
+
+    @property
+    def note(self) -> str | None:
+        """Why the job may not move: chunks wait and no live worker handles its kind."""
+        if self.progress["pending_chunks"] and not self.live_worker:
+            return f"no live worker handles kind {self.progress['kind']!r}"
+        return None
+
+    @property
+    def terminal(self) -> bool:
+        return self.progress["overall_status"] in TERMINAL_STATUSES
+
+
+def _bucket_s(started_at: datetime, until: datetime) -> float:
+    """Bucket width for the chart: about THROUGHPUT_BUCKETS buckets, at least one second."""
+    span_s = max((until - started_at).total_seconds(), 1.0)
+    return float(max(1, int(span_s / THROUGHPUT_BUCKETS) + 1))
+
+
+async def job_page(
+    pool: asyncpg.Pool, job_id: UUID, *, stale_after_s: float, errors_limit: int = 10
+) -> JobPage | None:
+    q = _sql()
+    with database_errors():
+        async with pool.acquire() as conn:
+            progress = await conn.fetchval(q["web_job_progress"], job_id)
+            settings = await conn.fetchrow(q["web_job_settings"], job_id)
+            if progress is None or settings is None:
+                return None
+            throughput: list[dict[str, Any]] = []
+            bucket_s = 1.0
+            started = settings["created_at"]
+            if progress["started_at"] is not None:
+                started = datetime.fromisoformat(progress["started_at"])
+                now = await conn.fetchval("SELECT now()")
+                until = (
+                    datetime.fromisoformat(progress["finished_at"])
+                    if progress["finished_at"]
+                    else now
+                )
+                bucket_s = _bucket_s(started, until)
+                rows = await conn.fetch(q["web_job_throughput"], job_id, bucket_s, started)
+                throughput = _fill_buckets([dict(r) for r in rows], started, until, bucket_s)
+            errors = await conn.fetch(q["web_job_errors"], job_id, errors_limit)
+            live = await conn.fetchval(
+                q["web_live_worker_for_kind"], progress["kind"], stale_after_s
+            )
+    return JobPage(
+        progress=progress,
+        settings=dict(settings),
+        bucket_s=bucket_s,
+        throughput=throughput,
+        errors=[dict(r) for r in errors],
+        live_worker=bool(live),
+    )
+
+
+def _fill_buckets(
+    rows: list[dict[str, Any]], start: datetime, until: datetime, bucket_s: float
+) -> list[dict[str, Any]]:
+    """Every bucket from the job's start to its end (or now), empty ones included, so the
+    chart's time axis is even."""
+    if not rows:
+        return []
+    by_bucket = {r["bucket"]: r for r in rows}
+    step = timedelta(seconds=bucket_s)
+    filled = []
+    at = start
+    while at <= max(until, rows[-1]["bucket"]):
+        row = by_bucket.get(at, {"bucket": at, "completed": 0, "failed": 0})
+        filled.append(row)
+        at += step
+    return filled
+
+
+async def chunk_map(pool: asyncpg.Pool, job_id: UUID) -> tuple[int, str]:
+    """How many chunks job ``job_id`` has, and each one's state as a character, by seq
+    (``present.STATES``)."""
+    with database_errors():
+        row = await pool.fetchrow(_sql()["web_chunk_map"], job_id)
+    assert row is not None
+    return int(row["chunks"]), str(row["states"])
+
+
+@dataclass(frozen=True)
+class ChunkDetail:
+    chunk: dict[str, Any]
+    events: list[dict[str, Any]]
+
+
+async def chunk_detail(pool: asyncpg.Pool, job_id: UUID, seq: int) -> ChunkDetail | None:
+    """One chunk (by position) and its audit trail; None when the job has no such chunk."""
+    q = _sql()
+    with database_errors():
+        async with pool.acquire() as conn:
+            chunk = await conn.fetchrow(q["web_chunk"], job_id, seq)
+            if chunk is None:
+                return None
+            events = await conn.fetch(q["web_chunk_events"], chunk["id"])
+    return ChunkDetail(chunk=dict(chunk), events=[dict(e) for e in events])
+
+
+async def job_payload(pool: asyncpg.Pool, job_id: UUID) -> tuple[bool, Any]:
+    """(found, the job's payload, decoded)."""
+    with database_errors():
+        row = await pool.fetchrow(_sql()["web_job_payload"], job_id)
+    return (False, None) if row is None else (True, row["payload"])
+
+
+async def chunk_payload(pool: asyncpg.Pool, job_id: UUID, seq: int) -> tuple[bool, Any]:
+    with database_errors():
+        row = await pool.fetchrow(_sql()["web_chunk_payload"], job_id, seq)
+    return (False, None) if row is None else (True, row["payload"])
+
+
+async def workers(pool: asyncpg.Pool, *, stale_after_s: float) -> list[dict[str, Any]]:
+    """Registered daemons, each with ``live`` (heartbeat within ``stale_after_s``) and
+    ``in_flight`` (chunks it holds now)."""
+    with database_errors():
+        rows = await pool.fetch(_sql()["web_workers"])
+    return [{**dict(r), "live": float(r["heartbeat_age_s"]) <= stale_after_s} for r in rows]
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    """Live chunks by status (``queue_depth()``), and by kind and status."""
+
+    totals: dict[str, int]
+    by_kind: dict[str, dict[str, int]]
+
+
+async def queue_depth(pool: asyncpg.Pool) -> QueueDepth:
+    q = _sql()
+    with database_errors():
+        async with pool.acquire() as conn:
+            totals = await conn.fetch(q["web_queue_depth"])
+            by_kind_rows = await conn.fetch(q["web_queue_depth_by_kind"])
+    by_kind: dict[str, dict[str, int]] = {}
+    for r in by_kind_rows:
+        by_kind.setdefault(r["kind"], {})[r["status"]] = int(r["chunks"])
+    return QueueDepth(totals={r["status"]: int(r["chunks"]) for r in totals}, by_kind=by_kind)

@@ -1,0 +1,124 @@
+-- Statements of `chunkd web` only, one named block each ("-- name: NAME"), read by chunkd.web.
+-- They read through the public SQL contract (the views chunk_processing_queue, chunk_events,
+-- sync_jobs, chunked_sync_jobs, workers and the functions get_sync_job_progress, queue_depth,
+-- and the read-only functions of 0003_web.sql: sync_jobs_page, sync_job_status_counts,
+-- queue_depth_by_kind, in_flight_by_worker), so a role with SELECT on those views and
+-- EXECUTE on those functions runs every page; the actions call cancel_sync_job and
+-- retry_failed_chunks. Values are always bound parameters.
+
+-- name: web_jobs_page
+-- One page of jobs, newest first, optionally of one kind ($1) and one overall status ($2);
+-- $3 rows from offset $4 (the columns of chunk_processing_status). Throughput as
+-- get_sync_job_progress computes it (terminal chunks that ran, per second since the start).
+SELECT s.parent_sync_job_id AS id, s.kind, s.total_chunks, s.pending_chunks,
+       s.processing_chunks, s.completed_chunks, s.failed_chunks, s.cancelled_chunks,
+       s.overall_status, s.progress_percentage, s.created_at, s.started_at, s.finished_at,
+       CASE WHEN s.started_at IS NULL THEN NULL
+            ELSE round((s.completed_chunks + s.failed_chunks)::numeric
+                       / greatest(extract(epoch FROM
+                           coalesce(s.finished_at, now()) - s.started_at), 0.001), 2)
+       END::float8 AS chunks_per_second
+FROM chunkd.sync_jobs_page($1, $2, $3, $4) s;
+
+-- name: web_job_facets
+-- How many jobs of kind $1 (NULL: any) are in each overall status.
+SELECT c.overall_status, c.jobs FROM chunkd.sync_job_status_counts($1) c;
+
+-- name: web_kinds
+-- Every job kind, for the filter.
+SELECT DISTINCT j.kind FROM chunkd.sync_jobs j ORDER BY j.kind;
+
+-- name: web_job_progress
+SELECT chunkd.get_sync_job_progress($1);
+
+-- name: web_job_settings
+-- A job's settings, and the size of its payload (the payload itself only on request).
+SELECT j.kind, j.priority, j.max_concurrency, j.max_attempts, j.total_chunks, j.cancelled_at,
+       j.created_at, pg_column_size(j.payload) AS payload_bytes
+FROM chunkd.sync_jobs j
+WHERE j.id = $1;
+
+-- name: web_live_worker_for_kind
+-- Is any worker that heartbeated within $2 seconds able to run kind $1?
+SELECT EXISTS (
+    SELECT 1 FROM chunkd.workers w
+    WHERE $1 = ANY (w.kinds) AND w.last_heartbeat_at > now() - make_interval(secs => $2));
+
+-- name: web_job_payload
+SELECT j.payload FROM chunkd.sync_jobs j WHERE j.id = $1;
+
+-- name: web_chunk_map
+-- Every chunk's state as one character, in seq order: p pending (due), w waiting (a retry or a
+-- later start), r processing, c completed, f failed, x cancelled.
+SELECT count(*) AS chunks,
+       coalesce(string_agg(
+           CASE q.status
+               WHEN 'pending' THEN CASE WHEN q.run_at > now() THEN 'w' ELSE 'p' END
+               WHEN 'processing' THEN 'r'
+               WHEN 'completed' THEN 'c'
+               WHEN 'failed' THEN 'f'
+               ELSE 'x'
+           END, '' ORDER BY q.seq), '') AS states
+FROM chunkd.chunk_processing_queue q
+WHERE q.parent_sync_job_id = $1;
+
+-- name: web_job_throughput
+-- The audit trail of job $1 in buckets of $2 seconds from $3: chunks completed, and failed
+-- attempts (retries, reaps and final failures), per bucket.
+SELECT date_bin(make_interval(secs => $2), e.at, $3::timestamptz) AS bucket,
+       count(*) FILTER (WHERE e.event = 'completed') AS completed,
+       count(*) FILTER (WHERE e.event IN ('failed', 'retry_scheduled', 'reaped')) AS failed
+FROM chunkd.chunk_events e
+WHERE e.sync_job_id = $1 AND e.event IN ('completed', 'failed', 'retry_scheduled', 'reaped')
+  AND e.at >= $3::timestamptz
+GROUP BY 1
+ORDER BY 1;
+
+-- name: web_job_errors
+-- The job's latest errors, newest first, with the chunk's position.
+SELECT e.at, c.seq, e.event, e.attempt, e.worker_id, e.error
+FROM chunkd.chunk_events e
+JOIN chunkd.chunk_processing_queue c ON c.id = e.queue_id
+WHERE e.sync_job_id = $1 AND e.error IS NOT NULL
+ORDER BY e.at DESC
+LIMIT $2;
+
+-- name: web_chunk
+-- One chunk of job $1 by its position $2.
+SELECT q.id, q.chunk_id, q.seq, q.status, q.attempts, q.max_attempts, q.created_at,
+       q.started_at, q.completed_at, q.run_at, q.lease_expires_at, q.worker_id, q.error_message,
+       q.run_at > now() AS waiting
+FROM chunkd.chunk_processing_queue q
+WHERE q.parent_sync_job_id = $1 AND q.seq = $2;
+
+-- name: web_chunk_events
+-- The audit trail of one chunk, oldest first.
+SELECT e.at, e.event, e.status, e.attempt, e.worker_id, e.error
+FROM chunkd.chunk_events e
+WHERE e.queue_id = $1
+ORDER BY e.at, e.attempt;
+
+-- name: web_chunk_payload
+SELECT c.payload FROM chunkd.chunked_sync_jobs c WHERE c.sync_job_id = $1 AND c.seq = $2;
+
+-- name: web_workers
+-- Registered daemons with what each holds now; ages by the database clock.
+SELECT w.worker_id, w.host, w.pid, w.version, w.kinds, w.concurrency, w.started_at,
+       w.last_heartbeat_at,
+       extract(epoch FROM now() - w.last_heartbeat_at)::float8 AS heartbeat_age_s,
+       coalesce(f.chunks, 0) AS in_flight
+FROM chunkd.workers w
+LEFT JOIN chunkd.in_flight_by_worker() f ON f.worker_id = w.worker_id
+ORDER BY w.host, w.started_at, w.worker_id;
+
+-- name: web_queue_depth
+SELECT d.status, d.chunks FROM chunkd.queue_depth() d;
+
+-- name: web_queue_depth_by_kind
+SELECT d.kind, d.status, d.chunks FROM chunkd.queue_depth_by_kind() d ORDER BY d.kind;
+
+-- name: web_retry_failed_chunks
+SELECT chunkd.retry_failed_chunks($1);
+
+-- name: web_cancel_sync_job
+SELECT chunkd.cancel_sync_job($1);

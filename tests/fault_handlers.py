@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 EXECUTIONS_DDL = """
-CREATE TABLE IF NOT EXISTS fault_executions (
+CREATE TABLE IF NOT EXISTS public.fault_executions (
     id         bigserial PRIMARY KEY,
     queue_id   uuid NOT NULL,
     seq        int NOT NULL,
@@ -91,7 +91,7 @@ async def steps(chunk: Chunk) -> dict[str, Any]:
     """``payload["steps"]`` sleeps of ``payload["step_s"]``; the execution is recorded."""
     pool = await _get_pool()
     execution = await pool.fetchval(
-        "INSERT INTO fault_executions (queue_id, seq, attempt, pid) VALUES ($1, $2, $3, $4)"
+        "INSERT INTO public.fault_executions (queue_id, seq, attempt, pid) VALUES ($1, $2, $3, $4)"
         " RETURNING id",
         chunk.queue_id, chunk.seq, chunk.attempt, os.getpid(),
     )  # fmt: skip
@@ -104,7 +104,7 @@ async def steps(chunk: Chunk) -> dict[str, Any]:
         # Also when cancelled: the stamp says when the handler really stopped.
         await asyncio.shield(
             pool.execute(
-                "UPDATE fault_executions SET ended_at = clock_timestamp(), cancelled = $2"
+                "UPDATE public.fault_executions SET ended_at = clock_timestamp(), cancelled = $2"
                 " WHERE id = $1",
                 execution,
                 cancelled,

@@ -43,7 +43,7 @@ async def test_a_stalled_daemon_cancels_its_handler_on_resuming(db, start) -> No
     args = ["--handler", STEPS, "--lease", "2s", "--reap-interval", "200ms"]
     daemons = [start(*args), start(*args)]
     first = await wait_until(
-        lambda: db.fetchrow("SELECT * FROM fault_executions WHERE seq = 0"),
+        lambda: db.fetchrow("SELECT * FROM public.fault_executions WHERE seq = 0"),
         timeout_s=20,
         what="chunk 0 to start",
         interval_s=0.01,
@@ -60,14 +60,15 @@ async def test_a_stalled_daemon_cancels_its_handler_on_resuming(db, start) -> No
 
     async def stamped() -> asyncpg.Record | None:
         return await db.fetchrow(
-            "SELECT * FROM fault_executions WHERE id = $1 AND ended_at IS NOT NULL", first["id"]
+            "SELECT * FROM public.fault_executions WHERE id = $1 AND ended_at IS NOT NULL",
+            first["id"],
         )
 
     stale = await wait_until(stamped, timeout_s=10, what="the stalled handler's end")
     assert stale["cancelled"], "the stalled handler was cancelled, not run to its end"
     assert (stale["ended_at"] - resumed_at).total_seconds() < 1.0
     executions = await db.fetch(
-        "SELECT * FROM fault_executions WHERE id <> $1 AND ended_at IS NOT NULL", first["id"]
+        "SELECT * FROM public.fault_executions WHERE id <> $1 AND ended_at IS NOT NULL", first["id"]
     )
     # After SIGCONT the stalled copy and the other daemon's chunks never ran side by side
     # (before the fix: for over 2 s, although the job allows one chunk at a time).
@@ -96,7 +97,7 @@ async def test_a_handler_is_cancelled_by_its_lease_end_when_renewals_go_unanswer
         daemon = start("--handler", STEPS, "--lease", "2s", "--reap-interval", "200ms",
                        dsn=proxy.dsn(), env={"FAULT_DSN": database.dsn})  # fmt: skip
         await wait_until(
-            lambda: db.fetchrow("SELECT * FROM fault_executions"),
+            lambda: db.fetchrow("SELECT * FROM public.fault_executions"),
             timeout_s=20,
             what="the handler to start",
         )
@@ -107,7 +108,7 @@ async def test_a_handler_is_cancelled_by_its_lease_end_when_renewals_go_unanswer
 
         async def stamped() -> asyncpg.Record | None:
             return await db.fetchrow(
-                "SELECT * FROM fault_executions WHERE attempt = 1 AND ended_at IS NOT NULL"
+                "SELECT * FROM public.fault_executions WHERE attempt = 1 AND ended_at IS NOT NULL"
             )
 
         first = await wait_until(stamped, timeout_s=15, what="the handler to stop")
@@ -121,7 +122,8 @@ async def test_a_handler_is_cancelled_by_its_lease_end_when_renewals_go_unanswer
         # Back to normal: the chunk is reaped and runs again, to its end this time.
         await wait_until(lambda: _completed(db, job, 1), timeout_s=40, what="the chunk")
         ran = await db.fetchval(
-            "SELECT count(*) FROM fault_executions WHERE NOT cancelled AND ended_at IS NOT NULL"
+            "SELECT count(*) FROM public.fault_executions"
+            " WHERE NOT cancelled AND ended_at IS NOT NULL"
         )
         assert ran == 1
         assert await daemon.stop() == 0
@@ -133,13 +135,15 @@ async def test_a_handler_of_a_cancelled_job_is_cancelled_at_the_next_heartbeat(d
     job = await create_job(db, [{"steps": 100, "step_s": 0.1}])
     daemon = start("--handler", STEPS, "--lease", "1500ms")
     await wait_until(
-        lambda: db.fetchrow("SELECT * FROM fault_executions"), timeout_s=20, what="the handler"
+        lambda: db.fetchrow("SELECT * FROM public.fault_executions"),
+        timeout_s=20,
+        what="the handler",
     )
     assert await db.fetchval("SELECT chunkd.cancel_sync_job($1)", job) == 1
     cancelled_at = await db.fetchval("SELECT clock_timestamp()")
 
     async def stamped() -> asyncpg.Record | None:
-        return await db.fetchrow("SELECT * FROM fault_executions WHERE ended_at IS NOT NULL")
+        return await db.fetchrow("SELECT * FROM public.fault_executions WHERE ended_at IS NOT NULL")
 
     stopped = await wait_until(stamped, timeout_s=10, what="the handler to stop")
     assert stopped["cancelled"]

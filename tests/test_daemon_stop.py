@@ -17,7 +17,7 @@ from sql_helpers import create_job, status_counts
 
 # What a stop may take beyond --shutdown-timeout however slow the database is (the bounds of
 # chunkd.runtime.stop, and closing the pool), plus slack for a loaded machine.
-STOP_BOUND_S = 3.0 + 10.0 + 1.0 + 3.0
+STOP_BOUND_S = 3.0 + 10.0 + 1.0 + 1.0 + 3.0
 
 
 @pytest.fixture

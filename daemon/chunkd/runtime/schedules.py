@@ -19,8 +19,9 @@ from pathlib import Path
 import structlog
 
 from chunkd.cron import next_fire
-from chunkd.db import TRANSIENT_ERRORS
+from chunkd.db import DATABASE_ERRORS
 from chunkd.db.schedules import DueSchedule, ScheduleStore
+from chunkd.runtime.health import DatabaseHealth
 
 __all__ = ["Scheduler", "file_clock"]
 
@@ -37,8 +38,10 @@ class Scheduler:
         worker_id: str,
         interval_s: float,
         clock: Clock | None = None,
+        health: DatabaseHealth | None = None,
     ) -> None:
         self._store = store
+        self._health = health
         self._worker_id = worker_id
         self.interval_s = interval_s
         # A fake clock cannot be waited for: poll at interval_s instead of sleeping to a due time.
@@ -64,8 +67,13 @@ class Scheduler:
         while True:
             try:
                 sleep_s = await self.run_once()
-            except TRANSIENT_ERRORS as exc:
-                log.warning("schedules.failed", error=str(exc) or type(exc).__name__)
+            except DATABASE_ERRORS as exc:
+                # Waited out like every task's database error (a restart, a read-only
+                # window): the due time is still due on the next pass, and fires once.
+                if self._health is not None:
+                    await self._health.failed("schedules", exc)
+                else:
+                    log.warning("schedules.failed", error=str(exc) or type(exc).__name__)
                 sleep_s = self.interval_s
             await asyncio.sleep(sleep_s)
 

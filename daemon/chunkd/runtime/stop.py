@@ -7,9 +7,10 @@
 3. One statement hands back every chunk the worker still holds on the server, whether or not
    this process knows of it (a claim whose reply never came), and removes its row.
 
-Every step is bounded, so a stop takes at most ``--shutdown-timeout`` plus 14 s however slow
+Every step is bounded, so a stop takes at most ``--shutdown-timeout`` plus 15 s however slow
 the database answers: 2 s for cancelled handlers to unwind (or 3 s for the claim), 10 s for
-the writes, and 1 s for the caller to close the connections. Whatever could not be written or
+the writes, 1 s for the daemon's other tasks to end (the supervisor) and 1 s for the caller to
+close the connections. Whatever could not be written or
 released is left to its lease: the reaper returns it.
 """
 

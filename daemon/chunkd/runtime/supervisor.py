@@ -43,6 +43,8 @@ __all__ = ["make_worker_id", "run_daemon"]
 log = structlog.get_logger("chunkd.runtime.supervisor")
 
 RESTART_DELAY_S = 1.0
+# How long the stop waits for the cancelled tasks to end (the last second of the stop's bound).
+SERVICES_STOP_S = 1.0
 # How long start-up waits for a server that says it is starting up or shutting down.
 STARTUP_WAIT_S = 60.0
 # Closing the pool after a stop: a graceful close costs a round trip; past this, just drop it.
@@ -218,7 +220,7 @@ async def _serve(
     if notifier.enabled:
         services["systemd"] = tell_systemd
     if settings.schedule_interval_s > 0:
-        services["schedules"] = _scheduler(settings, queue, worker_id).run
+        services["schedules"] = _scheduler(settings, queue, worker_id, health).run
     if settings.metrics_port is not None:
         from chunkd.runtime.depth import QueueDepthSampler
 
@@ -247,12 +249,22 @@ async def _serve(
         )
         for task in service_tasks.values():
             task.cancel()
-        await asyncio.gather(*service_tasks.values(), return_exceptions=True)
+        # Bounded: a task cancelled in the middle of a statement to a server that no longer
+        # answers can take asyncpg's cancel request as long as the connect timeout to end.
+        _done, stuck = await asyncio.wait(service_tasks.values(), timeout=SERVICES_STOP_S)
+        if stuck:
+            log.warning("tasks.still_stopping", tasks=sorted(t.get_name() for t in stuck))
         log.info("daemon.stopped", worker_id=worker_id)
 
 
-def _scheduler(settings: RunSettings, queue: Queue, worker_id: str) -> Scheduler:
+def _scheduler(
+    settings: RunSettings, queue: Queue, worker_id: str, health: DatabaseHealth
+) -> Scheduler:
     clock = file_clock(settings.schedule_clock_file) if settings.schedule_clock_file else None
     return Scheduler(
-        queue.schedules, worker_id=worker_id, interval_s=settings.schedule_interval_s, clock=clock
+        queue.schedules,
+        worker_id=worker_id,
+        interval_s=settings.schedule_interval_s,
+        clock=clock,
+        health=health,
     )

@@ -341,7 +341,9 @@ FROM chunkd.flow_limits();
 
 -- name: client_create_sync_job
 SELECT chunkd.create_sync_job($1::text, $2::jsonb, $3::jsonb, $4::int, $5::int, $6::int,
-                              $7::timestamptz, $8::text);
+                              $7::timestamptz, $8::text, open => $9::boolean,
+                              on_finish_kind => $10::text, max_per_second => $11::numeric,
+                              concurrency_key => $12::text);
 
 -- name: client_create_sync_jobs
 -- Ids in input order.

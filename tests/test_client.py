@@ -7,6 +7,7 @@ transaction: the job exists exactly when the order does.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import fields
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -24,6 +26,7 @@ import pytest
 import chunkd
 from chunkd.client import sync
 from enqueue_helpers import job_count, overall_status
+from sql_helpers import claim, complete
 
 ORDERS = "CREATE TABLE public.orders (id int PRIMARY KEY)"
 
@@ -191,6 +194,49 @@ async def test_delayed_start_and_dedupe_key(client, conn) -> None:
     assert (await client.call("get_progress", job)).finished
     assert await client.call("create_sync_job", "mail", [3], dedupe_key="ada") != job
     assert await job_count(conn) == 2
+
+
+async def test_open_jobs_flow_control_and_follow_ups_from_the_client(client, conn) -> None:
+    job = await client.call(
+        "create_sync_job",
+        "import",
+        [],
+        open=True,
+        on_finish_kind="imported",
+        max_per_second=2.5,
+        concurrency_key="tenant-7",
+    )
+    row = await conn.fetchrow(
+        "SELECT max_per_second, concurrency_key FROM chunkd.sync_jobs WHERE id = $1", job
+    )
+    assert (row["max_per_second"], row["concurrency_key"]) == (Decimal("2.5"), "tenant-7")
+    progress = await client.call("get_progress", job)
+    assert (progress.open, progress.total_is_final, progress.on_finish_kind) == (
+        True,
+        False,
+        "imported",
+    )
+    with pytest.raises(chunkd.InvalidInputError, match="max_per_second"):
+        await client.call("create_sync_job", "import", [1], max_per_second="fast")
+
+
+async def test_wait_returns_the_final_progress_or_times_out(client, conn) -> None:
+    job = await client.call("create_sync_job", "mail", [1])
+    with pytest.raises(TimeoutError, match="still pending"):
+        await client.call("wait", job, 0.2, poll_s=0.05)
+
+    async def finish_soon() -> None:
+        await asyncio.sleep(0.3)
+        (row,) = await claim(conn, "w", 1, kinds=["mail"])
+        assert await complete(conn, row["queue_id"], "w", row["attempt"])
+
+    finisher = asyncio.create_task(finish_soon())
+    if client.blocking:  # the blocking wait must not hold the loop the finisher runs on
+        progress = await asyncio.to_thread(sync.wait, client.target, job, 30, poll_s=0.05)
+    else:
+        progress = await client.call("wait", job, 30, poll_s=0.05)
+    await finisher
+    assert (progress.overall_status, progress.completed_chunks) == ("completed", 1)
 
 
 async def test_bulk_ids_in_input_order(client, conn) -> None:
@@ -363,7 +409,14 @@ async def test_the_callers_row_factories_and_record_classes_do_not_matter(databa
 
 
 def test_the_client_is_re_exported_from_chunkd() -> None:
-    names = ["create_sync_job", "create_sync_jobs", "get_progress", "cancel", "retry_failed"]
+    names = [
+        "create_sync_job",
+        "create_sync_jobs",
+        "get_progress",
+        "cancel",
+        "retry_failed",
+        "wait",
+    ]
     for name in names:
         assert getattr(chunkd, name) is getattr(chunkd.client, name)
         assert getattr(sync, name).__name__ == name, "the blocking API has the same names"

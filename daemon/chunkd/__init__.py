@@ -8,6 +8,7 @@ from chunkd.client import (
     create_sync_jobs,
     get_progress,
     retry_failed,
+    wait,
 )
 from chunkd.errors import InvalidInputError, JobNotFoundError
 from chunkd.version import __version__
@@ -26,4 +27,5 @@ __all__ = [
     "create_sync_jobs",
     "get_progress",
     "retry_failed",
+    "wait",
 ]

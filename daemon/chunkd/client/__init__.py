@@ -23,8 +23,11 @@ serialization errors are the driver's own, as the caller's retry logic expects.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypeAlias
 from uuid import UUID
 
@@ -62,6 +65,7 @@ __all__ = [
     "create_sync_jobs",
     "get_progress",
     "retry_failed",
+    "wait",
 ]
 
 _EXPECTED = "an asyncpg Connection or Pool, or a psycopg AsyncConnection"
@@ -103,6 +107,10 @@ async def create_sync_job(
     priority: int = 0,
     run_at: datetime | None = None,
     dedupe_key: str | None = None,
+    open: bool = False,
+    on_finish_kind: str | None = None,
+    max_per_second: float | Decimal | None = None,
+    concurrency_key: str | None = None,
 ) -> UUID:
     """Creates one sync job and returns its id (``chunkd.create_sync_job``).
 
@@ -123,6 +131,14 @@ async def create_sync_job(
         dedupe_key: while an unfinished job of this ``kind`` with this key exists, nothing is
             created and that job's id is returned; once it finished or was cancelled, the key
             is free again. 1-256 characters; None: no key.
+        open: the job takes more chunks from ``append_chunks`` and never finishes before
+            ``close_sync_job`` (``chunks`` may then be empty) (docs: Jobs that grow).
+        on_finish_kind: when the job finishes, a one-chunk job of this kind is created whose
+            payload carries the finished job's id, status and counts; None: none.
+        max_per_second: the job's own rate limit, chunks per second across the fleet; None:
+            none (docs: Flow control).
+        concurrency_key: the key whose concurrency limit (``set_concurrency_limit``) this job
+            shares with the other unfinished jobs of the key (e.g. a tenant); None: none.
 
     Returns:
         The job's id, or the id of the unfinished job holding ``dedupe_key``.
@@ -134,8 +150,9 @@ async def create_sync_job(
         TypeError: ``conn`` is not a connection this module supports.
     """
     args = job_params(
-        kind, chunks, payload, max_concurrency, max_attempts, priority, run_at, dedupe_key
-    )
+        kind, chunks, payload, max_concurrency, max_attempts, priority, run_at, dedupe_key,
+        open, on_finish_kind, max_per_second, concurrency_key,
+    )  # fmt: skip
     ((job,),) = await _fetch(conn, "client_create_sync_job", args)
     return UUID(str(job))
 
@@ -172,6 +189,40 @@ async def get_progress(conn: AsyncConnection, job: UUID | str) -> Progress:
     job = job_id(job)
     ((text,),) = await _fetch(conn, "client_get_progress", (job,))
     return Progress.from_document(progress_document(text, job))
+
+
+async def wait(
+    conn: AsyncConnection, job: UUID | str, timeout_s: float | None = None, *, poll_s: float = 0.5
+) -> Progress:
+    """Waits until the job has finished (``completed``, ``partial_failure`` or ``cancelled``)
+    and returns its final progress; an open job finishes only once closed.
+
+    Reads the job's progress every ``poll_s`` seconds (driver-agnostic: no LISTEN, which the
+    caller's pooled or transaction-pooled connection may not allow). Call it outside a
+    ``REPEATABLE READ`` transaction, which would see the same snapshot every time.
+
+    Args:
+        timeout_s: seconds to wait at most; None: as long as it takes.
+        poll_s: seconds between two reads, > 0.
+
+    Raises:
+        TimeoutError: the job had not finished after ``timeout_s`` seconds.
+        JobNotFoundError: no job has this id.
+        InvalidInputError: ``job`` is not a UUID, or ``poll_s`` is not positive.
+    """
+    if not poll_s > 0:
+        raise InvalidInputError(f"poll_s must be a positive number of seconds, got {poll_s!r}")
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        progress = await get_progress(conn, job)
+        if progress.finished:
+            return progress
+        left = poll_s if deadline is None else deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(
+                f"sync job {progress.sync_job_id} is still {progress.overall_status}"
+            )
+        await asyncio.sleep(min(poll_s, left))
 
 
 async def cancel(conn: AsyncConnection, job: UUID | str) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, Literal
 from uuid import UUID
 
@@ -111,9 +112,15 @@ def job_params(
     priority: object,
     run_at: object,
     dedupe_key: object,
+    open_job: object = False,
+    on_finish_kind: object = None,
+    max_per_second: object = None,
+    concurrency_key: object = None,
 ) -> tuple[Any, ...]:
     """The bound values of ``client_create_sync_job``, checked for what the server could not
     say clearly (types, time zones, NUL characters); the rest is the server's to refuse."""
+    if not isinstance(open_job, bool):
+        raise InvalidInputError(f"open must be True or False, got {type(open_job).__name__}")
     return (
         _text("kind", kind, optional=False),
         _json("chunks", chunks),
@@ -123,7 +130,20 @@ def job_params(
         _int32("priority", priority, optional=False),
         _run_at(run_at),
         _text("dedupe_key", dedupe_key, optional=True),
+        open_job,
+        _text("on_finish_kind", on_finish_kind, optional=True),
+        _rate("max_per_second", max_per_second),
+        _text("concurrency_key", concurrency_key, optional=True),
     )
+
+
+def _rate(name: str, value: object) -> Decimal | None:
+    """A rate in chunks per second (int, float or Decimal), sent exactly as a numeric."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
+        raise InvalidInputError(f"{name} must be a number of chunks per second, got {value!r}")
+    return Decimal(str(value))
 
 
 def jobs_param(jobs: Iterable[Mapping[str, Any]]) -> str:

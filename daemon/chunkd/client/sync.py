@@ -8,8 +8,10 @@ autocommit mode it is committed at once.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypeAlias
 from uuid import UUID
 
@@ -40,6 +42,7 @@ __all__ = [
     "create_sync_jobs",
     "get_progress",
     "retry_failed",
+    "wait",
 ]
 
 _EXPECTED = "a psycopg Connection (for asyncpg or psycopg's AsyncConnection: chunkd.client)"
@@ -77,13 +80,18 @@ def create_sync_job(
     priority: int = 0,
     run_at: datetime | None = None,
     dedupe_key: str | None = None,
+    open: bool = False,
+    on_finish_kind: str | None = None,
+    max_per_second: float | Decimal | None = None,
+    concurrency_key: str | None = None,
 ) -> UUID:
     """Creates one sync job and returns its id (or that of the unfinished job holding
     ``dedupe_key``): :func:`chunkd.client.create_sync_job`, blocking. Same arguments (types,
     units, limits) and errors."""
     args = job_params(
-        kind, chunks, payload, max_concurrency, max_attempts, priority, run_at, dedupe_key
-    )
+        kind, chunks, payload, max_concurrency, max_attempts, priority, run_at, dedupe_key,
+        open, on_finish_kind, max_per_second, concurrency_key,
+    )  # fmt: skip
     ((job,),) = _fetch(conn, "client_create_sync_job", args)
     return UUID(str(job))
 
@@ -105,6 +113,27 @@ def get_progress(conn: Connection, job: UUID | str) -> Progress:
     job = job_id(job)
     ((text,),) = _fetch(conn, "client_get_progress", (job,))
     return Progress.from_document(progress_document(text, job))
+
+
+def wait(
+    conn: Connection, job: UUID | str, timeout_s: float | None = None, *, poll_s: float = 0.5
+) -> Progress:
+    """Waits until the job has finished and returns its final progress:
+    :func:`chunkd.client.wait`, blocking. Same arguments and errors (``TimeoutError`` after
+    ``timeout_s`` seconds)."""
+    if not poll_s > 0:
+        raise InvalidInputError(f"poll_s must be a positive number of seconds, got {poll_s!r}")
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        progress = get_progress(conn, job)
+        if progress.finished:
+            return progress
+        left = poll_s if deadline is None else deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(
+                f"sync job {progress.sync_job_id} is still {progress.overall_status}"
+            )
+        time.sleep(min(poll_s, left))
 
 
 def cancel(conn: Connection, job: UUID | str) -> int:

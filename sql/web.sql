@@ -1,15 +1,17 @@
 -- Statements of `chunkd web` only, one named block each ("-- name: NAME"), read by chunkd.web.
 -- They read through the public SQL contract (the views chunk_processing_queue, chunk_events,
--- sync_jobs, chunked_sync_jobs, workers and the functions get_sync_job_progress, queue_depth,
--- and the read-only functions of 0003_web.sql: sync_jobs_page, sync_job_status_counts,
--- queue_depth_by_kind, in_flight_by_worker), so a role with SELECT on those views and
--- EXECUTE on those functions runs every page; the actions call cancel_sync_job and
--- retry_failed_chunks. Values are always bound parameters.
+-- job_events, sync_jobs, chunked_sync_jobs, workers and the functions get_sync_job_progress,
+-- queue_depth, and the read-only functions of 0004_web.sql and 0007_web_flow.sql:
+-- sync_jobs_page, sync_job_status_counts, queue_depth_by_kind, in_flight_by_worker, job_flow),
+-- so a role with SELECT on those views and EXECUTE on those functions runs every page; the
+-- actions call retry_failed_chunks, cancel_sync_job, pause_sync_job and resume_sync_job.
+-- Values are always bound parameters.
 
 -- name: web_jobs_page
 -- One page of jobs, newest first, optionally of one kind ($1) and one overall status ($2);
 -- $3 rows from offset $4 (the columns of chunk_processing_status). Throughput as
--- get_sync_job_progress computes it (terminal chunks that ran, per second since the start).
+-- get_sync_job_progress computes it (terminal chunks that ran, per second since the start);
+-- starts_in_s: how long until a delayed job's run_at.
 SELECT s.parent_sync_job_id AS id, s.kind, s.total_chunks, s.pending_chunks,
        s.processing_chunks, s.completed_chunks, s.failed_chunks, s.cancelled_chunks,
        s.overall_status, s.progress_percentage, s.created_at, s.started_at, s.finished_at,
@@ -17,7 +19,9 @@ SELECT s.parent_sync_job_id AS id, s.kind, s.total_chunks, s.pending_chunks,
             ELSE round((s.completed_chunks + s.failed_chunks)::numeric
                        / greatest(extract(epoch FROM
                            coalesce(s.finished_at, now()) - s.started_at), 0.001), 2)
-       END::float8 AS chunks_per_second
+       END::float8 AS chunks_per_second,
+       CASE WHEN s.run_at > now() THEN extract(epoch FROM s.run_at - now())::float8
+       END AS starts_in_s
 FROM chunkd.sync_jobs_page($1, $2, $3, $4) s;
 
 -- name: web_job_facets
@@ -32,11 +36,29 @@ SELECT DISTINCT j.kind FROM chunkd.sync_jobs j ORDER BY j.kind;
 SELECT chunkd.get_sync_job_progress($1);
 
 -- name: web_job_settings
--- A job's settings, and the size of its payload (the payload itself only on request).
+-- A job's settings, the size of its payload (the payload itself only on request), and how
+-- long until its run_at when that lies ahead.
 SELECT j.kind, j.priority, j.max_concurrency, j.max_attempts, j.total_chunks, j.cancelled_at,
-       j.created_at, pg_column_size(j.payload) AS payload_bytes
+       j.created_at, j.run_at, j.dedupe_key, pg_column_size(j.payload) AS payload_bytes,
+       CASE WHEN j.run_at > now() THEN extract(epoch FROM j.run_at - now())::float8
+       END AS starts_in_s
 FROM chunkd.sync_jobs j
 WHERE j.id = $1;
+
+-- name: web_job_flow
+-- The flow controls that apply to job $1: its own, its concurrency key's, its kind's.
+SELECT f.paused_at, f.max_per_second, f.burst, f.tokens, f.concurrency_key,
+       f.key_max_concurrency, f.key_processing, f.kind_paused_at, f.kind_per_second,
+       f.kind_burst, f.kind_tokens
+FROM chunkd.job_flow($1) f;
+
+-- name: web_job_events
+-- The job's own events (paused, resumed, job_finished, ...), newest first: $2 at most.
+SELECT e.at, e.event, e.status, e.worker_id, e.detail
+FROM chunkd.job_events e
+WHERE e.sync_job_id = $1
+ORDER BY e.at DESC
+LIMIT $2;
 
 -- name: web_live_worker_for_kind
 -- Is any worker that heartbeated within $2 seconds able to run kind $1?
@@ -112,6 +134,7 @@ LEFT JOIN chunkd.in_flight_by_worker() f ON f.worker_id = w.worker_id
 ORDER BY w.host, w.started_at, w.worker_id;
 
 -- name: web_queue_depth
+-- Live chunks by status: pending, paused, throttled, scheduled, processing.
 SELECT d.status, d.chunks FROM chunkd.queue_depth() d;
 
 -- name: web_queue_depth_by_kind
@@ -122,3 +145,9 @@ SELECT chunkd.retry_failed_chunks($1);
 
 -- name: web_cancel_sync_job
 SELECT chunkd.cancel_sync_job($1);
+
+-- name: web_pause_sync_job
+SELECT chunkd.pause_sync_job($1);
+
+-- name: web_resume_sync_job
+SELECT chunkd.resume_sync_job($1);

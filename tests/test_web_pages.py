@@ -117,7 +117,11 @@ async def test_workers_live_and_stale_with_what_they_hold(conn, database) -> Non
             re.findall(r'data-kind="([^"]+)"><td>[^<]+</td>((?:<td.*?</td>\s*)+)', queue)
         )
         numbers = {k: re.findall(r">(\d+)<", v) for k, v in by_kind.items()}
-        assert numbers == {"export": ["0", "1", "1"], "mail-sync": ["2", "0", "3"]}
+        # pending, paused, throttled, scheduled, processing
+        assert numbers == {
+            "export": ["0", "0", "0", "1", "1"],
+            "mail-sync": ["2", "0", "0", "0", "3"],
+        }
         assert 'data-status="pending">pending <b>2</b>' in queue
         assert 'data-status="processing">processing <b>4</b>' in queue
 
@@ -148,7 +152,10 @@ async def web_roles(conn):  # type: ignore[no-untyped-def]
     for signature in functions:
         await conn.execute(f"GRANT EXECUTE ON FUNCTION chunkd.{signature} TO {reader}")
     _, actions = _documented("chunkd_web_operator")
-    assert actions == ["retry_failed_chunks(uuid)", "cancel_sync_job(uuid)"]
+    assert actions == [
+        "retry_failed_chunks(uuid)", "cancel_sync_job(uuid)", "pause_sync_job(uuid)",
+        "resume_sync_job(uuid)",
+    ]  # fmt: skip
     for signature in actions:
         await conn.execute(f"GRANT EXECUTE ON FUNCTION chunkd.{signature} TO {operator}")
     yield reader, operator
@@ -181,7 +188,8 @@ async def test_a_read_only_role_runs_every_page_but_not_the_actions(
             "/jobs", "/jobs?status=processing&kind=test", f"/jobs/{job}",
             f"/jobs/{job}?part=summary", f"/jobs/{job}?part=history", f"/jobs/{job}/payload",
             f"/jobs/{job}/chunks/0", f"/jobs/{job}/chunks/0/payload", f"/jobs/{job}/retry",
-            "/workers", "/queue", f"/api/jobs/{job}", f"/api/jobs/{job}/chunks",
+            f"/jobs/{job}/pause", "/workers", "/queue", f"/api/jobs/{job}",
+            f"/api/jobs/{job}/chunks",
         ):  # fmt: skip
             response = await http.get(path)
             assert response.status_code == 200, (path, response.text[-500:])
@@ -195,8 +203,13 @@ async def test_a_read_only_role_runs_every_page_but_not_the_actions(
         # One line naming what is missing and the GRANT that fixes it (chunkd.db.server_errors).
         assert "may not execute chunkd.retry_failed_chunks" in refused.text
         assert "GRANT EXECUTE ON FUNCTION chunkd.retry_failed_chunks" in refused.text
+        confirm = await http.get(f"/jobs/{job}/pause")
+        refused = await http.post(f"/jobs/{job}/pause", data={"csrf": csrf_of(confirm.text)})
+        assert refused.status_code == 503
+        assert "GRANT EXECUTE ON FUNCTION chunkd.pause_sync_job" in refused.text
     progress = await conn.fetchval("SELECT chunkd.get_sync_job_progress($1)", job)
     assert progress["failed_chunks"] == 1, "nothing changed"
+    assert progress["overall_status"] == "processing", "not paused"
 
     async with (
         serve(dsn_as(database.dsn, operator)) as url,
@@ -205,8 +218,14 @@ async def test_a_read_only_role_runs_every_page_but_not_the_actions(
         confirm = await http.get(f"/jobs/{job}/retry")
         done = await http.post(f"/jobs/{job}/retry", data={"csrf": csrf_of(confirm.text)})
         assert done.status_code == 303
-    progress = await conn.fetchval("SELECT chunkd.get_sync_job_progress($1)", job)
-    assert progress["failed_chunks"] == 0 and progress["pending_chunks"] == 2
+        progress = await conn.fetchval("SELECT chunkd.get_sync_job_progress($1)", job)
+        assert progress["failed_chunks"] == 0 and progress["pending_chunks"] == 2
+        for action, status in (("pause", "paused"), ("resume", "processing")):
+            confirm = await http.get(f"/jobs/{job}/{action}")
+            done = await http.post(f"/jobs/{job}/{action}", data={"csrf": csrf_of(confirm.text)})
+            assert done.status_code == 303, done.text[-300:]
+            progress = await conn.fetchval("SELECT chunkd.get_sync_job_progress($1)", job)
+            assert progress["overall_status"] == status
 
 
 async def test_the_jobs_page_function_agrees_with_chunk_processing_status(conn) -> None:

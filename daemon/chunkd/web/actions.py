@@ -1,9 +1,8 @@
 """The operator actions of the job page: each a POST behind a confirmation page, CSRF and
 the operator token, calling one public SQL function.
 
-Adding one (pause and resume, when they exist) is one :class:`Action` in :data:`ACTIONS`
-and its named statement in ``sql/web.sql``: the routes, the confirmation page and the
-buttons are generic.
+Adding one is one :class:`Action` in :data:`ACTIONS` and its named statement in
+``sql/web.sql``: the routes, the confirmation page and the buttons are generic.
 """
 
 from __future__ import annotations
@@ -19,6 +18,8 @@ from chunkd.ops import TERMINAL_STATUSES, database_errors
 if TYPE_CHECKING:
     import asyncpg
 
+    from chunkd.web.data import FlowControls
+
 __all__ = ["ACTIONS", "Action", "available", "run_action"]
 
 
@@ -26,13 +27,14 @@ __all__ = ["ACTIONS", "Action", "available", "run_action"]
 class Action:
     """``name`` is the URL segment (``/jobs/{id}/{name}``); ``statement`` the named block of
     ``sql/web.sql`` it runs with the job id; ``applies`` says, from the job's progress
-    document, whether the button is shown; ``question`` and ``done`` are the texts of the
-    confirmation page and of the result (``{n}`` = the function's return value)."""
+    document and its flow controls, whether the button is shown; ``question`` and ``done`` are
+    the texts of the confirmation page (``{...}``: the progress document's keys) and of the
+    result (``{n}`` = the function's return value)."""
 
     name: str
     label: str
     statement: str
-    applies: Callable[[dict[str, Any]], bool]
+    applies: Callable[[dict[str, Any], FlowControls], bool]
     question: str
     done: str
     danger: bool = False
@@ -45,16 +47,39 @@ ACTIONS: dict[str, Action] = {
             name="retry",
             label="Retry failed chunks",
             statement="web_retry_failed_chunks",
-            applies=lambda p: bool(p["failed_chunks"]) and p["overall_status"] != "cancelled",
+            applies=lambda p, f: bool(p["failed_chunks"]) and p["overall_status"] != "cancelled",
             question="Put the {failed_chunks} failed chunk(s) of this job back to pending, "
             "with their attempts reset?",
             done="{n} failed chunk(s) back to pending",
         ),
         Action(
+            name="pause",
+            label="Pause job",
+            statement="web_pause_sync_job",
+            applies=lambda p, f: (
+                p["overall_status"] not in TERMINAL_STATUSES and f.paused_at is None
+            ),
+            question="Pause this job? None of its {pending_chunks} pending chunk(s) is claimed "
+            "until it is resumed; its {processing_chunks} chunk(s) processing now finish "
+            "normally, and nothing is cancelled or spent.",
+            done="job paused: {n} pending chunk(s) held back",
+        ),
+        Action(
+            name="resume",
+            label="Resume job",
+            statement="web_resume_sync_job",
+            applies=lambda p, f: (
+                p["overall_status"] not in TERMINAL_STATUSES and f.paused_at is not None
+            ),
+            question="Resume this job? Its {pending_chunks} pending chunk(s) may be claimed "
+            "again at once.",
+            done="job resumed: {n} pending chunk(s)",
+        ),
+        Action(
             name="cancel",
             label="Cancel job",
             statement="web_cancel_sync_job",
-            applies=lambda p: p["overall_status"] not in TERMINAL_STATUSES,
+            applies=lambda p, f: p["overall_status"] not in TERMINAL_STATUSES,
             question="Cancel this job? Its {pending_chunks} pending and {processing_chunks} "
             "processing chunk(s) become cancelled; running handlers are fenced out.",
             done="{n} chunk(s) cancelled",
@@ -64,15 +89,15 @@ ACTIONS: dict[str, Action] = {
 }
 
 
-def available(progress: dict[str, Any]) -> list[Action]:
+def available(progress: dict[str, Any], flow: FlowControls) -> list[Action]:
     """The actions that apply to a job in this state, in display order."""
-    return [a for a in ACTIONS.values() if a.applies(progress)]
+    return [a for a in ACTIONS.values() if a.applies(progress, flow)]
 
 
 async def run_action(pool: asyncpg.Pool, action: Action, job_id: UUID) -> int:
-    """Runs the action; returns the function's count (chunks retried, cancelled). Raises
-    ChunkdError with one line when the server refuses (no such job, a cancelled job, a role
-    without the grant)."""
+    """Runs the action; returns the function's count (chunks retried, cancelled, held back by
+    the pause, pending after the resume). Raises ChunkdError with one line when the server
+    refuses (no such job, a cancelled job, a role without the grant)."""
     with database_errors():
         n: int = await pool.fetchval(queries("web.sql")[action.statement], job_id)
     return n

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -18,7 +19,9 @@ if TYPE_CHECKING:
 __all__ = [
     "JOB_STATUSES",
     "PAGE_SIZE",
+    "QUEUE_STATUSES",
     "ChunkDetail",
+    "FlowControls",
     "JobPage",
     "JobsListing",
     "QueueDepth",
@@ -28,14 +31,23 @@ __all__ = [
     "job_page",
     "job_payload",
     "job_progress",
+    "job_state",
     "jobs_listing",
     "queue_depth",
+    "queue_totals",
     "workers",
 ]
 
 PAGE_SIZE = 50
-JOB_STATUSES = ("pending", "processing", "completed", "partial_failure", "cancelled")
+# Every overall_status, in the order a job goes through them (the filter's and the counts').
+JOB_STATUSES = (
+    "scheduled", "pending", "processing", "paused", "completed", "partial_failure", "cancelled"
+)  # fmt: skip
+# queue_depth()'s statuses: due chunks free to run, held by a pause, held by a rate or key limit;
+# waiting for a retry or a later start; claimed.
+QUEUE_STATUSES = ("pending", "paused", "throttled", "scheduled", "processing")
 THROUGHPUT_BUCKETS = 60
+JOB_EVENTS_LIMIT = 20
 
 
 def _sql() -> dict[str, str]:
@@ -90,15 +102,59 @@ async def job_progress(pool: asyncpg.Pool, job_id: UUID) -> dict[str, Any] | Non
 
 
 @dataclass(frozen=True)
+class FlowControls:
+    """The flow controls that apply to one job (``chunkd.job_flow``): its own pause and rate
+    (chunks per second, burst and tokens now), its concurrency key with the key's limit (None:
+    no limit) and chunks processing now, its kind's pause and rate."""
+
+    paused_at: datetime | None = None
+    max_per_second: Decimal | None = None
+    burst: int | None = None
+    tokens: float | None = None
+    concurrency_key: str | None = None
+    key_max_concurrency: int | None = None
+    key_processing: int | None = None
+    kind_paused_at: datetime | None = None
+    kind_per_second: Decimal | None = None
+    kind_burst: int | None = None
+    kind_tokens: float | None = None
+
+    @property
+    def in_effect(self) -> bool:
+        """Whether anything holds the job back or paces it."""
+        return any(
+            v is not None
+            for v in (self.paused_at, self.max_per_second, self.concurrency_key,
+                      self.kind_paused_at, self.kind_per_second)
+        )  # fmt: skip
+
+
+async def job_state(pool: asyncpg.Pool, job_id: UUID) -> tuple[dict[str, Any], FlowControls] | None:
+    """A job's progress and flow controls (what the actions decide on), or None when there is
+    no such job."""
+    q = _sql()
+    with database_errors():
+        async with pool.acquire() as conn:
+            progress = await conn.fetchval(q["web_job_progress"], job_id)
+            flow = await conn.fetchrow(q["web_job_flow"], job_id)
+    if progress is None or flow is None:
+        return None
+    return progress, FlowControls(**dict(flow))
+
+
+@dataclass(frozen=True)
 class JobPage:
-    """The job detail page: progress (the ``get_sync_job_progress`` keys), settings, the
-    throughput chart's buckets, and the latest errors."""
+    """The job detail page: progress (the ``get_sync_job_progress`` keys), settings, flow
+    controls, the throughput chart's buckets, the latest errors and the job's own events
+    (``chunkd.job_events``: paused, resumed, job_finished, ...), newest first."""
 
     progress: dict[str, Any]
     settings: dict[str, Any]
     bucket_s: float
+    flow: FlowControls = field(default_factory=FlowControls)
     throughput: list[dict[str, Any]] = field(default_factory=list)
     errors: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
     live_worker: bool = True
 
     @property
@@ -127,7 +183,8 @@ async def job_page(
         async with pool.acquire() as conn:
             progress = await conn.fetchval(q["web_job_progress"], job_id)
             settings = await conn.fetchrow(q["web_job_settings"], job_id)
-            if progress is None or settings is None:
+            flow = await conn.fetchrow(q["web_job_flow"], job_id)
+            if progress is None or settings is None or flow is None:
                 return None
             throughput: list[dict[str, Any]] = []
             bucket_s = 1.0
@@ -144,6 +201,7 @@ async def job_page(
                 rows = await conn.fetch(q["web_job_throughput"], job_id, bucket_s, started)
                 throughput = _fill_buckets([dict(r) for r in rows], started, until, bucket_s)
             errors = await conn.fetch(q["web_job_errors"], job_id, errors_limit)
+            events = await conn.fetch(q["web_job_events"], job_id, JOB_EVENTS_LIMIT)
             live = await conn.fetchval(
                 q["web_live_worker_for_kind"], progress["kind"], stale_after_s
             )
@@ -151,8 +209,10 @@ async def job_page(
         progress=progress,
         settings=dict(settings),
         bucket_s=bucket_s,
+        flow=FlowControls(**dict(flow)),
         throughput=throughput,
         errors=[dict(r) for r in errors],
+        events=[dict(r) for r in events],
         live_worker=bool(live),
     )
 
@@ -223,9 +283,17 @@ async def workers(pool: asyncpg.Pool, *, stale_after_s: float) -> list[dict[str,
     return [{**dict(r), "live": float(r["heartbeat_age_s"]) <= stale_after_s} for r in rows]
 
 
+async def queue_totals(pool: asyncpg.Pool) -> dict[str, int]:
+    """Live chunks by status (``queue_depth()``: :data:`QUEUE_STATUSES`)."""
+    with database_errors():
+        rows = await pool.fetch(_sql()["web_queue_depth"])
+    return {r["status"]: int(r["chunks"]) for r in rows}
+
+
 @dataclass(frozen=True)
 class QueueDepth:
-    """Live chunks by status (``queue_depth()``), and by kind and status."""
+    """Live chunks by status (``queue_depth()``), and by kind and status
+    (``queue_depth_by_kind()``); the statuses are :data:`QUEUE_STATUSES`."""
 
     totals: dict[str, int]
     by_kind: dict[str, dict[str, int]]

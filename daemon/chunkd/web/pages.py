@@ -162,23 +162,30 @@ async def action(request: Request) -> Response:
         return RedirectResponse(
             f"/jobs/{job_id}?{urlencode({'done': chosen.name, 'n': n})}", status_code=303
         )
-    progress = await data.job_progress(pool, job_id)
-    if progress is None:
+    state = await data.job_state(pool, job_id)
+    if state is None:
         raise HTTPException(404, f"no sync job {job_id}")
+    progress, flow = state
     context = {
         "action": chosen,
         "job_id": job_id,
         "progress": progress,
         "question": chosen.question.format(**progress),
-        "applies": chosen.applies(progress),
+        "applies": chosen.applies(progress, flow),
     }
     return render(request, "confirm.html", context)
 
 
 async def workers(request: Request) -> Response:
     settings = request.app.state.settings
-    rows = await data.workers(request.app.state.pool, stale_after_s=settings.stale_after_s)
-    context = {"workers": rows, "stale_after_s": settings.stale_after_s}
+    pool = request.app.state.pool
+    rows = await data.workers(pool, stale_after_s=settings.stale_after_s)
+    context = {
+        "workers": rows,
+        "stale_after_s": settings.stale_after_s,
+        "totals": await data.queue_totals(pool),
+        "queue_statuses": data.QUEUE_STATUSES,
+    }
     template = "_workers.html" if request.query_params.get("part") == "table" else "workers.html"
     return render(request, template, context)
 
@@ -186,7 +193,7 @@ async def workers(request: Request) -> Response:
 async def queue(request: Request) -> Response:
     depth = await data.queue_depth(request.app.state.pool)
     template = "_queue.html" if request.query_params.get("part") == "table" else "queue.html"
-    return render(request, template, {"depth": depth})
+    return render(request, template, {"depth": depth, "queue_statuses": data.QUEUE_STATUSES})
 
 
 def _safe_next(target: str | None) -> str:

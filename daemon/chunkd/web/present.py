@@ -17,6 +17,7 @@ __all__ = [
     "redact_payload",
     "shown_payload",
     "timestamp",
+    "tokens",
 ]
 
 PAYLOAD_LIMIT_CHARS = 2000
@@ -97,6 +98,12 @@ def rate(chunks_per_second: float | None) -> str:
     if value >= 1:
         return f"{value:.1f}/s"
     return f"{value * 60:.1f}/min"
+
+
+def tokens(level: float | None) -> str:
+    """A token bucket's level, one decimal (``6.2``); whole tokens are chunks that may start
+    now."""
+    return "" if level is None else f"{float(level):.1f}"
 
 
 def timestamp(at: datetime | str | None) -> str:

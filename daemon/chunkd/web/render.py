@@ -10,6 +10,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
+from chunkd.ops import format_rate
 from chunkd.version import __version__
 from chunkd.web import present
 from chunkd.web.actions import available
@@ -30,6 +31,8 @@ def make_environment() -> Environment:
         rate=present.rate,
         timestamp=present.timestamp,
         short=lambda value: str(value)[:8],
+        limit_rate=format_rate,
+        tokens=present.tokens,
     )
     env.globals.update(
         version=__version__,

@@ -120,13 +120,11 @@ class FlowControls:
     kind_tokens: float | None = None
 
     @property
-    def in_effect(self) -> bool:
-        """Whether anything holds the job back or paces it."""
+    def paces(self) -> bool:
+        """Whether a rate or a concurrency key applies (the pauses have notes of their own)."""
         return any(
-            v is not None
-            for v in (self.paused_at, self.max_per_second, self.concurrency_key,
-                      self.kind_paused_at, self.kind_per_second)
-        )  # fmt: skip
+            v is not None for v in (self.max_per_second, self.concurrency_key, self.kind_per_second)
+        )
 
 
 async def job_state(pool: asyncpg.Pool, job_id: UUID) -> tuple[dict[str, Any], FlowControls] | None:

@@ -81,9 +81,12 @@ def duration(seconds: float | None) -> str:
     return f"{s // 86400}d {s % 86400 // 3600}h"
 
 
-def eta(seconds: float | None, finished: bool) -> str:
+def eta(seconds: float | None, finished: bool, status: str | None = None) -> str:
+    """The time left as a page shows it; a paused job has none (nothing of it moves)."""
     if finished:
         return "done"
+    if status == "paused":
+        return "paused"
     if seconds is None:
         return "unknown"
     return duration(seconds)

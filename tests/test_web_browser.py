@@ -1,10 +1,13 @@
 """The dashboard in a real browser: Debian's headless Chromium driven by Playwright, a real
 ``chunkd run`` working on two jobs and a real ``chunkd web``, all on a real PostgreSQL.
 
-It watches a running job's progress advance on the jobs page without a reload, finds one
-chunk-map cell per chunk on its detail page (read back from the canvas' pixels), retries a
-failed job through the confirmation page and sees its chunks run again, and is refused
-without the token by a server bound beyond localhost. Screenshots of each page go to
+It watches a running job's progress advance on the jobs page without a reload, pauses and
+resumes that job through the confirmation pages of a second tab and sees its status badge
+change on the first without a reload, reads the flow controls of a rate-limited job and what
+a delayed and an open job say, finds one chunk-map cell per chunk on the running job's detail
+page (read back from the canvas' pixels), retries a failed job through the confirmation page
+and sees its chunks run again, and is refused without the token by a server bound beyond
+localhost. Screenshots of each page go to
 ``tests/artifacts/`` (kept by CI, ignored by git).
 """
 
@@ -79,9 +82,18 @@ async def test_the_dashboard_in_a_real_browser(conn, database, start, start_web)
     executable = chromium()
     await conn.execute(EXECUTIONS_DDL)
     running = await create_job(
-        conn, [{"sleep_s": 0.25} for _ in range(48)], kind="test", max_concurrency=2
+        conn, [{"sleep_s": 0.35} for _ in range(48)], kind="test", max_concurrency=2
     )
     flaky = await create_job(conn, [{"fail": "first_run"} for _ in range(6)], kind="test")
+    # Jobs no daemon here runs: under flow control, delayed, open.
+    await conn.execute("SELECT chunkd.set_rate_limit('gmail-sync', 350, burst => 100)")
+    limited = await create_job(
+        conn, 2, kind="gmail-sync", max_per_second=4, concurrency_key="customer-17"
+    )
+    delayed = await conn.fetchval(
+        "SELECT chunkd.create_sync_job('report', '[1]', run_at => now() + interval '2 hours')"
+    )
+    opened = await conn.fetchval("SELECT chunkd.create_sync_job('import', '[]', open => true)")
     start("--handler", "test=daemon_handlers:record", "--concurrency", "4")
     web = start_web("--port", "0", "--refresh", "300ms")
     url = await web.listening()
@@ -96,7 +108,8 @@ async def test_the_dashboard_in_a_real_browser(conn, database, start, start_web)
             executable_path=str(executable), args=CHROMIUM_ARGS
         )
         try:
-            page = await browser.new_page(viewport={"width": 1280, "height": 900})
+            context = await browser.new_context(viewport={"width": 1280, "height": 900})
+            page = await context.new_page()
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
 
@@ -117,6 +130,55 @@ async def test_the_dashboard_in_a_real_browser(conn, database, start, start_web)
             assert await page.evaluate("window.__sameDocument === true"), "no reload happened"
             assert await row.locator(".bar rect").count() >= 1
             await _shot(page, "jobs")
+
+            # Pause the running job from a second tab: a confirmation, then a POST with the
+            # CSRF token; the first tab's badge turns to "paused" without a reload, and back.
+            tab = await context.new_page()
+            tab.on("pageerror", lambda exc: errors.append(str(exc)))
+            for action, badge in (("pause", "paused"), ("resume", "processing")):
+                await tab.goto(f"{url}/jobs/{running}")
+                await tab.click(f'a[data-action="{action}"]')
+                await tab.wait_for_url(f"{url}/jobs/{running}/{action}")
+                assert "pending chunk(s)" in await tab.inner_text(".question")
+                assert await tab.locator('form.confirm input[name="csrf"]').count() == 1
+                await tab.click("#confirm")
+                await tab.wait_for_url(f"{url}/jobs/{running}?done={action}&n=*")
+                assert f"job {action}d" in await tab.inner_text(".notice")
+                assert await tab.inner_text("#summary .badge") == badge
+                await _until(
+                    page,
+                    "([job, badge]) => document.querySelector(`tr[data-job='${job}'] .badge`)"
+                    ".textContent === badge",
+                    [str(running), badge],
+                    timeout_s=10,
+                    what=f"the jobs page to show the job {badge}",
+                )
+                assert await page.evaluate("window.__sameDocument === true"), "no reload"
+                if action == "pause":
+                    assert await tab.locator('#summary [data-note="paused"]').count() == 1
+                    assert await tab.locator('a[data-action="resume"]').count() == 1
+                    await _shot(tab, "paused")
+            between = await conn.fetchval(
+                "SELECT count(*) FROM chunkd.chunk_events c WHERE c.sync_job_id = $1"
+                " AND c.event = 'claimed' AND c.at BETWEEN"
+                " (SELECT at FROM chunkd.job_events WHERE sync_job_id = $1 AND event = 'paused')"
+                " AND (SELECT at FROM chunkd.job_events"
+                "      WHERE sync_job_id = $1 AND event = 'resumed')",
+                running,
+            )
+            assert between == 0, "no chunk of the job was claimed while it was paused"
+
+            # What a rate-limited, a delayed and an open job say.
+            await tab.goto(f"{url}/jobs/{limited}")
+            flow = await tab.inner_text("#summary .flow")
+            assert "job rate 4/s (burst 2;" in flow and "kind gmail-sync rate 350/s" in flow
+            assert "concurrency key customer-17: no limit set" in flow
+            await tab.goto(f"{url}/jobs/{delayed}")
+            assert await tab.inner_text("#summary .badge") == "scheduled"
+            assert "Starts at" in await tab.inner_text('#summary [data-note="scheduled"]')
+            await tab.goto(f"{url}/jobs/{opened}")
+            assert "Open:" in await tab.inner_text('#summary [data-note="open"]')
+            await tab.close()
 
             # Job detail: one chunk-map cell per chunk, coloured by state.
             await page.click(f'a[href="/jobs/{running}"]')
@@ -170,7 +232,14 @@ async def test_the_dashboard_in_a_real_browser(conn, database, start, start_web)
             assert await page.locator('tr[data-live="1"]').count() == 1
             await _shot(page, "workers")
             await page.goto(f"{url}/queue")
-            assert "The queue is empty." in await page.inner_text("main")
+            # The daemon's kind is drained; what is left waits for its rate or its start.
+            depth = {
+                kind: await page.inner_text(f'tr[data-kind="{kind}"]')
+                for kind in ("gmail-sync", "report")
+            }
+            assert depth == {"gmail-sync": "gmail-sync\t0\t0\t2\t0\t0",
+                             "report": "report\t0\t0\t0\t1\t0"}  # fmt: skip
+            assert await page.locator('tr[data-kind="test"]').count() == 0
             await _shot(page, "queue")
             assert errors == [], errors
 

@@ -112,10 +112,20 @@ async def populate(dsn: str, jobs: int, big: int) -> dict[str, str]:
 
 TIMINGS = """
 async () => {
-  // Two animation frames: the paint entries are recorded once the frame is presented.
-  await new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)));
+  // The paint entries are recorded once a frame is presented, which headless Chromium may do
+  // well after two animation frames: wait for the first one (buffered), for at most 5 s.
+  const paints = await new Promise((done) => {
+    const seen = performance.getEntriesByType("paint");
+    if (seen.length) return done(seen);
+    const observer = new PerformanceObserver((list) => {
+      observer.disconnect();
+      done(list.getEntries());
+    });
+    observer.observe({ type: "paint", buffered: true });
+    setTimeout(() => { observer.disconnect(); done(performance.getEntriesByType("paint")); },
+               5000);
+  });
   const nav = performance.getEntriesByType("navigation")[0];
-  const paints = performance.getEntriesByType("paint");
   const paint = paints.find((e) => e.name === "first-paint") || paints[0];
   const map = document.querySelector("#chunk-map");
   return {

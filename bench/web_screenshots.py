@@ -1,8 +1,10 @@
 """Regenerates the dashboard screenshots of docs/web.md (docs/img/web-*.png).
 
 Everything is real: a throwaway PostgreSQL cluster, ``chunkd run`` with the demo's simulated
-mailbox handler (chunkd.demo.handler) on three mailbox syncs and an export nobody handles,
-``chunkd web``, and Debian's headless Chromium driven by Playwright. Takes about a minute:
+mailbox handler (chunkd.demo.handler) on three mailbox syncs (one of them sharing the
+concurrency key of its customer), a fourth one paused, a fifth one due in two hours, under a
+rate limit of the kind, and an export nobody handles, ``chunkd web``, and Debian's headless
+Chromium driven by Playwright. Takes about a minute:
 
     .venv/bin/python bench/web_screenshots.py [--out docs/img]
 """
@@ -32,15 +34,25 @@ async def enqueue(dsn: str) -> dict[str, Any]:
     conn = await connect(dsn)
     try:
         await apply_migrations(conn)
+        await conn.execute("SELECT chunkd.set_rate_limit($1, 200)", KIND)
+        await conn.execute("SELECT chunkd.set_concurrency_limit('acme', 8)")
         jobs = {}
-        for name, pages, broken in (("bob", 150, 42), ("carol", 60, None), ("alice", 1500, 7)):
+        for name, pages, broken, key, delay_s in (
+            ("bob", 150, 42, None, None),
+            ("carol", 60, None, None, None),
+            ("dave", 300, None, None, None),
+            ("erin", 400, None, None, 7200),
+            ("alice", 1500, 7, "acme", None),
+        ):
             mailbox = f"{name}@example.com"
             jobs[name] = await conn.fetchval(
-                "SELECT chunkd.create_sync_job($1, $2::jsonb, $3::jsonb, $4)",
+                "SELECT chunkd.create_sync_job($1, $2::jsonb, $3::jsonb, concurrency_key => $4,"
+                " run_at => now() + make_interval(secs => $5))",
                 KIND,
                 json.dumps(mailbox_chunks(mailbox, pages)),
                 json.dumps(mailbox_payload(mailbox, pages, broken)),
-                8 if name == "alice" else None,
+                key,
+                delay_s or 0,
             )
         jobs["export"] = await conn.fetchval(
             "SELECT chunkd.create_sync_job('report-export', $1::jsonb)",
@@ -62,6 +74,15 @@ async def progress(dsn: str, job: Any) -> dict[str, Any]:
 
 async def shoot(url: str, guarded_url: str, jobs: dict[str, Any], dsn: str, out: Path) -> None:
     deadline = time.monotonic() + 120
+    while (await progress(dsn, jobs["dave"]))["progress_percentage"] < 20:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the sample jobs did not get far enough")
+        await asyncio.sleep(0.2)
+    conn = await connect(dsn)
+    try:
+        await conn.execute("SELECT chunkd.pause_sync_job($1)", jobs["dave"])
+    finally:
+        await conn.close()
     while (await progress(dsn, jobs["bob"]))["overall_status"] != "partial_failure" or (
         await progress(dsn, jobs["alice"])
     )["progress_percentage"] < 30:
@@ -89,6 +110,7 @@ async def shoot(url: str, guarded_url: str, jobs: dict[str, Any], dsn: str, out:
         await page.screenshot(path=str(out / "web-chunk.png"))
         print(f"wrote {out / 'web-chunk.png'}")
         await save("confirm", f"/jobs/{jobs['bob']}/retry", settle_s=0.3)
+        await save("paused", f"/jobs/{jobs['dave']}", settle_s=1.0)
         await save("workers", "/workers", settle_s=0.3)
         await save("queue", "/queue", settle_s=0.3)
         await page.goto(guarded_url + "/jobs")

@@ -152,8 +152,15 @@ SELECT chunkd.release_attempts($1, $2);
 -- whose claim's reply never arrived) and remove its row. Returns how many were released.
 SELECT chunkd.release_attempts($1, NULL) AS released, chunkd.deregister_worker($1);
 
--- name: cleanup_stuck_chunks
+-- name: ops_reap
+-- `chunkd reap`: the reaper's work once, by hand; returns how many chunks it returned.
 SELECT chunkd.cleanup_stuck_chunks();
+
+-- name: reap_expired
+-- The reaper: attempts whose lease ran out end as reaped, their chunks go back to the queue (or
+-- fail for good on their last attempt). One row per chunk returned, to log each.
+SELECT r.sync_job_id, r.chunk_id, r.queue_id, r.seq, r.attempt, r.kind, r.worker_id, r.final
+FROM chunkd.reap_expired() r;
 
 -- name: register_worker
 SELECT chunkd.register_worker($1, $2, $3, $4, $5, $6);

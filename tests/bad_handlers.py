@@ -14,7 +14,17 @@ from typing import Any
 
 from chunkd import Chunk
 
-__all__ = ["echo", "hangs", "non_json", "number_types", "raises", "slow_echo", "sys_exit"]
+__all__ = [
+    "echo",
+    "hangs",
+    "hides_timeout",
+    "ignores_timeout",
+    "non_json",
+    "number_types",
+    "raises",
+    "slow_echo",
+    "sys_exit",
+]
 
 
 async def echo(chunk: Chunk) -> dict[str, Any]:
@@ -40,6 +50,24 @@ async def raises(chunk: Chunk) -> None:
 
 async def hangs(chunk: Chunk) -> None:
     await asyncio.sleep(3600)
+
+
+async def hides_timeout(chunk: Chunk) -> None:
+    """Hangs, and turns the timeout's cancellation into an error of its own (as HTTP clients
+    do): still reported as the timeout it was."""
+    try:
+        await asyncio.sleep(3600)
+    except asyncio.CancelledError:
+        raise RuntimeError("connection aborted") from None
+
+
+async def ignores_timeout(chunk: Chunk) -> dict[str, bool]:
+    """Swallows the timeout's cancellation and finishes its work: the result stands."""
+    try:
+        await asyncio.sleep(3600)
+    except asyncio.CancelledError:
+        await asyncio.sleep(0.1)
+    return {"finished": True}
 
 
 async def non_json(chunk: Chunk) -> Any:

@@ -205,9 +205,14 @@ def start(database: TestDatabase, tmp_path):  # type: ignore[no-untyped-def]
 
     daemons: list[Daemon] = []
 
-    def _start(*args: str, dsn: str | None = None, env: dict[str, str] | None = None) -> Daemon:
+    def _start(
+        *args: str,
+        dsn: str | None = None,
+        env: dict[str, str] | None = None,
+        log_level: str = "debug",
+    ) -> Daemon:
         log_path = tmp_path / f"daemon{len(daemons)}.log"
-        daemon = Daemon(dsn or database.dsn, log_path, *args, env=env)
+        daemon = Daemon(dsn or database.dsn, log_path, *args, env=env, log_level=log_level)
         daemons.append(daemon)
         return daemon
 

@@ -55,7 +55,16 @@ class Daemon:
     """One ``chunkd run`` process with its JSON log captured to a file (never a pipe: a full
     pipe would block the daemon's logging and stall it)."""
 
-    def __init__(self, dsn: str, log_path: Path, *args: str, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        dsn: str,
+        log_path: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        log_level: str = "debug",
+    ):
+        # Debug by default: tests follow chunks through their success lines (chunk.completed),
+        # which production logs only at debug (chunkd.runtime.progress).
         self.log_path = log_path
         self._log = open(log_path, "wb")
         full_env = dict(os.environ)
@@ -67,7 +76,17 @@ class Daemon:
         )
         full_env.update(env or {})
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "chunkd.cli", "--log-format", "json", "run", *args],
+            [
+                sys.executable,
+                "-m",
+                "chunkd.cli",
+                "--log-format",
+                "json",
+                "--log-level",
+                log_level,
+                "run",
+                *args,
+            ],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -324,8 +324,10 @@ async def test_handlers_that_raise_hang_return_junk_or_exit_fail_only_their_chun
 ) -> None:
     jobs = {
         kind: await create_job(conn, 2, kind=kind, max_attempts=2)
-        for kind in ("raises", "hangs", "non_json", "sys_exit", "echo")
-    }
+        for kind in (
+            "raises", "hangs", "hides_timeout", "ignores_timeout", "non_json", "sys_exit", "echo"
+        )
+    }  # fmt: skip
     daemon = start(
         *[a for kind in jobs for a in ("--handler", f"{kind}=bad_handlers:{kind}")],
         "--chunk-timeout", "500ms", "--retry-base", "50ms", "--retry-cap", "100ms",
@@ -336,6 +338,8 @@ async def test_handlers_that_raise_hang_return_junk_or_exit_fail_only_their_chun
     expected = {
         "raises": ("failed", 2, "ValueError: bad chunk"),
         "hangs": ("failed", 2, "timed out after 0.5s"),
+        "hides_timeout": ("failed", 2, "timed out after 0.5s"),
+        "ignores_timeout": ("completed", 1, None),
         "non_json": ("failed", 1, "handler returned a value that is not JSON"),
         "sys_exit": ("failed", 2, "SystemExit: 3"),
         "echo": ("completed", 1, None),

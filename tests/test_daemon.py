@@ -205,6 +205,11 @@ async def test_sigkill_one_of_two_daemons_survivor_reaps_and_finishes(db, start)
         f"%:{victim.pid}:%",
     )
     assert reaped >= 1
+    # Each reap is one line, naming the dead worker that held the lease.
+    lines = [e for e in survivor.events() if e["event"] == "chunk.reaped"]
+    assert len(lines) == reaped, lines
+    assert {e["worker_id"] for e in lines} == {held[0]["worker_id"]}
+    assert {(e["attempt"], e["final"]) for e in lines} == {(1, False)}
     for row in held:  # the dead worker's late completion is fenced out
         assert await complete(db, row["id"], row["worker_id"], row["attempts"]) is False
     assert await status_counts(db, job) == {"completed": 40}

@@ -245,6 +245,7 @@ async def test_a_fresh_role_can_see_and_change_nothing(conn, database, make_role
             "SELECT chunkd.create_sync_job('k', '[1]')",
             "SELECT * FROM chunkd.claim_next_chunk_job_safe('me', 10)",
             "SELECT chunkd.cleanup_stuck_chunks()",
+            "SELECT * FROM chunkd.reap_expired()",
             "SELECT chunkd.schema_versions()",
             "SELECT * FROM chunkd.schema_migrations",
         ):
@@ -302,6 +303,7 @@ async def test_enqueue_only_role_can_create_jobs_and_nothing_else(
             ("SELECT chunkd.get_sync_job_progress($1)", (job,)),
             ("SELECT chunkd.purge_finished_jobs('0s')", ()),
             ("SELECT chunkd.cleanup_stuck_chunks()", ()),
+            ("SELECT * FROM chunkd.reap_expired()", ()),
             ("SELECT * FROM chunkd.sync_jobs", ()),
             ("SELECT * FROM chunkd.chunk_processing_queue", ()),
             ("SELECT * FROM chunkd.chunk_processing_status", ()),

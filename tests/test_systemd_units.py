@@ -189,8 +189,8 @@ def _start_daemon_under_mdwe(dsn: str, log_path: Path) -> subprocess.Popen[bytes
     env = dict(os.environ, CHUNKD_DSN=dsn, PYTHONPATH=str(TESTS_DIR))
     with open(log_path, "wb") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "chunkd.cli", "--log-format", "json", "run",
-             "--handler", "test=daemon_handlers:record", "--handler", "echo=exec:cat",
+            [sys.executable, "-m", "chunkd.cli", "--log-format", "json", "--log-level", "debug",
+             "run", "--handler", "test=daemon_handlers:record", "--handler", "echo=exec:cat",
              "--metrics-port", str(_free_port())],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
             preexec_fn=_deny_write_execute,

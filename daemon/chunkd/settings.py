@@ -69,6 +69,8 @@ class RunSettings:
     retry_cap_s: float = 600.0
     metrics_port: int | None = None
     metrics_interval_s: float = 15.0
+    # The per-job progress lines (chunkd.runtime.progress); 0 = none.
+    progress_interval_s: float = 15.0
     http_headers: dict[str, str] = field(default_factory=dict)
     # Schedules: how often the database is asked for due schedules (at most; the daemon
     # sleeps until the earliest due time when that is sooner). 0 = this daemon fires none.
@@ -84,6 +86,8 @@ class RunSettings:
         for name in ("reap_interval_s", "poll_interval_s", "chunk_timeout_s", "metrics_interval_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name[:-2].replace('_', '-')} must be positive")
+        if self.progress_interval_s < 0:
+            raise ValueError("--progress-interval must not be negative (0 turns it off)")
         if self.retry_cap_s < self.retry_base_s:
             raise ValueError("--retry-cap must not be below --retry-base")
 
@@ -105,6 +109,7 @@ class RunSettings:
             "retry_cap_s": self.retry_cap_s,
             "metrics_port": self.metrics_port,
             "metrics_interval_s": self.metrics_interval_s,
+            "progress_interval_s": self.progress_interval_s,
             "http_headers": sorted(self.http_headers),
             "schedule_interval_s": self.schedule_interval_s,
         }

@@ -152,6 +152,15 @@ def _fail_line(message: str, code: int) -> int:
     help="How often queue depth is sampled for metrics.  [env: CHUNKD_METRICS_INTERVAL]",
 )
 @click.option(
+    "--progress-interval",
+    type=DURATION,
+    default="15s",
+    show_default=True,
+    envvar="CHUNKD_PROGRESS_INTERVAL",
+    help="How often one progress line per active job is logged (per-chunk success lines "
+    "are debug); 0 = never.  [env: CHUNKD_PROGRESS_INTERVAL]",
+)
+@click.option(
     "--http-header",
     "http_headers",
     multiple=True,
@@ -187,6 +196,7 @@ def run(
     retry_cap: float,
     metrics_port: int | None,
     metrics_interval: float,
+    progress_interval: float,
     http_headers: tuple[str, ...],
     schedule_interval: float,
     schedule_clock_file: str | None,
@@ -213,6 +223,7 @@ def run(
             retry_cap_s=retry_cap,
             metrics_port=metrics_port,
             metrics_interval_s=metrics_interval,
+            progress_interval_s=progress_interval,
             http_headers=headers,
             schedule_interval_s=schedule_interval,
             schedule_clock_file=schedule_clock_file,

@@ -169,9 +169,11 @@ class Queue:
         """Statements from now on run on new connections (after a failover, say)."""
         await self._pool.expire_connections()
 
-    async def cleanup_stuck_chunks(self) -> int:
-        reaped: int = await self._pool.fetchval(self._q["cleanup_stuck_chunks"])
-        return reaped
+    async def reap_expired(self) -> list[asyncpg.Record]:
+        """Returns the chunks whose lease ran out to the queue (or fails them for good, on
+        their last attempt): one record each (sync_job_id, chunk_id, queue_id, seq, attempt,
+        kind, worker_id, final)."""
+        return await self._pool.fetch(self._q["reap_expired"])
 
     async def register_worker(
         self,

@@ -303,7 +303,7 @@ async def cancel_job(conn: asyncpg.Connection, job_id: UUID) -> int:
 async def reap(conn: asyncpg.Connection) -> int:
     """Chunks whose lease expired back to pending (or failed); how many."""
     with database_errors(conn):
-        count: int = await conn.fetchval(queries()["cleanup_stuck_chunks"])
+        count: int = await conn.fetchval(queries()["ops_reap"])
     return count
 
 

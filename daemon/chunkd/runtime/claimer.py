@@ -26,6 +26,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import structlog
 
@@ -81,6 +82,7 @@ class Claimer:
         self._queue = queue
         self._inflight = inflight
         self._metrics = metrics
+        self._claimed_by_kind: dict[str, Any] = {}  # labels() takes a lock: resolve once
         self._health = health
         self._worker_id = worker_id
         self._kinds = list(kinds)
@@ -253,7 +255,10 @@ class Claimer:
         for row in rows:
             self._inflight.claimed(row, lease_ends_at)
             self._ready.append(row)
-            self._metrics.claimed.labels(row.kind).inc()
+            counter = self._claimed_by_kind.get(row.kind)
+            if counter is None:
+                counter = self._claimed_by_kind[row.kind] = self._metrics.claimed.labels(row.kind)
+            counter.inc()
             if log_claims:
                 log.debug(
                     "chunk.claimed",

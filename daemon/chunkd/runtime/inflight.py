@@ -13,6 +13,11 @@ last successful renewal) was *sent*, plus the lease. The database's lease cannot
 it, so a handler still running then is cancelled: the chunk may already run elsewhere. The same
 happens at once when a renewal says the chunk is no longer ours, and on resuming from a stall
 (a ``SIGSTOP``, a blocked event loop) past the lease's end, since the timer is overdue then.
+
+A running handler also has a deadline of ``--chunk-timeout`` from its start: past it, its task
+is cancelled and marked timed out, and the worker turns that into a "timed out" failure. Both
+kinds of deadline sit in heaps behind one loop timer each, not a timer (or an
+``asyncio.timeout``) per chunk, which cost more than the rest of a chunk's bookkeeping.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import asyncio
 import heapq
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,24 +50,72 @@ class Claim:
     row: ClaimedRow
     lease_ends_at: float  # loop time (monotonic seconds) by which the lease may be gone
     state: State = "ready"
-    task: asyncio.Task[None] | None = None
+    task: asyncio.Task[None] | None = None  # while its handler runs
     lost: str | None = None  # why the lease is gone, once it is
+    timeout_at: float = math.inf  # loop time at which its handler is cancelled as timed out
+    timed_out: bool = False
 
 
-class InFlight:
-    def __init__(self, concurrency: int, *, worker_id: str = "") -> None:
-        self.concurrency = concurrency
-        self._worker_id = worker_id
-        # The slots: (id, attempt) of the claims whose handler runs.
-        self._running: set[tuple[int, int]] = set()
-        self._claims: dict[int, Claim] = {}
-        # Lease ends to check, earliest first: one timer for all claims (one per claim would
-        # cost more than the rest of a claim's bookkeeping). Entries of settled or renewed
-        # claims are skipped when they come up, and compacted away when they pile up.
-        self._deadlines: list[tuple[float, int, Claim]] = []
+class _Deadlines:
+    """Deadlines of claims, earliest first, behind one loop timer.
+
+    Entries are never removed: ``current(claim, at)`` says whether an entry still stands when
+    it comes up (its claim not settled, the deadline not moved); stale ones are dropped then,
+    or compacted away when they outnumber the live claims.
+    """
+
+    def __init__(
+        self,
+        current: Callable[[Claim, float], bool],
+        due: Callable[[Claim, float], None],
+        live: Callable[[], int],
+    ) -> None:
+        self._current = current
+        self._due = due  # (claim, seconds overdue)
+        self._live = live
+        self._heap: list[tuple[float, int, Claim]] = []
         self._order = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
+
+    def push(self, at: float, claim: Claim) -> None:
+        heapq.heappush(self._heap, (at, next(self._order), claim))
+        if len(self._heap) > 2 * self._live() + 256:
+            self._heap = [e for e in self._heap if self._current(e[2], e[0])]
+            heapq.heapify(self._heap)
+        if at < self._timer_at:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._heap or self._heap[0][0] >= self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = self._heap[0][0]
+        self._timer = asyncio.get_running_loop().call_at(self._timer_at, self._fire)
+
+    def _fire(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        now = asyncio.get_running_loop().time()
+        while self._heap and self._heap[0][0] <= now + DUE_SLACK_S:
+            at, _, claim = heapq.heappop(self._heap)
+            if self._current(claim, at):
+                self._due(claim, now - at)
+        self._schedule()
+
+
+class InFlight:
+    def __init__(
+        self, concurrency: int, *, worker_id: str = "", chunk_timeout_s: float = math.inf
+    ) -> None:
+        self.concurrency = concurrency
+        self._worker_id = worker_id
+        self._chunk_timeout_s = chunk_timeout_s
+        # The slots: (id, attempt) of the claims whose handler runs.
+        self._running: set[tuple[int, int]] = set()
+        self._claims: dict[int, Claim] = {}
+        self._lease_ends = _Deadlines(self._lease_current, self._lease_due, self._count)
+        self._timeouts = _Deadlines(self._timeout_current, self._timeout_due, self._count)
 
     @property
     def running(self) -> int:
@@ -80,7 +134,7 @@ class InFlight:
         if overdue_s >= 0:  # the answer came back after the lease (a stall, a slow network)
             self._lose(claim, "the claim's answer came after its lease had run out", overdue_s)
         else:
-            self._arm(claim)
+            self._lease_ends.push(lease_ends_at, claim)
 
     def holds(self, row: ClaimedRow) -> bool:
         """Still ours as far as this process can tell (not lost, not settled)."""
@@ -88,11 +142,20 @@ class InFlight:
         return claim is not None and claim.row is row and claim.lost is None
 
     def started(self, row: ClaimedRow, task: asyncio.Task[None] | None = None) -> None:
+        """Its handler starts in ``task``, which is cancelled at the chunk timeout."""
         self._running.add((row.id, row.attempt))
         claim = self._claim(row)
         if claim is not None:
             claim.state = "running"
             claim.task = task
+            if task is not None and self._chunk_timeout_s < math.inf:
+                claim.timeout_at = asyncio.get_running_loop().time() + self._chunk_timeout_s
+                self._timeouts.push(claim.timeout_at, claim)
+
+    def timed_out(self, row: ClaimedRow) -> bool:
+        """Its handler was cancelled at the chunk timeout (and the lease is not lost)."""
+        claim = self._claim(row)
+        return claim is not None and claim.timed_out and claim.lost is None
 
     def handler_done(self, row: ClaimedRow) -> None:
         """Its handler returned (or raised): the slot is free."""
@@ -138,7 +201,7 @@ class InFlight:
                 continue  # settled meanwhile (or claimed again: the answer predates that)
             if claim.row.id in renewed:
                 claim.lease_ends_at = max(claim.lease_ends_at, lease_ends_at)
-                self._arm(claim)
+                self._lease_ends.push(claim.lease_ends_at, claim)
             elif claim.state != "reporting":
                 # (An outcome being written when the renewal ran is not renewed either: its
                 # write says whether it was still ours.)
@@ -151,35 +214,27 @@ class InFlight:
         claim = self._claims.get(row.id)
         return claim if claim is not None and claim.row is row else None
 
-    def _arm(self, claim: Claim) -> None:
-        heapq.heappush(self._deadlines, (claim.lease_ends_at, next(self._order), claim))
-        if len(self._deadlines) > 2 * len(self._claims) + 256:
-            self._deadlines = [e for e in self._deadlines if self._live(e)]
-            heapq.heapify(self._deadlines)
-        self._schedule()
+    def _count(self) -> int:
+        return len(self._claims)
 
-    def _live(self, entry: tuple[float, int, Claim]) -> bool:
-        at, _, claim = entry
+    def _lease_current(self, claim: Claim, at: float) -> bool:
         return self._claims.get(claim.row.id) is claim and claim.lease_ends_at <= at
 
-    def _schedule(self) -> None:
-        if not self._deadlines or self._deadlines[0][0] >= self._timer_at:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = self._deadlines[0][0]
-        self._timer = asyncio.get_running_loop().call_at(self._timer_at, self._check_leases)
+    def _lease_due(self, claim: Claim, overdue_s: float) -> None:
+        if claim.lost is None and claim.state != "reporting":
+            self._lose(claim, "the lease ran out before a renewal came back", overdue_s)
 
-    def _check_leases(self) -> None:
-        self._timer, self._timer_at = None, math.inf
-        now = asyncio.get_running_loop().time()
-        while self._deadlines and self._deadlines[0][0] <= now + DUE_SLACK_S:
-            entry = heapq.heappop(self._deadlines)
-            claim = entry[2]
-            if self._live(entry) and claim.lost is None and claim.state != "reporting":
-                overdue_s = now - claim.lease_ends_at
-                self._lose(claim, "the lease ran out before a renewal came back", overdue_s)
-        self._schedule()
+    def _timeout_current(self, claim: Claim, at: float) -> bool:
+        return (
+            self._claims.get(claim.row.id) is claim
+            and claim.task is not None
+            and claim.timeout_at == at
+        )
+
+    def _timeout_due(self, claim: Claim, _overdue_s: float) -> None:
+        if claim.task is not None and claim.lost is None and not claim.timed_out:
+            claim.timed_out = True
+            claim.task.cancel()
 
     def _lose(self, claim: Claim, reason: str, overdue_s: float | None = None) -> None:
         """The chunk may run elsewhere now: cancel its handler, or never start it."""

@@ -12,6 +12,7 @@ or repeated write harmless. A graceful stop drains the queue before it exits.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -21,6 +22,7 @@ from chunkd.db import DATABASE_ERRORS, ClaimedRow, Queue, is_data_error
 from chunkd.observability.metrics import Metrics
 from chunkd.runtime.health import DatabaseHealth, first_line
 from chunkd.runtime.inflight import InFlight
+from chunkd.runtime.progress import Progress
 
 __all__ = ["Outcome", "Outcomes", "describe_exception", "storable_text"]
 
@@ -86,6 +88,7 @@ class Outcomes:
         inflight: InFlight,
         metrics: Metrics,
         health: DatabaseHealth,
+        progress: Progress,
         *,
         worker_id: str,
         retry_base_s: float,
@@ -95,6 +98,7 @@ class Outcomes:
         self._inflight = inflight
         self._metrics = metrics
         self._health = health
+        self._progress = progress
         self._worker_id = worker_id
         self._retry_base_s = retry_base_s
         self._retry_cap_s = retry_cap_s
@@ -226,15 +230,21 @@ class Outcomes:
         else:
             self._inflight.settled(row)
             self._for_kind(row.kind).completed.inc()
+            self._progress.tally(row).completed += 1
+            # Rare (a continuation grows the job): worth a line at info, unlike plain successes.
             log.info("chunk.completed", appended=appended, **self._fields(row, item.duration_ms))
         return True
 
     def _completed(self, batch: list[_Queued], accepted: set[int]) -> None:
+        # Success lines are opt-in (debug), built only then: see chunkd.runtime.progress.
+        log_each = log.is_enabled_for(logging.DEBUG)
         for c in batch:
             if c.row.id in accepted:
                 self._inflight.settled(c.row)
                 self._for_kind(c.row.kind).completed.inc()
-                log.info("chunk.completed", **self._fields(c.row, c.duration_ms))
+                self._progress.tally(c.row).completed += 1
+                if log_each:
+                    log.debug("chunk.completed", **self._fields(c.row, c.duration_ms))
             else:
                 self._fenced(c.row, c.duration_ms, "completed")
 
@@ -289,9 +299,11 @@ class Outcomes:
             self._fenced(row, item.duration_ms, "failed", error=error)
         elif status == "pending":
             self._for_kind(row.kind).retried.inc()
+            self._progress.tally(row).retried += 1
             log.warning("chunk.retry_scheduled", error=error, **fields)
         else:
             self._for_kind(row.kind).failed.inc()
+            self._progress.tally(row).failed += 1
             log.error("chunk.failed", error=error, **fields)
         return True
 

@@ -30,6 +30,7 @@ from chunkd.runtime.health import DatabaseHealth
 from chunkd.runtime.heartbeat import Heartbeat
 from chunkd.runtime.inflight import InFlight
 from chunkd.runtime.outcomes import Outcomes
+from chunkd.runtime.progress import Progress
 from chunkd.runtime.reaper import Reaper
 from chunkd.runtime.schedules import Scheduler, file_clock
 from chunkd.runtime.stall import StallDetector
@@ -134,15 +135,19 @@ async def _serve(
     if settings.metrics_port is not None:
         metrics.serve(settings.metrics_port)
 
-    inflight = InFlight(settings.concurrency, worker_id=worker_id)
+    inflight = InFlight(
+        settings.concurrency, worker_id=worker_id, chunk_timeout_s=settings.chunk_timeout_s
+    )
     health = DatabaseHealth(queue, worker_id=worker_id)
     # Read at scrape time: exact even when chunk tasks are cancelled at shutdown.
     metrics.in_flight.set_function(lambda: inflight.running)
+    progress = Progress(inflight, worker_id=worker_id, interval_s=settings.progress_interval_s)
     outcomes = Outcomes(
         queue,
         inflight,
         metrics,
         health,
+        progress,
         worker_id=worker_id,
         retry_base_s=settings.retry_base_s,
         retry_cap_s=settings.retry_cap_s,
@@ -178,7 +183,9 @@ async def _serve(
         start_chunk=start_chunk,
     )
     heartbeat = Heartbeat(queue, inflight, health, worker_id=worker_id, lease_s=settings.lease_s)
-    reaper = Reaper(queue, metrics, health, interval_s=settings.reap_interval_s)
+    reaper = Reaper(
+        queue, metrics, health, interval_s=settings.reap_interval_s, worker_id=worker_id
+    )
     ready = asyncio.Event()
 
     async def on_connected() -> None:
@@ -219,6 +226,8 @@ async def _serve(
     }
     if notifier.enabled:
         services["systemd"] = tell_systemd
+    if settings.progress_interval_s > 0:
+        services["progress"] = progress.run
     if settings.schedule_interval_s > 0:
         services["schedules"] = _scheduler(settings, queue, worker_id, health).run
     if settings.metrics_port is not None:

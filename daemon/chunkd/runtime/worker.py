@@ -92,30 +92,21 @@ class Worker:
             payload_json=row.payload_json,
             job_payload_json=row.job_payload_json,
         )
-        timeout = asyncio.timeout(self._timeout_s)
         try:
-            async with timeout:
-                result = await handler(chunk)
-        except asyncio.CancelledError as exc:
-            if timeout.expired():
-                return Outcome(error=f"timed out after {self._timeout_s:g}s")
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # the daemon's cancellation: the lease is gone, or a stop
-            # The handler's own (it cancelled an inner task and let that propagate): a failure
-            # of this chunk like any other exception, not a reason to drop the chunk.
-            return Outcome(error=describe_exception(exc))
-        except TimeoutError as exc:
-            if timeout.expired():
-                return Outcome(error=f"timed out after {self._timeout_s:g}s")
-            return Outcome(error=describe_exception(exc))
-        except PermanentError as exc:
-            return Outcome(error=describe_exception(exc), retryable=False)
-        except RetryLater as exc:
-            return Outcome(error=describe_exception(exc), retry_in_s=exc.delay_s)
-        except (Exception, SystemExit, KeyboardInterrupt, GeneratorExit) as exc:
+            # The chunk timeout is InFlight's: it cancels this task and marks the claim.
+            result = await handler(chunk)
+        except (
+            Exception,
+            asyncio.CancelledError,
+            SystemExit,
+            KeyboardInterrupt,
+            GeneratorExit,
+        ) as exc:
             # SystemExit too: a handler calling sys.exit() fails its chunk, not the daemon.
-            return Outcome(error=describe_exception(exc))
+            return self._failure(row, exc)
+        if self._inflight.timed_out(row):
+            # It swallowed the timeout's cancellation and returned: its result stands.
+            self._uncancel_timeout()
         if isinstance(result, Continue):
             from chunkd.runtime.continuation import continuation_outcome
 
@@ -133,3 +124,30 @@ class Worker:
                 error=f"{error}-byte limit (store big results elsewhere)", retryable=False
             )
         return Outcome(result_json=result_json)
+
+    def _failure(self, row: ClaimedRow, exc: BaseException) -> Outcome:
+        """The outcome of a handler that raised ``exc`` (or was cancelled)."""
+        if self._inflight.timed_out(row):
+            # The chunk timeout cancelled it, whatever the handler made of the cancellation.
+            if self._uncancel_timeout():
+                return Outcome(error=f"timed out after {self._timeout_s:g}s")
+            raise exc if isinstance(exc, asyncio.CancelledError) else asyncio.CancelledError()
+        if isinstance(exc, asyncio.CancelledError):
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise exc  # the daemon's cancellation: the lease is gone, or a stop
+            # The handler's own (it cancelled an inner task and let that propagate): a failure
+            # of this chunk like any other exception, not a reason to drop the chunk.
+            return Outcome(error=describe_exception(exc))
+        if isinstance(exc, PermanentError):
+            return Outcome(error=describe_exception(exc), retryable=False)
+        if isinstance(exc, RetryLater):
+            return Outcome(error=describe_exception(exc), retry_in_s=exc.delay_s)
+        return Outcome(error=describe_exception(exc))
+
+    @staticmethod
+    def _uncancel_timeout() -> bool:
+        """Takes back the timeout's cancellation of this task; False when another one (the
+        daemon's: a lost lease, a stop) is still pending."""
+        task = asyncio.current_task()
+        return task is None or task.uncancel() == 0

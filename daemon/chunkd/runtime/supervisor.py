@@ -15,11 +15,19 @@ import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TypeVar
 
 import structlog
 
-from chunkd.db import DATABASE_ERRORS, ClaimedRow, Listener, Queue, connect, create_pool
+from chunkd.db import (
+    DATABASE_ERRORS,
+    TRANSIENT_ERRORS,
+    ClaimedRow,
+    Listener,
+    Queue,
+    connect,
+    create_pool,
+)
 from chunkd.db.migrate import check_schema
 from chunkd.errors import ServerNotReadyError
 from chunkd.handlers import HandlerRegistry
@@ -42,6 +50,7 @@ from chunkd.version import __version__
 __all__ = ["make_worker_id", "run_daemon"]
 
 log = structlog.get_logger("chunkd.runtime.supervisor")
+T = TypeVar("T")
 
 RESTART_DELAY_S = 1.0
 # How long the stop waits for the cancelled tasks to end (the last second of the stop's bound).
@@ -69,18 +78,28 @@ async def _supervise(name: str, run: Callable[[], Awaitable[None]]) -> None:
         await asyncio.sleep(RESTART_DELAY_S)
 
 
-async def _connect_when_ready(dsn: str, wait_s: float = STARTUP_WAIT_S) -> Any:
-    """The first connection; a server that is starting or shutting down (a restart under way)
-    is waited for. Anything else (refused, bad password, no database) fails at once."""
-    deadline = time.monotonic() + wait_s
+async def _when_ready(what: str, step: Callable[[], Awaitable[T]], deadline: float) -> T:
+    """Runs one start-up step until it succeeds. A server that is starting or shutting down (a
+    restart under way), or a connection cut in the middle of the step (a terminated backend, a
+    restart), is waited for until ``deadline`` (``time.monotonic()``); anything else (refused, a
+    bad password, no database, a schema too old) fails at once."""
     while True:
         try:
-            return await connect(dsn)
-        except ServerNotReadyError as exc:
+            return await step()
+        except (ServerNotReadyError, *TRANSIENT_ERRORS) as exc:
             if time.monotonic() > deadline:
                 raise
-            log.warning("database.not_ready", error=str(exc), retry_in_s=0.5)
+            error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            log.warning("database.not_ready", step=what, error=error, retry_in_s=0.5)
             await asyncio.sleep(0.5)
+
+
+async def _check_schema(dsn: str) -> None:
+    conn = await connect(dsn)
+    try:
+        await check_schema(conn)
+    finally:
+        await conn.close()  # on a connection already cut, a no-op
 
 
 async def run_daemon(
@@ -94,15 +113,13 @@ async def run_daemon(
     """Runs until ``stop`` is set, then shuts down gracefully and returns."""
     notifier = notifier or Notifier()
     metrics = metrics or Metrics()
-    check_conn = await _connect_when_ready(settings.dsn)
+    deadline = time.monotonic() + STARTUP_WAIT_S
+    await _when_ready("schema check", lambda: _check_schema(settings.dsn), deadline)
+    pool = await _when_ready(
+        "pool", lambda: create_pool(settings.dsn, size=min(settings.concurrency, 8) + 4), deadline
+    )
     try:
-        await check_schema(check_conn)
-    finally:
-        await check_conn.close()
-
-    pool = await create_pool(settings.dsn, size=min(settings.concurrency, 8) + 4)
-    try:
-        await _serve(settings, registry, stop, Queue(pool), notifier, metrics)
+        await _serve(settings, registry, stop, Queue(pool), notifier, metrics, deadline)
     finally:
         try:
             await asyncio.wait_for(pool.close(), timeout=POOL_CLOSE_S)
@@ -119,6 +136,7 @@ async def _serve(
     queue: Queue,
     notifier: Notifier,
     metrics: Metrics,
+    startup_deadline: float,
 ) -> None:
     worker_id = make_worker_id()
     kinds = registry.kinds
@@ -129,8 +147,12 @@ async def _serve(
         kinds=kinds,
         settings=settings.public_dict(),
     )
-    await queue.register_worker(
-        worker_id, socket.gethostname(), os.getpid(), __version__, kinds, settings.concurrency
+    await _when_ready(
+        "register worker",
+        lambda: queue.register_worker(
+            worker_id, socket.gethostname(), os.getpid(), __version__, kinds, settings.concurrency
+        ),
+        startup_deadline,
     )
     if settings.metrics_port is not None:
         metrics.serve(settings.metrics_port)

@@ -138,7 +138,7 @@ async def test_session_pooler_named_with_pooler_session_keeps_listen_and_the_pin
     conn, database, empty_database: str, session_bouncer: str, start
 ) -> None:
     """PgBouncer refuses search_path as a startup parameter, so it is SET after connecting,
-    and set again whenever the pool resets a connection (RESET ALL would undo it)."""
+    and stays: the pool's release resets nothing (asyncpg's RESET ALL would undo it)."""
     empty = session_bouncer.format(db=urlsplit(empty_database).path.lstrip("/"))
     migrate = await chunkd("migrate", "--pooler", "session", dsn=empty)
     assert migrate.code == 0, migrate.stderr
@@ -160,3 +160,22 @@ async def test_session_pooler_named_with_pooler_session_keeps_listen_and_the_pin
     assert await daemon.stop() == 0
     events = [e["event"] for e in daemon.events()]
     assert "listener.connected" in events and "listener.unavailable" not in events
+
+
+async def test_a_pool_release_sends_nothing_and_still_rolls_back_an_open_transaction(
+    conn, pool
+) -> None:
+    """chunkd's pools keep no session state, so a release sends no reset statement (asyncpg's
+    default sends four, in a round trip before the caller gets its rows); a transaction left
+    open is still rolled back."""
+    async with pool.acquire() as held:
+        pid = await held.fetchval("SELECT pg_backend_pid()")
+    last = await conn.fetchval("SELECT query FROM pg_stat_activity WHERE pid = $1", pid)
+    assert last == "SELECT pg_backend_pid()", "nothing was sent on release"
+    async with pool.acquire() as held:
+        await held.execute("BEGIN; CREATE TEMPORARY TABLE left_open (x int)")
+        pid = await held.fetchval("SELECT pg_backend_pid()")
+    async with pool.acquire() as held:
+        assert await held.fetchval("SELECT pg_backend_pid()") == pid, "the same connection"
+        assert not held.is_in_transaction()
+        assert await held.fetchval("SELECT to_regclass('pg_temp.left_open')") is None

@@ -294,23 +294,15 @@ def _went_away(dsn: str, exc: BaseException) -> ServerNotReadyError:
     )
 
 
-async def _nothing_to_reset(_conn: asyncpg.Connection) -> None:
-    """The pool's reset on release through a transaction pooler: asyncpg's default (RESET ALL,
-    UNLISTEN *, pg_advisory_unlock_all() ...) would run on whichever server connection the
-    pooler picks, and chunkd keeps no session state there to undo. (An open transaction is still
-    rolled back by asyncpg before this runs.)"""
-
-
-async def _reset_and_pin(conn: asyncpg.Connection) -> None:
-    """The pool's reset on release through a session pooler that refused search_path as a
-    startup parameter: asyncpg's default reset ends with RESET ALL, so the pin is set again
-    (in the same round trip)."""
-    # Two fixed statements, no value: asyncpg's reset query, then the named block.
-    await conn.execute(conn.get_reset_query() + "\n" + queries()["pin_search_path_session"])
-
-
-# How the pool resets a connection on release, by how search_path is pinned (None: asyncpg's).
-_POOL_RESET = {"startup": None, "set": _reset_and_pin, "none": _nothing_to_reset}
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """The pool's reset on release. chunkd keeps no session state on pooled connections (no
+    LISTEN: the listener has a connection of its own; no advisory lock, SET, cursor or temporary
+    table), so there is nothing to undo. asyncpg's default reset (``pg_advisory_unlock_all()``,
+    ``CLOSE ALL``, ``UNLISTEN *``, ``RESET ALL``) would cost a round trip on every release, that
+    is on every claim and every completion, before the caller gets its rows; through a
+    transaction pooler it would also run on whichever server connection the pooler picks. The
+    search_path pin, set at connect, stays. An open transaction is still rolled back: asyncpg
+    does that before calling this."""
 
 
 async def create_pool(dsn: str, *, size: int, timeout_s: float = 10.0) -> asyncpg.Pool:
@@ -336,7 +328,7 @@ async def create_pool(dsn: str, *, size: int, timeout_s: float = 10.0) -> asyncp
             min_size=1,
             max_size=size,
             init=init,
-            reset=_POOL_RESET[route.pin],
+            reset=_keep_session,
             timeout=timeout_s,
             # Reconnected connections re-prepare lazily; a restart of Postgres invalidates them.
             max_inactive_connection_lifetime=lifetime_s,

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from sql_helpers import claim, create_job
+from sql_helpers import claim, complete, create_job
 from test_cli_ops import _restore_logging, run_cli
 
 __all__ = ["_restore_logging"]  # the autouse fixture, re-exported so it applies here too
@@ -38,6 +38,15 @@ async def test_pause_and_resume_a_job_and_a_kind(database, conn) -> None:
     result = await run_cli("resume", "--kind", "imap", dsn=database.dsn)
     assert result.stdout == "resumed kind 'imap': 2 pending chunks\n"
     assert len(await claim(conn, "w", 10)) == 5
+
+
+async def test_a_paused_job_that_has_started_shows_no_eta(database, conn) -> None:
+    job = await create_job(conn, 3, kind="mail")
+    (row,) = await claim(conn, "w", 1)
+    assert await complete(conn, row["queue_id"], "w", row["attempt"])
+    assert (await run_cli("pause", str(job), dsn=database.dsn)).exit_code == 0
+    detail = await run_cli("status", str(job), dsn=database.dsn)
+    assert "chunks/s, eta none while paused" in detail.stdout, detail.stdout
 
 
 async def test_limits_are_set_listed_and_removed(database, conn) -> None:

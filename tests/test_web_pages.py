@@ -202,7 +202,9 @@ async def test_a_read_only_role_runs_every_page_but_not_the_actions(
         assert refused.status_code == 503
         # One line naming what is missing and the GRANT that fixes it (chunkd.db.server_errors).
         assert "may not execute chunkd.retry_failed_chunks" in refused.text
-        assert "GRANT EXECUTE ON FUNCTION chunkd.retry_failed_chunks" in refused.text
+        assert f"GRANT EXECUTE ON FUNCTION chunkd.retry_failed_chunks(...) TO {reader};" in (
+            refused.text
+        ), "names the dashboard's role"
         confirm = await http.get(f"/jobs/{job}/pause")
         refused = await http.post(f"/jobs/{job}/pause", data={"csrf": csrf_of(confirm.text)})
         assert refused.status_code == 503

@@ -26,6 +26,7 @@ with CPython, and a page is one short blocking conversation anyway.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import imaplib
 import json
 import os
@@ -174,11 +175,18 @@ async def sync_folder(chunk: Chunk) -> Continue:
     )
 
 
+def _folder_key(cfg: dict[str, Any], folder: str) -> str:
+    """One folder of one mailbox, within a dedupe key's 256 characters whatever its name."""
+    name = f"{cfg['user']}@{cfg['host']}:{cfg.get('port', 143)}/{folder}"
+    return name if len(name) <= 256 else hashlib.sha256(name.encode()).hexdigest()
+
+
 async def plan(chunk: Chunk) -> dict[str, Any]:
     """The planner: one ``imap_sync`` job per folder of the mailbox in the job payload.
 
-    Runs at least once like any chunk: a re-run creates the folder jobs again, which is
-    harmless here (the upserts are idempotent); with a dedupe key per folder it would not.
+    A dedupe key per folder: while a folder's sync is still running (a slow first sync, a
+    schedule firing every 15 minutes, a re-run of this chunk), no second job for that folder
+    is created; ``create_sync_jobs`` returns the running job's id instead.
     """
     cfg = dict(chunk.job_payload)
     folders = await asyncio.to_thread(_list_folders, cfg)
@@ -193,6 +201,7 @@ async def plan(chunk: Chunk) -> dict[str, Any]:
                     "chunks": [{"from_uid": 1}],
                     "payload": {**cfg, "folder": folder},
                     "max_concurrency": 1,
+                    "dedupe_key": _folder_key(cfg, folder),
                 }
                 for folder in folders
             ],

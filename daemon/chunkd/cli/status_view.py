@@ -214,12 +214,12 @@ def job_view(detail: ops.JobDetail) -> RenderableType:
         ),
     )
     rate = p.get("chunks_per_second")
-    facts.add_row(
-        "rate",
-        f"{rate} chunks/s, eta {_duration(p.get('eta_seconds'), unknown='unknown')}"
-        if rate is not None
-        else "- (not started)",
+    eta = (
+        "none while paused"
+        if detail.overall_status == "paused"
+        else _duration(p.get("eta_seconds"), unknown="unknown")
     )
+    facts.add_row("rate", f"{rate} chunks/s, eta {eta}" if rate is not None else "- (not started)")
     facts.add_row(
         "settings",
         f"priority {detail.priority}, max_concurrency "

@@ -12,12 +12,15 @@ from chunkd.errors import ChunkdError
 
 if TYPE_CHECKING:
     import asyncpg
+    from asyncpg.pool import PoolConnectionProxy
 
 __all__ = ["database_errors"]
 
 
 @contextlib.contextmanager
-def database_errors(conn: asyncpg.Connection | None = None) -> Iterator[None]:
+def database_errors(
+    conn: asyncpg.Connection | PoolConnectionProxy | None = None,
+) -> Iterator[None]:
     """Turns a server error into one ChunkdError line.
 
     Our SQL functions raise messages that start with ``chunkd: `` and are written for users;

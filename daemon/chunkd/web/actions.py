@@ -98,6 +98,7 @@ async def run_action(pool: asyncpg.Pool, action: Action, job_id: UUID) -> int:
     """Runs the action; returns the function's count (chunks retried, cancelled, held back by
     the pause, pending after the resume). Raises ChunkdError with one line when the server
     refuses (no such job, a cancelled job, a role without the grant)."""
-    with database_errors():
-        n: int = await pool.fetchval(queries("web.sql")[action.statement], job_id)
+    async with pool.acquire() as conn:
+        with database_errors(conn):  # a refusal's GRANT line names the dashboard's role
+            n: int = await conn.fetchval(queries("web.sql")[action.statement], job_id)
     return n

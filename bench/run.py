@@ -430,6 +430,7 @@ async def main(args: argparse.Namespace) -> int:
             "  chunkd / raw ceiling",
             f"{_median(chunkd_noop, 'per_second') / _median(ceiling, 'per_second'):.0%}",
         ),
+        ("  chunkd daemon CPU, µs per chunk", _min_med(chunkd_noop, "daemon_cpu_us_per_chunk")),
         ("held snapshot: no-op jobs/s (min / median)", ""),
         ("  chunkd", _min_med(chunkd_held, "per_second")),
         ("  PGQueuer, best settings", _min_med(pgq_held, "per_second")),

@@ -99,7 +99,7 @@ async def _check_schema(dsn: str) -> None:
     try:
         await check_schema(conn)
     finally:
-        await conn.close()  # on a connection already cut, a no-op
+        await conn.close()  # on a connection cut meanwhile: a no-op, or a transient error
 
 
 async def run_daemon(

@@ -75,5 +75,17 @@ async def test_debug_level_logs_each_success(db, start) -> None:
     assert all(e["sync_job_id"] == str(job) and e["duration_ms"] >= 0 for e in lines)
 
 
+async def test_a_stop_sums_up_the_outcomes_since_the_last_interval(db, start) -> None:
+    job = await create_job(db, [{}] * 5)
+    daemon = start("--handler", RECORD, "--progress-interval", "1h", log_level="info")
+    await wait_until(lambda: _completed(db, job), timeout_s=20, what="5 completions")
+    assert not [e for e in daemon.events() if e["event"] == "job.progress"], "no interval yet"
+    assert await daemon.stop() == 0
+    events = daemon.events()
+    (line,) = [e for e in events if e["event"] == "job.progress"]
+    assert line["sync_job_id"] == str(job) and line["completed"] == 5 and line["in_flight"] == 0
+    assert [e["event"] for e in events][-1] == "daemon.stopped"
+
+
 async def _completed(db: asyncpg.Connection, job) -> bool:
     return await status_counts(db, job) == {"completed": 5}

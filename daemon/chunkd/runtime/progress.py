@@ -51,6 +51,7 @@ class Progress:
         self._worker_id = worker_id
         self.interval_s = interval_s
         self._jobs: dict[UUID, JobTally] = {}
+        self._since: float | None = None  # loop time the current interval began (None: not run)
 
     def tally(self, row: ClaimedRow) -> JobTally:
         """The tally of ``row``'s job, for the caller to count an outcome in."""
@@ -104,9 +105,14 @@ class Progress:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        last = loop.time()
+        self._since = loop.time()
         while True:
             await asyncio.sleep(self.interval_s)
-            now = loop.time()
-            self.log_once(now - last)
-            last = now
+            self.flush()
+
+    def flush(self) -> None:
+        """Logs the interval so far (also at a stop, so its last outcomes are summed up)."""
+        now = asyncio.get_running_loop().time()
+        if self._since is not None:
+            self.log_once(max(now - self._since, 1e-3))
+        self._since = now

@@ -285,6 +285,7 @@ async def _serve(
         _done, stuck = await asyncio.wait(service_tasks.values(), timeout=SERVICES_STOP_S)
         if stuck:
             log.warning("tasks.still_stopping", tasks=sorted(t.get_name() for t in stuck))
+        progress.flush()  # the outcomes since the last progress lines, written by the stop
         log.info("daemon.stopped", worker_id=worker_id)
 
 

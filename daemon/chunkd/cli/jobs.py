@@ -17,11 +17,11 @@ from chunkd.cli.options import (
     DURATION,
     INT32,
     JOB_ID,
-    STALE_AFTER_DEFAULT,
     TIMESTAMP,
     console,
     dsn_option,
     plural,
+    stale_after_option,
     with_connection,
 )
 from chunkd.errors import ChunkdError
@@ -220,14 +220,7 @@ def enqueue(
     envvar="CHUNKD_LIMIT",
     help="Newest jobs shown without JOB; 0 = all.  [env: CHUNKD_LIMIT]",
 )
-@click.option(
-    "--stale-after",
-    type=DURATION,
-    default=STALE_AFTER_DEFAULT,
-    show_default=True,
-    envvar="CHUNKD_STALE_AFTER",
-    help="A worker silent this long is not counted as live.  [env: CHUNKD_STALE_AFTER]",
-)
+@stale_after_option("is not counted as live")
 def status(
     dsn: str,
     job: UUID | None,

@@ -6,10 +6,10 @@ import click
 
 from chunkd.cli.options import (
     DURATION,
-    STALE_AFTER_DEFAULT,
     console,
     dsn_option,
     plural,
+    stale_after_option,
     with_connection,
 )
 
@@ -49,14 +49,7 @@ def purge(dsn: str, older_than: float) -> None:
 @click.option(
     "--json", "as_json", is_flag=True, envvar="CHUNKD_JSON", help="JSON.  [env: CHUNKD_JSON]"
 )
-@click.option(
-    "--stale-after",
-    type=DURATION,
-    default=STALE_AFTER_DEFAULT,
-    show_default=True,
-    envvar="CHUNKD_STALE_AFTER",
-    help="A worker silent this long is shown as stale.  [env: CHUNKD_STALE_AFTER]",
-)
+@stale_after_option("is shown as stale")
 def workers(dsn: str, as_json: bool, stale_after: float) -> None:
     """Registered daemons: live, or stale (no heartbeat for --stale-after)."""
     import json

@@ -24,7 +24,6 @@ __all__ = [
     "INT32",
     "JOB_ID",
     "LINE",
-    "STALE_AFTER_DEFAULT",
     "TIMESTAMP",
     "Duration",
     "JobId",
@@ -34,6 +33,7 @@ __all__ = [
     "dsn_option",
     "plural",
     "run_async",
+    "stale_after_option",
     "with_connection",
 ]
 
@@ -154,6 +154,20 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
 
 INT32 = click.IntRange(min=-(2**31), max=2**31 - 1)
 STALE_AFTER_DEFAULT = "2m"
+
+
+def stale_after_option(meaning: str) -> Callable[[F], F]:
+    """``--stale-after DURATION`` (``CHUNKD_STALE_AFTER``, default 2m), the seconds without a
+    heartbeat after which a worker counts as stale; ``meaning`` completes "A worker silent this
+    long ..." for the command's help."""
+    return click.option(
+        "--stale-after",
+        type=DURATION,
+        default=STALE_AFTER_DEFAULT,
+        show_default=True,
+        envvar="CHUNKD_STALE_AFTER",
+        help=f"A worker silent this long {meaning}.  [env: CHUNKD_STALE_AFTER]",
+    )
 
 
 class JobId(click.ParamType[uuid.UUID]):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from chunkd.cli.options import DURATION, STALE_AFTER_DEFAULT, dsn_option, run_async
+from chunkd.cli.options import DURATION, dsn_option, run_async, stale_after_option
 from chunkd.errors import ChunkdError
 
 if TYPE_CHECKING:
@@ -97,14 +97,7 @@ def _bind(host: str, port: int) -> socket.socket:
     envvar="CHUNKD_REFRESH",
     help="How often pages and event streams re-read progress.  [env: CHUNKD_REFRESH]",
 )
-@click.option(
-    "--stale-after",
-    type=DURATION,
-    default=STALE_AFTER_DEFAULT,
-    show_default=True,
-    envvar="CHUNKD_STALE_AFTER",
-    help="A worker silent this long is shown as stale.  [env: CHUNKD_STALE_AFTER]",
-)
+@stale_after_option("is shown as stale")
 def web(
     dsn: str, host: str, port: int, token_file: Path | None, refresh: float, stale_after: float
 ) -> None:

@@ -25,7 +25,6 @@ if TYPE_CHECKING:
         connect,
         create_pool,
         is_data_error,
-        retry_transient,
         sqlstate,
         validate_identifier,
     )
@@ -44,7 +43,6 @@ __all__ = [
     "connect",
     "create_pool",
     "is_data_error",
-    "retry_transient",
     "sqlstate",
     "validate_identifier",
 ]
@@ -62,7 +60,6 @@ _MODULE_OF = {
     "create_pool": "connection",
     "is_data_error": "connection",
     "sqlstate": "connection",
-    "retry_transient": "connection",
     "validate_identifier": "connection",
 }
 

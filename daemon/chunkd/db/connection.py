@@ -15,9 +15,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal
 
 import asyncpg
 import structlog
@@ -37,7 +36,6 @@ __all__ = [
     "create_pool",
     "idle_session_timeout_s",
     "is_data_error",
-    "retry_transient",
     "sqlstate",
     "validate_identifier",
 ]
@@ -47,7 +45,6 @@ log = structlog.get_logger("chunkd.db")
 # Errors reported by the server (constraint, syntax, raised by our functions): re-exported so
 # no module outside chunkd.db imports asyncpg.
 DatabaseError = asyncpg.PostgresError
-T = TypeVar("T")
 
 # Every chunkd connection resolves names in pg_catalog first and never in a schema another role
 # can create objects in (pg_temp last: it is never searched for functions or operators).
@@ -347,22 +344,3 @@ async def idle_session_timeout_s(conn: asyncpg.Connection) -> float | None:
     except asyncpg.PostgresError:
         return None
     return ms / 1000 if ms else None
-
-
-async def retry_transient(
-    what: str, make_call: Callable[[], Awaitable[T]], *, max_backoff_s: float = 2.0
-) -> T:
-    """Runs ``await make_call()`` until it succeeds; transient errors wait and try again."""
-    backoff_s = 0.05
-    while True:
-        try:
-            return await make_call()
-        except TRANSIENT_ERRORS as exc:
-            log.warning(
-                "db.retrying",
-                operation=what,
-                error=str(exc) or type(exc).__name__,
-                retry_in_s=backoff_s,
-            )
-            await asyncio.sleep(backoff_s)
-            backoff_s = min(max_backoff_s, backoff_s * 2)

@@ -143,10 +143,6 @@ SELECT chunkd.fail_attempt($1, $2, $3, $4, $5, $6, $7, $8);
 -- The ids whose lease was renewed: a held id missing here is no longer ours.
 SELECT id FROM chunkd.renew_leases($1, $2, $3) AS id;
 
--- name: release_attempts
--- $2 NULL releases every chunk this worker holds.
-SELECT chunkd.release_attempts($1, $2);
-
 -- name: stop_worker
 -- A graceful stop's last statement: hand back every chunk this worker still holds (also one
 -- whose claim's reply never arrived) and remove its row. Returns how many were released.
@@ -167,9 +163,6 @@ SELECT chunkd.register_worker($1, $2, $3, $4, $5, $6);
 
 -- name: worker_heartbeat
 SELECT chunkd.worker_heartbeat($1);
-
--- name: deregister_worker
-SELECT chunkd.deregister_worker($1);
 
 -- name: next_due_in
 -- Seconds until the earliest pending chunk is due (armed as a timer at start-up and after a

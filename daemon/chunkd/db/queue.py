@@ -157,13 +157,6 @@ class Queue:
         rows = await self._pool.fetch(self._q["renew_leases"], worker_id, list(ids), lease_s)
         return {row[0] for row in rows}
 
-    async def release(self, worker_id: str, ids: Sequence[int] | None) -> int:
-        """Hands chunks back without spending their attempt; ``None``: all this worker holds."""
-        released: int = await self._pool.fetchval(
-            self._q["release_attempts"], worker_id, list(ids) if ids is not None else None
-        )
-        return released
-
     async def stop_worker(self, worker_id: str) -> int:
         """Releases every chunk the worker holds and removes its row, in one statement (a
         graceful stop; also catches a claim whose reply never arrived). Returns how many
@@ -202,9 +195,6 @@ class Queue:
 
     async def worker_heartbeat(self, worker_id: str) -> None:
         await self._pool.execute(self._q["worker_heartbeat"], worker_id)
-
-    async def deregister_worker(self, worker_id: str) -> None:
-        await self._pool.execute(self._q["deregister_worker"], worker_id)
 
     async def queue_depth(self) -> dict[str, int]:
         rows = await self._pool.fetch(self._q["queue_depth"])

@@ -142,10 +142,6 @@ class JobFlow:
     kind_per_second: Decimal | None = None
     kind_burst: int | None = None
 
-    @property
-    def paused(self) -> bool:
-        return self.paused_at is not None or self.kind_paused_at is not None
-
     def lines(self, kind: str, when: Callable[[datetime], str] = datetime.isoformat) -> list[str]:
         """One line per control in effect, for ``chunkd status JOB``; ``when`` formats times."""
         lines = []

@@ -183,10 +183,6 @@ class InFlight:
         if self._claim(row) is not None:
             del self._claims[row.id]
 
-    def lost_reason(self, row: ClaimedRow) -> str | None:
-        claim = self._claim(row)
-        return claim.lost if claim is not None else None
-
     # --- leases --------------------------------------------------------------------------
 
     def renewable(self) -> list[Claim]:

@@ -188,6 +188,15 @@ async def conn(database: TestDatabase) -> AsyncIterator[asyncpg.Connection]:
 
 
 @pytest.fixture
+async def db(conn: asyncpg.Connection) -> asyncpg.Connection:
+    """``conn``, with the table the handlers of ``daemon_handlers`` record their runs in."""
+    from daemon_handlers import EXECUTIONS_DDL
+
+    await conn.execute(EXECUTIONS_DDL)
+    return conn
+
+
+@pytest.fixture
 async def pool(database: TestDatabase) -> AsyncIterator[asyncpg.Pool]:
     from chunkd.db import create_pool
 

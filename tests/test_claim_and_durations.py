@@ -14,19 +14,11 @@ import itertools
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
-import pytest
 
-from daemon_handlers import EXECUTIONS_DDL
 from daemon_helpers import wait_until
 from sql_helpers import create_job, status_counts
 
 RECORD = "test=daemon_handlers:record"
-
-
-@pytest.fixture
-async def db(conn: asyncpg.Connection) -> asyncpg.Connection:
-    await conn.execute(EXECUTIONS_DDL)
-    return conn
 
 
 async def test_small_limited_job_starts_at_once_beside_busy_limited_jobs(db, start) -> None:

@@ -14,18 +14,11 @@ import asyncpg
 import pytest
 
 from chunkd.db import connect
-from daemon_handlers import EXECUTIONS_DDL
 from daemon_helpers import wait_until
 from sql_helpers import claim, complete, create_job, status_counts
 
 RECORD = "test=daemon_handlers:record"
 FAST = ["--reap-interval", "500ms", "--retry-base", "100ms", "--retry-cap", "1s"]
-
-
-@pytest.fixture
-async def db(conn: asyncpg.Connection) -> asyncpg.Connection:
-    await conn.execute(EXECUTIONS_DDL)
-    return conn
 
 
 async def _completed(conn: asyncpg.Connection, total: int):

@@ -12,19 +12,11 @@ import sys
 import textwrap
 
 import asyncpg
-import pytest
 
-from daemon_handlers import EXECUTIONS_DDL
 from daemon_helpers import wait_until
 
 CHAIN = "chain=daemon_handlers:chain"
 FAST = ["--reap-interval", "300ms", "--lease", "2s"]
-
-
-@pytest.fixture
-async def db(conn: asyncpg.Connection) -> asyncpg.Connection:
-    await conn.execute(EXECUTIONS_DDL)
-    return conn
 
 
 async def _chain_job(conn: asyncpg.Connection, last: int, slow_page: int | None = None):

@@ -6,20 +6,12 @@ from __future__ import annotations
 from collections import Counter
 
 import asyncpg
-import pytest
 
-from daemon_handlers import EXECUTIONS_DDL
 from daemon_helpers import wait_until
 from sql_helpers import create_job, status_counts
 
 RECORD = "test=daemon_handlers:record"
 FAST = ["--retry-base", "100ms", "--retry-cap", "200ms", "--progress-interval", "300ms"]
-
-
-@pytest.fixture
-async def db(conn: asyncpg.Connection) -> asyncpg.Connection:
-    await conn.execute(EXECUTIONS_DDL)
-    return conn
 
 
 async def test_info_level_logs_failures_and_progress_not_each_success(db, start) -> None:

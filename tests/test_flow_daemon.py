@@ -9,21 +9,13 @@ from datetime import datetime
 from uuid import UUID
 
 import asyncpg
-import pytest
 
-from daemon_handlers import EXECUTIONS_DDL
 from daemon_helpers import wait_until
 from sql_helpers import create_job, status_counts
 from test_metrics import _free_port, _scrape, _value
 
 RECORD = "test=daemon_handlers:record"
 FAST = ["--reap-interval", "500ms", "--retry-base", "100ms", "--retry-cap", "1s"]
-
-
-@pytest.fixture
-async def db(conn: asyncpg.Connection) -> asyncpg.Connection:
-    await conn.execute(EXECUTIONS_DDL)
-    return conn
 
 
 async def _workers(conn: asyncpg.Connection, n: int) -> None:

@@ -8,10 +8,8 @@ from uuid import UUID
 
 import asyncpg
 import httpx
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon_handlers import EXECUTIONS_DDL
 from daemon_helpers import Daemon, wait_until
 from sql_helpers import create_job
 
@@ -52,12 +50,6 @@ async def _events(conn: asyncpg.Connection, job: UUID) -> dict[str, int]:
         job,
     )
     return {r["event"]: r["n"] for r in rows}
-
-
-@pytest.fixture
-async def db(conn: asyncpg.Connection) -> asyncpg.Connection:
-    await conn.execute(EXECUTIONS_DDL)
-    return conn
 
 
 async def test_scraped_metrics_match_the_database(db, database, tmp_path) -> None:

@@ -4,9 +4,18 @@
 one's handler), split into the enqueue's round trip, the NOTIFY's arrival, the claim's round
 trip and the claim's rows reaching the handler.
 
+It also reads the server time of the claim and of the enqueue per call
+(``pg_stat_user_functions`` with ``track_functions = all``).
+
 ``--scenario sleep10``: 10,000 chunks with a 10 ms ``asyncio.sleep`` handler at concurrency
 50: how long the sleep really takes, how long a claimed chunk waits between being handed to
-a slot and its handler starting, and the mean number of handlers running (of 50).
+a slot and its handler starting, and the mean number of handlers running (of 50); beside it
+the ceiling of the loop alone: 50 tasks sleeping 10 ms in turn for 3 s, no database.
+
+``--scenario statements``: single statements on the idle cluster, one connection, each
+committed on its own: ``SELECT 1`` directly, through chunkd's pool and through a pool with
+asyncpg's default reset on release; a one-row insert with a NOTIFY; chunkd's three enqueue
+inserts (job, chunk, ready row) as one plain statement; ``create_sync_job``.
 
 The daemon runs in-process (``run_daemon``) on a throwaway cluster with fsync on, as in
 ``chunkd_bench.py``; the claim and the NOTIFY are timed by wrapping ``Queue.claim`` and
@@ -24,17 +33,19 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
 
+import asyncpg
 import chunkd_bench
 import uvloop
 
 from chunkd import Chunk
-from chunkd.db import Queue, connect
+from chunkd.db import Queue, connect, create_pool
 from chunkd.db.migrate import apply_migrations
 from chunkd.demo.cluster import PostgresCluster
 from chunkd.handlers import HandlerRegistry
@@ -79,6 +90,9 @@ def _ms(values: list[float]) -> dict[str, float]:
 
 async def _latency(dsn: str, count: int) -> dict[str, Any]:
     producer = await connect(dsn)
+    await producer.execute("SET track_functions = 'all'")  # the enqueue's session
+    await producer.execute("ALTER DATABASE parts SET track_functions = 'all'")  # the daemon's
+    await producer.execute("SELECT pg_stat_reset()")
     started: dict[int, float] = {}
     ran = asyncio.Event()
 
@@ -112,8 +126,17 @@ async def _latency(dsn: str, count: int) -> dict[str, Any]:
     finally:
         stop.set()
         await daemon
-        await producer.close()
+    await asyncio.sleep(0.6)  # the statistics collector flushes every 500 ms
+    server = {
+        r["funcname"]: round(r["ms"], 3)
+        for r in await producer.fetch(
+            "SELECT funcname, total_time / calls AS ms FROM pg_stat_user_functions"
+            " WHERE funcname IN ('claim_or_wait', 'create_sync_job') AND calls > 0"
+        )
+    }
+    await producer.close()
     return {
+        "server_ms_per_call": server,
         "chunks": len(parts),
         "enqueue_round_trip": _ms([p[1] - p[0] for p in parts]),
         "commit_to_notify_seen": _ms([p[2] - p[0] for p in parts]),
@@ -153,6 +176,7 @@ async def _sleep10(dsn: str, count: int) -> dict[str, Any]:
         await conn.close()
     ran = [end - start for start, end in spans]
     first, last = min(s for s, _ in spans), max(e for _, e in spans)
+    ceiling = await _sleep_ceiling(settings.concurrency)
     handed = [t for t, _ in marks["handed"]]
     empty = sum(1 for _, ready in marks["handed"] if ready == 0)
     # Each handler start against the latest hand-over before it: the wait for a loop turn.
@@ -168,7 +192,72 @@ async def _sleep10(dsn: str, count: int) -> dict[str, Any]:
         "hand_overs_with_nothing_ready": empty,
         "mean_handlers_running": round(sum(ran) / (last - first), 1),
         "concurrency": settings.concurrency,
+        "loop_alone_per_second": ceiling,
     }
+
+
+async def _sleep_ceiling(tasks: int, seconds: float = 3.0) -> float:
+    """Sleeps of 10 ms per second that ``tasks`` tasks complete on this loop, nothing else."""
+    done = 0
+    end = time.perf_counter() + seconds
+
+    async def sleeper() -> None:
+        nonlocal done
+        while time.perf_counter() < end:
+            await asyncio.sleep(0.010)
+            done += 1
+
+    await asyncio.gather(*(sleeper() for _ in range(tasks)))
+    return round(done / seconds, 1)
+
+
+THREE_INSERTS = """
+WITH j AS (
+    INSERT INTO chunkd.jobs (kind, payload, total_chunks) VALUES ($1, '{}', 1)
+    RETURNING id, public_id, priority, kind
+), c AS (
+    INSERT INTO chunkd.chunks (job_id, seq, payload) SELECT j.id, 0, $2::jsonb FROM j
+    RETURNING id, job_id, seq
+), r AS (
+    INSERT INTO chunkd.ready (chunk_id, job_id, seq, priority, kind, limited)
+    SELECT c.id, c.job_id, c.seq, j.priority, j.kind, false FROM c, j
+)
+SELECT public_id FROM j
+"""
+
+
+async def _statements(dsn: str, count: int) -> dict[str, Any]:
+    conn = await connect(dsn)
+    pool = await create_pool(dsn, size=1)
+    default_reset = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+    await conn.execute("CREATE TABLE public.notified (id bigserial PRIMARY KEY, p jsonb)")
+    calls: dict[str, Callable[[], Awaitable[Any]]] = {
+        "select_1_direct": lambda: conn.fetchval("SELECT 1"),
+        "select_1_chunkd_pool": lambda: pool.fetchval("SELECT 1"),
+        "select_1_pool_with_asyncpg_reset": lambda: default_reset.fetchval("SELECT 1"),
+        "insert_with_notify": lambda: conn.fetchval(
+            "WITH x AS (INSERT INTO public.notified (p) VALUES ('[1]') RETURNING id)"
+            " SELECT pg_notify('parts', x.id::text) FROM x"
+        ),
+        "three_enqueue_inserts": lambda: conn.fetchval(THREE_INSERTS, KIND, "1"),
+        "create_sync_job": lambda: conn.fetchval(
+            "SELECT chunkd.create_sync_job($1, $2::jsonb)", KIND, "[1]"
+        ),
+    }
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    try:
+        for i in range(count + 50):  # interleaved; the first 50 warm up
+            for name, call in calls.items():
+                started = time.perf_counter()
+                await call()
+                if i >= 50:
+                    times[name].append(time.perf_counter() - started)
+            await asyncio.sleep(0.002)
+    finally:
+        await default_reset.close()
+        await pool.close()
+        await conn.close()
+    return {"calls": count, **{name: _ms(values) for name, values in times.items()}}
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -186,8 +275,10 @@ async def main(args: argparse.Namespace) -> None:
         await conn.close()
         if args.scenario == "latency":
             result = await _latency(dsn, args.chunks or 500)
-        else:
+        elif args.scenario == "sleep10":
             result = await _sleep10(dsn, args.chunks or 10_000)
+        else:
+            result = await _statements(dsn, args.chunks or 400)
         print(json.dumps({"scenario": args.scenario, **result}))
     finally:
         cluster.cleanup()
@@ -195,6 +286,6 @@ async def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenario", choices=["latency", "sleep10"], required=True)
+    parser.add_argument("--scenario", choices=["latency", "sleep10", "statements"], required=True)
     parser.add_argument("--chunks", type=int, default=0)
     uvloop.run(main(parser.parse_args()))

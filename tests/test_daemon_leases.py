@@ -11,12 +11,21 @@ import signal
 from datetime import datetime
 
 import asyncpg
+import pytest
 
 from daemon_helpers import wait_until
 from delay_proxy import DelayProxy
+from fault_handlers import EXECUTIONS_DDL
 from sql_helpers import create_job, status_counts
 
 STEPS = "test=fault_handlers:steps"
+
+
+@pytest.fixture
+async def db(conn: asyncpg.Connection) -> asyncpg.Connection:
+    """Overrides conftest's: the table of ``fault_handlers``, not of ``daemon_handlers``."""
+    await conn.execute(EXECUTIONS_DDL)
+    return conn
 
 
 async def _completed(conn: asyncpg.Connection, job, n: int) -> bool:

@@ -8,6 +8,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 from uuid import uuid4
 
 import pytest
@@ -136,3 +137,24 @@ async def test_many_concurrent_runs() -> None:
     results = await asyncio.gather(*(handler(make_chunk()) for _ in range(10)))
     assert results == [4] * 10
     assert json.dumps(results)
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_command_that_never_reads_its_stdin_succeeds(loop: str) -> None:
+    """``exec:env`` and the like exit without reading the chunk: a stdin we cannot finish
+    writing is not the chunk's failure. (Under uvloop a write to the closed pipe raised
+    RuntimeError, not BrokenPipeError, and failed the chunk now and then.)"""
+    import uvloop
+
+    handler = ExecHandler("true")
+    big = Chunk(
+        queue_id=uuid4(), chunk_id=uuid4(), sync_job_id=uuid4(), seq=0, attempt=1, kind="k",
+        payload={"blob": "x" * 1_000_000}, job_payload={},
+    )  # fmt: skip
+
+    async def runs() -> list[Any]:
+        # Concurrent, so a child has often exited before its stdin is written to.
+        return list(await asyncio.gather(*(handler(c) for c in [big, make_chunk()] * 20)))
+
+    results = uvloop.run(runs()) if loop == "uvloop" else asyncio.run(runs())
+    assert results == [None] * 40

@@ -87,6 +87,25 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
+async def _feed_stdin(proc: asyncio.subprocess.Process, data: bytes) -> None:
+    """Writes the chunk to the child's stdin and closes it. A child that exits without reading
+    it all (``env``, ``true``) is not an error: asyncio's ``communicate`` ignores the
+    BrokenPipeError it then gets, but uvloop raises RuntimeError for a write to a pipe it has
+    already closed after the child's exit, which would fail the chunk."""
+    writer = proc.stdin
+    assert writer is not None  # started with stdin=PIPE
+    try:
+        writer.write(data)
+        await writer.drain()
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    except RuntimeError:
+        if not writer.is_closing():
+            raise
+    finally:
+        writer.close()
+
+
 class ExecHandler:
     """Runs ``command`` (split with :func:`shlex.split`, no shell) once per chunk."""
 
@@ -129,10 +148,13 @@ class ExecHandler:
         except OSError as exc:  # e.g. EAGAIN/EMFILE/ENOMEM: the machine is busy, not the chunk
             raise ExecRetryableError(f"cannot start {self.name!r}: {exc}") from None
 
+        feeding = asyncio.ensure_future(_feed_stdin(proc, stdin))
         try:
-            stdout, stderr = await proc.communicate(stdin)
+            stdout, stderr = await proc.communicate()  # reads both pipes, waits for the exit
+            await feeding
         except BaseException:
             # Cancellation (the daemon's timeout) or anything unexpected: leave nothing behind.
+            feeding.cancel()
             _kill_group(proc.pid)
             await self._reap(proc)
             raise

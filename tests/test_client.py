@@ -25,6 +25,7 @@ import pytest
 
 import chunkd
 from chunkd.client import sync
+from chunkd.db import connect
 from enqueue_helpers import job_count, overall_status
 from sql_helpers import claim, complete
 
@@ -220,15 +221,20 @@ async def test_open_jobs_flow_control_and_follow_ups_from_the_client(client, con
         await client.call("create_sync_job", "import", [1], max_per_second="fast")
 
 
-async def test_wait_returns_the_final_progress_or_times_out(client, conn) -> None:
+async def test_wait_returns_the_final_progress_or_times_out(client, database) -> None:
     job = await client.call("create_sync_job", "mail", [1])
     with pytest.raises(TimeoutError, match="still pending"):
         await client.call("wait", job, 0.2, poll_s=0.05)
 
     async def finish_soon() -> None:
-        await asyncio.sleep(0.3)
-        (row,) = await claim(conn, "w", 1, kinds=["mail"])
-        assert await complete(conn, row["queue_id"], "w", row["attempt"])
+        # A worker of its own: the asyncpg client waits on the test's connection meanwhile.
+        worker = await connect(database.dsn)
+        try:
+            await asyncio.sleep(0.3)
+            (row,) = await claim(worker, "w", 1, kinds=["mail"])
+            assert await complete(worker, row["queue_id"], "w", row["attempt"])
+        finally:
+            await worker.close()
 
     finisher = asyncio.create_task(finish_soon())
     if client.blocking:  # the blocking wait must not hold the loop the finisher runs on

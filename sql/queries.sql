@@ -116,6 +116,115 @@ SELECT current_user;
 -- name: record_version
 INSERT INTO chunkd.schema_migrations (version, name) VALUES ($1, $2);
 
+-- name: definitions_recorded
+-- The definition files applied and their checksums (migrate, as the schema's owner).
+SELECT d.path, d.checksum, d.fingerprint, d.applied_by FROM chunkd.schema_definitions d;
+
+-- name: definitions_applied
+-- The same through a function, for a role with only EXECUTE grants (`chunkd run`'s check).
+SELECT d.path, d.checksum, d.applied_by FROM chunkd.schema_definitions() d;
+
+-- name: definitions_catalog
+-- Per definitions file ($1 paths, $2 kinds, $3 names: one element per object a file creates),
+-- the MD5 of the catalog's own text of those objects (every overload of a function name) and
+-- the objects missing from the catalog.
+WITH wanted AS (
+    SELECT pg_catalog.unnest($1::text[]) AS path, pg_catalog.unnest($2::text[]) AS kind,
+           pg_catalog.unnest($3::text[]) AS name
+), defs AS (
+    SELECT 'function' AS kind, p.proname::text AS name, pg_catalog.pg_get_functiondef(p.oid) AS def
+    FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+    WHERE n.nspname = 'chunkd'
+    UNION ALL
+    SELECT 'view', c.relname::text, pg_catalog.pg_get_viewdef(c.oid)
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = 'chunkd' AND c.relkind = 'v'
+    UNION ALL
+    SELECT 'trigger', t.tgname::text, pg_catalog.pg_get_triggerdef(t.oid)
+    FROM pg_catalog.pg_trigger t
+    JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
+    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = 'chunkd' AND NOT t.tgisinternal
+)
+SELECT w.path,
+       pg_catalog.md5(pg_catalog.string_agg(coalesce(d.def, ''), E'\n'
+                                            ORDER BY w.kind, w.name, d.def)) AS fingerprint,
+       pg_catalog.array_remove(pg_catalog.array_agg(CASE WHEN d.def IS NULL
+                                                         THEN w.kind || ' ' || w.name END
+                                                    ORDER BY w.kind, w.name), NULL) AS missing
+FROM wanted w
+LEFT JOIN defs d ON d.kind = w.kind AND d.name = w.name
+GROUP BY w.path;
+
+-- name: definitions_record
+-- $1 paths, $2 checksums, $3 fingerprints, $4 the chunkd version applying them.
+INSERT INTO chunkd.schema_definitions
+SELECT pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::text[]),
+       pg_catalog.unnest($3::text[]), pg_catalog.now(), $4
+ON CONFLICT ON CONSTRAINT schema_definitions_pkey DO UPDATE
+SET checksum = excluded.checksum, fingerprint = excluded.fingerprint,
+    applied_at = pg_catalog.now(), applied_by = excluded.applied_by;
+
+-- name: definitions_refingerprint
+-- After a versioned migration changed what a definition reads (a column of a view), the
+-- catalog's text of the untouched files may change too: record it, keeping their checksums.
+UPDATE chunkd.schema_definitions d SET fingerprint = r.fingerprint
+FROM (SELECT pg_catalog.unnest($1::text[]) AS path, pg_catalog.unnest($2::text[]) AS fingerprint) r
+WHERE d.path = r.path AND d.fingerprint <> r.fingerprint;
+
+-- name: definitions_forget
+-- Files no longer shipped (their objects were dropped by a versioned migration).
+DELETE FROM chunkd.schema_definitions d WHERE NOT d.path = ANY ($1::text[]);
+
+-- name: revoke_public
+-- Nothing in schema chunkd is granted to PUBLIC, whatever a definition created.
+REVOKE ALL ON ALL TABLES IN SCHEMA chunkd FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA chunkd FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA chunkd FROM PUBLIC;
+
+-- name: schema_objects
+-- Every function (as regprocedure text) and view (as regclass text) of schema chunkd: what a
+-- migration drops is the difference before and after.
+SELECT 'FUNCTION' AS kind, p.oid::pg_catalog.regprocedure::text AS object
+FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname = 'chunkd'
+UNION ALL
+SELECT 'TABLE', c.oid::pg_catalog.regclass::text
+FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = 'chunkd' AND c.relkind = 'v';
+
+-- name: schema_grants
+-- The privileges roles other than the owner hold on chunkd's functions and views, so a
+-- definition dropped and created again (or replaced under a new signature) gets them back.
+SELECT 'FUNCTION' AS kind, p.oid::pg_catalog.regprocedure::text AS object,
+       r.rolname AS grantee, a.privilege_type AS privilege, a.is_grantable AS grantable
+FROM pg_catalog.pg_proc p
+JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+CROSS JOIN LATERAL pg_catalog.aclexplode(p.proacl) a
+JOIN pg_catalog.pg_roles r ON r.oid = a.grantee
+WHERE n.nspname = 'chunkd' AND a.grantee <> p.proowner
+UNION ALL
+SELECT 'TABLE', c.oid::pg_catalog.regclass::text, r.rolname, a.privilege_type, a.is_grantable
+FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+CROSS JOIN LATERAL pg_catalog.aclexplode(c.relacl) a
+JOIN pg_catalog.pg_roles r ON r.oid = a.grantee
+WHERE n.nspname = 'chunkd' AND c.relkind = 'v' AND a.grantee <> c.relowner;
+
+-- name: grant_statement
+-- A GRANT of one privilege ($1 kind FUNCTION or TABLE, $2 the object as the catalog prints
+-- it, $3 the privilege, $4 the role, $5 with grant option), quoted by the server.
+SELECT pg_catalog.format('GRANT %s ON %s %s TO %I%s', $3::text, $1::text, $2::text, $4::text,
+                         CASE WHEN $5::boolean THEN ' WITH GRANT OPTION' ELSE '' END);
+
+-- name: live_workers_of_other_versions
+-- Daemons that heartbeat within the last $2 seconds and run another chunkd version than $1.
+SELECT w.worker_id, w.version
+FROM chunkd.workers w
+WHERE w.version <> $1
+  AND w.last_heartbeat_at > pg_catalog.now() - pg_catalog.make_interval(secs => $2)
+ORDER BY w.version, w.worker_id;
+
 -- name: ping
 -- The listener's liveness check: a connection that died silently fails this.
 SELECT 1;

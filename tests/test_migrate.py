@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from chunkd.db import connect
-from chunkd.db.sql_files import migrations
+from chunkd.db.sql_files import definitions, migrations
 from chunkd.redact import redact_dsn
 
 
@@ -89,7 +89,11 @@ async def test_two_concurrent_migrate_processes_apply_the_schema_once(pg_server)
         assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
         outputs = sorted(r.stdout.strip() for r in results)
         everything = ", ".join(str(m.version) for m in migrations())
-        assert outputs == [f"applied migration(s) {everything}", "chunkd schema already current"]
+        n = len(definitions())
+        assert outputs == [
+            f"applied migration(s) {everything}\napplied the current definitions (all {n} files)",
+            "chunkd schema already current: nothing changed",
+        ]
         conn = await connect(dsn)
         try:
             rows = await conn.fetch("SELECT version FROM chunkd.schema_migrations")

@@ -201,13 +201,13 @@ async def test_upgrading_from_version_2_keeps_whoever_could_enqueue_enqueuing(
 ) -> None:
     conn = await connect(empty_database)
     try:
-        assert await apply_migrations(conn, up_to=2) == [1, 2]
+        assert (await apply_migrations(conn, up_to=2)).versions == [1, 2]
         await conn.execute(
             f"GRANT USAGE ON SCHEMA chunkd TO {role};"
             f" GRANT EXECUTE ON FUNCTION chunkd.create_sync_job(text, jsonb, jsonb, int, int, int)"
             f" TO {role}"
         )
-        assert await apply_migrations(conn) == [m.version for m in migrations()[2:]]
+        assert (await apply_migrations(conn)).versions == [m.version for m in migrations()[2:]]
         await conn.execute(f"SET ROLE {role}")
         job = await conn.fetchval("SELECT chunkd.create_sync_job('k', '[1]', dedupe_key => 'x')")
         assert (

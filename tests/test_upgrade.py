@@ -15,7 +15,7 @@ import asyncio
 import json
 import sys
 from collections import Counter
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -25,66 +25,12 @@ from chunkd.db import connect
 from chunkd.db.migrate import apply_migrations
 from chunkd.db.sql_files import migrations
 from sql_helpers import claim, complete, fail
-
-V1_WORKER = "oldhost:4242:abcdef"
+from upgrade_state import OLD_WORKER as V1_WORKER
+from upgrade_state import build_live_state
 
 
 async def _install_v1(conn: asyncpg.Connection) -> None:
-    assert await apply_migrations(conn, up_to=1) == [1]
-
-
-async def _job(conn: asyncpg.Connection, n: int, kind: str = "k", **options: Any) -> UUID:
-    return await conn.fetchval(
-        "SELECT chunkd.create_sync_job($1, $2::jsonb, $3::jsonb, $4, $5)",
-        kind,
-        json.dumps([{"n": i} for i in range(n)]),
-        json.dumps({"job": kind}),
-        options.get("max_concurrency"),
-        options.get("max_attempts", 3),
-    )
-
-
-async def _claim_job(conn: asyncpg.Connection, job: UUID, worker: str, n: int) -> list[Any]:
-    """Claims n chunks of one job (its kind is unique in this test)."""
-    kind = await conn.fetchval("SELECT kind FROM chunkd.sync_jobs WHERE id = $1", job)
-    return await claim(conn, worker, n, kinds=[kind])
-
-
-async def _build_v1_state(conn: asyncpg.Connection) -> dict[str, UUID]:
-    jobs = {
-        "pending": await _job(conn, 3, "pending"),
-        "retrying": await _job(conn, 1, "retrying"),
-        "leased": await _job(conn, 2, "leased"),
-        "expired": await _job(conn, 1, "expired", max_attempts=2),
-        "completed": await _job(conn, 2, "completed"),
-        "partial": await _job(conn, 2, "partial", max_attempts=1),
-        "cancelled": await _job(conn, 3, "cancelled"),
-        "limited": await _job(conn, 3, "limited", max_concurrency=1),
-        "retried": await _job(conn, 1, "retried", max_attempts=1),
-    }
-    (r,) = await _claim_job(conn, jobs["retrying"], V1_WORKER, 1)
-    assert await fail(conn, r["queue_id"], V1_WORKER, 1, "try later", retry_in=timedelta(hours=1))
-    await _claim_job(conn, jobs["leased"], V1_WORKER, 2)
-    await conn.fetch(
-        "SELECT * FROM chunkd.claim_next_chunk_job_safe($1, 1, '{expired}', '1 second')", "dead"
-    )
-    await conn.execute(
-        "UPDATE chunkd.chunk_processing_queue SET lease_expires_at = now() - interval '1 minute'"
-        " WHERE worker_id = 'dead'"
-    )
-    for r in await _claim_job(conn, jobs["completed"], V1_WORKER, 2):
-        assert await complete(conn, r["queue_id"], V1_WORKER, 1, {"seq": r["seq"]})
-    done, broken = await _claim_job(conn, jobs["partial"], V1_WORKER, 2)
-    assert await complete(conn, done["queue_id"], V1_WORKER, 1, {"ok": True})
-    assert await fail(conn, broken["queue_id"], V1_WORKER, 1, "broken page") == "failed"
-    await _claim_job(conn, jobs["cancelled"], V1_WORKER, 1)
-    assert await conn.fetchval("SELECT chunkd.cancel_sync_job($1)", jobs["cancelled"]) == 3
-    (first,) = await _claim_job(conn, jobs["limited"], V1_WORKER, 5)
-    assert first["seq"] == 0
-    (r,) = await _claim_job(conn, jobs["retried"], V1_WORKER, 1)
-    assert await fail(conn, r["queue_id"], V1_WORKER, 1, "gone", retryable=False) == "failed"
-    assert await conn.fetchval("SELECT chunkd.retry_failed_chunks($1)", jobs["retried"]) == 1
-    return jobs
+    assert (await apply_migrations(conn, up_to=1)).versions == [1]
 
 
 CHUNK_COLUMNS = (
@@ -127,7 +73,7 @@ async def test_live_v1_database_upgrades_to_v2_with_nothing_lost(empty_database:
     conn = await connect(empty_database)
     try:
         await _install_v1(conn)
-        jobs = await _build_v1_state(conn)
+        jobs = await build_live_state(conn, 1)
         chunks_before = await _chunks(conn)
         statuses_before = await _statuses(conn)
         events_before = await _events(conn)
@@ -140,7 +86,7 @@ async def test_live_v1_database_upgrades_to_v2_with_nothing_lost(empty_database:
             "cancelled",
         }
 
-        assert await apply_migrations(conn) == [m.version for m in migrations()][1:]
+        assert (await apply_migrations(conn)).versions == [m.version for m in migrations()][1:]
         upgraded_at = await conn.fetchval("SELECT now()")
 
         chunks_after = await _chunks(conn)

@@ -32,7 +32,7 @@ async def test_upgrade_from_version_2_keeps_work_and_grants(empty_database) -> N
             (True, 0),
         ]
 
-        assert await apply_migrations(conn, up_to=flow) == [flow]
+        assert (await apply_migrations(conn, up_to=flow)).versions == [flow]
 
         for function in (
             "create_sync_job(text, jsonb, jsonb, int, int, int, timestamptz, text, boolean, text,"

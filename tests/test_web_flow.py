@@ -221,7 +221,7 @@ async def test_upgrading_keeps_the_dashboard_role_working(empty_database) -> Non
             "GRANT EXECUTE ON FUNCTION chunkd.sync_jobs_page(text, text, int, int),"
             f" chunkd.queue_depth_by_kind() TO {role}"
         )
-        assert await apply_migrations(conn, up_to=web_flow) == [web_flow]
+        assert (await apply_migrations(conn, up_to=web_flow)).versions == [web_flow]
         privileges = await conn.fetchrow(
             "SELECT has_function_privilege($1, 'chunkd.job_flow(uuid)', 'EXECUTE') AS flow,"
             " has_function_privilege($1, 'chunkd.queue_depth_by_kind()', 'EXECUTE') AS depth,"

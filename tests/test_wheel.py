@@ -17,7 +17,7 @@ import pytest
 from chunkd import __version__
 
 ROOT = Path(__file__).resolve().parents[1]
-MIGRATIONS = len(list((ROOT / "sql").glob("[0-9][0-9][0-9][0-9]_*.sql")))
+MIGRATIONS = len(list((ROOT / "sql" / "migrations").glob("[0-9][0-9][0-9][0-9]_*.sql")))
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -54,8 +54,12 @@ def test_the_wheel_installs_and_runs_from_a_fresh_venv(empty_database: str, tmp_
     wheel = wheels[0]
 
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"chunkd/sql/0001_queue.sql", "chunkd/sql/queries.sql"} <= names
-    shipped_sql = {f"chunkd/sql/{p.name}" for p in (ROOT / "sql").glob("*.sql")}
+    assert {"chunkd/sql/migrations/0001_queue.sql", "chunkd/sql/queries.sql"} <= names
+    shipped_sql = {
+        f"chunkd/sql/{p.relative_to(ROOT / 'sql')}"
+        for p in (ROOT / "sql").rglob("*")
+        if p.suffix in (".sql", ".txt")
+    }
     assert shipped_sql <= names, shipped_sql - names
     web_files = {
         f"chunkd/{p.relative_to(ROOT / 'daemon' / 'chunkd').as_posix()}"
@@ -97,7 +101,7 @@ def test_the_wheel_installs_and_runs_from_a_fresh_venv(empty_database: str, tmp_
     package_file, sql_dir = (Path(line) for line in where.stdout.splitlines())
     for path in (package_file, sql_dir):
         assert path.resolve().is_relative_to(env_dir.resolve()), path
-    assert sql_dir.name == "sql" and (sql_dir / "0001_queue.sql").is_file()
+    assert sql_dir.name == "sql" and (sql_dir / "migrations" / "0001_queue.sql").is_file()
 
     chunkd = str(bin_dir / "chunkd")
     env["CHUNKD_DSN"] = empty_database

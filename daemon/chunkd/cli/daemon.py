@@ -30,6 +30,7 @@ def migrate(dsn: str, check: bool) -> None:
     """Install or upgrade the chunkd schema (safe to run concurrently and repeatedly)."""
     from chunkd.db import connect
     from chunkd.db.migrate import apply_migrations, check_version
+    from chunkd.db.sql_files import definitions
 
     async def go() -> None:
         conn = await connect(dsn)
@@ -37,12 +38,21 @@ def migrate(dsn: str, check: bool) -> None:
             if check:
                 state = await check_version(conn)
                 click.echo(f"chunkd schema is current (version {max(state.applied)})")
+                if state.newer_definitions:
+                    click.echo(
+                        f"its definitions come from chunkd {state.newer_definitions}, newer "
+                        "than this one: upgrade this chunkd"
+                    )
                 return
-            applied = await apply_migrations(conn)
-            if applied:
-                click.echo(f"applied migration(s) {', '.join(map(str, applied))}")
-            else:
-                click.echo("chunkd schema already current")
+            migrated = await apply_migrations(conn)
+            if migrated.versions:
+                click.echo(f"applied migration(s) {', '.join(map(str, migrated.versions))}")
+            if len(migrated.definitions) == len(definitions()):
+                click.echo(f"applied the current definitions (all {len(definitions())} files)")
+            elif migrated.definitions:
+                click.echo(f"applied definition(s) {', '.join(migrated.definitions)}")
+            if migrated.nothing:
+                click.echo("chunkd schema already current: nothing changed")
         finally:
             await conn.close()
 

@@ -1,8 +1,13 @@
-"""Applying the ordered SQL migrations, and checking the schema before the daemon starts.
+"""Applying the versioned migrations and the current definitions, and checking the schema
+before the daemon starts.
 
-Each migration runs in its own transaction, with ``search_path`` pinned to ``pg_catalog``; all
-of them run under one session advisory lock, so two ``chunkd migrate`` at once are safe: the
-second waits, then finds nothing to do. Before anything is written, :func:`apply_migrations`
+Each versioned migration (``sql/migrations/``) runs in its own transaction, with
+``search_path`` pinned to ``pg_catalog``; then the current definitions whose files changed are
+re-applied in one more (:mod:`chunkd.db.definitions`). All of it runs under one session
+advisory lock, so two ``chunkd migrate`` at once are safe: the second waits, then finds nothing
+to do. A step that drops a function or view while daemons of another chunkd version are alive
+is refused (a rolling upgrade: they may still call it). Before anything is written,
+:func:`apply_migrations`
 checks what would make it fail half-way or run someone else's code: a read-only database, a
 ``chunkd`` schema (or an object in it) owned by another role, no right to create the schema,
 a transaction pooler. :func:`check_schema` does the same for ``chunkd run``: the schema's
@@ -12,25 +17,50 @@ version, and every privilege the daemon's statements need.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from functools import cache
+from dataclasses import dataclass, replace
+from functools import cache, cmp_to_key
 from typing import TYPE_CHECKING
 
-from chunkd.db.connection import DatabaseError
+from chunkd.db.connection import DatabaseError, sqlstate
+from chunkd.db.definitions import (
+    Grant,
+    apply_definitions,
+    compare_versions,
+    grants_snapshot,
+    schema_objects,
+)
 from chunkd.db.server_errors import quote_role, read_only_message
-from chunkd.db.sql_files import migrations, queries
+from chunkd.db.sql_files import definitions, migrations, queries
 from chunkd.errors import ChunkdError, SchemaVersionError
+from chunkd.version import __version__
 
 if TYPE_CHECKING:
     import asyncpg
 
-__all__ = ["SchemaState", "apply_migrations", "check_schema", "check_version", "schema_state"]
+__all__ = [
+    "LIVE_WORKER_S",
+    "Migrated",
+    "SchemaState",
+    "apply_migrations",
+    "check_schema",
+    "check_version",
+    "schema_state",
+]
+
+#: A registered daemon whose last heartbeat is younger than this is taken to be running (it
+#: heartbeats every lease/3: 20 s at the default lease) when a migration would drop a function.
+LIVE_WORKER_S = 300.0
 
 
 @dataclass(frozen=True)
 class SchemaState:
+    """Versioned migrations applied and known; ``newer_definitions``: the chunkd version whose
+    definitions the database holds when it is newer than this one (a rolling upgrade is under
+    way: this process keeps working, but should be upgraded)."""
+
     applied: tuple[int, ...]
     known: tuple[int, ...]
+    newer_definitions: str | None = None
 
     @property
     def pending(self) -> tuple[int, ...]:
@@ -43,6 +73,19 @@ class SchemaState:
     @property
     def current(self) -> bool:
         return not self.pending and not self.unknown
+
+
+@dataclass(frozen=True)
+class Migrated:
+    """What one :func:`apply_migrations` call applied: versioned migrations by version, then
+    definition files by path (relative to ``sql/``)."""
+
+    versions: list[int]
+    definitions: tuple[str, ...] = ()
+
+    @property
+    def nothing(self) -> bool:
+        return not self.versions and not self.definitions
 
 
 async def _one_row(conn: asyncpg.Connection, query: str, *args: object) -> asyncpg.Record:
@@ -74,13 +117,17 @@ async def schema_state(conn: asyncpg.Connection) -> SchemaState:
     return SchemaState(applied=tuple(r["version"] for r in rows), known=known)
 
 
-async def apply_migrations(conn: asyncpg.Connection, *, up_to: int | None = None) -> list[int]:
-    """Applies what is missing (up to version ``up_to``, default all); returns the versions
-    applied by this call. ``up_to`` is for tests that build an older schema's state.
+async def apply_migrations(conn: asyncpg.Connection, *, up_to: int | None = None) -> Migrated:
+    """Applies the versioned migrations that are missing, then the definition files that
+    changed; returns what it applied.
+
+    ``up_to`` (for tests that build an older release's schema) stops after that version and
+    applies no definitions: the files hold the current release's, which may need later tables.
 
     Raises :class:`~chunkd.errors.SchemaVersionError` for a schema newer than this chunkd, and
     :class:`~chunkd.errors.ChunkdError` for anything that stops it before it writes (see the
-    module docstring) or a migration the server refused (nothing of that one is applied).
+    module docstring), a step the server refused (nothing of that step is applied), or a step
+    that would drop what running daemons of another version call.
     """
     if getattr(conn, "transaction_pooler", False):
         raise ChunkdError(
@@ -103,26 +150,65 @@ async def apply_migrations(conn: asyncpg.Connection, *, up_to: int | None = None
                 if not await _schema_exists(conn):
                     await conn.execute(q["migrate_create_schema"])
                 await conn.execute(q["migrate_bootstrap"])
+        grants = await grants_snapshot(conn)
         applied: list[int] = []
         for migration in migrations():
             if migration.version in state.applied:
                 continue
             if up_to is not None and migration.version > up_to:
-                break
+                return Migrated(applied)
+            step = f"migration {migration.version} ({migration.name})"
             try:
                 async with conn.transaction():
+                    before = await schema_objects(conn)
                     await conn.execute(q["pin_search_path"])
                     await conn.execute(migration.sql)
                     await conn.execute(q["record_version"], migration.version, migration.name)
+                    await _refuse_drops(conn, before, step)
             except DatabaseError as exc:
-                raise ChunkdError(
-                    f"migration {migration.version} ({migration.name}) failed: {exc}; "
-                    "nothing of it was applied"
-                ) from None
+                raise ChunkdError(f"{step} failed: {exc}; nothing of it was applied") from None
             applied.append(migration.version)
-        return applied
+        if up_to is not None and up_to < migrations()[-1].version:
+            return Migrated(applied)
+        return Migrated(applied, await _apply_definitions(conn, grants, preflight, bool(applied)))
     finally:
         await conn.execute(q["migrate_unlock"])
+
+
+async def _apply_definitions(
+    conn: asyncpg.Connection, grants: list[Grant], preflight: asyncpg.Record, migrated: bool
+) -> tuple[str, ...]:
+    try:
+        before = await schema_objects(conn)
+        async with conn.transaction():
+            applied = await apply_definitions(conn, grants, migrated=migrated)
+            await _refuse_drops(conn, before, "the current definitions")
+    except DatabaseError as exc:
+        if preflight["read_only"]:
+            raise ChunkdError(read_only_message(in_recovery=preflight["in_recovery"])) from None
+        raise ChunkdError(
+            f"applying the current definitions failed: {exc}; nothing of them was applied"
+        ) from None
+    return applied
+
+
+async def _refuse_drops(conn: asyncpg.Connection, before: set[tuple[str, str]], step: str) -> None:
+    """Raises (rolling the step back) when it dropped a function or view while daemons of
+    another chunkd version are alive: they may still call it."""
+    dropped = sorted(obj for _, obj in before - await schema_objects(conn))
+    if not dropped:
+        return
+    live = await conn.fetch(queries()["live_workers_of_other_versions"], __version__, LIVE_WORKER_S)
+    if not live:
+        return
+    versions = ", ".join(sorted({r["version"] for r in live}))
+    workers = ", ".join(r["worker_id"] for r in live[:5]) + (" ..." if len(live) > 5 else "")
+    raise ChunkdError(
+        f"{step} drops {dropped[0]}"
+        + (f" and {len(dropped) - 1} more" if len(dropped) > 1 else "")
+        + f", which running daemons of chunkd {versions} may call: stop them first ({workers}), "
+        "then run chunkd migrate again; nothing of it was applied"
+    )
 
 
 async def _schema_exists(conn: asyncpg.Connection) -> bool:
@@ -165,7 +251,14 @@ def _ahead_message(state: SchemaState) -> str:
 
 
 async def check_version(conn: asyncpg.Connection) -> SchemaState:
-    """Raises SchemaVersionError unless the schema is exactly what this chunkd knows."""
+    """Raises SchemaVersionError unless the schema is what this chunkd knows: every versioned
+    migration applied, none unknown, and the definitions this chunkd ships (or those of a newer
+    chunkd: then :attr:`SchemaState.newer_definitions` says which)."""
+    state = await _check_versions(conn)
+    return replace(state, newer_definitions=await _definitions_check(conn))
+
+
+async def _check_versions(conn: asyncpg.Connection) -> SchemaState:
     state = await schema_state(conn)
     if state.unknown:
         raise SchemaVersionError(_ahead_message(state))
@@ -177,6 +270,31 @@ async def check_version(conn: asyncpg.Connection) -> SchemaState:
             "run `chunkd migrate`"
         )
     return state
+
+
+async def _definitions_check(conn: asyncpg.Connection) -> str | None:
+    """None when the database holds this chunkd's definitions; the newer chunkd version whose
+    definitions it holds; raises SchemaVersionError when they are behind."""
+    try:
+        rows = await conn.fetch(queries()["definitions_applied"])
+    except DatabaseError as exc:
+        if sqlstate(exc) != "42883":  # undefined_function: never applied
+            raise
+        rows = []
+    recorded = {r["path"]: r for r in rows}
+    differ = [d.path for d in definitions() if d.path not in recorded
+              or recorded[d.path]["checksum"] != d.checksum]  # fmt: skip
+    if not differ:
+        return None
+    newer: list[str] = [recorded[p]["applied_by"] for p in differ if p in recorded
+             and compare_versions(recorded[p]["applied_by"], __version__) > 0]  # fmt: skip
+    if newer and len(newer) == len(differ):
+        return max(newer, key=cmp_to_key(compare_versions))
+    more = f" and {len(differ) - 1} more" if len(differ) > 1 else ""
+    raise SchemaVersionError(
+        f"the schema's definitions are behind this chunkd (sql/{differ[0]}{more} changed): "
+        "run `chunkd migrate`"
+    )
 
 
 @cache
@@ -192,13 +310,14 @@ def daemon_functions() -> tuple[str, ...]:
 
 
 async def check_schema(conn: asyncpg.Connection) -> SchemaState:
-    """``chunkd run``'s start-up check, before it writes anything: the schema's version
-    (:func:`check_version`), EXECUTE on every function the daemon calls, a writable database.
+    """``chunkd run``'s start-up check, before it writes anything: the schema's versions,
+    EXECUTE on every function the daemon calls, a writable database, then the definitions (as
+    :func:`check_version`).
 
     Raises :class:`~chunkd.errors.SchemaVersionError` or :class:`~chunkd.errors.ChunkdError`,
     one line naming what is missing.
     """
-    state = await check_version(conn)
+    state = await _check_versions(conn)
     found = await _one_row(conn, "daemon_preflight", list(daemon_functions()))
     missing: list[str] = list(found["not_executable"])
     if missing:
@@ -211,4 +330,4 @@ async def check_schema(conn: asyncpg.Connection) -> SchemaState:
         )
     if found["read_only"]:
         raise ChunkdError(read_only_message(in_recovery=found["in_recovery"]))
-    return state
+    return replace(state, newer_definitions=await _definitions_check(conn))

@@ -1,20 +1,46 @@
-"""Finding and parsing the SQL shipped with chunkd: ordered migrations and named queries.
+"""Finding and parsing the SQL shipped with chunkd: versioned migrations, current definitions
+and named queries.
 
-In a wheel the files live in ``chunkd/sql``; in an editable checkout they are read from the
-repository's top-level ``sql/`` directory, so both install modes use the same files.
+``sql/migrations/NNNN_name.sql`` change tables (forward only, each applied once);
+``sql/definitions.txt`` lists, in the order they are applied, the files that hold every
+function, view and trigger once, in its current form (re-applied when their checksum changes:
+:mod:`chunkd.db.migrate`). In a wheel the files live in ``chunkd/sql``; in an editable checkout
+they are read from the repository's top-level ``sql/`` directory, so both install modes use the
+same files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["Migration", "migrations", "queries", "sql_dir"]
+__all__ = [
+    "DefinedObject",
+    "Definition",
+    "GrantCarry",
+    "Migration",
+    "definitions",
+    "migrations",
+    "queries",
+    "sql_dir",
+]
 
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+# What a definitions file creates: `CREATE OR REPLACE FUNCTION chunkd.name(`, `... VIEW
+# chunkd.name`, `CREATE OR REPLACE TRIGGER name` / `CREATE CONSTRAINT TRIGGER name`, at the
+# start of a line (the files' own style; tests/test_sql_layout.py checks every object is found).
+_DEFINED = re.compile(
+    r"^CREATE (?:OR REPLACE )?(?:CONSTRAINT )?(FUNCTION|VIEW|TRIGGER) "
+    r"(?:chunkd\.)?([a-z_][a-z0-9_]*)",
+    re.MULTILINE,
+)
+# `-- carry grants: chunkd.old(args) -> chunkd.new(args)`: a function that replaces another
+# gets the EXECUTE grants the old one had when it is first created.
+_CARRY = re.compile(r"^-- carry grants: (chunkd\.\S+\(.*?\)) -> (chunkd\.\S+\(.*?\))\s*$", re.M)
 _QUERY_HEADER = re.compile(r"^-- name: ([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
 
 
@@ -23,6 +49,37 @@ class Migration:
     version: int
     name: str
     sql: str
+
+
+@dataclass(frozen=True)
+class DefinedObject:
+    """A function (all overloads of the name), view or trigger a definitions file creates."""
+
+    kind: str  # "function", "view" or "trigger"
+    name: str
+
+
+@dataclass(frozen=True)
+class GrantCarry:
+    """``old`` and ``new`` as ``regprocedure`` text: ``new`` inherits ``old``'s grants."""
+
+    old: str
+    new: str
+
+
+@dataclass(frozen=True)
+class Definition:
+    """One file of current definitions: its path under ``sql/`` and what it creates."""
+
+    path: str
+    sql: str
+    objects: tuple[DefinedObject, ...]
+    carries: tuple[GrantCarry, ...]
+
+    @property
+    def checksum(self) -> str:
+        """SHA-256 of the file's text, hex: what ``chunkd.schema_definitions`` records."""
+        return hashlib.sha256(self.sql.encode()).hexdigest()
 
 
 @cache
@@ -40,13 +97,53 @@ def sql_dir() -> Path:
 def migrations() -> tuple[Migration, ...]:
     """All migrations in version order; gaps or duplicate versions are a packaging bug."""
     found: list[Migration] = []
-    for path in sorted(sql_dir().glob("*.sql")):
+    for path in sorted((sql_dir() / "migrations").glob("*.sql")):
         match = _MIGRATION_NAME.match(path.name)
         if match:
             found.append(Migration(int(match[1]), match[2], path.read_text(encoding="utf-8")))
     versions = [m.version for m in found]
     if versions != list(range(1, len(found) + 1)):
         raise RuntimeError(f"chunkd migrations are not numbered 1..n without gaps: {versions}")
+    return tuple(found)
+
+
+@cache
+def definitions() -> tuple[Definition, ...]:
+    """The current definitions, in the order of ``sql/definitions.txt``.
+
+    Raises RuntimeError (a packaging bug) for a listed file that is missing, a file under
+    ``functions/``, ``views/`` or ``triggers/`` that is not listed, or an object defined twice.
+    """
+    base = sql_dir()
+    listed = [
+        line.strip()
+        for line in (base / "definitions.txt").read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    on_disk = {
+        str(p.relative_to(base))
+        for folder in ("functions", "views", "triggers")
+        for p in (base / folder).glob("*.sql")
+    }
+    if set(listed) != on_disk or len(listed) != len(on_disk):
+        raise RuntimeError(
+            f"sql/definitions.txt and the definition files differ: {sorted(set(listed) ^ on_disk)}"
+        )
+    found: list[Definition] = []
+    seen: dict[DefinedObject, str] = {}
+    for path in listed:
+        text = (base / path).read_text(encoding="utf-8")
+        objects = tuple(
+            dict.fromkeys(
+                DefinedObject(kind.lower(), name) for kind, name in _DEFINED.findall(text)
+            )
+        )
+        for obj in objects:
+            if obj in seen:
+                raise RuntimeError(f"{obj.kind} {obj.name} is defined in {seen[obj]} and {path}")
+            seen[obj] = path
+        carries = tuple(GrantCarry(old, new) for old, new in _CARRY.findall(text))
+        found.append(Definition(path, text, objects, carries))
     return tuple(found)
 
 

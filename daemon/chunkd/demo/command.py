@@ -141,8 +141,8 @@ async def _run_demo(
     try:
         conn = await connect(dsn, application_name="chunkd-demo")
         try:
-            applied = await apply_migrations(conn)
-            console.print(f"migrated: chunkd schema version(s) {applied}", markup=False)
+            migrated = await apply_migrations(conn)
+            console.print(f"migrated: chunkd schema version(s) {migrated.versions}", markup=False)
             result.labels = await _enqueue(conn, pages)
             console.print(
                 f"enqueued {len(result.labels)} mailbox-sync jobs: {pages} pages of "

@@ -1,0 +1,201 @@
+"""Applying the current definitions: every function, view and trigger, kept once in its current
+form (``sql/definitions.txt``), re-applied when its file changes.
+
+The pattern of Flyway's repeatable migrations and Sqitch's rework: what holds data changes
+forward only (versioned migrations, :mod:`chunkd.db.migrate`), code is kept as it is now. After
+the versioned migrations, :func:`apply_definitions` re-applies, in the manifest's order and in
+one transaction, each file whose SHA-256 differs from the one recorded in
+``chunkd.schema_definitions`` or that defines an object missing from the catalog, then records
+the checksums and a fingerprint of what the catalog holds (``chunkd doctor`` compares it with
+the catalog later, to find definitions changed by hand).
+
+Grants survive: privileges other roles held on a function or view before the migrate run are
+given back if a definition was dropped and created again, and a file may declare that a new
+function inherits an old one's grants (``-- carry grants: chunkd.old(...) -> chunkd.new(...)``),
+so an operator's worker role keeps working across a changed signature.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from chunkd.db.sql_files import Definition, definitions, queries
+from chunkd.version import __version__
+
+if TYPE_CHECKING:
+    import asyncpg
+
+__all__ = [
+    "DefinitionsState",
+    "Grant",
+    "apply_definitions",
+    "catalog_state",
+    "compare_versions",
+    "grants_snapshot",
+    "restore_grants",
+    "schema_objects",
+]
+
+
+@dataclass(frozen=True)
+class Grant:
+    """One privilege a role other than the owner holds on a function or a view."""
+
+    kind: str  # "FUNCTION" or "TABLE" (a view), as GRANT spells it
+    object: str  # as the catalog prints it: regprocedure or regclass text
+    grantee: str
+    privilege: str
+    grantable: bool
+
+
+@dataclass(frozen=True)
+class DefinitionsState:
+    """What the catalog holds of each definitions file, against what was recorded.
+
+    ``changed``: files whose checksum differs from the recorded one, or never recorded;
+    ``missing``: files with an object absent from the catalog; ``edited``: files whose catalog
+    fingerprint differs from the one recorded when they were applied (changed by hand).
+    """
+
+    changed: tuple[str, ...]
+    missing: tuple[str, ...]
+    edited: tuple[str, ...]
+    fingerprints: dict[str, str]
+
+    @property
+    def to_apply(self) -> tuple[str, ...]:
+        wanted = set(self.changed) | set(self.missing)
+        return tuple(d.path for d in definitions() if d.path in wanted)
+
+
+def compare_versions(a: str, b: str) -> int:
+    """-1, 0 or 1 as chunkd version ``a`` is older than, equal to or newer than ``b``
+    (numeric parts compared in order: ``0.10.0`` is newer than ``0.9.1``)."""
+    left = tuple(int(n) for n in re.findall(r"\d+", a))
+    right = tuple(int(n) for n in re.findall(r"\d+", b))
+    return (left > right) - (left < right)
+
+
+async def catalog_state(conn: asyncpg.Connection) -> DefinitionsState:
+    """Reads the recorded checksums and the catalog (as the schema's owner, after migrations)."""
+    q = queries()
+    files = definitions()
+    recorded = {r["path"]: r for r in await conn.fetch(q["definitions_recorded"])}
+    paths, kinds, names = [], [], []
+    for d in files:
+        for obj in d.objects:
+            paths.append(d.path)
+            kinds.append(obj.kind)
+            names.append(obj.name)
+    rows = await conn.fetch(q["definitions_catalog"], paths, kinds, names)
+    catalog = {r["path"]: r for r in rows}
+    changed = tuple(
+        d.path
+        for d in files
+        if d.path not in recorded or recorded[d.path]["checksum"] != d.checksum
+    )
+    missing = tuple(d.path for d in files if d.path in catalog and catalog[d.path]["missing"])
+    edited = tuple(
+        d.path
+        for d in files
+        if d.path in recorded
+        and d.path not in changed
+        and d.path in catalog
+        and recorded[d.path]["fingerprint"] != catalog[d.path]["fingerprint"]
+    )
+    fingerprints = {path: row["fingerprint"] for path, row in catalog.items()}
+    return DefinitionsState(changed, missing, edited, fingerprints)
+
+
+async def schema_objects(conn: asyncpg.Connection) -> set[tuple[str, str]]:
+    """(kind, object) of every function and view of schema chunkd (see :class:`Grant`)."""
+    return {(r["kind"], r["object"]) for r in await conn.fetch(queries()["schema_objects"])}
+
+
+async def grants_snapshot(conn: asyncpg.Connection) -> list[Grant]:
+    """Every privilege roles other than the owner hold on chunkd's functions and views."""
+    rows = await conn.fetch(queries()["schema_grants"])
+    return [Grant(*row) for row in rows]
+
+
+async def restore_grants(
+    conn: asyncpg.Connection, before: Iterable[Grant], carries: Iterable[tuple[str, str]]
+) -> int:
+    """Gives back what ``before`` held and the objects now lack (a definition dropped and
+    created again), and to each new function of ``carries`` (old, new) the grants the old one
+    had, if the new one did not exist before. Returns how many GRANTs it ran."""
+    before = list(before)
+    existed = {g.object for g in before}
+    now = {(g.kind, g.object, g.grantee, g.privilege) for g in await grants_snapshot(conn)}
+    objects = await schema_objects(conn)
+    wanted = list(before)
+    for old, new in carries:
+        if new not in existed:
+            wanted += [
+                Grant(g.kind, new, g.grantee, g.privilege, g.grantable)
+                for g in before
+                if g.object == old and g.kind == "FUNCTION"
+            ]
+    granted = 0
+    for g in wanted:
+        if (g.kind, g.object, g.grantee, g.privilege) in now:
+            continue
+        if (g.kind, g.object) not in objects:
+            continue  # dropped for good by a migration: nothing to give back
+        statement = await conn.fetchval(
+            queries()["grant_statement"], g.kind, g.object, g.privilege, g.grantee, g.grantable
+        )
+        await conn.execute(statement)
+        now.add((g.kind, g.object, g.grantee, g.privilege))
+        granted += 1
+    return granted
+
+
+async def apply_definitions(
+    conn: asyncpg.Connection, grants_before: Sequence[Grant], *, migrated: bool = False
+) -> tuple[str, ...]:
+    """Re-applies the definition files that changed or lost an object, inside the caller's
+    transaction (it holds the migrate lock; this pins ``search_path``); returns their paths, in
+    the order applied. ``grants_before``: :func:`grants_snapshot` taken before the versioned
+    migrations ran; ``migrated``: whether versioned migrations ran just before. Raises what the
+    server raised."""
+    q = queries()
+    await conn.execute(q["pin_search_path"])
+    state = await catalog_state(conn)
+    todo = [d for d in definitions() if d.path in state.to_apply]
+    for definition in todo:
+        await conn.execute(definition.sql)
+    if todo:
+        await conn.execute(q["revoke_public"])
+        await restore_grants(conn, grants_before, _carries(todo))
+    if todo or migrated:
+        # What the catalog holds now is what was shipped: record it (a versioned migration may
+        # have changed how an untouched definition reads). Otherwise write nothing: a hand edit
+        # stays visible to `chunkd doctor`, and a current read-only database stays untouched.
+        await _record(conn, todo, await catalog_state(conn))
+    return tuple(d.path for d in todo)
+
+
+def _carries(applied: Iterable[Definition]) -> list[tuple[str, str]]:
+    return [(c.old, c.new) for d in applied for c in d.carries]
+
+
+async def _record(
+    conn: asyncpg.Connection, applied: Sequence[Definition], after: DefinitionsState
+) -> None:
+    q = queries()
+    paths = [d.path for d in applied]
+    await conn.execute(
+        q["definitions_record"],
+        paths,
+        [d.checksum for d in applied],
+        [after.fingerprints[p] for p in paths],
+        __version__,
+    )
+    await conn.execute(
+        q["definitions_refingerprint"], list(after.fingerprints), list(after.fingerprints.values())
+    )
+    await conn.execute(q["definitions_forget"], [d.path for d in definitions()])

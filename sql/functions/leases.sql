@@ -1,0 +1,108 @@
+-- Leases and the workers registry: renewing what a worker still holds, handing chunks back on
+-- a graceful stop, registering, heartbeating and deregistering a daemon.
+
+-- Extends the leases the caller still holds; returns the ids it still holds (a chunk missing
+-- from the answer was reaped, cancelled or finished: its handler should stop).
+CREATE OR REPLACE FUNCTION chunkd.renew_leases(
+    worker_id text,
+    ids bigint[],
+    lease_s float8
+) RETURNS SETOF bigint
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+BEGIN ATOMIC
+    UPDATE chunkd.attempts a
+    SET lease_expires_at = now() + chunkd.seconds(renew_leases.lease_s)
+    WHERE a.chunk_id = ANY (renew_leases.ids) AND a.worker_id = renew_leases.worker_id
+      AND a.outcome IS NULL
+    RETURNING a.chunk_id;
+END;
+
+CREATE OR REPLACE FUNCTION chunkd.heartbeat_chunks(
+    worker_id text,
+    queue_ids uuid[],
+    lease interval
+) RETURNS int
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT count(*)::int
+    FROM chunkd.renew_leases(
+        heartbeat_chunks.worker_id,
+        ARRAY(SELECT c.id FROM chunkd.chunks c WHERE c.queue_id = ANY (heartbeat_chunks.queue_ids)),
+        chunkd.seconds_of(heartbeat_chunks.lease));
+END;
+
+-- Graceful stop: hand chunks back without spending the attempt they were claimed with.
+-- ids NULL = every chunk this worker holds (a stop that may have missed a claim's reply).
+CREATE OR REPLACE FUNCTION chunkd.release_attempts(
+    worker_id text,
+    ids bigint[] DEFAULT NULL
+) RETURNS int
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r_ids bigint[];
+    r_claims int[];
+    r_attempts int[];
+BEGIN
+    WITH released AS (
+        UPDATE chunkd.attempts a
+        SET ended_at = now(), outcome = 'released', final = false
+        WHERE a.worker_id = release_attempts.worker_id AND a.outcome IS NULL
+          AND a.ended_at IS NULL
+          AND (release_attempts.ids IS NULL OR a.chunk_id = ANY (release_attempts.ids))
+        RETURNING a.chunk_id, a.n, a.attempt
+    )
+    SELECT array_agg(r.chunk_id), array_agg(r.n), array_agg(r.attempt - 1)
+    INTO r_ids, r_claims, r_attempts
+    FROM released r;
+    IF r_ids IS NULL THEN
+        RETURN 0;
+    END IF;
+    PERFORM chunkd.requeue(r_ids, r_claims, r_attempts,
+                           array_fill(0::float8, ARRAY[cardinality(r_ids)]));
+    RETURN cardinality(r_ids);
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION chunkd.release_chunks(
+    worker_id text,
+    queue_ids uuid[]
+) RETURNS int
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT chunkd.release_attempts(
+        release_chunks.worker_id,
+        ARRAY(SELECT c.id FROM chunkd.chunks c WHERE c.queue_id = ANY (release_chunks.queue_ids)));
+END;
+
+CREATE OR REPLACE FUNCTION chunkd.register_worker(
+    worker_id text, host text, pid int, version text, kinds text[], concurrency int
+) RETURNS void
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    INSERT INTO chunkd.workers (worker_id, host, pid, version, kinds, concurrency)
+    VALUES (register_worker.worker_id, register_worker.host, register_worker.pid,
+            register_worker.version, register_worker.kinds, register_worker.concurrency)
+    ON CONFLICT (worker_id) DO UPDATE SET last_heartbeat_at = now();
+END;
+
+CREATE OR REPLACE FUNCTION chunkd.worker_heartbeat(worker_id text) RETURNS void
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    UPDATE chunkd.workers w SET last_heartbeat_at = now()
+    WHERE w.worker_id = worker_heartbeat.worker_id;
+END;
+
+CREATE OR REPLACE FUNCTION chunkd.deregister_worker(worker_id text) RETURNS void
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    DELETE FROM chunkd.workers w WHERE w.worker_id = deregister_worker.worker_id;
+END;

@@ -1,0 +1,227 @@
+-- Progress and monitoring, read-only: a job's progress, the queue's depth, and the pages of the
+-- dashboard (`chunkd web`). After the views: some read them.
+
+-- The seed's progress report of one job, as JSON (docs/sql-api.md lists its keys).
+-- total_is_final: false while the job is open, or while it grows by continuations and is not
+-- finished (any running chunk may append more); eta_seconds then covers the chunks known so far.
+CREATE OR REPLACE FUNCTION chunkd.get_sync_job_progress(sync_job_id uuid) RETURNS jsonb
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT jsonb_build_object(
+        'sync_job_id', s.parent_sync_job_id,
+        'kind', s.kind,
+        'total_chunks', s.total_chunks,
+        'pending_chunks', s.pending_chunks,
+        'processing_chunks', s.processing_chunks,
+        'completed_chunks', s.completed_chunks,
+        'failed_chunks', s.failed_chunks,
+        'cancelled_chunks', s.cancelled_chunks,
+        'overall_status', s.overall_status,
+        'progress_percentage', s.progress_percentage,
+        'created_at', s.created_at,
+        'started_at', s.started_at,
+        'finished_at', s.finished_at,
+        'run_at', s.run_at,
+        'chunks_per_second', r.chunks_per_second,
+        'eta_seconds', CASE
+            WHEN s.pending_chunks + s.processing_chunks = 0 AND NOT j.open THEN 0
+            WHEN r.chunks_per_second > 0
+            THEN round((s.pending_chunks + s.processing_chunks) / r.chunks_per_second, 1)
+        END,
+        'open', j.open,
+        'total_is_final', j.finished_at IS NOT NULL OR j.cancelled_at IS NOT NULL
+                          OR (NOT j.open AND j.appended_chunks = 0),
+        'appended_chunks', j.appended_chunks,
+        'on_finish_kind', j.on_finish_kind)
+    FROM chunkd.chunk_processing_status s
+    JOIN chunkd.jobs j ON j.public_id = s.parent_sync_job_id
+    CROSS JOIN LATERAL (
+        SELECT CASE WHEN s.started_at IS NULL THEN NULL
+                    ELSE round((s.completed_chunks + s.failed_chunks)::numeric
+                               / greatest(extract(epoch FROM
+                                   coalesce(s.finished_at, now()) - s.started_at), 0.001), 2)
+               END AS chunks_per_second
+    ) r
+    WHERE s.parent_sync_job_id = get_sync_job_progress.sync_job_id;
+END;
+
+-- Live queue depth for metrics: pending (due now and free to run), paused (due, held by a
+-- paused job or kind), throttled (due, under a rate limit or a concurrency key's limit: they
+-- run at its pace), scheduled (waiting for a retry's run_at) and processing. Reads only live
+-- rows, never the finished history.
+CREATE OR REPLACE FUNCTION chunkd.queue_depth()
+RETURNS TABLE (status text, chunks bigint)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    WITH paused_jobs AS (
+        SELECT j.id FROM chunkd.jobs j
+        WHERE j.paused_at IS NOT NULL AND j.finished_at IS NULL AND j.cancelled_at IS NULL
+    ), due AS (
+        SELECT CASE
+                   WHEN k.paused_at IS NOT NULL
+                        OR r.job_id = ANY (ARRAY(SELECT p.id FROM paused_jobs p))
+                   THEN 'paused'
+                   WHEN k.per_second IS NOT NULL
+                        OR (r.limited AND (j.max_per_second IS NOT NULL
+                                           OR EXISTS (SELECT 1 FROM chunkd.concurrency_limits l
+                                                      WHERE l.key = j.concurrency_key)))
+                   THEN 'throttled'
+                   ELSE 'pending'
+               END AS status
+        FROM chunkd.ready r
+        LEFT JOIN chunkd.kind_flow k ON k.kind = r.kind
+        LEFT JOIN chunkd.jobs j ON r.limited AND j.id = r.job_id
+    )
+    SELECT s.status, coalesce(n.chunks, 0)
+    FROM (VALUES (1, 'pending'), (2, 'paused'), (3, 'throttled')) AS s(o, status)
+    LEFT JOIN (SELECT d.status, count(*) AS chunks FROM due d GROUP BY d.status) n
+           ON n.status = s.status
+    UNION ALL
+    SELECT 'scheduled', count(*) FROM chunkd.scheduled
+    UNION ALL
+    SELECT 'processing', count(*) FROM chunkd.attempts a WHERE a.ended_at IS NULL;
+END;
+
+-- The live queue by job kind and status: pending (due now and free to run), paused (due, held
+-- by a paused job or kind), throttled (due, under a rate limit or a concurrency key's limit),
+-- scheduled (waiting for a retry or a later start), processing. Only pairs that have chunks.
+-- The same classification as queue_depth(): summed over the kinds, the two are equal.
+CREATE OR REPLACE FUNCTION chunkd.queue_depth_by_kind()
+RETURNS TABLE (kind text, status text, chunks bigint)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    WITH paused_jobs AS (
+        SELECT j.id FROM chunkd.jobs j
+        WHERE j.paused_at IS NOT NULL AND j.finished_at IS NULL AND j.cancelled_at IS NULL
+    ), due AS (
+        SELECT r.kind,
+               CASE
+                   WHEN k.paused_at IS NOT NULL
+                        OR r.job_id = ANY (ARRAY(SELECT p.id FROM paused_jobs p))
+                   THEN 'paused'
+                   WHEN k.per_second IS NOT NULL
+                        OR (r.limited AND (j.max_per_second IS NOT NULL
+                                           OR EXISTS (SELECT 1 FROM chunkd.concurrency_limits l
+                                                      WHERE l.key = j.concurrency_key)))
+                   THEN 'throttled'
+                   ELSE 'pending'
+               END AS status
+        FROM chunkd.ready r
+        LEFT JOIN chunkd.kind_flow k ON k.kind = r.kind
+        LEFT JOIN chunkd.jobs j ON r.limited AND j.id = r.job_id
+    )
+    SELECT d.kind, d.status, count(*) FROM due d GROUP BY d.kind, d.status
+    UNION ALL
+    SELECT s.kind, 'scheduled', count(*) FROM chunkd.scheduled s GROUP BY s.kind
+    UNION ALL
+    SELECT j.kind, 'processing', count(*)
+    FROM chunkd.attempts a JOIN chunkd.jobs j ON j.id = a.job_id
+    WHERE a.ended_at IS NULL
+    GROUP BY j.kind;
+END;
+
+CREATE OR REPLACE FUNCTION chunkd.sync_job_status_counts(kind text DEFAULT NULL)
+RETURNS TABLE (overall_status text, jobs bigint)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT chunkd.overall_status(j), count(*)
+    FROM chunkd.jobs j
+    WHERE sync_job_status_counts.kind IS NULL OR j.kind = sync_job_status_counts.kind
+    GROUP BY 1;
+END;
+
+CREATE OR REPLACE FUNCTION chunkd.sync_jobs_page(kind text DEFAULT NULL, status text DEFAULT NULL,
+                                      page_size int DEFAULT 50, skip int DEFAULT 0)
+RETURNS TABLE (parent_sync_job_id uuid, kind text, total_chunks int, pending_chunks int,
+               processing_chunks int, completed_chunks int, failed_chunks int,
+               cancelled_chunks int, overall_status text, progress_percentage numeric,
+               created_at timestamptz, started_at timestamptz, finished_at timestamptz,
+               run_at timestamptz)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    WITH page AS (
+        SELECT j.id, j.public_id, j.kind, j.total_chunks, j.completed_chunks, j.failed_chunks,
+               j.cancelled_chunks, j.created_at, j.started_at, j.finished_at, j.run_at,
+               chunkd.overall_status(j) AS overall_status
+        FROM chunkd.jobs j
+        WHERE (sync_jobs_page.kind IS NULL OR j.kind = sync_jobs_page.kind)
+          AND (sync_jobs_page.status IS NULL
+               OR chunkd.overall_status(j) = sync_jobs_page.status)
+        ORDER BY j.created_at DESC, j.public_id
+        LIMIT greatest(sync_jobs_page.page_size, 0) OFFSET greatest(sync_jobs_page.skip, 0)
+    ), running AS (
+        SELECT a.job_id, count(*)::int AS n
+        FROM chunkd.attempts a
+        WHERE a.ended_at IS NULL AND a.job_id IN (SELECT p.id FROM page p)
+        GROUP BY a.job_id
+    )
+    SELECT p.public_id, p.kind, p.total_chunks,
+           p.total_chunks - p.completed_chunks - p.failed_chunks - p.cancelled_chunks
+               - coalesce(r.n, 0),
+           coalesce(r.n, 0), p.completed_chunks, p.failed_chunks, p.cancelled_chunks,
+           p.overall_status,
+           coalesce(round((p.completed_chunks + p.failed_chunks + p.cancelled_chunks) * 100.0
+                          / nullif(p.total_chunks, 0), 2), 0),
+           p.created_at, p.started_at, p.finished_at, p.run_at
+    FROM page p LEFT JOIN running r ON r.job_id = p.id
+    ORDER BY p.created_at DESC, p.public_id;
+END;
+
+-- Chunks each worker holds now (open attempts), by worker id. Workers holding none are absent.
+CREATE OR REPLACE FUNCTION chunkd.in_flight_by_worker()
+RETURNS TABLE (worker_id text, chunks bigint)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT a.worker_id, count(*) FROM chunkd.attempts a
+    WHERE a.ended_at IS NULL
+    GROUP BY a.worker_id;
+END;
+
+-- Zero rows for an unknown job. Times by the database clock; tokens as flow_limits() reads them
+-- (whole tokens are chunks that may start now).
+CREATE OR REPLACE FUNCTION chunkd.job_flow(sync_job_id uuid)
+RETURNS TABLE (
+    paused_at timestamptz,         -- the job's own pause
+    max_per_second numeric,        -- the job's own rate
+    burst int,
+    tokens float8,
+    concurrency_key text,
+    key_max_concurrency int,       -- NULL: the key has no limit
+    key_processing bigint,         -- chunks of the key's unfinished jobs processing now
+    kind_paused_at timestamptz,
+    kind_per_second numeric,
+    kind_burst int,
+    kind_tokens float8
+)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT j.paused_at, j.max_per_second, r.burst::int,
+           CASE WHEN r.job_id IS NOT NULL
+                THEN chunkd.bucket_level(r.tokens, r.refilled_at, r.per_second, r.burst,
+                                         clock_timestamp())
+           END,
+           j.concurrency_key, l.max_concurrency,
+           -- A keyed job is `limited`: its open attempts are in attempts_open_limited.
+           CASE WHEN j.concurrency_key IS NOT NULL THEN
+               (SELECT count(*) FROM chunkd.jobs o
+                JOIN chunkd.attempts a ON a.job_id = o.id AND a.limited AND a.ended_at IS NULL
+                WHERE o.concurrency_key = j.concurrency_key AND o.finished_at IS NULL)
+           END,
+           k.paused_at, k.per_second, k.burst,
+           CASE WHEN k.per_second IS NOT NULL
+                THEN chunkd.bucket_level(k.tokens, k.refilled_at, k.per_second::float8, k.burst,
+                                         clock_timestamp())
+           END
+    FROM chunkd.jobs j
+    LEFT JOIN chunkd.job_rates r ON r.job_id = j.id
+    LEFT JOIN chunkd.concurrency_limits l ON l.key = j.concurrency_key
+    LEFT JOIN chunkd.kind_flow k ON k.kind = j.kind
+    WHERE j.public_id = job_flow.sync_job_id;
+END;

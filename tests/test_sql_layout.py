@@ -1,0 +1,223 @@
+"""The SQL layout: versioned migrations for tables only, every function, view and trigger once
+in its current definition, and `chunkd migrate` re-applying exactly the definitions that
+changed (docs/migrations.md)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+from catalog import first_difference, released_migration_files, schema_dump
+from chunkd.db import connect
+from chunkd.db.definitions import apply_definitions, grants_snapshot
+from chunkd.db.migrate import apply_migrations, check_version
+from chunkd.db.sql_files import definitions, migrations
+from chunkd.errors import SchemaVersionError
+
+# Databases in the field recorded these: the released files never change.
+RELEASED = {
+    "0001_queue.sql": "594f3b16be843338dff7f7ad12cd8980b6c548aa6a0990e65875ae3e9aeebba1",
+    "0002_storage_v2.sql": "c582373dd9ec70402e72530d6fa3716bf4ab0ce27fd2383f60c4ab49d78a1e70",
+    "0003_continuations.sql": "a49493b202c0e6f60ac8b87b2777654819812eb0b4b1650b7a8fbe67ae6cd6e7",
+    "0004_web.sql": "5adaafc40752d4641d7274f4fa3380d41bcb97b82a010dcc1c7063e2759858ec",
+    "0005_enqueue.sql": "dabe71b021f20f76e4eee2d0efa2ef846a695834bda85f33f900526f8273fa0c",
+    "0006_flow_control.sql": "7e55adfb397079d022ab72b527440afb9fa50ee19f9b5a109aa709ed979b82d1",
+    "0007_web_flow.sql": "0f43582a4b1b8b22561751693d2348394a756c12e9f1e9b82f2aabc5c3eb4c1a",
+    "0008_reap_report.sql": "80dd0835a500092888c71607b93eda21ba2b79a419b5ea457c402e04d3a6bba9",
+}
+# Created before any migration, with the version table it reads (sql/queries.sql bootstrap).
+BOOTSTRAP = {("function", "schema_versions")}
+# How the catalog prints a function (regprocedure text): chunkd.name(type,type[],...).
+_REGPROCEDURE = r"chunkd\.[a-z_0-9]+\((?:[a-z ]+(?:\[\])?(?:,[a-z ]+(?:\[\])?)*)?\)"
+_CREATES = re.compile(
+    r"^\s*CREATE\s+(?:OR\s+REPLACE\s+)?(?:CONSTRAINT\s+)?(FUNCTION|VIEW|TRIGGER)\s+"
+    r"(?:chunkd\.)?([a-z_][a-z0-9_]*)",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+
+def test_released_migrations_are_byte_identical() -> None:
+    found = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in released_migration_files()}
+    assert {name: found.get(name) for name in RELEASED} == RELEASED
+
+
+def test_no_function_view_or_trigger_is_created_by_a_migration_after_0008() -> None:
+    """A definition lives in one place: sql/functions, sql/views or sql/triggers."""
+    defined = {(o.kind, o.name) for d in definitions() for o in d.objects}
+    for migration in migrations():
+        if migration.version <= 8:
+            continue
+        created = {(k.lower(), n) for k, n in _CREATES.findall(migration.sql)}
+        assert not created, (
+            f"migration {migration.version} creates {sorted(created)}"
+            f"{' (also in the current definitions)' if created & defined else ''}: "
+            "functions, views and triggers belong in the current definitions"
+        )
+
+
+def test_a_definition_planted_in_a_later_migration_is_caught() -> None:
+    """The check above can fail: the same pattern finds a restated claim function."""
+    planted = "-- a restatement\nCREATE OR REPLACE FUNCTION chunkd.claim_chunks(worker text)"
+    assert {(k.lower(), n) for k, n in _CREATES.findall(planted)} == {("function", "claim_chunks")}
+
+
+async def test_every_function_view_and_trigger_is_in_exactly_one_definition(conn) -> None:
+    rows = await conn.fetch(
+        "SELECT 'function' AS kind, p.proname AS name FROM pg_proc p"
+        " JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'chunkd'"
+        " UNION SELECT 'view', c.relname FROM pg_class c"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'chunkd'"
+        " AND c.relkind = 'v'"
+        " UNION SELECT 'trigger', t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'chunkd'"
+        " AND NOT t.tgisinternal"
+    )
+    in_catalog = {(r["kind"], r["name"]) for r in rows} - BOOTSTRAP
+    listed = [(o.kind, o.name) for d in definitions() for o in d.objects]
+    assert len(listed) == len(set(listed)), "an object is defined in two files"
+    assert set(listed) == in_catalog
+
+
+async def test_definitions_recreate_the_same_catalog_from_nothing_in_manifest_order(
+    database,
+) -> None:
+    """The manifest's order is a dependency order: with every definition dropped, applying
+    the files in order rebuilds the catalog exactly (grants and owners included)."""
+    before = schema_dump(database.dsn)
+    conn = await connect(database.dsn)
+    try:
+        await conn.execute(
+            """
+            DO $$ DECLARE v text; f text; BEGIN
+              FOREACH v IN ARRAY (SELECT array_agg(c.relname::text) FROM pg_class c
+                                  JOIN pg_namespace n ON n.oid = c.relnamespace
+                                  WHERE n.nspname = 'chunkd' AND c.relkind = 'v') LOOP
+                EXECUTE format('DROP VIEW IF EXISTS chunkd.%I CASCADE', v);
+              END LOOP;
+              FOREACH f IN ARRAY (SELECT array_agg(p.oid::regprocedure::text) FROM pg_proc p
+                                  JOIN pg_namespace n ON n.oid = p.pronamespace
+                                  WHERE n.nspname = 'chunkd' AND p.proname <> 'schema_versions')
+              LOOP
+                EXECUTE format('DROP FUNCTION IF EXISTS %s CASCADE', f);
+              END LOOP;
+            END $$"""
+        )
+        assert (
+            await conn.fetchval(
+                "SELECT to_regprocedure('chunkd.claim_chunks(text,int,text[],float8)')"
+            )
+            is None
+        )
+        migrated = await apply_migrations(conn)
+        assert migrated.versions == []
+        assert migrated.definitions == tuple(d.path for d in definitions())
+    finally:
+        await conn.close()
+    after = schema_dump(database.dsn)
+    assert after == before, first_difference(before, after)
+
+
+def _migrate(dsn: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "chunkd.cli", "migrate", "--dsn", dsn],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+async def test_migrate_changes_nothing_when_current_and_applies_one_changed_file_alone(
+    database, conn
+) -> None:
+    unchanged = _migrate(database.dsn)
+    assert unchanged.returncode == 0, unchanged.stderr
+    assert unchanged.stdout.strip() == "chunkd schema already current: nothing changed"
+
+    # The file as last applied differs from the shipped one (as after an upgrade of chunkd).
+    await conn.execute(
+        "UPDATE chunkd.schema_definitions SET checksum = 'older' WHERE path = 'functions/claim.sql'"
+    )
+    with pytest.raises(SchemaVersionError, match=r"functions/claim\.sql changed\): run `chunkd"):
+        await check_version(conn)
+    changed = _migrate(database.dsn)
+    assert changed.returncode == 0, changed.stderr
+    assert changed.stdout.strip() == "applied definition(s) functions/claim.sql"
+    assert _migrate(database.dsn).stdout.strip().endswith("nothing changed")
+    assert (await check_version(conn)).newer_definitions is None
+
+    # A function dropped by hand is missing: its file is applied again, and only its file.
+    await conn.execute("DROP FUNCTION chunkd.queue_depth()")
+    restored = _migrate(database.dsn)
+    assert restored.stdout.strip() == "applied definition(s) functions/progress.sql"
+    assert await conn.fetchval("SELECT to_regprocedure('chunkd.queue_depth()')") is not None
+
+
+async def test_definitions_of_a_newer_chunkd_let_this_one_run_and_say_so(conn) -> None:
+    """A rolling upgrade: a newer chunkd migrated; this (older) daemon keeps running."""
+    await conn.execute(
+        "UPDATE chunkd.schema_definitions SET checksum = 'newer', applied_by = '99.0.0'"
+        " WHERE path = 'functions/outcomes.sql'"
+    )
+    assert (await check_version(conn)).newer_definitions == "99.0.0"
+
+
+async def test_a_role_with_only_the_worker_grants_can_check_the_definitions(conn) -> None:
+    """schema_definitions() inherits the grants of schema_versions() (a carried grant)."""
+    role = "chunkd_layout_worker"
+    await conn.execute(f"DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN")
+    try:
+        await conn.execute(f"GRANT USAGE ON SCHEMA chunkd TO {role}")
+        await conn.execute(f"GRANT EXECUTE ON FUNCTION chunkd.schema_versions() TO {role}")
+        await conn.execute("DROP FUNCTION chunkd.schema_definitions()")
+        migrated = await apply_migrations(conn)
+        assert migrated.definitions == ("functions/schema.sql",)
+        assert await conn.fetchval(
+            "SELECT has_function_privilege($1, 'chunkd.schema_definitions()', 'EXECUTE')", role
+        )
+        assert not await conn.fetchval(
+            "SELECT has_function_privilege('public', 'chunkd.schema_definitions()', 'EXECUTE')"
+        ), "nothing is granted to PUBLIC"
+        await conn.execute(f"SET ROLE {role}")
+        assert (await check_version(conn)).newer_definitions is None
+    finally:
+        await conn.execute("RESET ROLE")
+        await conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+async def test_a_view_dropped_and_created_again_gets_its_grants_back(conn) -> None:
+    """Dropping the view takes the function reading it along (CASCADE): both files are
+    applied again, and both keep the grants they had."""
+    role = "chunkd_layout_reader"
+    await conn.execute(f"DROP ROLE IF EXISTS {role}; CREATE ROLE {role}")
+    try:
+        await conn.execute(f"GRANT SELECT ON chunkd.chunk_processing_status TO {role}")
+        await conn.execute(
+            f"GRANT EXECUTE ON FUNCTION chunkd.get_sync_job_progress(uuid) TO {role}"
+        )
+        grants = await grants_snapshot(conn)
+        await conn.execute("DROP VIEW chunkd.chunk_processing_status CASCADE")
+        async with conn.transaction():
+            applied = await apply_definitions(conn, grants)
+        assert applied == ("views/contract.sql", "functions/progress.sql")
+        assert await conn.fetchval(
+            "SELECT has_table_privilege($1, 'chunkd.chunk_processing_status', 'SELECT')", role
+        )
+        assert await conn.fetchval(
+            "SELECT has_function_privilege($1, 'chunkd.get_sync_job_progress(uuid)', 'EXECUTE')",
+            role,
+        )
+    finally:
+        await conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+def test_every_carried_grant_names_functions_as_the_catalog_prints_them() -> None:
+    for d in definitions():
+        for carry in d.carries:
+            for name in (carry.old, carry.new):
+                assert re.fullmatch(
+                    r"chunkd\.[a-z_0-9]+\((?:[a-z ]+(?:\[\])?(?:,[a-z ]+(?:\[\])?)*)?\)", name
+                ), name

@@ -24,7 +24,19 @@ from uuid import UUID
 
 import orjson
 
-__all__ = ["Chunk", "Continue", "PermanentError", "RetryLater", "dumps_json", "loads_json"]
+__all__ = [
+    "MAX_RESULT_BYTES",
+    "Chunk",
+    "Continue",
+    "PermanentError",
+    "RetryLater",
+    "dumps_json",
+    "loads_json",
+]
+
+#: A queue row is not a blob store: a result whose JSON is longer fails its chunk with a clear
+#: error (the worker checks it; an ``exec:`` handler stops reading stdout past it).
+MAX_RESULT_BYTES = 1024 * 1024
 
 # A non-integer number token has a digit followed by '.', 'e' or 'E'; an integer of 19 digits
 # or more may not fit the 64 bits orjson reads exactly (it turns bigger ones into floats).

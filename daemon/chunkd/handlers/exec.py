@@ -5,15 +5,16 @@ is ``None``; a ``"$chunkd"`` key appends chunks, see :mod:`chunkd.handlers.reser
 (``EX_TEMPFAIL``, as in sysexits.h) is retryable, anything else, including death by a
 signal, fails the chunk at once.
 
-Each command runs in its own session, so when the daemon's per-chunk timeout cancels us we
-can SIGKILL the whole process group: a ``sh -c`` wrapper's children would otherwise outlive
-the chunk and keep working on data that is about to be retried.
+Each command runs in its own session and is read by :mod:`chunkd.handlers.process`: the
+outcome follows the command's exit (what is left of its process group is killed then, and at
+the daemon's per-chunk timeout), stdout is read up to the 1 MiB result limit (past it the chunk
+fails and the command is stopped) and stderr kept as a rolling tail for the error excerpt, so a
+command costs the daemon the same memory whatever it prints and a descendant holding its pipes
+never holds the chunk.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 import shlex
@@ -21,8 +22,9 @@ import signal
 from decimal import Decimal
 from typing import Any
 
-from chunkd.chunk import Chunk, PermanentError
+from chunkd.chunk import MAX_RESULT_BYTES, Chunk, PermanentError
 from chunkd.handlers import HandlerError
+from chunkd.handlers.process import StdoutLimitError, run_command
 from chunkd.handlers.reserved import continuation_of
 
 __all__ = ["EX_TEMPFAIL", "ExecHandler", "ExecRetryableError"]
@@ -31,9 +33,9 @@ __all__ = ["EX_TEMPFAIL", "ExecHandler", "ExecRetryableError"]
 EX_TEMPFAIL = 75
 
 _STDERR_EXCERPT_CHARS = 500
-# After SIGKILL the pipes close at once, unless a process escaped the group (setsid) while
-# holding them; never hang a cancellation on such a straggler.
-_REAP_TIMEOUT_S = 5.0
+# The bytes of stderr kept for the excerpt: 500 characters of up to 4 bytes, with room for
+# the whitespace the excerpt strips.
+_STDERR_TAIL_BYTES = 16 * 1024
 
 
 class ExecRetryableError(RuntimeError):
@@ -81,31 +83,6 @@ def _child_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
 
 
-def _kill_group(pgid: int) -> None:
-    # The group may already be gone (or, if its id was reused, not ours to signal).
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
-
-
-async def _feed_stdin(proc: asyncio.subprocess.Process, data: bytes) -> None:
-    """Writes the chunk to the child's stdin and closes it. A child that exits without reading
-    it all (``env``, ``true``) is not an error: asyncio's ``communicate`` ignores the
-    BrokenPipeError it then gets, but uvloop raises RuntimeError for a write to a pipe it has
-    already closed after the child's exit, which would fail the chunk."""
-    writer = proc.stdin
-    assert writer is not None  # started with stdin=PIPE
-    try:
-        writer.write(data)
-        await writer.drain()
-    except (BrokenPipeError, ConnectionResetError):
-        pass
-    except RuntimeError:
-        if not writer.is_closing():
-            raise
-    finally:
-        writer.close()
-
-
 class ExecHandler:
     """Runs ``command`` (split with :func:`shlex.split`, no shell) once per chunk."""
 
@@ -133,13 +110,12 @@ class ExecHandler:
         except (TypeError, ValueError) as exc:
             raise PermanentError(f"chunk is not JSON-serialisable: {exc}") from None
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *self.argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,
+            exited = await run_command(
+                self.argv,
+                stdin=stdin,
                 env=_child_env(),
+                stdout_limit=MAX_RESULT_BYTES,
+                stderr_tail=_STDERR_TAIL_BYTES,
             )
         except FileNotFoundError:
             raise PermanentError(f"exec handler command not found: {self.name!r}") from None
@@ -147,23 +123,16 @@ class ExecHandler:
             raise PermanentError(f"exec handler command not executable: {self.name!r}") from None
         except OSError as exc:  # e.g. EAGAIN/EMFILE/ENOMEM: the machine is busy, not the chunk
             raise ExecRetryableError(f"cannot start {self.name!r}: {exc}") from None
+        except StdoutLimitError:
+            raise PermanentError(
+                f"{self.name!r} wrote more than {MAX_RESULT_BYTES} bytes to stdout"
+                " (the 1 MiB result limit); the command was stopped"
+            ) from None
 
-        feeding = asyncio.ensure_future(_feed_stdin(proc, stdin))
-        try:
-            stdout, stderr = await proc.communicate()  # reads both pipes, waits for the exit
-            await feeding
-        except BaseException:
-            # Cancellation (the daemon's timeout) or anything unexpected: leave nothing behind.
-            feeding.cancel()
-            _kill_group(proc.pid)
-            await self._reap(proc)
-            raise
-
-        code = proc.returncode
-        assert code is not None  # communicate() waits for the exit
+        code = exited.returncode
         if code == 0:
-            return _parse_stdout(stdout)
-        excerpt = _stderr_excerpt(stderr)
+            return _parse_stdout(exited.stdout)
+        excerpt = _stderr_excerpt(exited.stderr_tail)
         if code == EX_TEMPFAIL:
             raise ExecRetryableError(f"{self.name!r} exited {code} (EX_TEMPFAIL): {excerpt}")
         if code < 0:
@@ -173,20 +142,3 @@ class ExecHandler:
                 signame = f"signal {-code}"
             raise PermanentError(f"{self.name!r} was killed by {signame}: {excerpt}")
         raise PermanentError(f"{self.name!r} exited {code}: {excerpt}")
-
-    async def _reap(self, proc: asyncio.subprocess.Process) -> None:
-        """Wait for the killed child so no zombie or open pipe transport is left behind.
-
-        Shielded so that a second cancellation cannot interrupt the reaping itself, and
-        bounded so that a straggler holding our pipes cannot block the caller forever.
-        """
-        waiter = asyncio.ensure_future(proc.wait())
-        try:
-            await asyncio.wait_for(asyncio.shield(waiter), _REAP_TIMEOUT_S)
-        except TimeoutError:
-            waiter.cancel()
-            # The child is dead but something outside its group still holds the pipes:
-            # close our ends so the transport does not leak (asyncio has no public hook).
-            transport = getattr(proc, "_transport", None)
-            if transport is not None:
-                transport.close()

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from chunkd.chunk import Continue, dumps_json
+from chunkd.chunk import MAX_RESULT_BYTES, Continue, dumps_json
 from chunkd.runtime.outcomes import Outcome
 
 __all__ = ["MAX_APPEND_BYTES", "continuation_outcome"]
 
 # create_sync_job's limit on a job's chunks, per call (jsonb as stored is about this size).
 MAX_APPEND_BYTES = 16 * 1024 * 1024
-MAX_RESULT_BYTES = 1024 * 1024
 
 
 def continuation_outcome(value: Continue) -> Outcome:

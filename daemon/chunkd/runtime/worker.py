@@ -16,7 +16,14 @@ from typing import Any
 
 import structlog
 
-from chunkd.chunk import Chunk, Continue, PermanentError, RetryLater, dumps_json
+from chunkd.chunk import (
+    MAX_RESULT_BYTES,
+    Chunk,
+    Continue,
+    PermanentError,
+    RetryLater,
+    dumps_json,
+)
 from chunkd.db import ClaimedRow
 from chunkd.handlers import Handler
 from chunkd.observability.metrics import Metrics
@@ -26,9 +33,6 @@ from chunkd.runtime.outcomes import Outcome, Outcomes, describe_exception
 __all__ = ["Worker"]
 
 log = structlog.get_logger("chunkd.runtime.worker")
-
-# A queue row is not a blob store: results above this fail the chunk with a clear error.
-MAX_RESULT_BYTES = 1024 * 1024
 
 
 class Worker:

@@ -23,6 +23,7 @@ from chunkd.errors import ChunkdError, SchemaVersionError
 
 if TYPE_CHECKING:
     import asyncpg
+    from asyncpg.pool import PoolConnectionProxy
 
 __all__ = ["SchemaState", "apply_migrations", "check_schema", "check_version", "schema_state"]
 
@@ -45,13 +46,15 @@ class SchemaState:
         return not self.pending and not self.unknown
 
 
-async def _one_row(conn: asyncpg.Connection, query: str, *args: object) -> asyncpg.Record:
+async def _one_row(
+    conn: asyncpg.Connection | PoolConnectionProxy, query: str, *args: object
+) -> asyncpg.Record:
     row = await conn.fetchrow(queries()[query], *args)
     assert row is not None  # these statements always return one row
     return row
 
 
-async def schema_state(conn: asyncpg.Connection) -> SchemaState:
+async def schema_state(conn: asyncpg.Connection | PoolConnectionProxy) -> SchemaState:
     """The versions applied and known; raises ChunkdError when this role cannot read them."""
     q = queries()
     known = tuple(m.version for m in migrations())

@@ -22,10 +22,11 @@ from chunkd.db import connect, validate_identifier
 from chunkd.db.migrate import apply_migrations
 from chunkd.version import __version__
 from daemon_helpers import CliRun, run_chunkd, wait_until
+from doc_snippets import blocks
 from pgbouncer import pgbouncer
 from resources import faketime_library, pgbouncer_binary
 from sql_helpers import create_job
-from test_security import WORKER_FUNCTIONS, dsn_as
+from test_security import SECURITY_PAGE, WORKER_FUNCTIONS, dsn_as
 
 Report = dict[str, Any]
 
@@ -171,7 +172,7 @@ async def test_a_role_missing_a_grant(conn, database, make_role) -> None:
     code, report = await doctor(dsn_as(database.dsn, worker))
     assert finding(report, "privileges")["level"] == "ok"
     assert finding(report, "privileges")["message"] == (
-        f"role {worker} can: run; not granted: enqueue, flow, web, web actions"
+        f"role {worker} can: run; not granted: enqueue, flow, web, web actions, doctor"
     )
     # What this role may not read is reported as such, never as an error.
     workers = finding(report, "workers")
@@ -260,7 +261,7 @@ async def test_dead_rows_autovacuum_does_not_remove(conn, database) -> None:
     code, report = await doctor(database.dsn)
     found = finding(report, "dead-tuples")
     assert code == 1 and found["level"] == "warning"
-    assert found["message"].startswith("chunkd.concurrency_limits has 5000 dead rows beside 0")
+    assert found["message"].startswith("chunkd.concurrency_limits has 5000 dead row(s) beside 0")
     assert "autovacuum is off for it" in found["message"]
     assert "RESET (autovacuum_enabled)" in found["advice"]
 
@@ -302,3 +303,42 @@ async def test_it_writes_nothing_and_runs_on_a_read_only_database(conn, database
     assert not_run == ["definitions"], report
     assert finding(report, "listen-notify")["level"] == "ok"
     assert code == 1 and finding(report, "workers")["level"] == "warning"  # no daemon runs
+
+
+async def test_the_documented_monitoring_role_sees_everything(conn, database) -> None:
+    """docs/security.md's chunkd_doctor role, as written there: every check runs, and what
+    it holds is one use of its own, not a role missing grants."""
+    (block,) = [b for b in blocks(SECURITY_PAGE) if "CREATE ROLE chunkd_doctor" in b.text]
+    role = validate_identifier(f"chunkd_doctor_{uuid.uuid4().hex[:8]}")
+    await conn.execute(block.text.replace("chunkd_doctor", role).replace("'...'", "NULL"))
+    try:
+        holder = await connect(database.dsn)  # another role's session in a transaction
+        try:
+            await holder.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+            await holder.fetchval("SELECT 1")
+            code, report = await doctor(dsn_as(database.dsn, role))
+        finally:
+            await holder.close()
+        assert [f["check"] for f in report["findings"] if not f["checked"]] == ["definitions"]
+        assert code == 1 and finding(report, "workers")["message"].startswith("no chunkd run")
+        assert finding(report, "privileges")["message"].startswith(f"role {role} can: doctor;")
+        oldest = finding(report, "xmin-horizon")["details"]["holders"][0]
+        assert oldest["visible"] is True and oldest["age_s"] is not None
+        assert finding(report, "idle-in-transaction")["level"] == "ok"
+    finally:
+        await conn.execute(f"DROP OWNED BY {role}")
+        await conn.execute(f"DROP ROLE {role}")
+
+
+async def test_an_unreachable_database_is_one_problem_without_the_password() -> None:
+    code, report = await doctor("postgresql://someone:s3cret-pw@127.0.0.1:9/app")
+    assert code == 2
+    (found,) = report["findings"]
+    assert found["check"] == "connection" and found["level"] == "problem"
+    assert found["message"].startswith("cannot connect to postgresql://someone:***@127.0.0.1:9/app")
+    assert "s3cret-pw" not in json.dumps(report)
+    bad = await asyncio.to_thread(
+        run_chunkd, "doctor", "--dsn", "postgresql://x@127.0.0.1:9/app", "--problem-age", "1s"
+    )
+    assert bad.code == 2
+    assert bad.one_error_line() == "--problem-age must not be below --warn-age"

@@ -61,11 +61,12 @@ class ReadinessChecks:
                 self._queue.schema_state(self._timeout_s), self._timeout_s
             )
         except (ChunkdError, *DATABASE_ERRORS) as exc:
-            error = (
-                f"no answer within {self._timeout_s:g} s"
-                if isinstance(exc, TimeoutError)
-                else first_line(exc)
-            )
+            if isinstance(exc, TimeoutError):
+                error = f"no answer within {self._timeout_s:g} s"
+            elif isinstance(exc, OSError):  # a new pool connection refused: no DSN in it
+                error = f"cannot connect: {first_line(exc)}"
+            else:
+                error = first_line(exc)
             return {
                 "database": {"ok": False, "error": error},
                 "schema": {"ok": False, "error": "not checked: the database did not answer"},

@@ -67,8 +67,8 @@ def _keys(need: Needs) -> list[tuple[str, str]]:
 
 @cache
 def role_needs() -> dict[str, Needs]:
-    """Each use (``run``, ``enqueue``, ``flow``, ``web``, ``web actions``) and what it
-    needs."""
+    """Each use (``run``, ``enqueue``, ``flow``, ``web``, ``web actions``, ``doctor``) and
+    what it needs."""
     web = queries("web.sql")
     pages = _scan([sql for name, sql in web.items() if name not in _WEB_ACTIONS])
     return {
@@ -78,6 +78,8 @@ def role_needs() -> dict[str, Needs]:
         # + schema_versions(): chunkd web checks the schema's version at start-up.
         "web": Needs(tuple(sorted({*pages.functions, "schema_versions"})), pages.relations),
         "web actions": _scan([web[name] for name in _WEB_ACTIONS]),
+        # chunkd doctor as a monitoring role: the registry, and the version for the schema.
+        "doctor": Needs(("schema_versions",), ("workers",)),
     }
 
 

@@ -45,7 +45,7 @@ def _last_vacuum(row: asyncpg.Record) -> str:
 
 def _describe(row: asyncpg.Record) -> str:
     return (
-        f"chunkd.{row['name']} has {row['dead']} dead rows beside {row['live']} live "
+        f"chunkd.{row['name']} has {row['dead']} dead row(s) beside {row['live']} live "
         f"(autovacuum starts at {row['autovacuum_at']:.0f}), {_last_vacuum(row)}"
     )
 

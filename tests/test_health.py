@@ -211,3 +211,18 @@ def test_probes_rules_on_a_controlled_clock() -> None:
     probes.set_phase("stopping")
     assert probes.healthz()[0] == 200
     assert probes.readyz()[1]["problems"] == ["stopping: no new work is claimed"]
+
+
+async def test_a_metrics_port_in_use_is_one_line(database, start) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        daemon = _daemon(start, port)
+        assert await daemon.wait(timeout_s=30) == 2
+    assert "Traceback" not in daemon.log_text()
+    lines = daemon.log_text().strip().splitlines()
+    assert lines[-1] == (
+        f"chunkd: error: cannot serve metrics on 0.0.0.0:{port} (--metrics-port): "
+        "Address already in use"
+    ), lines

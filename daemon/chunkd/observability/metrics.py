@@ -16,6 +16,8 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
+from chunkd.errors import ChunkdError
+
 if TYPE_CHECKING:
     from chunkd.observability.probes import Probes
 
@@ -95,8 +97,8 @@ class Metrics:
     def serve(self, port: int, addr: str = "0.0.0.0", *, probes: Probes | None = None) -> None:
         """Serves ``/metrics`` (and, given ``probes``, ``/healthz`` and ``/readyz``) from a
         daemon thread, so a busy event loop never delays a scrape or a probe, and a blocked
-        one is reported as such rather than by a timeout. Raises OSError when the port is
-        taken."""
+        one is reported as such rather than by a timeout. Raises ChunkdError when the port
+        cannot be had (taken, or a privileged one)."""
         app = make_wsgi_app(self.registry)
         if probes is not None:
             app = probes.wsgi(app)
@@ -109,7 +111,12 @@ class Metrics:
             address_family = family
 
         host = str(sockaddr[0])
-        server = make_server(host, port, app, Server, handler_class=_QuietHandler)
+        try:
+            server = make_server(host, port, app, Server, handler_class=_QuietHandler)
+        except OSError as exc:
+            raise ChunkdError(
+                f"cannot serve metrics on {addr}:{port} (--metrics-port): {exc.strerror or exc}"
+            ) from None
         threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
 
 

@@ -157,6 +157,7 @@ async def run_daemon(
                 pool.terminate()
     finally:
         stall_task.cancel()
+        await asyncio.gather(stall_task, return_exceptions=True)
         await registry.aclose()
         notifier.close()
 

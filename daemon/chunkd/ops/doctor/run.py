@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-import structlog
-
-from chunkd.db import DATABASE_ERRORS, connect
+from chunkd.db import DATABASE_ERRORS, DatabaseError, connect
 from chunkd.db.server_errors import describe_server_error
 from chunkd.db.sql_files import queries
 from chunkd.errors import ChunkdError
@@ -19,8 +17,6 @@ from chunkd.ops.doctor.context import Context, DoctorOptions
 from chunkd.ops.doctor.findings import Finding, Level, not_checked
 
 __all__ = ["CHECKS", "run_doctor"]
-
-log = structlog.get_logger("chunkd.ops.doctor")
 
 Check = Callable[[Context], Awaitable[Finding]]
 
@@ -49,7 +45,7 @@ async def _one(name: str, check: Check, read_only: bool, ctx: Context) -> Findin
     except ChunkdError as exc:
         return not_checked(name, str(exc))
     except DATABASE_ERRORS as exc:
-        if isinstance(exc, DATABASE_ERRORS[0]):  # a server error: said in one line
+        if isinstance(exc, DatabaseError):  # a server error: said in one line
             return not_checked(name, describe_server_error(exc, role=ctx.role))
         return not_checked(name, f"the connection failed: {str(exc) or type(exc).__name__}")
 

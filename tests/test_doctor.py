@@ -26,7 +26,7 @@ from doc_snippets import blocks
 from pgbouncer import pgbouncer
 from resources import faketime_library, pgbouncer_binary
 from sql_helpers import create_job
-from test_security import SECURITY_PAGE, WORKER_FUNCTIONS, dsn_as
+from test_security import ENQUEUE_FUNCTIONS, SECURITY_PAGE, WORKER_FUNCTIONS, dsn_as
 
 Report = dict[str, Any]
 
@@ -172,7 +172,7 @@ async def test_a_role_missing_a_grant(conn, database, make_role) -> None:
     code, report = await doctor(dsn_as(database.dsn, worker))
     assert finding(report, "privileges")["level"] == "ok"
     assert finding(report, "privileges")["message"] == (
-        f"role {worker} can: run; not granted: enqueue, flow, web, web actions, doctor"
+        f"role {worker} can: run; not granted: enqueue, client, flow, web, web actions, doctor"
     )
     # What this role may not read is reported as such, never as an error.
     workers = finding(report, "workers")
@@ -181,6 +181,15 @@ async def test_a_role_missing_a_grant(conn, database, make_role) -> None:
     idle = finding(report, "idle-in-transaction")  # this test's own session is another role's
     assert idle["level"] == "warning" and "hide their state and start" in idle["message"]
     assert idle["advice"] == f"GRANT pg_read_all_stats TO {worker}; shows them"
+
+    # docs/security.md's enqueue-only role, with the client's optional three: two whole uses,
+    # not a dashboard role missing grants (get_sync_job_progress is the dashboard's too).
+    extras = ["get_sync_job_progress(uuid)", "cancel_sync_job(uuid)", "retry_failed_chunks(uuid)"]
+    producer = await make_role(ENQUEUE_FUNCTIONS + extras)
+    code, report = await doctor(dsn_as(database.dsn, producer))
+    assert finding(report, "privileges")["message"].startswith(
+        f"role {producer} can: enqueue, client; not granted: run,"
+    )
 
     missing = next(s for s in WORKER_FUNCTIONS if s.startswith("reap_expired"))
     lacking = await make_role([s for s in WORKER_FUNCTIONS if s != missing])

@@ -67,13 +67,15 @@ def _keys(need: Needs) -> list[tuple[str, str]]:
 
 @cache
 def role_needs() -> dict[str, Needs]:
-    """Each use (``run``, ``enqueue``, ``flow``, ``web``, ``web actions``, ``doctor``) and
-    what it needs."""
+    """Each use (``run``, ``enqueue``, ``client``, ``flow``, ``web``, ``web actions``,
+    ``doctor``) and what it needs."""
     web = queries("web.sql")
     pages = _scan([sql for name, sql in web.items() if name not in _WEB_ACTIONS])
     return {
         "run": Needs(daemon_functions()),
         "enqueue": _scan([queries()[name] for name in _ENQUEUE_BLOCKS]),
+        # The Python client's every call: enqueueing, and progress, cancel, retry.
+        "client": _scan([sql for name, sql in queries().items() if name.startswith("client_")]),
         "flow": _scan([queries()[name] for name in _FLOW_BLOCKS]),
         # + schema_versions(): chunkd web checks the schema's version at start-up.
         "web": Needs(tuple(sorted({*pages.functions, "schema_versions"})), pages.relations),
@@ -148,7 +150,8 @@ def _grant(role: str, missing: list[tuple[str, str]]) -> str:
 
 async def privileges(ctx: Context) -> Finding:
     """What this role can do: each use it holds every grant of, and, for a use it holds only
-    some of (a missing grant), the GRANT that completes it (a problem)."""
+    some of (a missing grant), the GRANT that completes it (a problem). Grants a use shares
+    with one the role holds in full do not count as holding some of it."""
     role = ctx.role
     if ctx.who["owner"] is None:
         return not_checked("privileges", "no chunkd schema in this database", "run chunkd migrate")
@@ -179,11 +182,12 @@ async def privileges(ctx: Context) -> Finding:
         use: [k for k in _keys(need) if k in granted]  # absent ones: an older schema
         for use, need in needs.items()
     }
-    full = [use for use in needs if all(granted[k] for k in keys[use])]
+    uses = [use for use in needs if keys[use]]  # a use this schema has nothing of: skipped
+    full = [use for use in uses if all(granted[k] for k in keys[use])]
     covered = {k for use in full for k in keys[use]}
     partial: dict[str, list[tuple[str, str]]] = {}
     none = []
-    for use in needs:
+    for use in uses:
         if use in full:
             continue
         # Grants shared with a use the role holds in full (queue_depth() is both the

@@ -467,3 +467,140 @@ SELECT chunkd.cancel_sync_job($1::uuid);
 
 -- name: client_retry_failed
 SELECT chunkd.retry_failed_chunks($1::uuid);
+
+-- `chunkd doctor` (chunkd.ops.doctor): read-only, and each needs no privilege beyond
+-- connecting; what a role may not see is counted and reported, never an error.
+
+-- name: doctor_role
+-- Who this is and what it may see: superuser; member of the owner of schema chunkd (NULL: no
+-- schema); pg_read_all_stats (without it other roles' sessions show no state, start time or
+-- locks waited for); how many sessions of this database it cannot see into; the server.
+SELECT current_user AS role,
+       pg_catalog.current_database() AS database,
+       pg_catalog.current_setting('server_version') AS server_version,
+       pg_catalog.pg_is_in_recovery() AS in_recovery,
+       r.rolsuper AS superuser,
+       pg_catalog.pg_has_role(n.nspowner, 'USAGE') AS owner,
+       pg_catalog.pg_has_role('pg_read_all_stats'::pg_catalog.name, 'USAGE') AS read_all_stats,
+       (SELECT pg_catalog.count(*)::int
+        FROM pg_catalog.pg_stat_activity a
+        WHERE a.datname = pg_catalog.current_database()
+          AND a.pid <> pg_catalog.pg_backend_pid()
+          AND NOT coalesce(pg_catalog.pg_has_role(a.usesysid, 'USAGE'), false)
+          AND NOT pg_catalog.pg_has_role('pg_read_all_stats'::pg_catalog.name, 'USAGE')
+       ) AS hidden_sessions
+FROM pg_catalog.pg_roles r
+LEFT JOIN pg_catalog.pg_namespace n ON n.nspname = 'chunkd'
+WHERE r.rolname = current_user;
+
+-- name: doctor_xmin_holders
+-- What holds back the xmin horizon of this database (VACUUM keeps every row deleted after it),
+-- oldest first, at most $1: sessions (their snapshot or their transaction id), replication
+-- slots, prepared transactions. xid_age in transactions; age_s (seconds) where a start is
+-- known: a session's transaction (if this role may see it), a prepared transaction. visible:
+-- whether this role may see the session's state and start.
+SELECT h.holder, h.pid, h.name, h.role, h.application, h.state, h.active, h.visible,
+       h.xid_age, h.age_s
+FROM (
+    SELECT 'session' AS holder, a.pid, NULL::text AS name, a.usename::text AS role,
+           a.application_name AS application, a.state, NULL::boolean AS active,
+           (coalesce(pg_catalog.pg_has_role(a.usesysid, 'USAGE'), false)
+            OR pg_catalog.pg_has_role('pg_read_all_stats'::pg_catalog.name, 'USAGE')) AS visible,
+           GREATEST(pg_catalog.age(a.backend_xmin), pg_catalog.age(a.backend_xid)) AS xid_age,
+           extract(epoch FROM pg_catalog.now() - a.xact_start)::float8 AS age_s
+    FROM pg_catalog.pg_stat_activity a
+    WHERE a.pid <> pg_catalog.pg_backend_pid()
+      AND (a.datname = pg_catalog.current_database() OR a.datname IS NULL)
+      AND (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL)
+    UNION ALL
+    SELECT 'replication slot', s.active_pid, s.slot_name::text, NULL, s.plugin::text,
+           s.slot_type, s.active, true, pg_catalog.age(s.xmin), NULL
+    FROM pg_catalog.pg_replication_slots s
+    WHERE s.xmin IS NOT NULL
+    UNION ALL
+    SELECT 'prepared transaction', NULL, p.gid, p.owner::text, NULL, NULL, NULL, true,
+           pg_catalog.age(p.transaction),
+           extract(epoch FROM pg_catalog.now() - p.prepared)::float8
+    FROM pg_catalog.pg_prepared_xacts p
+    WHERE p.database = pg_catalog.current_database()
+) h
+ORDER BY h.xid_age DESC, h.age_s DESC NULLS LAST
+LIMIT $1;
+
+-- name: doctor_idle_in_transaction
+-- Sessions of this database idle inside a transaction for more than $1 seconds, longest
+-- first: the locks they hold on chunkd tables and views (not their indexes), and the sessions
+-- waiting for a lock they hold.
+SELECT a.pid, a.usename::text AS role, a.application_name AS application,
+       a.client_addr::text AS client, a.state,
+       extract(epoch FROM pg_catalog.now() - a.state_change)::float8 AS idle_s,
+       ARRAY(SELECT pg_catalog.format('%s (%s)', c.oid::pg_catalog.regclass, l.mode)
+             FROM pg_catalog.pg_locks l
+             JOIN pg_catalog.pg_class c ON c.oid = l.relation
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+             WHERE l.pid = a.pid AND l.granted AND n.nspname = 'chunkd'
+               AND c.relkind IN ('r', 'p', 'v', 'm')
+             ORDER BY 1) AS chunkd_locks,
+       ARRAY(SELECT w.pid
+             FROM pg_catalog.pg_stat_activity w
+             WHERE w.wait_event_type = 'Lock'
+               AND a.pid = ANY (pg_catalog.pg_blocking_pids(w.pid))
+             ORDER BY w.pid) AS blocking
+FROM pg_catalog.pg_stat_activity a
+WHERE a.datname = pg_catalog.current_database()
+  AND a.pid <> pg_catalog.pg_backend_pid()
+  AND a.state IN ('idle in transaction', 'idle in transaction (aborted)')
+  AND a.state_change < pg_catalog.now() - pg_catalog.make_interval(secs => $1)
+ORDER BY a.state_change;
+
+-- name: doctor_tables
+-- Each chunkd table: live and dead rows (the statistics collector's estimates), when it was
+-- last vacuumed, and the dead rows at which autovacuum starts on it (its own settings, or the
+-- server's); most dead rows first.
+SELECT s.relname::text AS name, s.n_live_tup AS live, s.n_dead_tup AS dead,
+       extract(epoch FROM pg_catalog.now() - s.last_autovacuum)::float8 AS autovacuum_s_ago,
+       extract(epoch FROM pg_catalog.now() - s.last_vacuum)::float8 AS vacuum_s_ago,
+       pg_catalog.current_setting('autovacuum')::bool
+           AND coalesce(o.enabled, true) AS autovacuum,
+       coalesce(o.threshold,
+                pg_catalog.current_setting('autovacuum_vacuum_threshold')::float8)
+       + coalesce(o.scale_factor,
+                  pg_catalog.current_setting('autovacuum_vacuum_scale_factor')::float8)
+         * GREATEST(c.reltuples, 0)::float8 AS autovacuum_at
+FROM pg_catalog.pg_stat_user_tables s
+JOIN pg_catalog.pg_class c ON c.oid = s.relid
+LEFT JOIN LATERAL (
+    SELECT pg_catalog.bool_and(t.option_value::bool)
+               FILTER (WHERE t.option_name = 'autovacuum_enabled') AS enabled,
+           pg_catalog.max(t.option_value::float8)
+               FILTER (WHERE t.option_name = 'autovacuum_vacuum_threshold') AS threshold,
+           pg_catalog.max(t.option_value::float8)
+               FILTER (WHERE t.option_name = 'autovacuum_vacuum_scale_factor') AS scale_factor
+    FROM pg_catalog.pg_options_to_table(c.reloptions) t
+) o ON true
+WHERE s.schemaname = 'chunkd'
+ORDER BY s.n_dead_tup DESC, s.relname;
+
+-- name: doctor_privileges
+-- Whether this role may execute each chunkd function named in $1 (every overload) and read
+-- each chunkd table or view named in $2; needs no privilege itself.
+SELECT 'function' AS kind, p.proname::text AS name,
+       p.oid::pg_catalog.regprocedure::text AS signature,
+       pg_catalog.has_function_privilege(p.oid, 'EXECUTE') AS granted
+FROM pg_catalog.pg_proc p
+JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname = 'chunkd' AND p.proname = ANY ($1::text[])
+UNION ALL
+SELECT 'relation', c.relname::text, c.oid::pg_catalog.regclass::text,
+       pg_catalog.has_table_privilege(c.oid, 'SELECT')
+FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = 'chunkd' AND c.relname = ANY ($2::text[])
+ORDER BY 1, 2, 3;
+
+-- name: doctor_notify
+-- The LISTEN/NOTIFY round trip: a channel of the doctor's own ($1), never the daemons'.
+SELECT pg_catalog.pg_notify($1, $2);
+
+-- name: doctor_clock
+SELECT pg_catalog.clock_timestamp();

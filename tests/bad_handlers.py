@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 from typing import Any
 
 from chunkd import Chunk
 
 __all__ = [
+    "blocks_loop",
     "echo",
     "hangs",
     "hides_timeout",
@@ -42,6 +44,13 @@ async def slow_echo(chunk: Chunk) -> dict[str, Any]:
     payload = chunk.payload if isinstance(chunk.payload, dict) else {}
     await asyncio.sleep(float(payload.get("sleep_s", 0)))
     return {"pid": os.getpid(), "attempt": chunk.attempt}
+
+
+async def blocks_loop(chunk: Chunk) -> dict[str, Any]:
+    """Blocks the whole event loop for ``payload["block_s"]`` seconds with ``time.sleep`` in an
+    ``async def``: the mistake ``/healthz`` and the stall detector exist to catch."""
+    time.sleep(float(chunk.payload["block_s"]))  # noqa: ASYNC251 - on purpose
+    return {"blocked_s": chunk.payload["block_s"]}
 
 
 async def raises(chunk: Chunk) -> None:

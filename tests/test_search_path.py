@@ -24,8 +24,9 @@ from sql_helpers import create_job, status_counts
 
 # SQL words followed by "(" that are syntax, not function calls.
 _SYNTAX = {
-    "and", "any", "array", "as", "coalesce", "exists", "extract", "from", "in", "join", "not",
-    "on", "or", "over", "select", "then", "values", "when", "where", "with",
+    "and", "any", "array", "as", "coalesce", "exists", "extract", "filter", "from", "greatest",
+    "in", "join", "lateral", "not", "on", "or", "over", "select", "then", "values", "when",
+    "where", "with",
 }  # fmt: skip
 
 

@@ -77,6 +77,8 @@ class RunSettings:
     schedule_interval_s: float = 5.0
     # Tests only: a file holding the schedule clock's time (ISO 8601), instead of the database's.
     schedule_clock_file: str | None = None
+    # An event loop that does not run for longer is stalled: logged, and /healthz says so.
+    stall_threshold_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -86,6 +88,8 @@ class RunSettings:
         for name in ("reap_interval_s", "poll_interval_s", "chunk_timeout_s", "metrics_interval_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name[:-2].replace('_', '-')} must be positive")
+        if self.stall_threshold_s < 0.5:
+            raise ValueError("--stall-threshold must be at least 500ms (checked every 250ms)")
         if self.progress_interval_s < 0:
             raise ValueError("--progress-interval must not be negative (0 turns it off)")
         if self.retry_cap_s < self.retry_base_s:
@@ -112,4 +116,5 @@ class RunSettings:
             "progress_interval_s": self.progress_interval_s,
             "http_headers": sorted(self.http_headers),
             "schedule_interval_s": self.schedule_interval_s,
+            "stall_threshold_s": self.stall_threshold_s,
         }

@@ -2,8 +2,8 @@
 that reads argv and the environment, sets up logging, or installs signal handlers; one module
 per group of commands (:mod:`~chunkd.cli.daemon`, :mod:`~chunkd.cli.jobs`,
 :mod:`~chunkd.cli.growing`, :mod:`~chunkd.cli.schedules`, :mod:`~chunkd.cli.flow`,
-:mod:`~chunkd.cli.maintenance`, :mod:`~chunkd.cli.web`), shared option types in
-:mod:`~chunkd.cli.options`.
+:mod:`~chunkd.cli.maintenance`, :mod:`~chunkd.cli.doctor`, :mod:`~chunkd.cli.web`), shared
+option types in :mod:`~chunkd.cli.options`.
 
 A user mistake (bad option, bad DSN, unknown handler, wrong schema) is one line on stderr and
 exit code 2, never a traceback.
@@ -54,6 +54,7 @@ def cli(log_format: LogFormat, log_level: str) -> None:
 
 def _register_commands() -> None:
     from chunkd.cli.daemon import migrate, run
+    from chunkd.cli.doctor import doctor
     from chunkd.cli.flow import limit, pause, resume
     from chunkd.cli.growing import append, close, wait
     from chunkd.cli.jobs import cancel, enqueue, retry, status
@@ -64,7 +65,7 @@ def _register_commands() -> None:
 
     for command in (
         migrate, run, enqueue, append, close, status, wait, retry, cancel, pause, resume, limit,
-        schedule, reap, purge, workers, web, demo,
+        schedule, reap, purge, workers, doctor, web, demo,
     ):  # fmt: skip
         cli.add_command(command)
 

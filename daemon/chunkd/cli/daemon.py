@@ -151,7 +151,17 @@ def _fail_line(message: str, code: int) -> int:
     type=click.IntRange(min=1, max=65535),
     default=None,
     envvar="CHUNKD_METRICS_PORT",
-    help="Serve Prometheus metrics on this port.  [env: CHUNKD_METRICS_PORT]",
+    help="Serve Prometheus metrics (/metrics) and the probes /healthz and /readyz on this "
+    "port.  [env: CHUNKD_METRICS_PORT]",
+)
+@click.option(
+    "--stall-threshold",
+    type=DURATION,
+    default="1s",
+    show_default=True,
+    envvar="CHUNKD_STALL_THRESHOLD",
+    help="An event loop blocked longer is stalled: logged as event_loop.stalled, and "
+    "/healthz answers 503 while it lasts.  [env: CHUNKD_STALL_THRESHOLD]",
 )
 @click.option(
     "--metrics-interval",
@@ -205,6 +215,7 @@ def run(
     retry_base: float,
     retry_cap: float,
     metrics_port: int | None,
+    stall_threshold: float,
     metrics_interval: float,
     progress_interval: float,
     http_headers: tuple[str, ...],
@@ -232,6 +243,7 @@ def run(
             retry_base_s=retry_base,
             retry_cap_s=retry_cap,
             metrics_port=metrics_port,
+            stall_threshold_s=stall_threshold,
             metrics_interval_s=metrics_interval,
             progress_interval_s=progress_interval,
             http_headers=headers,

@@ -32,6 +32,7 @@ __all__ = [
     "TRANSIENT_ERRORS",
     "Connection",
     "DatabaseError",
+    "backend_pid",
     "connect",
     "create_pool",
     "idle_session_timeout_s",
@@ -189,7 +190,9 @@ def _refused_startup_parameter(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.PostgresError) and "startup parameter" in str(exc)
 
 
-async def _backend_pid(conn: asyncpg.Connection, timeout_s: float) -> int:
+async def backend_pid(conn: asyncpg.Connection, timeout_s: float) -> int:
+    """The server process id a statement on ``conn`` runs on, through the simple query
+    protocol; through a pooler it differs from ``conn.get_server_pid()`` (the pooler's own)."""
     # COPY goes through the simple query protocol: no prepared statement (named or not) is
     # left on a server connection that a transaction pooler may hand to someone else.
     out = bytearray()
@@ -240,7 +243,7 @@ async def _route_and_connect(
         return conn, _DIRECT
     # auto: a pooler announces a backend pid of its own (its cancel key), not the server's.
     try:
-        behind_pooler = await _backend_pid(conn, timeout_s) != conn.get_server_pid()
+        behind_pooler = await backend_pid(conn, timeout_s) != conn.get_server_pid()
     except asyncpg.PostgresError as exc:
         # Something between us and the server refused even that: play safe.
         log.debug("db.pooler_probe_failed", error=str(exc))

@@ -65,6 +65,7 @@ class Listener:
         self._max_backoff_s = max_backoff_s
         self._pooler_poll_interval_s = pooler_poll_interval_s
         self.connection: asyncpg.Connection | None = None
+        self.listening = False  # True while LISTEN is in effect on a live connection
         self.polling = False  # True once LISTEN turned out to be unavailable
 
     def _callback(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
@@ -113,6 +114,7 @@ class Listener:
         try:
             interval_s = await self._ping_interval(conn)
             await conn.add_listener(self._channel, self._callback)
+            self.listening = True
             log.info("listener.connected", channel=self._channel, ping_interval_s=interval_s)
             await self._on_connected()
             while not lost.is_set():
@@ -122,6 +124,7 @@ class Listener:
                     await conn.fetchval(queries()["ping"], timeout=self._ping_interval_s)
             raise ConnectionResetError("listener connection closed")
         finally:
+            self.listening = False
             self.connection = None
             conn.terminate()
 

@@ -36,6 +36,7 @@ from chunkd.version import __version__
 
 if TYPE_CHECKING:
     import asyncpg
+    from asyncpg.pool import PoolConnectionProxy
 
 __all__ = [
     "LIVE_WORKER_S",
@@ -88,13 +89,15 @@ class Migrated:
         return not self.versions and not self.definitions
 
 
-async def _one_row(conn: asyncpg.Connection, query: str, *args: object) -> asyncpg.Record:
+async def _one_row(
+    conn: asyncpg.Connection | PoolConnectionProxy, query: str, *args: object
+) -> asyncpg.Record:
     row = await conn.fetchrow(queries()[query], *args)
     assert row is not None  # these statements always return one row
     return row
 
 
-async def schema_state(conn: asyncpg.Connection) -> SchemaState:
+async def schema_state(conn: asyncpg.Connection | PoolConnectionProxy) -> SchemaState:
     """The versions applied and known; raises ChunkdError when this role cannot read them."""
     q = queries()
     known = tuple(m.version for m in migrations())
@@ -301,10 +304,10 @@ async def _definitions_check(conn: asyncpg.Connection) -> str | None:
 def daemon_functions() -> tuple[str, ...]:
     """The chunkd functions the daemon's statements call: every named block of
     ``sql/queries.sql`` except the operator commands (``ops_``), the Python client's
-    (``client_``) and ``migrate_``."""
+    (``client_``), ``migrate_`` and ``chunkd doctor``'s (``doctor_``)."""
     names: set[str] = set()
     for name, sql in queries().items():
-        if not name.startswith(("ops_", "client_", "migrate_")):
+        if not name.startswith(("ops_", "client_", "migrate_", "doctor_")):
             names.update(re.findall(r"\bchunkd\.([a-z_][a-z0-9_]*)\(", sql))
     return tuple(sorted(names))
 

@@ -9,6 +9,7 @@ from uuid import UUID
 
 import asyncpg
 
+from chunkd.db.migrate import SchemaState, schema_state
 from chunkd.db.schedules import ScheduleStore
 from chunkd.db.sql_files import queries
 
@@ -195,6 +196,12 @@ class Queue:
 
     async def worker_heartbeat(self, worker_id: str) -> None:
         await self._pool.execute(self._q["worker_heartbeat"], worker_id)
+
+    async def schema_state(self, timeout_s: float) -> SchemaState:
+        """The schema versions applied and known (``/readyz``); a connection waited for at most
+        ``timeout_s`` seconds. Raises ChunkdError when this role cannot read them."""
+        async with self._pool.acquire(timeout=timeout_s) as conn:
+            return await schema_state(conn)
 
     async def queue_depth(self) -> dict[str, int]:
         rows = await self._pool.fetch(self._q["queue_depth"])

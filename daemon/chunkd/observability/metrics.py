@@ -8,7 +8,18 @@ explode in cardinality; job and chunk ids are never labels (they belong in the l
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import socket
+import threading
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+
+from chunkd.errors import ChunkdError
+
+if TYPE_CHECKING:
+    from chunkd.observability.probes import Probes
 
 __all__ = ["HANDLER_BUCKETS_S", "Metrics"]
 
@@ -83,7 +94,34 @@ class Metrics:
             registry=r,
         )
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
-        """Serves ``/metrics`` from a daemon thread, so a busy event loop never delays a scrape
-        (and a blocked one is caught by the systemd watchdog, not by scrape timeouts)."""
-        start_http_server(port, addr=addr, registry=self.registry)
+    def serve(self, port: int, addr: str = "0.0.0.0", *, probes: Probes | None = None) -> None:
+        """Serves ``/metrics`` (and, given ``probes``, ``/healthz`` and ``/readyz``) from a
+        daemon thread, so a busy event loop never delays a scrape or a probe, and a blocked
+        one is reported as such rather than by a timeout. Raises ChunkdError when the port
+        cannot be had (taken, or a privileged one)."""
+        app = make_wsgi_app(self.registry)
+        if probes is not None:
+            app = probes.wsgi(app)
+        # As prometheus_client.start_wsgi_server does: the address family the address needs.
+        family, _, _, _, sockaddr = socket.getaddrinfo(
+            addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+
+        class Server(ThreadingWSGIServer):
+            address_family = family
+
+        host = str(sockaddr[0])
+        try:
+            server = make_server(host, port, app, Server, handler_class=_QuietHandler)
+        except OSError as exc:
+            raise ChunkdError(
+                f"cannot serve metrics on {addr}:{port} (--metrics-port): {exc.strerror or exc}"
+            ) from None
+        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log on stderr: probes every few seconds would flood the journal."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass

@@ -1,10 +1,12 @@
 """One ``chunkd run`` process: starts the tasks, restarts any that dies, and stops gracefully.
 
 Tasks: the LISTEN connection, the claim loop, the outcome writers, heartbeats, the reaper,
-the safety poll, the stall detector, and the systemd notifier. Each chunk runs in a task of its
-own, bounded by ``--concurrency`` slots. Stopping (:mod:`chunkd.runtime.stop`): no new claims,
-in-flight chunks get ``--shutdown-timeout`` to finish, outcomes already produced are written,
-the rest is released without spending an attempt, and the worker row is removed.
+the safety poll, the stall detector, the readiness checks (``/readyz``), and the systemd
+notifier; each task's state and the stall detector's ticks feed ``/healthz``. Each chunk runs
+in a task of its own, bounded by ``--concurrency`` slots. Stopping
+(:mod:`chunkd.runtime.stop`): no new claims, in-flight chunks get ``--shutdown-timeout`` to
+finish, outcomes already produced are written, the rest is released without spending an
+attempt, and the worker row is removed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import structlog
@@ -32,6 +35,7 @@ from chunkd.db.migrate import check_schema
 from chunkd.errors import ServerNotReadyError
 from chunkd.handlers import HandlerRegistry
 from chunkd.observability.metrics import Metrics
+from chunkd.observability.probes import Probes
 from chunkd.observability.sdnotify import Notifier
 from chunkd.runtime.claimer import Claimer
 from chunkd.runtime.health import DatabaseHealth
@@ -39,6 +43,7 @@ from chunkd.runtime.heartbeat import Heartbeat
 from chunkd.runtime.inflight import InFlight
 from chunkd.runtime.outcomes import Outcomes
 from chunkd.runtime.progress import Progress
+from chunkd.runtime.readiness import STALE_AFTER_S, ReadinessChecks
 from chunkd.runtime.reaper import Reaper
 from chunkd.runtime.schedules import Scheduler, file_clock
 from chunkd.runtime.stall import StallDetector
@@ -65,16 +70,20 @@ def make_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
-async def _supervise(name: str, run: Callable[[], Awaitable[None]]) -> None:
-    """Keeps one long-running task alive: a crash is logged with its reason and restarted."""
+async def _supervise(name: str, run: Callable[[], Awaitable[None]], probes: Probes) -> None:
+    """Keeps one long-running task alive: a crash is logged with its reason and restarted.
+    Its state goes to ``probes`` (``/healthz``)."""
     while True:
+        probes.task_state(name, "running")
         try:
             await run()
+            probes.task_state(name, "ended")
             return  # a deliberate end (the claimer returns once stopped)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("task.crashed", task=name, restart_in_s=RESTART_DELAY_S)
+            probes.task_state(name, "restarting")
         await asyncio.sleep(RESTART_DELAY_S)
 
 
@@ -110,23 +119,56 @@ async def run_daemon(
     notifier: Notifier | None = None,
     metrics: Metrics | None = None,
 ) -> None:
-    """Runs until ``stop`` is set, then shuts down gracefully and returns."""
+    """Runs until ``stop`` is set, then shuts down gracefully and returns.
+
+    With ``settings.metrics_port``, ``/metrics``, ``/healthz`` and ``/readyz`` are served from
+    the start (``/readyz`` says "starting" while the database is waited for).
+    """
     notifier = notifier or Notifier()
     metrics = metrics or Metrics()
-    deadline = time.monotonic() + STARTUP_WAIT_S
-    await _when_ready("schema check", lambda: _check_schema(settings.dsn), deadline)
-    pool = await _when_ready(
-        "pool", lambda: create_pool(settings.dsn, size=min(settings.concurrency, 8) + 4), deadline
+    worker_id = make_worker_id()
+    probes = Probes(
+        stall_threshold_s=settings.stall_threshold_s,
+        stale_after_s=STALE_AFTER_S,
+        worker_id=worker_id,
+        version=__version__,
     )
+    stall = StallDetector(
+        worker_id=worker_id, threshold_s=settings.stall_threshold_s, on_tick=probes.tick
+    )
+    stall_task = asyncio.create_task(_supervise("stall", stall.run, probes), name="stall")
     try:
-        await _serve(settings, registry, stop, Queue(pool), notifier, metrics, deadline)
-    finally:
+        if settings.metrics_port is not None:
+            metrics.serve(settings.metrics_port, probes=probes)
+        deadline = time.monotonic() + STARTUP_WAIT_S
+        await _when_ready("schema check", lambda: _check_schema(settings.dsn), deadline)
+        pool = await _when_ready(
+            "pool",
+            lambda: create_pool(settings.dsn, size=min(settings.concurrency, 8) + 4),
+            deadline,
+        )
         try:
-            await asyncio.wait_for(pool.close(), timeout=POOL_CLOSE_S)
-        except TimeoutError:
-            pool.terminate()
+            outside = _Outside(notifier, metrics, probes)
+            await _serve(settings, registry, stop, Queue(pool), outside, worker_id, deadline)
+        finally:
+            try:
+                await asyncio.wait_for(pool.close(), timeout=POOL_CLOSE_S)
+            except TimeoutError:
+                pool.terminate()
+    finally:
+        stall_task.cancel()
+        await asyncio.gather(stall_task, return_exceptions=True)
         await registry.aclose()
         notifier.close()
+
+
+@dataclass(frozen=True)
+class _Outside:
+    """What the daemon tells the outside world: systemd, the metrics, the probes."""
+
+    notifier: Notifier
+    metrics: Metrics
+    probes: Probes
 
 
 async def _serve(
@@ -134,11 +176,11 @@ async def _serve(
     registry: HandlerRegistry,
     stop: asyncio.Event,
     queue: Queue,
-    notifier: Notifier,
-    metrics: Metrics,
+    outside: _Outside,
+    worker_id: str,
     startup_deadline: float,
 ) -> None:
-    worker_id = make_worker_id()
+    notifier, metrics, probes = outside.notifier, outside.metrics, outside.probes
     kinds = registry.kinds
     log.info(
         "daemon.starting",
@@ -154,8 +196,6 @@ async def _serve(
         ),
         startup_deadline,
     )
-    if settings.metrics_port is not None:
-        metrics.serve(settings.metrics_port)
 
     inflight = InFlight(
         settings.concurrency, worker_id=worker_id, chunk_timeout_s=settings.chunk_timeout_s
@@ -219,6 +259,8 @@ async def _serve(
         if not ready.is_set():
             ready.set()
             notifier.ready(f"listening; 0/{settings.concurrency} in flight")
+            if not stop.is_set():
+                probes.set_phase("running")
             log.info("daemon.ready", worker_id=worker_id)
 
     listener = Listener(settings.dsn, claimer.on_notify, on_connected)
@@ -244,7 +286,7 @@ async def _serve(
         "heartbeat": heartbeat.run,
         "reaper": reaper.run,
         "poll": poll,
-        "stall": StallDetector(worker_id=worker_id).run,
+        "readiness": ReadinessChecks(queue, listener, probes).run,
     }
     if notifier.enabled:
         services["systemd"] = tell_systemd
@@ -258,12 +300,13 @@ async def _serve(
         sampler = QueueDepthSampler(queue, metrics, interval_s=settings.metrics_interval_s)
         services["queue_depth"] = sampler.run
     service_tasks = {
-        name: asyncio.create_task(_supervise(name, run), name=name)
+        name: asyncio.create_task(_supervise(name, run, probes), name=name)
         for name, run in services.items()
     }
     try:
         await stop.wait()
     finally:
+        probes.set_phase("stopping")
         await stop_gracefully(
             Stopping(
                 worker_id=worker_id,

@@ -1,0 +1,353 @@
+"""``chunkd doctor`` finds, on a real PostgreSQL, each thing that hurts a queue (issue #24,
+part 3): a held REPEATABLE READ snapshot, a session idle in transaction holding a lock on a
+chunkd table (and blocking another), a role missing a grant, a real PgBouncer in transaction
+mode, a schema behind the code, dead rows autovacuum does not remove, dead workers and
+daemons of another version, a host clock that is off. Each is really done, in another
+connection or process; the doctor runs as the real ``chunkd doctor`` command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+import pytest
+
+from chunkd.db import connect, validate_identifier
+from chunkd.db.migrate import apply_migrations
+from chunkd.version import __version__
+from daemon_helpers import CliRun, run_chunkd, wait_until
+from doc_snippets import blocks
+from pgbouncer import pgbouncer
+from resources import faketime_library, pgbouncer_binary
+from sql_helpers import create_job
+from test_security import ENQUEUE_FUNCTIONS, SECURITY_PAGE, WORKER_FUNCTIONS, dsn_as
+
+Report = dict[str, Any]
+
+
+async def doctor(dsn: str, *args: str, env: dict[str, str] | None = None) -> tuple[int, Report]:
+    """``chunkd doctor --json``: its exit code and report (and nothing on stderr)."""
+    result: CliRun = await asyncio.to_thread(
+        run_chunkd, "doctor", "--json", "--dsn", dsn, *args, env=env
+    )
+    assert result.stderr == "", result.stderr
+    report = json.loads(result.stdout)
+    assert report["exit_code"] == result.code
+    return result.code, report
+
+
+def finding(report: Report, check: str) -> dict[str, Any]:
+    (found,) = [f for f in report["findings"] if f["check"] == check]
+    return found
+
+
+async def _age_of(conn: asyncpg.Connection, pid: int) -> float:
+    age: float = await conn.fetchval(
+        "SELECT extract(epoch FROM now() - xact_start) FROM pg_stat_activity WHERE pid = $1", pid
+    )
+    return age
+
+
+async def test_a_sound_database_with_a_live_daemon_is_all_ok(conn, database, start) -> None:
+    daemon = start("--handler", "echo=bad_handlers:echo")
+    await daemon.wait_for_event("daemon.ready")
+    code, report = await doctor(database.dsn)
+    assert code == 0, [f for f in report["findings"] if f["level"] != "ok"]
+    assert [f["check"] for f in report["findings"]] == [
+        "connection", "schema", "definitions", "privileges", "xmin-horizon",
+        "idle-in-transaction", "dead-tuples", "listen-notify", "clock", "workers",
+    ]  # fmt: skip
+    assert finding(report, "connection")["details"]["route"] == "direct"
+    assert finding(report, "listen-notify")["details"]["round_trip_ms"] < 5000
+    assert finding(report, "workers")["details"]["versions"] == [__version__]
+    # The text form: one line per check, level first.
+    text = await asyncio.to_thread(run_chunkd, "doctor", "--dsn", database.dsn)
+    assert text.code == 0
+    lines = text.stdout.splitlines()
+    assert len(lines) == 10 and all(line.startswith("ok ") for line in lines), lines
+
+
+async def test_a_held_repeatable_read_snapshot(conn, database) -> None:
+    holder = await connect(database.dsn)
+    try:
+        await holder.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        await holder.fetchval("SELECT count(*) FROM chunkd.jobs")  # takes the snapshot
+        pid = holder.get_server_pid()
+        await wait_until(
+            lambda: _older(conn, pid, 1.2), timeout_s=10, what="a snapshot older than 1.2s"
+        )
+        code, report = await doctor(database.dsn, "--warn-age", "1s", "--problem-age", "1h")
+        held = finding(report, "xmin-horizon")
+        assert held["level"] == "warning" and code >= 1
+        assert f"session pid {pid} of role postgres" in held["message"]
+        assert "in its transaction for" in held["message"]
+        assert f"pg_terminate_backend({pid})" in held["advice"]
+        assert held["details"]["holders"][0]["pid"] == pid
+        await wait_until(
+            lambda: _older(conn, pid, 2.2), timeout_s=10, what="a snapshot older than 2.2s"
+        )
+        code, report = await doctor(database.dsn, "--warn-age", "1s", "--problem-age", "2s")
+        assert code == 2 and finding(report, "xmin-horizon")["level"] == "problem"
+    finally:
+        await holder.close()
+    code, report = await doctor(database.dsn, "--warn-age", "1s")
+    assert finding(report, "xmin-horizon")["level"] == "ok"
+
+
+async def _older(conn: asyncpg.Connection, pid: int, seconds: float) -> bool:
+    return await _age_of(conn, pid) > seconds
+
+
+async def test_an_idle_in_transaction_session_holding_a_chunkd_lock(conn, database) -> None:
+    await create_job(conn, 1)
+    job_id = await conn.fetchval("SELECT id FROM chunkd.jobs")
+    idle = await connect(database.dsn)
+    waiter = await connect(database.dsn)
+    try:
+        await idle.execute("BEGIN")
+        await idle.execute("UPDATE chunkd.jobs SET priority = 1 WHERE id = $1", job_id)
+        idle_pid, waiter_pid = idle.get_server_pid(), waiter.get_server_pid()
+        blocked = asyncio.create_task(
+            waiter.execute("UPDATE chunkd.jobs SET priority = 2 WHERE id = $1", job_id)
+        )
+
+        async def settled() -> bool:
+            return bool(
+                await conn.fetchval(
+                    "SELECT bool_and(CASE pid WHEN $1 THEN state_change < now() - interval '1.2 s'"
+                    "                         ELSE wait_event_type = 'Lock' END)"
+                    " FROM pg_stat_activity WHERE pid IN ($1, $2)",
+                    idle_pid,
+                    waiter_pid,
+                )
+            )
+
+        await wait_until(settled, timeout_s=10, what="an idle session and a blocked one")
+        code, report = await doctor(database.dsn, "--warn-age", "1s")
+        found = finding(report, "idle-in-transaction")
+        assert code == 2 and found["level"] == "problem"
+        assert f"pid {idle_pid} of role postgres" in found["message"]
+        assert "chunkd.jobs (RowExclusiveLock)" in found["message"]
+        assert f"blocking pid(s) {waiter_pid}" in found["message"]
+        assert f"pg_terminate_backend({idle_pid})" in found["advice"]
+        assert "idle_in_transaction_session_timeout" in found["advice"]
+        await idle.execute("ROLLBACK")
+        await blocked
+    finally:
+        await idle.close()
+        await waiter.close()
+
+
+@pytest.fixture
+async def make_role(conn: asyncpg.Connection) -> AsyncIterator[Callable[..., Awaitable[str]]]:
+    """LOGIN roles with USAGE on the schema and exactly the given functions."""
+    made: list[str] = []
+
+    async def _make(functions: list[str]) -> str:
+        role = validate_identifier(f"chunkd_doc_{uuid.uuid4().hex[:10]}")
+        await conn.execute(f"CREATE ROLE {role} LOGIN")
+        made.append(role)
+        await conn.execute(f"GRANT USAGE ON SCHEMA chunkd TO {role}")
+        for signature in functions:
+            await conn.execute(f"GRANT EXECUTE ON FUNCTION chunkd.{signature} TO {role}")
+        return role
+
+    yield _make
+    for role in made:
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
+        )
+        await conn.execute(f"DROP OWNED BY {role}")
+        await conn.execute(f"DROP ROLE {role}")
+
+
+async def test_a_role_missing_a_grant(conn, database, make_role) -> None:
+    worker = await make_role(WORKER_FUNCTIONS)
+    code, report = await doctor(dsn_as(database.dsn, worker))
+    assert finding(report, "privileges")["level"] == "ok"
+    assert finding(report, "privileges")["message"] == (
+        f"role {worker} can: run; not granted: enqueue, client, flow, web, web actions, doctor"
+    )
+    # What this role may not read is reported as such, never as an error.
+    workers = finding(report, "workers")
+    assert workers["checked"] is False and workers["level"] == "warning"
+    assert workers["message"] == f"not checked: role {worker} may not read chunkd.workers"
+    idle = finding(report, "idle-in-transaction")  # this test's own session is another role's
+    assert idle["level"] == "warning" and "hide their state and start" in idle["message"]
+    assert idle["advice"] == f"GRANT pg_read_all_stats TO {worker}; shows them"
+
+    # docs/security.md's enqueue-only role, with the client's optional three: two whole uses,
+    # not a dashboard role missing grants (get_sync_job_progress is the dashboard's too).
+    extras = ["get_sync_job_progress(uuid)", "cancel_sync_job(uuid)", "retry_failed_chunks(uuid)"]
+    producer = await make_role(ENQUEUE_FUNCTIONS + extras)
+    code, report = await doctor(dsn_as(database.dsn, producer))
+    assert finding(report, "privileges")["message"].startswith(
+        f"role {producer} can: enqueue, client; not granted: run,"
+    )
+
+    missing = next(s for s in WORKER_FUNCTIONS if s.startswith("reap_expired"))
+    lacking = await make_role([s for s in WORKER_FUNCTIONS if s != missing])
+    code, report = await doctor(dsn_as(database.dsn, lacking))
+    found = finding(report, "privileges")
+    assert code == 2 and found["level"] == "problem"
+    assert "'run' but lacks 1: chunkd.reap_expired()" in found["message"]
+    assert found["advice"] == f"GRANT EXECUTE ON FUNCTION chunkd.reap_expired() TO {lacking};"
+    # The advice is the fix: granted, the role is sound for chunkd run.
+    await conn.execute(found["advice"])
+    code, report = await doctor(dsn_as(database.dsn, lacking))
+    assert finding(report, "privileges")["message"].startswith(f"role {lacking} can: run;")
+
+
+@pytest.fixture(scope="module")
+def bouncers(pg_server: Any) -> Iterator[dict[str, str]]:
+    """Real PgBouncers in front of the test server, in transaction and in session mode."""
+    binary = pgbouncer_binary()
+    with (
+        pgbouncer(binary, pg_server.admin_dsn) as transaction,
+        pgbouncer(binary, pg_server.admin_dsn, pool_mode="session") as session,
+    ):
+        yield {"transaction": transaction, "session": session}
+
+
+async def test_a_pgbouncer_transaction_pooler(database, bouncers: dict[str, str]) -> None:
+    name = urlsplit(database.dsn).path.lstrip("/")
+    pooled = bouncers["transaction"].format(db=name)
+    code, report = await doctor(pooled)
+    found = finding(report, "connection")
+    assert found["level"] == "warning" and found["details"]["route"] == "transaction pooler"
+    assert "through a transaction pooler" in found["message"]
+    assert "chunkd migrate does not work" in found["message"]
+    assert finding(report, "listen-notify")["checked"] is False
+    assert finding(report, "schema")["level"] == "ok"  # the other checks still run through it
+    # Told it is a session pooler, when it is not: a problem.
+    code, report = await doctor(pooled, "--pooler", "session")
+    assert code == 2 and finding(report, "connection")["level"] == "problem"
+    # A real session pooler, named as such: fine, LISTEN included.
+    code, report = await doctor(bouncers["session"].format(db=name), "--pooler", "session")
+    found = finding(report, "connection")
+    assert found["level"] == "ok" and "in session mode" in found["message"]
+    assert finding(report, "listen-notify")["level"] == "ok"
+
+
+async def test_a_schema_behind_the_code(empty_database: str) -> None:
+    code, report = await doctor(empty_database)
+    assert code == 2 and "has no chunkd schema" in finding(report, "schema")["message"]
+    conn = await connect(empty_database)
+    try:
+        await apply_migrations(conn, up_to=5)
+    finally:
+        await conn.close()
+    code, report = await doctor(empty_database)
+    found = finding(report, "schema")
+    assert code == 2 and found["level"] == "problem"
+    assert "version 5 applied, 8 expected (missing [6, 7, 8])" in found["message"]
+    assert found["advice"].startswith("run chunkd migrate")
+
+
+async def test_dead_rows_autovacuum_does_not_remove(conn, database) -> None:
+    await conn.execute("ALTER TABLE chunkd.concurrency_limits SET (autovacuum_enabled = false)")
+    await conn.execute(
+        "INSERT INTO chunkd.concurrency_limits (key, max_concurrency)"
+        " SELECT 'k' || i, 1 FROM generate_series(1, 5000) i"
+    )
+    await conn.execute("DELETE FROM chunkd.concurrency_limits")
+
+    async def counted() -> bool:
+        return bool(
+            await conn.fetchval(
+                "SELECT n_dead_tup >= 5000 FROM pg_stat_user_tables"
+                " WHERE relid = 'chunkd.concurrency_limits'::regclass"
+            )
+        )
+
+    await wait_until(counted, timeout_s=15, what="the statistics to count the dead rows")
+    code, report = await doctor(database.dsn)
+    found = finding(report, "dead-tuples")
+    assert code == 1 and found["level"] == "warning"
+    assert found["message"].startswith("chunkd.concurrency_limits has 5000 dead row(s) beside 0")
+    assert "autovacuum is off for it" in found["message"]
+    assert "RESET (autovacuum_enabled)" in found["advice"]
+
+
+async def test_dead_workers_and_daemons_of_another_version(conn, database) -> None:
+    register = "SELECT chunkd.register_worker($1, 'h', 1, $2, '{k}', 1)"
+    await conn.execute(register, "h:1:aaaa", __version__)
+    await conn.execute(register, "h:2:bbbb", __version__)
+    await conn.execute(
+        "UPDATE chunkd.workers SET last_heartbeat_at = now() - interval '10 minutes'"
+        " WHERE worker_id = 'h:2:bbbb'"
+    )
+    code, report = await doctor(database.dsn)
+    found = finding(report, "workers")
+    assert code == 1 and found["level"] == "warning"
+    assert found["details"]["dead"] == ["h:2:bbbb"]
+    assert "silent for more than 2m00s (e.g. h:2:bbbb" in found["message"]
+    assert "WHERE worker_id = 'h:2:bbbb';" in found["advice"]
+    await conn.execute(register, "h:3:cccc", "0.0.1")
+    code, report = await doctor(database.dsn)
+    found = finding(report, "workers")
+    assert code == 1 and "1 of 2 live daemon(s) run chunkd 0.0.1" in found["message"]
+
+
+async def test_a_host_clock_ten_minutes_ahead(database) -> None:
+    library = faketime_library()
+    env = {"LD_PRELOAD": str(library), "FAKETIME": "+10m", "FAKETIME_NO_CACHE": "1"}
+    code, report = await doctor(database.dsn, env=env)
+    found = finding(report, "clock")
+    assert code == 1 and found["level"] == "warning"
+    assert 590 < -found["details"]["offset_s"] < 610, found
+    assert "ahead of the database's" in found["message"]
+
+
+async def test_it_writes_nothing_and_runs_on_a_read_only_database(conn, database) -> None:
+    await conn.execute(f'ALTER DATABASE "{database.name}" SET default_transaction_read_only = on')
+    code, report = await doctor(database.dsn)
+    not_run = [f["check"] for f in report["findings"] if not f["checked"]]
+    assert not_run == ["definitions"], report
+    assert finding(report, "listen-notify")["level"] == "ok"
+    assert code == 1 and finding(report, "workers")["level"] == "warning"  # no daemon runs
+
+
+async def test_the_documented_monitoring_role_sees_everything(conn, database) -> None:
+    """docs/security.md's chunkd_doctor role, as written there: every check runs, and what
+    it holds is one use of its own, not a role missing grants."""
+    (block,) = [b for b in blocks(SECURITY_PAGE) if "CREATE ROLE chunkd_doctor" in b.text]
+    role = validate_identifier(f"chunkd_doctor_{uuid.uuid4().hex[:8]}")
+    await conn.execute(block.text.replace("chunkd_doctor", role).replace("'...'", "NULL"))
+    try:
+        holder = await connect(database.dsn)  # another role's session in a transaction
+        try:
+            await holder.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+            await holder.fetchval("SELECT 1")
+            code, report = await doctor(dsn_as(database.dsn, role))
+        finally:
+            await holder.close()
+        assert [f["check"] for f in report["findings"] if not f["checked"]] == ["definitions"]
+        assert code == 1 and finding(report, "workers")["message"].startswith("no chunkd run")
+        assert finding(report, "privileges")["message"].startswith(f"role {role} can: doctor;")
+        oldest = finding(report, "xmin-horizon")["details"]["holders"][0]
+        assert oldest["visible"] is True and oldest["age_s"] is not None
+        assert finding(report, "idle-in-transaction")["level"] == "ok"
+    finally:
+        await conn.execute(f"DROP OWNED BY {role}")
+        await conn.execute(f"DROP ROLE {role}")
+
+
+async def test_an_unreachable_database_is_one_problem_without_the_password() -> None:
+    code, report = await doctor("postgresql://someone:s3cret-pw@127.0.0.1:9/app")
+    assert code == 2
+    (found,) = report["findings"]
+    assert found["check"] == "connection" and found["level"] == "problem"
+    assert found["message"].startswith("cannot connect to postgresql://someone:***@127.0.0.1:9/app")
+    assert "s3cret-pw" not in json.dumps(report)
+    bad = await asyncio.to_thread(
+        run_chunkd, "doctor", "--dsn", "postgresql://x@127.0.0.1:9/app", "--problem-age", "1s"
+    )
+    assert bad.code == 2
+    assert bad.one_error_line() == "--problem-age must not be below --warn-age"

@@ -10,6 +10,7 @@ __all__ = [
     "EXIT_TEMPFAIL",
     "ChunkdError",
     "ConnectError",
+    "ConnectionLostError",
     "DatabaseUnavailableError",
     "InvalidInputError",
     "JobNotFoundError",
@@ -49,6 +50,20 @@ class DatabaseUnavailableError(ConnectError):
 
 class ServerNotReadyError(DatabaseUnavailableError):
     """The server answered but is starting up or shutting down: worth waiting for (exit 75)."""
+
+
+class ConnectionLostError(ChunkdError, ConnectionError):
+    """The connection to the database was lost during a client call (its backend terminated,
+    a server restart or failover, the network): whether the call took effect is unknown.
+
+    Retry the call on a new connection (a pool hands out one): a ``create_sync_job`` with a
+    ``dedupe_key`` then returns the job the lost call created, if it did, instead of creating a
+    second one. Inside the caller's own transaction, retry the whole transaction. A
+    ``ConnectionError`` (so an ``OSError``) too, as generic retry logic expects; the driver's
+    exception is its ``__cause__``. Exit code 75.
+    """
+
+    exit_code = EXIT_TEMPFAIL
 
 
 class SchemaVersionError(ChunkdError):

@@ -27,6 +27,7 @@ from resources import faketime_library
 from sql_helpers import create_job, status_counts
 
 EXIT_USAGE = 2
+EXIT_TEMPFAIL = 75  # the database cannot be reached now: a service manager tries again
 
 
 @dataclass
@@ -272,8 +273,31 @@ def test_unreachable_database_is_one_line(dsn: str, command: list[str]) -> None:
     if command[0] == "enqueue":
         args = ["enqueue", "--kind", "x", "-"]
     result = chunkd(*args, "--dsn", dsn, stdin=b"[1]")
-    assert result.code == EXIT_USAGE
+    assert result.code == EXIT_TEMPFAIL
     assert "cannot connect to" in result.one_error_line()
+
+
+async def test_a_connection_cut_mid_command_is_one_line_and_exit_75(conn, database) -> None:
+    """A cut no command translates (here `chunkd migrate`, waiting for the migration lock
+    another session holds): one line, and EX_TEMPFAIL, never exit 2, which the units do not
+    restart."""
+    await conn.execute("SELECT pg_advisory_lock(hashtext('chunkd.migrate'))")
+    try:
+        migrating = asyncio.create_task(asyncio.to_thread(chunkd, "migrate", "--dsn", database.dsn))
+        waiting = (
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+        )
+        pid = await wait_until(
+            lambda: conn.fetchval(waiting), timeout_s=20, what="migrate to wait for the lock"
+        )
+        assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+        result = await asyncio.wait_for(migrating, timeout=30)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock(hashtext('chunkd.migrate'))")
+    assert result.code == EXIT_TEMPFAIL, result.stderr
+    line = result.one_error_line()
+    assert line.startswith("chunkd: error: the connection to the database failed: "), line
 
 
 async def test_database_without_the_schema(pg_server, database) -> None:

@@ -206,5 +206,5 @@ async def test_watch_reports_a_cut_connection_in_one_line(database, conn) -> Non
     for pid in await wait_until(cli_backends, timeout_s=20, what="the watch's connection"):
         await conn.execute("SELECT pg_terminate_backend($1)", pid)
     result = await asyncio.wait_for(watching, timeout=20)
-    assert result.exit_code == 2
+    assert result.exit_code == 75  # EX_TEMPFAIL: running it again may work
     assert result.error_line().startswith("database unavailable, try again: ")

@@ -7,6 +7,7 @@ left behind: the temporary directory the demo printed is gone and no process run
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pty
 import re
@@ -25,6 +26,8 @@ from chunkd.demo.cluster import ClusterError, find_bin_dir
 
 TEMP_DIR = re.compile(r"temp dir: (/\S*chunkd-pg-\S+)")
 DSN_LINE = re.compile(r"DSN:\s+(\S+)")
+LOG_KEPT = re.compile(r"the daemon's log is kept: (\S+)")
+LOGS_SHOWN = re.compile(r"logs: (/\S+\.log)")
 
 # Run main() after patching something in the child process only.
 NO_POSTGRES = """
@@ -77,13 +80,28 @@ def _processes_using(path: str) -> list[str]:
     return found
 
 
-def _assert_left_nothing(output: str) -> None:
+def _assert_left_nothing(output: str, *, logged: str | None = "daemon.starting") -> None:
+    """The server and its directory are gone; the daemon's log, which the output pointed to
+    while the run went on, is still there (then removed by the test), holding ``logged``."""
     match = TEMP_DIR.search(output)
     assert match, f"the demo did not print its temp dir:\n{output}"
     temp_dir = match[1]
     assert not Path(temp_dir).exists(), f"{temp_dir} was left behind"
     assert not _processes_using(temp_dir), _processes_using(temp_dir)
     assert "removed the throwaway PostgreSQL" in output
+    kept = LOG_KEPT.search(output)
+    assert kept, f"the demo did not say where its log is:\n{output}"
+    log = Path(kept[1])
+    try:
+        assert not log.is_relative_to(temp_dir)
+        assert log.is_file(), f"the demo pointed to {log}, which is gone"
+        for shown in LOGS_SHOWN.findall(output):  # every pointer during the run: that file
+            assert shown == str(log), output
+        if logged is not None:
+            events = [json.loads(line)["event"] for line in log.read_text().splitlines()]
+            assert logged in events, events
+    finally:
+        log.unlink(missing_ok=True)
 
 
 class Demo:
@@ -233,7 +251,7 @@ def test_error_after_start_still_cleans_up() -> None:
     assert code == 2, output
     assert "chunkd: error: simulated failure after the server started" in output
     assert "Traceback" not in output
-    _assert_left_nothing(output)
+    _assert_left_nothing(output, logged=None)  # failed before the daemon started
 
 
 def test_no_postgres_is_one_clear_line() -> None:

@@ -24,7 +24,7 @@ import asyncpg
 import pytest
 
 from chunkd.db import DatabaseError, connect, validate_identifier
-from chunkd.redact import redact_dsn
+from chunkd.redact import redact_dsn, scrub_password
 from daemon_helpers import wait_until
 from sql_helpers import create_job, status_counts
 
@@ -433,24 +433,29 @@ async def test_dsn_password_and_header_values_never_reach_the_logs(conn, databas
 
 
 @pytest.mark.parametrize(
-    "dsn",
+    ("dsn", "code"),
     [
-        f"postgresql://someone:{PASSWORD}@127.0.0.1:9/db",
-        f"postgresql://someone@127.0.0.1:9/db?password={PASSWORD}",
-        f"host=127.0.0.1 port=9 user=someone password={PASSWORD} dbname=db",
-        f"postgresql://someone:{PASSWORD}@[::1:9/db",
+        # Refused (nothing listens on port 9): 75, worth trying again.
+        (f"postgresql://someone:{PASSWORD}@127.0.0.1:9/db", 75),
+        (f"postgresql://someone@127.0.0.1:9/db?password={PASSWORD}", 75),
+        (f"host=127.0.0.1 port=9 user=someone password={PASSWORD} dbname=db", 75),
+        (f"host=127.0.0.1 port=9 user=someone password='{PASSWORD} \\' x' dbname=db", 75),
+        # Malformed: 2, a configuration error.
+        (f"postgresql://someone:{PASSWORD}@[::1:9/db", 2),
+        (f"postgresql:/someone:{PASSWORD}@127.0.0.1:9/db", 2),
+        (f"host=127.0.0.1 password='{PASSWORD}", 2),
     ],
-    ids=["userinfo", "query", "key-value", "malformed"],
+    ids=["userinfo", "query", "key-value", "key-value-quoted", "malformed", "typo", "unclosed"],
 )
 @pytest.mark.parametrize("command", [["migrate"], ["run", "--handler", "x=bad_handlers:echo"]])
-def test_connect_errors_never_echo_the_password(dsn: str, command: list[str]) -> None:
+def test_connect_errors_never_echo_the_password(dsn: str, code: int, command: list[str]) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "chunkd.cli", *command, "--dsn", dsn],
         capture_output=True, text=True, timeout=60,
         env={**_env_with_tests(), "PGCONNECT_TIMEOUT": "5"},
     )  # fmt: skip
     out = result.stdout + result.stderr
-    assert result.returncode == 2, out
+    assert result.returncode == code, out
     assert PASSWORD not in out, out
     assert out.startswith("chunkd: error: ") and len(out.strip().splitlines()) == 1, out
 
@@ -462,8 +467,19 @@ def test_redact_dsn_hides_every_password_form() -> None:
         f"postgresql://u@h/db?password={PASSWORD}&sslmode=require",
         f"host=h password={PASSWORD} user=u",
         f"host=h password='{PASSWORD} x' user=u",
+        f"host=h password='it\\'s {PASSWORD}' user=u",
+        f"host=h password = {PASSWORD}\\ x user=u",
+        f"postgresql:/u:{PASSWORD}@h/db",
     ):
         assert PASSWORD not in redact_dsn(dsn), dsn
+    # What a message may echo, in any of the DSN's forms (percent-encoded or not).
+    for dsn in (
+        f"postgresql://u:{quote(PASSWORD + '/x', safe='')}@h/db",
+        f"postgresql://u@h/db?password={quote(PASSWORD + '/x', safe='')}",
+        f"host=h user=u password='{PASSWORD}/x'",
+    ):
+        message = f"auth failed for {PASSWORD}/x ({quote(PASSWORD + '/x', safe='')})"
+        assert PASSWORD not in scrub_password(message, dsn), dsn
 
 
 def _free_port() -> int:

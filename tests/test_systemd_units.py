@@ -5,6 +5,7 @@ by running the daemon under the kernel's equivalent (``PR_SET_MDWE``)."""
 from __future__ import annotations
 
 import ctypes
+import json
 import mmap
 import os
 import re
@@ -26,7 +27,9 @@ from sql_helpers import create_job, status_counts
 
 SYSTEMD_DIR = TESTS_DIR.parent / "systemd"
 UNITS = ("chunkd.service", "chunkd@.service")
-EXEC_START = "ExecStart=/usr/local/bin/chunkd run"
+ALL_UNITS = (*UNITS, "chunkd-web.service")
+# The virtualenv of docs/deploy.md: chunkd and the application's handler code.
+CHUNKD = "/opt/chunkd/bin/chunkd"
 MAX_EXPOSURE = 2.5
 # What only the template has: the instance's own env file, name and journald tag.
 INSTANCE_ONLY = {
@@ -52,11 +55,16 @@ def _chunkd_script() -> str:
     return str(script) if script.exists() else shutil.which("chunkd") or sys.executable
 
 
+def _command(unit: str) -> str:
+    return "web" if unit == "chunkd-web.service" else "run"
+
+
 def _installable_copy(unit: str, directory: Path, name: str | None = None) -> Path:
     text = (SYSTEMD_DIR / unit).read_text()
-    assert text.count(EXEC_START) == 1, f"{unit}: expected {EXEC_START!r}"
+    exec_start = f"ExecStart={CHUNKD} {_command(unit)}"
+    assert text.count(exec_start) == 1, f"{unit}: expected {exec_start!r}"
     target = directory / (name or unit)
-    target.write_text(text.replace(EXEC_START, f"ExecStart={_chunkd_script()} run"))
+    target.write_text(text.replace(exec_start, f"ExecStart={_chunkd_script()} {_command(unit)}"))
     return target
 
 
@@ -80,6 +88,7 @@ def _directives(unit: str) -> list[str]:
         ("chunkd.service", None),
         ("chunkd@.service", None),
         ("chunkd@.service", "chunkd@3.service"),  # an instance: %i expanded
+        ("chunkd-web.service", None),
     ],
 )
 def test_systemd_analyze_verify_is_clean(unit: str, as_name: str | None, tmp_path) -> None:
@@ -96,7 +105,7 @@ def test_systemd_analyze_verify_is_clean(unit: str, as_name: str | None, tmp_pat
     assert result.returncode == 0 and not about_us, output
 
 
-@pytest.mark.parametrize("unit", ["chunkd.service", "chunkd@.service"])
+@pytest.mark.parametrize("unit", ALL_UNITS)
 def test_security_exposure_is_at_most_2_5(unit: str, tmp_path) -> None:
     tool = _systemd_analyze()
     name = "chunkd@1.service" if "@" in unit else unit
@@ -144,6 +153,85 @@ def test_env_example_documents_every_run_variable() -> None:
     # --http-header's own variable is split on whitespace by click, which breaks any
     # "Name: value"; CHUNKD_HTTP_HEADERS (one header per line) is the one to document.
     wanted.discard("CHUNKD_HTTP_HEADER")
+    assert wanted <= documented, sorted(wanted - documented)
+    assert "CHUNKD_DSN='postgresql://" in text and "CHANGE_ME" in text
+
+
+def _service(unit: str) -> dict[str, str]:
+    """The unit's [Service] settings (the last value of a key given twice)."""
+    return dict(
+        d.removeprefix("[Service]").split("=", 1)
+        for d in _directives(unit)
+        if d.startswith("[Service]")
+    )
+
+
+def _hardening(unit: str) -> list[str]:
+    """The directives from NoNewPrivileges= to the end of [Service]: the sandbox."""
+    directives = [d for d in _directives(unit) if d.startswith("[Service]")]
+    return directives[directives.index("[Service]NoNewPrivileges=yes") :]
+
+
+def test_the_web_unit_has_the_daemons_hardening_and_its_own_settings() -> None:
+    assert _hardening("chunkd-web.service") == _hardening("chunkd.service")
+    web = _service("chunkd-web.service")
+    assert web["Type"] == "exec" and web["ExecStart"] == f"{CHUNKD} web"
+    assert web["EnvironmentFile"] == "/etc/chunkd/chunkd-web.env"
+    assert web["DynamicUser"] == "yes" and web["User"] == "chunkd-web"
+    # SIGKILL must not cut the graceful stop short: uvicorn's own limit, plus margin.
+    from chunkd.cli.web import _server
+
+    async def app(scope: object, receive: object, send: object) -> None:
+        raise AssertionError("never served")
+
+    graceful_s = _server(app).config.timeout_graceful_shutdown  # type: ignore[arg-type]
+    assert int(web["TimeoutStopSec"]) >= graceful_s + 10
+
+
+def _exit_code(*args: str, dsn: str) -> int:
+    result = subprocess.run(
+        [sys.executable, "-m", "chunkd.cli", *args],
+        env={**os.environ, "CHUNKD_DSN": dsn, "PYTHONPATH": str(TESTS_DIR)},
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.stderr.startswith("chunkd: error: "), result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    return result.returncode
+
+
+def test_a_configuration_error_stops_the_unit_and_an_unreachable_database_restarts_it(
+    database,
+) -> None:
+    """The exit codes the commands really return, against each unit's restart settings:
+    a configuration error (a handler that does not import; a host without a token) is not
+    restarted, a database that cannot be reached (nothing listens on port 1) is."""
+    unreachable = "postgresql://chunkd@127.0.0.1:1/app"
+    codes = {
+        "run": (
+            _exit_code("run", "--handler", "x=no_such_module:handle", dsn=database.dsn),
+            _exit_code("run", "--handler", "x=bad_handlers:echo", dsn=unreachable),
+        ),
+        "web": (
+            _exit_code("web", "--host", "0.0.0.0", "--port", "0", dsn=database.dsn),
+            _exit_code("web", "--port", "0", dsn=unreachable),
+        ),
+    }
+    assert codes == {"run": (2, 75), "web": (2, 75)}
+    for unit in ALL_UNITS:
+        service = _service(unit)
+        configuration_error, unavailable = codes[_command(unit)]
+        assert service["Restart"] == "on-failure" and service["RestartSec"] == "5", unit
+        prevented = {int(code) for code in service["RestartPreventExitStatus"].split()}
+        assert configuration_error in prevented and unavailable not in prevented, unit
+
+
+def test_web_env_example_documents_every_web_variable() -> None:
+    text = (SYSTEMD_DIR / "chunkd-web.env.example").read_text()
+    documented = set(re.findall(r"^#?(CHUNKD_[A-Z_]+)=", text, flags=re.MULTILINE))
+    wanted = {"CHUNKD_WEB_TOKEN"}  # read outside click
+    for param in [*cli.params, *cli.commands["web"].params]:
+        envvars = param.envvar if isinstance(param.envvar, list | tuple) else [param.envvar]
+        wanted.update(e for e in envvars if e and e.startswith("CHUNKD_"))
     assert wanted <= documented, sorted(wanted - documented)
     assert "CHUNKD_DSN='postgresql://" in text and "CHANGE_ME" in text
 
@@ -230,3 +318,50 @@ async def test_daemon_runs_with_memory_deny_write_execute(
             daemon.wait()
     log_text = log_path.read_text()
     assert '"chunk.completed"' in log_text and "Traceback" not in log_text, log_text[-2000:]
+
+
+def _start_web_under_mdwe(dsn: str, log_path: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKD_")}
+    env["CHUNKD_DSN"] = dsn
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "chunkd.cli", "--log-format", "json", "web", "--port", "0"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+            preexec_fn=_deny_write_execute,
+        )  # fmt: skip
+
+
+async def test_web_runs_with_memory_deny_write_execute(database, tmp_path) -> None:
+    """chunkd web (uvicorn, uvloop, asyncpg, jinja2) serves pages under MDWE and stops on
+    SIGTERM with exit 0, as chunkd-web.service runs it."""
+    if not _mdwe_supported():
+        pytest.skip("kernel without PR_SET_MDWE (Linux < 6.3): cannot emulate the setting")
+    import httpx
+
+    log_path = tmp_path / "web.log"
+    web = _start_web_under_mdwe(database.dsn, log_path)
+    try:
+
+        async def listening() -> str | None:
+            assert web.poll() is None, log_path.read_text()
+            for line in log_path.read_text().splitlines():
+                if '"web.listening"' in line:
+                    return str(json.loads(line)["url"])
+            return None
+
+        url = await wait_until(listening, timeout_s=20, what="chunkd web to listen under MDWE")
+        async with httpx.AsyncClient() as client:
+            for path in ("jobs", "workers", "static/app.js"):
+                assert (await client.get(url + path, timeout=10)).status_code == 200, path
+        web.send_signal(signal.SIGTERM)
+
+        async def exited() -> bool:
+            return web.poll() is not None
+
+        await wait_until(exited, timeout_s=20, what="chunkd web to exit on SIGTERM")
+        assert web.returncode == 0
+    finally:
+        if web.poll() is None:
+            web.kill()
+            web.wait()
+    assert "Traceback" not in log_path.read_text()

@@ -1,13 +1,16 @@
-"""The wheel, as a user gets it: built with ``python -m build``, installed into a fresh
-virtualenv (dependencies from the package index), and run from outside the checkout, so the
-SQL it applies can only come from inside the wheel.
+"""The release, as a user gets it: the sdist and the wheel built with ``python -m build`` (the
+wheel from the sdist, so the sdist is shown complete), both passing ``twine check --strict``,
+and the wheel installed into a fresh virtualenv (dependencies from the package index) and run
+from outside the checkout, so the SQL it applies can only come from inside the wheel.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import tarfile
 import venv
 import zipfile
 from pathlib import Path
@@ -44,14 +47,48 @@ def _clean_env(bin_dir: Path) -> dict[str, str]:
     return env
 
 
-def test_the_wheel_installs_and_runs_from_a_fresh_venv(empty_database: str, tmp_path: Path) -> None:
-    # Build: exactly the command a release uses, into a directory of this test's own.
+def _check_sdist(sdist: Path) -> None:
+    """The sdist holds what a release's users and packagers need, and nothing of a checkout's
+    own state (a virtualenv, caches, a built site, test artifacts)."""
+    top = f"chunkd-{__version__}/"
+    with tarfile.open(sdist) as archive:
+        names = {n.removeprefix(top) for n in archive.getnames()}
+    wanted = {
+        "pyproject.toml", "README.md", "CHANGELOG.md", "mkdocs.yml", "tests/run.sh",
+        "daemon/chunkd/__init__.py", "daemon/chunkd/py.typed", "docs/deploy.md",
+        "systemd/chunkd.service", "systemd/chunkd@.service", "systemd/chunkd-web.service",
+        "systemd/chunkd.env.example", "systemd/chunkd-web.env.example",
+        *(f"sql/{p.name}" for p in (ROOT / "sql").glob("*.sql")),
+    }  # fmt: skip
+    assert wanted <= names, sorted(wanted - names)
+    unwanted = [
+        n for n in names
+        if n.startswith((".venv/", "site/", "dist/", "tests/artifacts/")) or "__pycache__" in n
+    ]  # fmt: skip
+    assert not unwanted, unwanted
+
+
+def test_the_release_builds_checks_installs_and_runs_from_a_fresh_venv(
+    empty_database: str, tmp_path: Path
+) -> None:
+    # Build: exactly the command a release uses (docs/development.md), into a directory of
+    # this test's own: the sdist, then the wheel from the sdist.
     dist = tmp_path / "dist"
-    built = _run([sys.executable, "-m", "build", "--wheel", "--outdir", str(dist)], cwd=ROOT)
+    built = _run([sys.executable, "-m", "build", "--outdir", str(dist)], cwd=ROOT)
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
-    wheels = list(dist.glob("*.whl"))
-    assert [w.name for w in wheels] == [f"chunkd-{__version__}-py3-none-any.whl"]
-    wheel = wheels[0]
+    assert sorted(p.name for p in dist.iterdir()) == [
+        f"chunkd-{__version__}-py3-none-any.whl",
+        f"chunkd-{__version__}.tar.gz",
+    ]
+    wheel = dist / f"chunkd-{__version__}-py3-none-any.whl"
+    _check_sdist(dist / f"chunkd-{__version__}.tar.gz")
+    # The metadata a package index would show (README as the description, rendered).
+    checked = _run(
+        [sys.executable, "-m", "twine", "check", "--strict", *map(str, sorted(dist.iterdir()))],
+        cwd=tmp_path,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout.count("PASSED") == 2, checked.stdout
 
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"chunkd/sql/migrations/0001_queue.sql", "chunkd/sql/queries.sql"} <= names
@@ -140,6 +177,9 @@ def test_the_wheel_installs_and_runs_from_a_fresh_venv(empty_database: str, tmp_
     del env["CHUNKD_DSN"]  # the demo brings its own PostgreSQL
     demo = _run([chunkd, "demo", "--chunks", "30"], cwd=home, env=env, timeout_s=180)
     output = demo.stdout + demo.stderr
+    kept = re.search(r"the daemon's log is kept: (\S+)", output)
+    if kept:
+        Path(kept[1]).unlink(missing_ok=True)
     assert demo.returncode == 0, output[-6000:]
     assert "SELECT * FROM chunkd.chunk_processing_status" in output
-    assert "removed the throwaway PostgreSQL" in output
+    assert "removed the throwaway PostgreSQL" in output and kept, output[-3000:]

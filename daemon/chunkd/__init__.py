@@ -10,11 +10,12 @@ from chunkd.client import (
     retry_failed,
     wait,
 )
-from chunkd.errors import InvalidInputError, JobNotFoundError
+from chunkd.errors import ConnectionLostError, InvalidInputError, JobNotFoundError
 from chunkd.version import __version__
 
 __all__ = [
     "Chunk",
+    "ConnectionLostError",
     "Continue",
     "InvalidInputError",
     "JobNotFoundError",

@@ -6,7 +6,10 @@ per group of commands (:mod:`~chunkd.cli.daemon`, :mod:`~chunkd.cli.jobs`,
 option types in :mod:`~chunkd.cli.options`.
 
 A user mistake (bad option, bad DSN, unknown handler, wrong schema) is one line on stderr and
-exit code 2, never a traceback.
+exit code 2, never a traceback. A database that cannot be reached now (refused, not started,
+too many connections, the connection lost) is one line and exit code 75 (``EX_TEMPFAIL``): a
+service manager may try again, while it must not restart a command whose configuration is
+wrong (the units' ``RestartPreventExitStatus=2``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from chunkd.errors import ChunkdError
+from chunkd.errors import EXIT_CONFIG, EXIT_TEMPFAIL, ChunkdError
 from chunkd.version import __version__
 
 if TYPE_CHECKING:
@@ -24,7 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
-EXIT_USAGE = 2
+EXIT_USAGE = EXIT_CONFIG
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -85,14 +88,20 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except ChunkdError as exc:
         click.echo(f"chunkd: error: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
+        sys.exit(exc.exit_code)
     except ValueError as exc:
         # HandlerError and bad header options land here: user input, one line.
         click.echo(f"chunkd: error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
     except Exception as exc:
-        # A server refusal no command translated itself (a privilege, a read-only database):
-        # one line too. Anything else is a bug, and keeps its traceback.
+        # The connection failed or was cut where no command translated it: one line, and a
+        # code that says "try again". A server refusal no command translated itself (a
+        # privilege, a read-only database): one line too. Anything else is a bug, and keeps
+        # its traceback.
+        lost = _connection_failure(exc)
+        if lost is not None:
+            click.echo(f"chunkd: error: {lost}", err=True)
+            sys.exit(EXIT_TEMPFAIL)
         line = _server_refusal(exc)
         if line is None:
             raise
@@ -106,3 +115,10 @@ def _server_refusal(exc: Exception) -> str | None:
     from chunkd.db.server_errors import describe_server_error
 
     return describe_server_error(exc) if isinstance(exc, DatabaseError) else None
+
+
+def _connection_failure(exc: Exception) -> str | None:
+    from chunkd.db import connection_failure
+
+    reason = connection_failure(exc)
+    return None if reason is None else f"the connection to the database failed: {reason}"

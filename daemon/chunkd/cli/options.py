@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from chunkd.dsn import to_uri
 from chunkd.settings import POOLER_MODES, Dsn, parse_duration
 
 if TYPE_CHECKING:
@@ -113,19 +114,30 @@ def _remember_pooler(ctx: click.Context, _param: click.Parameter, value: str) ->
     ctx.meta[_POOLER_KEY] = value
 
 
-def _dsn_with_pooler(ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
+NO_DSN = "no database given: pass --dsn, or set CHUNKD_DSN (or DATABASE_URL)"
+
+
+def _dsn_with_pooler(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    if value is None or not value.strip():
+        raise click.UsageError(NO_DSN, ctx)
+    try:
+        uri = to_uri(value)  # a libpq key=value DSN becomes the URI asyncpg takes
+    except ValueError as exc:  # the message never quotes the DSN: it may hold a password
+        raise click.BadParameter(str(exc), ctx, param) from None
     # --pooler is eager, so it has been read by now, wherever it stands on the command line.
-    return None if value is None else Dsn(value, ctx.meta.get(_POOLER_KEY, "auto"))
+    return Dsn(uri, ctx.meta.get(_POOLER_KEY, "auto"))
 
 
 def dsn_option(func: F) -> F:
-    """``--dsn`` and ``--pooler``: the command receives ``dsn`` as a :class:`Dsn` carrying both."""
+    """``--dsn`` and ``--pooler``: the command receives ``dsn`` as a :class:`Dsn` (always a
+    ``postgresql://`` URI) carrying both. A missing DSN is one line naming ``--dsn``,
+    ``CHUNKD_DSN`` and ``DATABASE_URL``."""
     func = click.option(
         "--dsn",
         envvar=["CHUNKD_DSN", "DATABASE_URL"],
-        required=True,
         callback=_dsn_with_pooler,
-        help="PostgreSQL connection URI.  [env: CHUNKD_DSN, DATABASE_URL]",
+        help="PostgreSQL connection URI (postgresql://user@host/db) or libpq key=value pairs "
+        "(host=... dbname=...).  [env: CHUNKD_DSN, DATABASE_URL]",
     )(func)
     return click.option(
         "--pooler",

@@ -18,7 +18,12 @@ connection of its own.
 :class:`~chunkd.errors.JobNotFoundError` (a ``LookupError``); a database without the chunkd
 schema, or with an older one, :class:`~chunkd.errors.SchemaVersionError`. Like any failed
 statement, a refusal aborts the caller's open transaction. Connection, permission and
-serialization errors are the driver's own, as the caller's retry logic expects.
+serialization errors are the driver's own, as the caller's retry logic expects; a connection
+lost during a call (its backend terminated, a restart or failover, the network) is
+:class:`~chunkd.errors.ConnectionLostError` (a ``ConnectionError``), whichever driver saw it
+and however: whether the call took effect is unknown, so retry it on a new connection, with
+the same ``dedupe_key`` for an enqueue (docs: the Python client, Retrying after a lost
+connection).
 """
 
 from __future__ import annotations
@@ -33,16 +38,18 @@ from uuid import UUID
 
 from chunkd.client.common import (
     driver_of,
+    is_closed,
     job_id,
     job_params,
     jobs_param,
+    lost_connection,
     progress_document,
     translate_error,
     unsupported,
 )
 from chunkd.client.progress import Progress
 from chunkd.db.sql_files import queries
-from chunkd.errors import InvalidInputError, JobNotFoundError
+from chunkd.errors import ConnectionLostError, InvalidInputError, JobNotFoundError
 
 if TYPE_CHECKING:
     import asyncpg
@@ -57,6 +64,7 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
+    "ConnectionLostError",
     "InvalidInputError",
     "JobNotFoundError",
     "Progress",
@@ -75,6 +83,7 @@ async def _fetch(conn: AsyncConnection, name: str, args: Sequence[Any]) -> list[
     """Runs the named statement of ``sql/queries.sql`` on ``conn``; the rows as tuples."""
     sql = queries()[name]
     driver = driver_of(conn)
+    was_open = not is_closed(conn)
     try:
         if driver == "asyncpg":
             records = await conn.fetch(sql, *args)  # type: ignore[union-attr]
@@ -89,7 +98,8 @@ async def _fetch(conn: AsyncConnection, name: str, args: Sequence[Any]) -> list[
                     await cursor.execute(sql, args)
                     return await cursor.fetchall()
     except Exception as exc:
-        error = translate_error(exc)
+        call = name.removeprefix("client_")
+        error = lost_connection(exc, conn, call, was_open=was_open) or translate_error(exc)
         if error is None:
             raise
         raise error from exc
@@ -147,6 +157,8 @@ async def create_sync_job(
         InvalidInputError: a value chunkd refuses (e.g. ``chunks`` that is not a non-empty
             list, an empty ``dedupe_key``, a naive ``run_at``), with the server's message.
         SchemaVersionError: the database has no chunkd schema, or an older one.
+        ConnectionLostError: the connection was lost during the call; the job may or may
+            not exist: call again on a new connection with the same ``dedupe_key``.
         TypeError: ``conn`` is not a connection this module supports.
     """
     args = job_params(
@@ -173,7 +185,8 @@ async def create_sync_jobs(conn: AsyncConnection, jobs: Iterable[Mapping[str, An
     Raises:
         InvalidInputError: a job chunkd refuses; the message names it (``jobs[3]: ...``,
             counted from 0). Nothing is created.
-        SchemaVersionError, TypeError: as :func:`create_sync_job`.
+        SchemaVersionError, ConnectionLostError, TypeError: as :func:`create_sync_job` (a
+            retry after a lost connection is safe when every job has a ``dedupe_key``).
     """
     rows = await _fetch(conn, "client_create_sync_jobs", (jobs_param(jobs),))
     return [UUID(str(row[0])) for row in rows]

@@ -15,14 +15,22 @@ from typing import Any, Literal
 from uuid import UUID
 
 from chunkd.chunk import dumps_json
-from chunkd.errors import ChunkdError, InvalidInputError, JobNotFoundError, SchemaVersionError
+from chunkd.errors import (
+    ChunkdError,
+    ConnectionLostError,
+    InvalidInputError,
+    JobNotFoundError,
+    SchemaVersionError,
+)
 
 __all__ = [
     "Driver",
     "driver_of",
+    "is_closed",
     "job_id",
     "job_params",
     "jobs_param",
+    "lost_connection",
     "translate_error",
 ]
 
@@ -202,3 +210,58 @@ def translate_error(exc: BaseException) -> ChunkdError | None:
     if sqlstate.startswith("22") or (ours and sqlstate in ("54000", "55000")):
         return InvalidInputError(message)
     return None
+
+
+# SQLSTATEs that mean the session is gone: class 08 (connection exception), the backend
+# terminated (57P01 admin_shutdown: pg_terminate_backend or a fast shutdown; 57P02
+# crash_shutdown) or a server that is not accepting connections (57P03).
+_CONNECTION_CLASS = "08"
+_SESSION_ENDED = {"57P01", "57P02", "57P03"}
+
+
+def is_closed(conn: object) -> bool:
+    """Whether ``conn`` is closed or broken; False when it cannot tell (an asyncpg pool, which
+    replaces a broken connection by itself)."""
+    if driver_of(conn) == "psycopg":
+        return bool(getattr(conn, "broken", False) or getattr(conn, "closed", False))
+    closed = getattr(conn, "is_closed", None)
+    return bool(closed()) if callable(closed) else False
+
+
+def lost_connection(
+    exc: BaseException, conn: object, call: str, *, was_open: bool
+) -> ConnectionLostError | None:
+    """A :class:`~chunkd.errors.ConnectionLostError` when ``exc``, raised by ``call`` (a
+    function name, for the message) on ``conn``, means the connection was lost during the
+    call; else None.
+
+    Lost: a server error saying the session ended (SQLSTATE class 08, 57P01-57P03), a socket
+    error (``OSError``: reset, refused, timed out), or any driver error after which ``conn``
+    reports itself closed or broken (:func:`is_closed`), and asyncpg's
+    ``InternalClientError``, which is what a cut mid-statement can leave
+    (MagicStack/asyncpg#784, #1069). Not lost: a statement the server refused on a live
+    connection, and a connection that was closed before the call (``was_open`` False: the
+    driver's own error says so, and nothing was sent).
+    """
+    if not was_open:
+        return None
+    driver = driver_of(conn)
+    sqlstate = getattr(exc, "sqlstate", None)
+    cut = isinstance(sqlstate, str) and (
+        sqlstate.startswith(_CONNECTION_CLASS) or sqlstate in _SESSION_ENDED
+    )
+    cut = cut or isinstance(exc, OSError) or is_closed(conn)
+    if not cut and driver == "asyncpg":
+        import asyncpg
+
+        cut = isinstance(exc, asyncpg.InternalClientError)
+    if not cut:
+        return None
+    diag = getattr(exc, "diag", None)
+    reason = getattr(diag, "message_primary", None) or str(exc) or type(exc).__name__
+    reason = reason.splitlines()[0]
+    return ConnectionLostError(
+        f"the connection to the database was lost during {call} ({reason}); whether it took "
+        "effect is unknown: retry on a new connection (with the same dedupe_key, an enqueue "
+        "is not repeated)"
+    )

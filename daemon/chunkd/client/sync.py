@@ -3,7 +3,8 @@ arguments and errors, for a psycopg 3 ``Connection`` (extra ``chunkd[psycopg]``)
 
 A job is created inside the transaction ``conn`` is in: in a non-autocommit connection, or
 inside ``with conn.transaction():``, it commits or rolls back with the caller's own writes; in
-autocommit mode it is committed at once.
+autocommit mode it is committed at once. A connection lost during a call raises
+:class:`~chunkd.errors.ConnectionLostError`, as in :mod:`chunkd.client`.
 """
 
 from __future__ import annotations
@@ -17,16 +18,18 @@ from uuid import UUID
 
 from chunkd.client.common import (
     driver_of,
+    is_closed,
     job_id,
     job_params,
     jobs_param,
+    lost_connection,
     progress_document,
     translate_error,
     unsupported,
 )
 from chunkd.client.progress import Progress
 from chunkd.db.sql_files import queries
-from chunkd.errors import InvalidInputError, JobNotFoundError
+from chunkd.errors import ConnectionLostError, InvalidInputError, JobNotFoundError
 
 if TYPE_CHECKING:
     import psycopg
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
     Connection: TypeAlias = psycopg.Connection[Any]
 
 __all__ = [
+    "ConnectionLostError",
     "InvalidInputError",
     "JobNotFoundError",
     "Progress",
@@ -56,13 +60,15 @@ def _fetch(conn: Connection, name: str, args: Sequence[Any]) -> list[tuple[Any, 
         from psycopg.rows import tuple_row
 
         if isinstance(conn, psycopg.Connection):
+            was_open = not is_closed(conn)
             try:
                 # Tuples whatever row factory the caller's connection has (dict_row, ...).
                 with psycopg.RawCursor(conn, row_factory=tuple_row) as cursor:
                     cursor.execute(sql, args)
                     return cursor.fetchall()
             except Exception as exc:
-                error = translate_error(exc)
+                call = name.removeprefix("client_")
+                error = lost_connection(exc, conn, call, was_open=was_open) or translate_error(exc)
                 if error is None:
                     raise
                 raise error from exc

@@ -22,7 +22,8 @@ import asyncpg
 import structlog
 
 from chunkd.db.sql_files import queries
-from chunkd.errors import ConnectError, ServerNotReadyError
+from chunkd.dsn import to_uri
+from chunkd.errors import ConnectError, DatabaseUnavailableError, ServerNotReadyError
 from chunkd.redact import redact_dsn, scrub_password
 from chunkd.settings import pooler_mode
 
@@ -34,6 +35,7 @@ __all__ = [
     "DatabaseError",
     "backend_pid",
     "connect",
+    "connection_failure",
     "create_pool",
     "idle_session_timeout_s",
     "is_data_error",
@@ -209,16 +211,59 @@ async def _open(
 ) -> asyncpg.Connection:
     try:
         conn: asyncpg.Connection = await asyncpg.connect(
-            str(dsn), timeout=timeout_s, **route.connect_kwargs(application_name)
+            to_uri(dsn), timeout=timeout_s, **route.connect_kwargs(application_name)
         )
     except _CONNECT_ERRORS as exc:
         if _refused_startup_parameter(exc):
             raise
-        message = f"cannot connect to {redact_dsn(dsn)}: {_describe(exc, dsn)}"
-        if isinstance(exc, asyncpg.exceptions.CannotConnectNowError):
-            raise ServerNotReadyError(message) from None
-        raise ConnectError(message) from None
+        raise _connect_failed(dsn, exc) from None
     return conn
+
+
+# SQLSTATEs of a connection that failed or ended but may work again: class 08 (connection
+# exception), 53 (insufficient resources: too many connections, out of memory or disk), and a
+# backend terminated, crashed or not accepting connections yet. Anything else the server says
+# at connect (class 28: a wrong password or role; 3D000: no such database) needs the
+# settings changed.
+_UNAVAILABLE_CLASSES = ("08", "53")
+_UNAVAILABLE_STATES = {"57P01", "57P02", "57P03"}
+
+
+def connection_failure(exc: BaseException) -> str | None:
+    """The first line of ``exc`` when it means the database could not be reached or the
+    connection failed or was cut (worth trying again later: the CLI exits 75), else None.
+
+    That is a socket error (``ConnectionError``, ``TimeoutError``, a missing unix socket), a
+    server error of class 08 or 53 or a terminated backend (57P01-57P03), or asyncpg's own
+    errors about its side of the connection (``InterfaceError``, ``InternalClientError``).
+    The line never holds a DSN: none of these messages quotes one.
+    """
+    code = sqlstate(exc) or ""
+    failed = (
+        isinstance(exc, ConnectionError | TimeoutError | FileNotFoundError)
+        or code.startswith(_UNAVAILABLE_CLASSES)
+        or code in _UNAVAILABLE_STATES
+        or isinstance(exc, asyncpg.InterfaceError | asyncpg.InternalClientError)
+    )
+    if not failed:
+        return None
+    return (str(exc) or type(exc).__name__).splitlines()[0]
+
+
+def _connect_failed(dsn: str, exc: BaseException) -> ConnectError:
+    """The user-facing error for a failed connect: :class:`ServerNotReadyError` (starting up),
+    :class:`DatabaseUnavailableError` (unreachable, or a refusal that may pass: exit 75) or
+    :class:`ConnectError` (a refusal that needs the settings changed, a malformed DSN: exit 2)."""
+    message = f"cannot connect to {redact_dsn(dsn)}: {_describe(exc, dsn)}"
+    if isinstance(exc, asyncpg.exceptions.CannotConnectNowError):
+        return ServerNotReadyError(message)
+    # asyncpg's InterfaceError at connect is about the DSN or TLS settings: not a failure
+    # that passes by itself.
+    if isinstance(exc, OSError) or (
+        connection_failure(exc) is not None and not isinstance(exc, asyncpg.InterfaceError)
+    ):
+        return DatabaseUnavailableError(message)
+    return ConnectError(message)
 
 
 async def _route_and_connect(
@@ -263,7 +308,8 @@ async def connect(
 ) -> asyncpg.Connection:
     """A single connection (migrations, LISTEN, CLI commands), with errors made user-facing.
 
-    ``dsn`` may be a :class:`chunkd.settings.Dsn` carrying ``--pooler``; with ``auto`` (and for
+    ``dsn``: a ``postgresql://`` URI or libpq key=value pairs (:func:`chunkd.dsn.to_uri`); it
+    may be a :class:`chunkd.settings.Dsn` carrying ``--pooler``; with ``auto`` (and for
     a plain string) a connection pooler is detected. Built-ins resolve in ``pg_catalog`` first:
     ``search_path`` is pinned to ``pg_catalog, pg_temp`` except through a transaction pooler.
     The returned :class:`Connection` says whether it goes through a transaction pooler.
@@ -324,7 +370,7 @@ async def create_pool(dsn: str, *, size: int, timeout_s: float = 10.0) -> asyncp
 
     try:
         pool = await asyncpg.create_pool(
-            str(dsn),
+            to_uri(dsn),
             min_size=1,
             max_size=size,
             init=init,
@@ -335,7 +381,7 @@ async def create_pool(dsn: str, *, size: int, timeout_s: float = 10.0) -> asyncp
             **route.connect_kwargs("chunkd"),
         )
     except _CONNECT_ERRORS as exc:
-        raise ConnectError(f"cannot connect to {redact_dsn(dsn)}: {_describe(exc, dsn)}") from None
+        raise _connect_failed(dsn, exc) from None
     assert pool is not None
     return pool
 

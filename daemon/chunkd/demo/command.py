@@ -5,7 +5,9 @@ handler to write. Everything real is used — the migrations, ``create_sync_job(
 in-process with its LISTEN connection, leases, retries and audit trail — and only the handler
 is simulated (:mod:`chunkd.demo.handler`). Whatever happens (success, an error, Ctrl-C), the
 server is stopped and its temporary directory removed; ``--keep`` postpones that until the
-user presses Ctrl-C, so the database can be explored with psql first.
+user presses Ctrl-C, so the database can be explored with psql first. The daemon's log lines go
+to a file of their own in the system's temporary directory, which is kept (the last line
+printed says where), so the log the live view points to still exists after the run.
 
 Exit codes: 0 after a complete run (also after ``--keep`` ended by Ctrl-C); 130 when Ctrl-C
 (143 when SIGTERM) interrupts the run; 2 when no PostgreSQL can be found or started.
@@ -16,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shlex
 import signal
+import tempfile
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -280,6 +284,7 @@ def demo(chunks: int, concurrency: int, keep: bool) -> None:
         raise ChunkdError(str(exc)) from None
     cluster = PostgresCluster(fsync=False, bin_dir=bin_dir)
     log_file: IO[str] | None = None
+    log_path: Path | None = None
     code = 0
     try:
         console.print(f"starting a throwaway PostgreSQL from {bin_dir} ...", markup=False)
@@ -293,8 +298,10 @@ def demo(chunks: int, concurrency: int, keep: bool) -> None:
             f"PostgreSQL ready in {time.monotonic() - started:.1f}s; temp dir: {cluster.base_dir}",
             markup=False,
         )
-        log_path = cluster.base_dir / "chunkd-demo.log"
-        log_file = open(log_path, "w", encoding="utf-8")  # closed in finally
+        # Not in the cluster's directory, which is removed at the end: the view points to it.
+        log_fd, log_name = tempfile.mkstemp(prefix="chunkd-demo-", suffix=".log")
+        log_path = Path(log_name)
+        log_file = os.fdopen(log_fd, "w", encoding="utf-8")  # closed in finally
         log_format, log_level = _root_log_options()
         configure_logging(log_format, log_level, stream=log_file)
 
@@ -322,5 +329,7 @@ def demo(chunks: int, concurrency: int, keep: bool) -> None:
                 f"removed the throwaway PostgreSQL (server stopped, {base_dir} deleted)",
                 markup=False,
             )
+        if log_path is not None:
+            console.print(f"the daemon's log is kept: {log_path}", markup=False)
     if code:
         raise click.exceptions.Exit(code)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from chunkd.db import TRANSIENT_ERRORS, DatabaseError
 from chunkd.db.server_errors import describe_server_error
-from chunkd.errors import ChunkdError
+from chunkd.errors import ChunkdError, DatabaseUnavailableError
 
 if TYPE_CHECKING:
     import asyncpg
@@ -21,7 +21,8 @@ __all__ = ["database_errors"]
 def database_errors(
     conn: asyncpg.Connection | PoolConnectionProxy | None = None,
 ) -> Iterator[None]:
-    """Turns a server error into one ChunkdError line.
+    """Turns a server error into one ChunkdError line (a DatabaseUnavailableError, exit code
+    75, when the connection failed or the statement may pass if run again).
 
     Our SQL functions raise messages that start with ``chunkd: `` and are written for users;
     the prefix is dropped because the CLI prints ``chunkd: error: `` itself. A refusal names
@@ -33,9 +34,9 @@ def database_errors(
         yield
     except TRANSIENT_ERRORS as exc:
         # Connection cut, server restarting, a conflict: an operator command just says so,
-        # in one line (whether to run it again is the operator's call).
+        # in one line (whether to run it again is the operator's call; exit code 75).
         message = (str(exc) or type(exc).__name__).splitlines()[0]
-        raise ChunkdError(f"database unavailable, try again: {message}") from None
+        raise DatabaseUnavailableError(f"database unavailable, try again: {message}") from None
     except DatabaseError as exc:
         role = None
         if conn is not None:

@@ -121,8 +121,9 @@ INSERT INTO chunkd.schema_migrations (version, name) VALUES ($1, $2);
 SELECT d.path, d.checksum, d.fingerprint, d.applied_by FROM chunkd.schema_definitions d;
 
 -- name: definitions_applied
--- The same through a function, for a role with only EXECUTE grants (`chunkd run`'s check).
-SELECT d.path, d.checksum, d.applied_by FROM chunkd.schema_definitions() d;
+-- The same through a function, for a role with only EXECUTE grants (`chunkd run`'s check,
+-- `chunkd doctor`).
+SELECT d.path, d.checksum, d.fingerprint, d.applied_by FROM chunkd.schema_definitions() d;
 
 -- name: definitions_catalog
 -- Per definitions file ($1 paths, $2 kinds, $3 names: one element per object a file creates),

@@ -79,11 +79,16 @@ def compare_versions(a: str, b: str) -> int:
     return (left > right) - (left < right)
 
 
-async def catalog_state(conn: asyncpg.Connection) -> DefinitionsState:
-    """Reads the recorded checksums and the catalog (as the schema's owner, after migrations)."""
+async def catalog_state(
+    conn: asyncpg.Connection, *, through_function: bool = False
+) -> DefinitionsState:
+    """Reads the recorded checksums and the catalog: from the table as the schema's owner
+    (``chunkd migrate``), or ``through_function`` ``chunkd.schema_definitions()`` for a role
+    with only EXECUTE (``chunkd doctor``). Raises what the server raised."""
     q = queries()
     files = definitions()
-    recorded = {r["path"]: r for r in await conn.fetch(q["definitions_recorded"])}
+    recorded_query = "definitions_applied" if through_function else "definitions_recorded"
+    recorded = {r["path"]: r for r in await conn.fetch(q[recorded_query])}
     paths, kinds, names = [], [], []
     for d in files:
         for obj in d.objects:

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
+from chunkd.db.connection import DatabaseError
+from chunkd.db.definitions import catalog_state
 from chunkd.db.migrate import daemon_functions, schema_state
 from chunkd.db.server_errors import quote_role
-from chunkd.db.sql_files import queries
+from chunkd.db.sql_files import definitions, queries
 from chunkd.errors import ChunkdError
 from chunkd.ops.doctor.context import Context
 from chunkd.ops.doctor.findings import Finding, Level, not_checked
@@ -41,6 +43,8 @@ _WEB_ACTIONS = (
     "web_pause_sync_job",
     "web_resume_sync_job",
 )
+# What tells a role the schema's versions and definitions (chunkd.db.migrate.check_version).
+_SCHEMA = ("schema_definitions", "schema_versions")
 _FUNCTION = re.compile(r"\bchunkd\.([a-z_][a-z0-9_]*)\s*\(")
 _RELATION = re.compile(r"\bchunkd\.([a-z_][a-z0-9_]*)\b(?!\s*\()")
 
@@ -77,11 +81,11 @@ def role_needs() -> dict[str, Needs]:
         # The Python client's every call: enqueueing, and progress, cancel, retry.
         "client": _scan([sql for name, sql in queries().items() if name.startswith("client_")]),
         "flow": _scan([queries()[name] for name in _FLOW_BLOCKS]),
-        # + schema_versions(): chunkd web checks the schema's version at start-up.
-        "web": Needs(tuple(sorted({*pages.functions, "schema_versions"})), pages.relations),
+        # + the schema's bookkeeping: chunkd web checks the schema at start-up.
+        "web": Needs(tuple(sorted({*pages.functions, *_SCHEMA})), pages.relations),
         "web actions": _scan([web[name] for name in _WEB_ACTIONS]),
-        # chunkd doctor as a monitoring role: the registry, and the version for the schema.
-        "doctor": Needs(("schema_versions",), ("workers",)),
+        # chunkd doctor as a monitoring role: the registry, and the schema's bookkeeping.
+        "doctor": Needs(_SCHEMA, ("workers",)),
     }
 
 
@@ -123,17 +127,44 @@ async def schema_version(ctx: Context) -> Finding:
 
 
 async def definitions_changed_by_hand(ctx: Context) -> Finding:
-    """Functions and views of schema chunkd whose definition no longer matches what
-    ``chunkd migrate`` installed (someone ran CREATE OR REPLACE by hand).
-
-    Left for the reorganisation of ``sql/`` into current-definition files, whose checksums
-    ``chunkd migrate`` will record; until then this check reports that it did not run.
-    """
+    """Functions, views and triggers of schema chunkd whose definition no longer matches what
+    ``chunkd migrate`` installed: the catalog's text of each definitions file
+    (:func:`chunkd.db.definitions.catalog_state`) against the fingerprint recorded when it was
+    applied. A file this chunkd ships differently is the schema check's business (migrate)."""
+    try:
+        state = await catalog_state(ctx.conn, through_function=True)
+    except DatabaseError as exc:
+        return not_checked("definitions", f"cannot read the recorded definitions: {exc}")
+    details: dict[str, Any] = {
+        "edited": list(state.edited),
+        "missing": list(state.missing),
+        "changed": list(state.changed),
+    }
+    if state.missing:
+        return Finding(
+            "definitions",
+            Level.PROBLEM,
+            f"objects of sql/{state.missing[0]} are missing from the database"
+            + (f" (and of {len(state.missing) - 1} more files)" if len(state.missing) > 1 else ""),
+            "run chunkd migrate: it creates them again from its definitions",
+            details=details,
+        )
+    if state.edited:
+        return Finding(
+            "definitions",
+            Level.WARNING,
+            f"the definitions of sql/{state.edited[0]}"
+            + (f" and {len(state.edited) - 1} more files" if len(state.edited) > 1 else "")
+            + " were changed by hand since chunkd migrate applied them",
+            "compare them with the shipped files (pg_get_functiondef); chunkd migrate puts the "
+            "shipped ones back only when their file changes: reapply by hand or upgrade",
+            details=details,
+        )
     return Finding(
         "definitions",
         Level.OK,
-        "not checked yet: this chunkd records no checksums of the schema's definitions",
-        checked=False,
+        f"{len(definitions())} definition files as chunkd migrate applied them",
+        details=details,
     )
 
 

@@ -158,8 +158,8 @@ async def postpone(conn: asyncpg.Connection, job_id: UUID, delay: timedelta) -> 
         "WITH d AS (DELETE FROM chunkd.ready r USING chunkd.jobs j "
         "           WHERE j.id = r.job_id AND j.public_id = $1 RETURNING r.*) "
         "INSERT INTO chunkd.scheduled (chunk_id, job_id, seq, priority, kind, limited, claims, "
-        "                              attempt, run_at) "
-        "SELECT chunk_id, job_id, seq, priority, kind, limited, claims, attempt, now() + $2 "
+        "                              attempt, run_at, turn) "
+        "SELECT chunk_id, job_id, seq, priority, kind, limited, claims, attempt, now() + $2, seq "
         "FROM d",
         job_id,
         delay,

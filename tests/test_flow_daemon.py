@@ -213,11 +213,10 @@ async def test_concurrency_key_of_2_shared_by_5_jobs_never_exceeded_and_never_id
     span = _seconds(min(a["claimed_at"] for a in tenant_a), max(a["ended_at"] for a in tenant_a))
     busy = sum(_seconds(a["claimed_at"], a["ended_at"]) for a in tenant_a)
     assert busy / (2 * span) >= 0.85, f"the key's 2 slots were busy {busy / (2 * span):.0%}"
-    # The key's jobs take turns: every job's chunk 0, then every job's chunk 1, ... With two
-    # daemons a turn can slip by one (docs/flow-control.md: a claim picks its jobs before it
-    # locks the key), never more: no chunk is claimed while a chunk two turns earlier waits.
-    seqs = [a["seq"] for a in sorted(tenant_a, key=lambda a: (a["claimed_at"], a["seq"]))]
-    assert all(seq <= min(seqs[i:]) + 1 for i, seq in enumerate(seqs)), seqs
+    # The key's jobs take turns, exactly, across two daemons (each claim picks the key's jobs
+    # again under the key's lock): every job's chunk 0, then every job's chunk 1, ...
+    in_claim_order = sorted(tenant_a, key=lambda a: (a["claimed_at"], a["seq"]))
+    assert [a["seq"] for a in in_claim_order] == sorted(a["seq"] for a in tenant_a)
     # The other key proceeds beside it, up to its own limit.
     tenant_b = await _attempts(db, other)
     assert _peak([(a["claimed_at"], a["ended_at"]) for a in tenant_b]) == 4

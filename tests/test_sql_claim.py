@@ -147,14 +147,19 @@ async def test_small_job_behind_huge_job_is_served_within_first_batches(conn) ->
     assert (await status_counts(conn, big))["pending"] >= 1980
 
 
-async def test_fairness_when_big_job_already_progressed(conn) -> None:
+async def test_a_job_arriving_behind_a_progressed_one_takes_turns_with_it(conn) -> None:
+    """Fair turns: a job enqueued later is served in the current round, one chunk per turn
+    beside the job already under way; neither goes ahead of the other for all its chunks."""
     big = await create_job(conn, 500)
     for _ in range(10):
         await claim(conn, "w", 20)
     small = await create_job(conn, 5)
-    rows = await claim(conn, "w", 5)
-    assert {r["parent_sync_job_id"] for r in rows} == {small}
-    assert (await status_counts(conn, big))["pending"] == 300
+    rows = await claim(conn, "w", 10)
+    order = ["small" if r["parent_sync_job_id"] == small else "big" for r in rows]
+    assert order == ["big", "small"] * 5  # within a turn, first come first served
+    assert [r["seq"] for r in rows if r["parent_sync_job_id"] == small] == [0, 1, 2, 3, 4]
+    assert [r["seq"] for r in rows if r["parent_sync_job_id"] == big] == list(range(200, 205))
+    assert (await status_counts(conn, big))["pending"] == 295
 
 
 async def test_higher_priority_first(conn) -> None:

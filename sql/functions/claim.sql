@@ -33,17 +33,19 @@ RETURN greatest(
 --     order, only those already due (a waiting retry keeps its place);
 --   a job's max_per_second: as many as its bucket holds whole tokens;
 --   a concurrency key: (limit - in flight over all its unfinished jobs) chunks, in the order
---     below, so the key's jobs take turns (every job's chunk 0, then every job's chunk 1, ...);
+--     below, so the key's jobs take turns;
 --   a kind's rate: as many as its bucket holds whole tokens;
 --   paused jobs and kinds: none.
--- Then all that remains, and the unlimited chunks of other kinds, are taken by priority and seq
--- (fair across jobs), up to the batch. Each limit is applied to what passed the ones before, so
+-- Then all that remains, and the unlimited chunks of other kinds, are taken by priority and turn
+-- (fair across jobs: chunkd.current_turn), up to the batch. Each limit is applied to what passed the ones before, so
 -- a chunk held back late can leave an earlier limit under-used for this one claim; never over.
 --
 -- The work is bounded by the batch, not by how many jobs are under flow control: a first, cheap
 -- pass (one index probe per job, no locks) orders the jobs that may have something to run now
--- by priority and their next chunk's seq, keeps no more per key or per kind than that key or
--- kind has room for, and keeps the first batch_size; only those are locked and expanded.
+-- by priority and their next chunk's turn, keeps no more per key or per kind than that key or
+-- kind has room for, and keeps the first batch_size; only those are locked and expanded. Jobs
+-- of a concurrency key locked here are all picked again under its lock (a claim that committed
+-- meanwhile may have taken a turn the first pass counted on): the key's turns are exact.
 --
 -- Every limit is checked under the lock of its row, counted in a statement that starts after the
 -- lock was taken: concurrent claimers on any number of hosts never exceed one. Job, key and job
@@ -77,7 +79,8 @@ DECLARE
     rl_kinds text[] := '{}';        -- rate-limited kinds of this claim, locked
     rl_levels float8[] := '{}';     -- their buckets' levels at p_now
     pool_ids bigint[] := '{}';      -- unfinished jobs under flow control of these kinds
-    cand_ids bigint[] := '{}';      -- the jobs this claim looks at (first pass)
+    cand_ids bigint[] := '{}';      -- the jobs this claim looks at (first pass), and every
+                                    -- unfinished job of the concurrency keys it saw (re-picked)
     room_keys text[] := '{}';       -- the room the first pass saw per key and per kind: the
     room_key_n bigint[] := '{}';    -- pick takes no more (a slot freed meanwhile is claimed
     room_kinds text[] := '{}';      -- on its NOTIFY), so a key's or a kind's jobs take turns
@@ -140,28 +143,29 @@ BEGIN
                   SELECT 1 FROM chunkd.kind_flow k
                   WHERE k.kind = j.kind AND k.per_second IS NOT NULL))
     ), nexts AS (
-        SELECT i.*, n.first_seq
+        SELECT i.*, n.first_turn
         FROM jobs_in i
         CROSS JOIN LATERAL (
             SELECT CASE
                 WHEN i.max_concurrency IS NULL THEN
-                    (SELECT r.seq FROM chunkd.ready r WHERE r.job_id = i.id ORDER BY r.seq LIMIT 1)
+                    (SELECT r.turn FROM chunkd.ready r WHERE r.job_id = i.id ORDER BY r.seq LIMIT 1)
                 ELSE (
-                    SELECT min(x.seq) FILTER (WHERE x.due)
+                    SELECT min(x.turn) FILTER (WHERE x.due)
                     FROM (
-                        SELECT y.seq, y.due FROM (
-                            SELECT r.seq, true AS due FROM chunkd.ready r WHERE r.job_id = i.id
+                        SELECT y.turn, y.due FROM (
+                            SELECT r.seq, r.turn, true AS due FROM chunkd.ready r
+                            WHERE r.job_id = i.id
                             UNION ALL
-                            SELECT s.seq, false FROM chunkd.scheduled s WHERE s.job_id = i.id
+                            SELECT s.seq, NULL, false FROM chunkd.scheduled s WHERE s.job_id = i.id
                         ) y
                         ORDER BY y.seq
                         LIMIT greatest(0, i.max_concurrency - (
                             SELECT count(*) FROM chunkd.attempts a
                             WHERE a.job_id = i.id AND a.limited AND a.ended_at IS NULL))
                     ) x)
-            END AS first_seq
+            END AS first_turn
         ) n
-        WHERE n.first_seq IS NOT NULL
+        WHERE n.first_turn IS NOT NULL
           AND (i.max_per_second IS NULL OR EXISTS (
                   SELECT 1 FROM chunkd.job_rates jr
                   WHERE jr.job_id = i.id
@@ -181,13 +185,13 @@ BEGIN
         FROM chunkd.kind_flow k
         WHERE k.kind = ANY (rl_kinds)
     ), ranked AS (
-        SELECT n.id, n.priority, n.first_seq, n.created_at, kr.room AS key_room,
+        SELECT n.id, n.priority, n.first_turn, n.created_at, kr.room AS key_room,
                row_number() OVER (PARTITION BY n.concurrency_key
-                                  ORDER BY n.priority DESC, n.first_seq, n.created_at, n.id)
+                                  ORDER BY n.priority DESC, n.first_turn, n.created_at, n.id)
                    AS n_key,
                kd.room AS kind_room,
                row_number() OVER (PARTITION BY n.kind
-                                  ORDER BY n.priority DESC, n.first_seq, n.created_at, n.id)
+                                  ORDER BY n.priority DESC, n.first_turn, n.created_at, n.id)
                    AS n_kind
         FROM nexts n
         LEFT JOIN key_room kr ON kr.key = n.concurrency_key
@@ -197,13 +201,21 @@ BEGIN
                          SELECT r.id FROM ranked r
                          WHERE (r.key_room IS NULL OR r.n_key <= r.key_room)
                            AND (r.kind_room IS NULL OR r.n_kind <= r.kind_room)
-                         ORDER BY r.priority DESC, r.first_seq, r.created_at
+                         ORDER BY r.priority DESC, r.first_turn, r.created_at
                          LIMIT p_batch) c), '{}'),
            coalesce((SELECT array_agg(k.key) FROM key_room k), '{}'),
            coalesce((SELECT array_agg(k.room) FROM key_room k), '{}'),
            coalesce((SELECT array_agg(k.kind) FROM kind_room k), '{}'),
            coalesce((SELECT array_agg(k.room) FROM kind_room k), '{}')
     INTO cand_ids, room_keys, room_key_n, room_kinds, room_kind_n;
+
+    -- The keys' turns are picked again under their locks: every job of the keys seen.
+    IF cardinality(room_keys) > 0 THEN
+        cand_ids := cand_ids || ARRAY(
+            SELECT j.id FROM chunkd.jobs j
+            WHERE j.id = ANY (pool_ids) AND j.concurrency_key = ANY (room_keys)
+              AND NOT j.id = ANY (cand_ids));
+    END IF;
 
     -- Locks, on the chosen jobs only.
     SELECT coalesce(array_agg(j.id), '{}') INTO mc_ids
@@ -266,13 +278,14 @@ BEGIN
                   WHERE k.kind = j.kind AND k.per_second IS NOT NULL))
     ), win AS (
         SELECT c.id AS job_id, c.kind, c.priority, c.created_at, c.concurrency_key, c.rate_cap,
-               w.chunk_id, w.seq
+               w.chunk_id, w.seq, w.turn
         FROM cand c
         CROSS JOIN LATERAL (
-            SELECT y.chunk_id, y.seq, y.due FROM (
-                SELECT r.chunk_id, r.seq, true AS due FROM chunkd.ready r WHERE r.job_id = c.id
+            SELECT y.chunk_id, y.seq, y.turn, y.due FROM (
+                SELECT r.chunk_id, r.seq, r.turn, true AS due FROM chunkd.ready r
+                WHERE r.job_id = c.id
                 UNION ALL
-                SELECT s.chunk_id, s.seq, false FROM chunkd.scheduled s
+                SELECT s.chunk_id, s.seq, NULL, false FROM chunkd.scheduled s
                 WHERE s.job_id = c.id AND c.max_concurrency IS NOT NULL
             ) y
             ORDER BY y.seq
@@ -299,13 +312,13 @@ BEGIN
         WHERE l.key = ANY (key_names)
     ), by_key AS (
         SELECT x.*, row_number() OVER (PARTITION BY x.concurrency_key
-                                       ORDER BY x.priority DESC, x.seq, x.created_at,
+                                       ORDER BY x.priority DESC, x.turn, x.created_at,
                                                 x.job_id) AS n_key
         FROM by_job x
         WHERE x.rate_cap IS NULL OR x.n_job <= x.rate_cap
     ), by_kind AS (
         SELECT x.*, row_number() OVER (PARTITION BY x.kind
-                                       ORDER BY x.priority DESC, x.seq, x.created_at,
+                                       ORDER BY x.priority DESC, x.turn, x.created_at,
                                                 x.job_id) AS n_kind
         FROM by_key x
         LEFT JOIN key_free f ON f.key = x.concurrency_key
@@ -315,12 +328,12 @@ BEGIN
         FROM kind_level b
         LEFT JOIN unnest(room_kinds, room_kind_n) AS fp(kind, room) ON fp.kind = b.kind
     ), lim AS (
-        SELECT x.chunk_id, x.priority, x.seq
+        SELECT x.chunk_id, x.priority, x.turn
         FROM by_kind x
         LEFT JOIN kind_cap k ON k.kind = x.kind
         WHERE k.kind IS NULL OR x.n_kind <= k.cap
     ), unl AS (
-        SELECT q.chunk_id, q.priority, q.seq
+        SELECT q.chunk_id, q.priority, q.turn
         FROM chunkd.ready q
         WHERE NOT q.limited
           AND (p_kinds IS NULL OR cardinality(free_kinds) > 0)
@@ -330,13 +343,13 @@ BEGIN
               SELECT j.id FROM chunkd.jobs j
               WHERE j.paused_at IS NOT NULL AND j.finished_at IS NULL
                 AND j.cancelled_at IS NULL))
-        ORDER BY q.priority DESC, q.seq
+        ORDER BY q.priority DESC, q.turn, q.chunk_id
         LIMIT p_batch
         FOR UPDATE SKIP LOCKED
     ), chosen AS (
         SELECT c.chunk_id
         FROM (SELECT * FROM lim UNION ALL SELECT * FROM unl) c
-        ORDER BY c.priority DESC, c.seq
+        ORDER BY c.priority DESC, c.turn, c.chunk_id
         LIMIT p_batch
     )
     SELECT (SELECT array_agg(c.chunk_id) FROM chosen c),
@@ -356,7 +369,7 @@ BEGIN
     ), del AS (
         DELETE FROM chunkd.ready r
         WHERE r.ctid = ANY (ARRAY(SELECT l.ctid FROM locked l))
-        RETURNING r.chunk_id, r.job_id, r.seq, r.priority, r.kind, r.claims, r.attempt
+        RETURNING r.chunk_id, r.job_id, r.seq, r.priority, r.kind, r.claims, r.attempt, r.turn
     ), ins AS (
         -- limited = counts against a concurrency limit (its end frees a slot: NOTIFY)
         INSERT INTO chunkd.attempts (chunk_id, n, attempt, job_id, limited, worker_id,
@@ -387,7 +400,7 @@ BEGIN
     FROM del d
     JOIN chunkd.chunks c ON c.id = d.chunk_id
     JOIN chunkd.jobs j ON j.id = d.job_id
-    ORDER BY d.priority DESC, d.seq;
+    ORDER BY d.priority DESC, d.turn, d.chunk_id;
     GET DIAGNOSTICS n_claimed = ROW_COUNT;
 
     -- Short of a full batch because a bucket ran dry: say when to come back. The earliest of
@@ -511,10 +524,11 @@ BEGIN
             SELECT q.ctid FROM chunkd.ready q
             WHERE NOT q.limited AND (p_kinds IS NULL OR q.kind = ANY (p_kinds))
               AND NOT chunkd.flow_in_use(p_kinds)
-            ORDER BY q.priority DESC, q.seq
+            ORDER BY q.priority DESC, q.turn, q.chunk_id
             LIMIT p_batch
             FOR UPDATE SKIP LOCKED))
-        RETURNING r.chunk_id, r.job_id, r.seq, r.priority, r.kind, r.limited, r.claims, r.attempt
+        RETURNING r.chunk_id, r.job_id, r.seq, r.priority, r.kind, r.limited, r.claims, r.attempt,
+                  r.turn
     ), ins AS (
         INSERT INTO chunkd.attempts (chunk_id, n, attempt, job_id, limited, worker_id,
                                      lease_expires_at)
@@ -529,7 +543,7 @@ BEGIN
     FROM del d
     JOIN chunkd.chunks c ON c.id = d.chunk_id
     JOIN chunkd.jobs j ON j.id = d.job_id
-    ORDER BY d.priority DESC, d.seq;
+    ORDER BY d.priority DESC, d.turn, d.chunk_id;
     IF FOUND THEN
         RETURN;
     END IF;

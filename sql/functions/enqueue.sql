@@ -148,6 +148,7 @@ AS $$
 DECLARE
     j record;
     n int := jsonb_array_length(chunks);
+    first_turn bigint;
 BEGIN
     SELECT x.total_chunks, x.kind, x.priority,
            (x.max_concurrency IS NOT NULL OR x.max_per_second IS NOT NULL
@@ -158,14 +159,20 @@ BEGIN
         RAISE EXCEPTION 'chunkd: appending % chunks would make % in one job, above the limit '
             'of 1,000,000', n, j.total_chunks + n USING ERRCODE = '54000';
     END IF;
+    -- From the current turn, or after the job's last waiting chunk: its own chunks keep their
+    -- seq order.
+    first_turn := greatest(chunkd.current_turn(j.priority),
+                           (SELECT r.turn + 1 FROM chunkd.ready r WHERE r.job_id = job
+                            ORDER BY r.seq DESC LIMIT 1));
     WITH c AS (
         INSERT INTO chunkd.chunks (job_id, seq, payload)
         SELECT job, j.total_chunks + (e.ordinality - 1)::int, e.value
         FROM jsonb_array_elements(chunks) WITH ORDINALITY AS e(value, ordinality)
         RETURNING chunks.id, chunks.seq
     )
-    INSERT INTO chunkd.ready (chunk_id, job_id, seq, priority, kind, limited)
-    SELECT c.id, job, c.seq, j.priority, j.kind, j.limited FROM c;
+    INSERT INTO chunkd.ready (chunk_id, job_id, seq, priority, kind, limited, turn)
+    SELECT c.id, job, c.seq, j.priority, j.kind, j.limited, first_turn + c.seq - j.total_chunks
+    FROM c;
     UPDATE chunkd.jobs x
     SET total_chunks = x.total_chunks + n,
         appended_chunks = x.appended_chunks + CASE WHEN continued THEN n ELSE 0 END
@@ -333,15 +340,19 @@ BEGIN
             FROM made m
             CROSS JOIN LATERAL jsonb_array_elements(m.chunks) WITH ORDINALITY AS e(value, ordinality)
             RETURNING chunks.id, chunks.job_id, chunks.seq
+        ), turns AS (
+            -- A job's chunk n is served n turns after the current one (fair turns).
+            SELECT p.priority, chunkd.current_turn(p.priority) AS turn
+            FROM (SELECT DISTINCT m.priority FROM made m WHERE NOT m.later) p
         ), now_due AS (
-            INSERT INTO chunkd.ready (chunk_id, job_id, seq, priority, kind, limited)
-            SELECT c.id, c.job_id, c.seq, m.priority, m.kind, m.limited
-            FROM c JOIN made m ON m.id = c.job_id
+            INSERT INTO chunkd.ready (chunk_id, job_id, seq, priority, kind, limited, turn)
+            SELECT c.id, c.job_id, c.seq, m.priority, m.kind, m.limited, t.turn + c.seq
+            FROM c JOIN made m ON m.id = c.job_id JOIN turns t ON t.priority = m.priority
             WHERE NOT m.later
         ), due_later AS (
             INSERT INTO chunkd.scheduled (chunk_id, job_id, seq, priority, kind, limited, claims,
-                                          attempt, run_at)
-            SELECT c.id, c.job_id, c.seq, m.priority, m.kind, m.limited, 0, 0, m.run_at
+                                          attempt, run_at, turn)
+            SELECT c.id, c.job_id, c.seq, m.priority, m.kind, m.limited, 0, 0, m.run_at, c.seq
             FROM c JOIN made m ON m.id = c.job_id
             WHERE m.later
         )

@@ -100,8 +100,10 @@ BEGIN
                 INSERT INTO chunkd.chunks (job_id, seq, payload) VALUES (follow_id, 0, info)
                 RETURNING id
             )
-            INSERT INTO chunkd.ready (chunk_id, job_id, seq, priority, kind, limited)
-            SELECT c.id, follow_id, 0, f.priority, f.on_finish_kind, false FROM c;
+            INSERT INTO chunkd.ready (chunk_id, job_id, seq, priority, kind, limited, turn)
+            SELECT c.id, follow_id, 0, f.priority, f.on_finish_kind, false,
+                   chunkd.current_turn(f.priority)
+            FROM c;
         END IF;
         INSERT INTO chunkd.events (job_id, event, status, attempt, detail)
         VALUES (f.id, 'job_finished', f.status, 0,
@@ -111,8 +113,27 @@ BEGIN
 END;
 $$;
 
--- Requeued chunks keep their job's flow settings (they are immutable; pause is read by the
--- claim, never copied into queue rows).
+-- The queue's current turn at a priority: the lowest turn waiting there (0 when none waits).
+-- Chunks that join the queue get turns from here on, so a job enqueued now is served in the
+-- same round as the jobs already waiting, never ahead of a turn they reached, never behind all
+-- their chunks (start-time fair queuing: Goyal, Vin and Cheng, SIGCOMM 1996, with one unit per
+-- chunk). Two probes of the claim's indexes.
+CREATE OR REPLACE FUNCTION chunkd.current_turn(priority int) RETURNS bigint
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT coalesce(least(
+        (SELECT r.turn FROM chunkd.ready r
+         WHERE NOT r.limited AND r.priority = current_turn.priority ORDER BY r.turn LIMIT 1),
+        (SELECT r.turn FROM chunkd.ready r
+         WHERE r.limited AND r.priority = current_turn.priority ORDER BY r.turn LIMIT 1)), 0);
+END;
+
+-- Requeued chunks (a retry, a reap, a release, an operator's retry) keep their job's flow
+-- settings (they are immutable; pause is read by the claim, never copied into queue rows) and
+-- rejoin at the current turn: one chunk of a job per turn from there, so a job with many
+-- chunks back does not go ahead of the others for all of them. Due later, they keep that
+-- offset in `scheduled.turn` until promote_due adds the turn current then.
 CREATE OR REPLACE FUNCTION chunkd.requeue(chunk_ids bigint[], claims int[], attempts int[],
                                           run_in_s float8[])
 RETURNS void
@@ -122,24 +143,29 @@ BEGIN ATOMIC
     WITH input AS (
         SELECT i.chunk_id, i.claims, i.attempt, i.run_in_s, c.job_id, c.seq, j.priority, j.kind,
                (j.max_concurrency IS NOT NULL OR j.max_per_second IS NOT NULL
-                OR j.concurrency_key IS NOT NULL) AS limited
+                OR j.concurrency_key IS NOT NULL) AS limited,
+               row_number() OVER (PARTITION BY c.job_id, coalesce(i.run_in_s, 0) <= 0
+                                  ORDER BY c.seq) - 1 AS offset_
         FROM unnest(chunk_ids, claims, attempts, run_in_s)
              AS i(chunk_id, claims, attempt, run_in_s)
         JOIN chunkd.chunks c ON c.id = i.chunk_id
         JOIN chunkd.jobs j ON j.id = c.job_id
     ), now_due AS (
-        INSERT INTO chunkd.ready (chunk_id, job_id, seq, priority, kind, limited, claims, attempt)
-        SELECT i.chunk_id, i.job_id, i.seq, i.priority, i.kind, i.limited, i.claims, i.attempt
+        INSERT INTO chunkd.ready (chunk_id, job_id, seq, priority, kind, limited, claims, attempt,
+                                  turn)
+        SELECT i.chunk_id, i.job_id, i.seq, i.priority, i.kind, i.limited, i.claims, i.attempt,
+               chunkd.current_turn(i.priority) + i.offset_
         FROM input i WHERE coalesce(i.run_in_s, 0) <= 0
     )
     INSERT INTO chunkd.scheduled (chunk_id, job_id, seq, priority, kind, limited, claims,
-                                  attempt, run_at)
+                                  attempt, run_at, turn)
     SELECT i.chunk_id, i.job_id, i.seq, i.priority, i.kind, i.limited, i.claims, i.attempt,
-           now() + chunkd.seconds(i.run_in_s)
+           now() + chunkd.seconds(i.run_in_s), i.offset_
     FROM input i WHERE i.run_in_s > 0;
 END;
 
--- Due scheduled chunks join the ready queue (claims call this first; cheap when none is due).
+-- Due scheduled chunks join the ready queue (claims call this first; cheap when none is due),
+-- at the turn current at their priority plus the offset they hold.
 CREATE OR REPLACE FUNCTION chunkd.promote_due() RETURNS int
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
@@ -156,10 +182,15 @@ BEGIN
             SELECT x.ctid FROM chunkd.scheduled x WHERE x.run_at <= now()
             ORDER BY x.run_at LIMIT 10000 FOR UPDATE SKIP LOCKED))
         RETURNING s.*
+    ), turns AS (
+        SELECT p.priority, chunkd.current_turn(p.priority) AS turn
+        FROM (SELECT DISTINCT d.priority FROM due d) p
     ), moved AS (
-        INSERT INTO chunkd.ready (chunk_id, job_id, seq, priority, kind, limited, claims, attempt)
-        SELECT d.chunk_id, d.job_id, d.seq, d.priority, d.kind, d.limited, d.claims, d.attempt
-        FROM due d
+        INSERT INTO chunkd.ready (chunk_id, job_id, seq, priority, kind, limited, claims, attempt,
+                                  turn)
+        SELECT d.chunk_id, d.job_id, d.seq, d.priority, d.kind, d.limited, d.claims, d.attempt,
+               t.turn + d.turn
+        FROM due d JOIN turns t ON t.priority = d.priority
         RETURNING 1
     )
     SELECT count(*) INTO n FROM moved;

@@ -9,6 +9,7 @@ than the daemon can do). Before fair turns A got no claim at all in those 15 s.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections import Counter
@@ -50,7 +51,7 @@ def _most_claims_of_another_job_between(
     chunks any single other job got in the statements strictly between them."""
     worst: tuple[int, Any] = (0, None)
     with_job = [i for i, s in enumerate(statements) if any(c["job"] == job for c in s)]
-    for a, b in zip(with_job, with_job[1:], strict=False):
+    for a, b in itertools.pairwise(with_job):
         between = Counter(c["job"] for s in statements[a + 1 : b] for c in s if c["n"] == 1)
         if between:
             other, n = between.most_common(1)[0]
@@ -97,7 +98,7 @@ async def test_a_stream_of_small_jobs_does_not_starve_a_long_one(db, start) -> N
 async def test_turns_keep_a_jobs_seq_order_and_priority_first(conn) -> None:
     """SQL alone: a job arriving later is served in the current round; a higher priority
     still goes first; appended chunks follow the job's waiting ones."""
-    first = await create_job(conn, 30, kind="t")
+    await create_job(conn, 30, kind="t")
     await claim(conn, "w", 20, kinds=["t"])
     later = await create_job(conn, 3, kind="t")
     urgent = await create_job(conn, 2, kind="t", priority=5)
@@ -140,7 +141,7 @@ def _check_turns(served: list[tuple[UUID, int]], job: UUID) -> None:
     with work (the bound of docs/guarantees.md), plus one batch."""
     mine = [i for i, (j, _) in enumerate(served) if j == job]
     assert mine and mine[-1] >= len(served) - 4 * max(n for _, n in served), mine
-    for a, b in zip([-1, *mine], mine, strict=False):
+    for a, b in itertools.pairwise([-1, *mine]):
         unfinished = served[b][1]
         assert b - a - 1 <= 2 * (unfinished - 1) + 4, (a, b, unfinished)
 

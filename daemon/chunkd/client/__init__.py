@@ -63,6 +63,7 @@ __all__ = [
     "cancel",
     "create_sync_job",
     "create_sync_jobs",
+    "fetch_statement",
     "get_progress",
     "retry_failed",
     "wait",
@@ -71,8 +72,12 @@ __all__ = [
 _EXPECTED = "an asyncpg Connection or Pool, or a psycopg AsyncConnection"
 
 
-async def _fetch(conn: AsyncConnection, name: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
-    """Runs the named statement of ``sql/queries.sql`` on ``conn``; the rows as tuples."""
+async def fetch_statement(
+    conn: AsyncConnection, name: str, args: Sequence[Any]
+) -> list[tuple[Any, ...]]:
+    """Runs the named statement of ``sql/queries.sql`` on ``conn`` (either driver; also used
+    by :mod:`chunkd.testing`); the rows as tuples. A refusal chunkd names raises its
+    exception (:func:`~chunkd.client.common.translate_error`), anything else the driver's."""
     sql = queries()[name]
     driver = driver_of(conn)
     try:
@@ -153,7 +158,7 @@ async def create_sync_job(
         kind, chunks, payload, max_concurrency, max_attempts, priority, run_at, dedupe_key,
         open, on_finish_kind, max_per_second, concurrency_key,
     )  # fmt: skip
-    ((job,),) = await _fetch(conn, "client_create_sync_job", args)
+    ((job,),) = await fetch_statement(conn, "client_create_sync_job", args)
     return UUID(str(job))
 
 
@@ -175,7 +180,7 @@ async def create_sync_jobs(conn: AsyncConnection, jobs: Iterable[Mapping[str, An
             counted from 0). Nothing is created.
         SchemaVersionError, TypeError: as :func:`create_sync_job`.
     """
-    rows = await _fetch(conn, "client_create_sync_jobs", (jobs_param(jobs),))
+    rows = await fetch_statement(conn, "client_create_sync_jobs", (jobs_param(jobs),))
     return [UUID(str(row[0])) for row in rows]
 
 
@@ -187,7 +192,7 @@ async def get_progress(conn: AsyncConnection, job: UUID | str) -> Progress:
         InvalidInputError: ``job`` is not a UUID.
     """
     job = job_id(job)
-    ((text,),) = await _fetch(conn, "client_get_progress", (job,))
+    ((text,),) = await fetch_statement(conn, "client_get_progress", (job,))
     return Progress.from_document(progress_document(text, job))
 
 
@@ -237,7 +242,7 @@ async def cancel(conn: AsyncConnection, job: UUID | str) -> int:
         JobNotFoundError: no job has this id.
         InvalidInputError: ``job`` is not a UUID.
     """
-    ((count,),) = await _fetch(conn, "client_cancel", (job_id(job),))
+    ((count,),) = await fetch_statement(conn, "client_cancel", (job_id(job),))
     return int(count)
 
 
@@ -253,5 +258,5 @@ async def retry_failed(conn: AsyncConnection, job: UUID | str) -> int:
         InvalidInputError: the job is cancelled, or its dedupe key is held by another
             unfinished job, or ``job`` is not a UUID.
     """
-    ((count,),) = await _fetch(conn, "client_retry_failed", (job_id(job),))
+    ((count,),) = await fetch_statement(conn, "client_retry_failed", (job_id(job),))
     return int(count)

@@ -30,6 +30,20 @@ def _pytest(
     )  # fmt: skip
 
 
+def test_the_testing_page_shows_the_example_as_it_is() -> None:
+    """docs/testing.md's complete example is the tested one, file for file."""
+    from doc_snippets import blocks
+
+    shown = {}
+    for block in blocks(ROOT / "docs" / "testing.md"):
+        first, _, rest = block.text.partition("\n")
+        if block.lang == "python" and first.startswith("# ") and "/" in first:
+            shown[first[2:]] = rest
+    assert sorted(shown) == ["myapp/tasks.py", "tests/conftest.py", "tests/test_tasks.py"]
+    for path, text in shown.items():
+        assert text == (QUICKSTART / path).read_text(), f"docs/testing.md: {path} differs"
+
+
 @pytest.mark.slow
 def test_the_quickstart_examples_tests_pass(pg_server: TestServer) -> None:
     done = _pytest(QUICKSTART, env={"CHUNKD_TEST_DSN": pg_server.admin_dsn})

@@ -1,5 +1,6 @@
 import asyncpg
 import pytest
+
 from myapp import tasks
 
 

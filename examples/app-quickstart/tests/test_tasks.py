@@ -6,11 +6,11 @@ from decimal import Decimal
 
 import asyncpg
 import pytest
-from myapp import tasks
-from myapp.tasks import Invoice, Mailbox, MailPage, TaxRate, app
 
 import chunkd
 import chunkd.testing
+from myapp import tasks
+from myapp.tasks import Invoice, Mailbox, MailPage, TaxRate, app
 
 
 async def stored(db, address="ada@example.com"):

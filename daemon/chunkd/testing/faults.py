@@ -32,7 +32,7 @@ from chunkd.db import ClaimedRow
 from chunkd.runtime.invoke import chunk_of
 from chunkd.testing.running import Run, Runner, runner
 
-__all__ = ["Redelivery", "SimulationError", "Trigger", "lose_lease", "run_twice"]
+__all__ = ["Redelivery", "SimulationError", "Trigger", "kinds_of", "lose_lease", "run_twice"]
 
 # When a simulated fault strikes: seconds after the handler started, an asyncio.Event being
 # set, or a condition (a function, async or not, returning True) checked every 10 ms.
@@ -110,7 +110,7 @@ async def run_twice(
     Raises:
         SimulationError: no runnable chunk.
     """
-    async with runner(dsn, _kinds(app, kind), chunk_timeout_s) as run:
+    async with runner(dsn, kinds_of(app, kind), chunk_timeout_s) as run:
         row = await claim_first(run, kind)
         chunk = chunk_of(row)
         called = await run.call(app.handlers()[row.kind], chunk)
@@ -139,7 +139,7 @@ async def lose_lease(
     Raises:
         SimulationError: no runnable chunk; the handler finished before ``at``.
     """
-    async with runner(dsn, _kinds(app, kind), chunk_timeout_s) as run:
+    async with runner(dsn, kinds_of(app, kind), chunk_timeout_s) as run:
         row = await claim_first(run, kind)
         chunk = chunk_of(row)
         task = run.start(app.handlers()[row.kind], chunk)
@@ -180,7 +180,8 @@ async def wait_for_trigger(at: Trigger, finished: Callable[[], bool], what: str)
         await asyncio.sleep(POLL_S)
 
 
-def _kinds(app: App, kind: str | None) -> list[str]:
+def kinds_of(app: App, kind: str | None) -> list[str]:
+    """``[kind]``, or every kind of the app; LookupError for a kind it does not handle."""
     if kind is None:
         return app.kinds
     app.registered(kind)  # LookupError for a kind the app does not handle

@@ -22,6 +22,7 @@ from chunkd.testing.faults import (
     SimulationError,
     Trigger,
     claim_first,
+    kinds_of,
     redeliver,
     wait_for_trigger,
 )
@@ -72,7 +73,7 @@ async def kill_mid_chunk(
             message has its error); the handler finished before ``at``.
     """
     spec = app_spec or app_spec_of(app)
-    async with runner(dsn, app.kinds if kind is None else [kind], chunk_timeout_s) as run:
+    async with runner(dsn, kinds_of(app, kind), chunk_timeout_s) as run:
         row = await claim_first(run, kind)
         request = {
             "spec": spec,

@@ -37,9 +37,14 @@ def test_the_testing_page_shows_the_example_as_it_is() -> None:
     shown = {}
     for block in blocks(ROOT / "docs" / "testing.md"):
         first, _, rest = block.text.partition("\n")
-        if block.lang == "python" and first.startswith("# ") and "/" in first:
+        if block.lang in ("python", "toml") and first.startswith("# "):
             shown[first[2:]] = rest
-    assert sorted(shown) == ["myapp/tasks.py", "tests/conftest.py", "tests/test_tasks.py"]
+    assert sorted(shown) == [
+        "myapp/tasks.py",
+        "pyproject.toml",
+        "tests/conftest.py",
+        "tests/test_tasks.py",
+    ]
     for path, text in shown.items():
         assert text == (QUICKSTART / path).read_text(), f"docs/testing.md: {path} differs"
 

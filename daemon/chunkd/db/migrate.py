@@ -183,10 +183,10 @@ async def check_version(conn: asyncpg.Connection) -> SchemaState:
 def daemon_functions() -> tuple[str, ...]:
     """The chunkd functions the daemon's statements call: every named block of
     ``sql/queries.sql`` except the operator commands (``ops_``), the Python client's
-    (``client_``) and ``migrate_``."""
+    (``client_``), ``migrate_`` and ``chunkd.testing``'s (``testing_``)."""
     names: set[str] = set()
     for name, sql in queries().items():
-        if not name.startswith(("ops_", "client_", "migrate_")):
+        if not name.startswith(("ops_", "client_", "migrate_", "testing_")):
             names.update(re.findall(r"\bchunkd\.([a-z_][a-z0-9_]*)\(", sql))
     return tuple(sorted(names))
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from chunkd.db import connect
+from chunkd.db import connect, validate_identifier
 from chunkd.db.migrate import apply_migrations
 from chunkd.demo.cluster import ClusterError, PostgresCluster
 
@@ -123,7 +123,7 @@ async def create_template(server: TestServer) -> str:
     name = f"chunkd_template_{uuid.uuid4().hex[:12]}"
     admin = await connect(server.admin_dsn)
     try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
+        await admin.execute(f"CREATE DATABASE {_quoted(name)}")
     finally:
         await admin.close()
     conn = await connect(server.dsn(name))
@@ -141,7 +141,9 @@ async def create_database(server: TestServer, prefix: str = "chunkd_test") -> st
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = await connect(server.admin_dsn)
     try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}" STRATEGY FILE_COPY')
+        await admin.execute(
+            f"CREATE DATABASE {_quoted(name)} TEMPLATE {_quoted(template)} STRATEGY FILE_COPY"
+        )
     finally:
         await admin.close()
     return name
@@ -154,7 +156,7 @@ async def drop_database(server: TestServer, name: str, *, attempts: int = 50) ->
         try:
             admin = await connect(server.admin_dsn)
             try:
-                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                await admin.execute(f"DROP DATABASE IF EXISTS {_quoted(name)} WITH (FORCE)")
             finally:
                 await admin.close()
             return
@@ -162,6 +164,11 @@ async def drop_database(server: TestServer, name: str, *, attempts: int = 50) ->
             if attempt == attempts - 1:
                 raise
             await asyncio.sleep(0.1)
+
+
+def _quoted(name: str) -> str:
+    """A database name chunkd made, checked and quoted (CREATE DATABASE takes no parameters)."""
+    return f'"{validate_identifier(name)}"'
 
 
 def in_thread(make: Callable[[], Coroutine[Any, Any, T]]) -> T:

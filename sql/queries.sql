@@ -605,3 +605,45 @@ SELECT pg_catalog.pg_notify($1, $2);
 
 -- name: doctor_clock
 SELECT pg_catalog.clock_timestamp();
+
+-- chunkd.testing (tests of applications, on a throwaway database; never the daemon)
+
+-- name: testing_fast_forward
+-- drain(): the chunks of kinds $1 that wait for a retry's backoff or their job's run_at become
+-- due now. How many.
+WITH delayed_jobs AS (
+    UPDATE chunkd.jobs SET run_at = pg_catalog.now()
+    WHERE run_at > pg_catalog.now() AND kind = ANY ($1::text[])
+    RETURNING id
+), due AS (
+    UPDATE chunkd.scheduled SET run_at = pg_catalog.now()
+    WHERE run_at > pg_catalog.now() AND kind = ANY ($1::text[])
+    RETURNING chunk_id
+)
+SELECT pg_catalog.count(*)::int FROM due;
+
+-- name: testing_release
+-- The simulators hand back chunks they claimed while looking for one (without spending the
+-- attempt): $1 the worker, $2 the chunks' queue ids.
+SELECT chunkd.release_chunks($1::text, $2::uuid[]);
+
+-- name: testing_enqueued
+-- assert_enqueued(): the jobs of kind $1 (NULL: any) whose payload contains $2 (jsonb @>;
+-- NULL: any) and one of whose chunks' payloads contains $3 (NULL: any), oldest first, with the
+-- chunks' payloads in seq order.
+SELECT j.id, j.kind, j.payload::text,
+       (SELECT pg_catalog.jsonb_agg(c.payload ORDER BY c.seq)
+        FROM chunkd.chunked_sync_jobs c WHERE c.sync_job_id = j.id)::text AS chunks
+FROM chunkd.sync_jobs j
+WHERE ($1::text IS NULL OR j.kind = $1::text)
+  AND ($2::jsonb IS NULL OR j.payload @> $2::jsonb)
+  AND ($3::jsonb IS NULL OR EXISTS (SELECT 1 FROM chunkd.chunked_sync_jobs c
+                                    WHERE c.sync_job_id = j.id AND c.payload @> $3::jsonb))
+ORDER BY j.created_at, j.id;
+
+-- name: testing_results
+-- results(): a job's chunks in seq order: status, result (JSON text) and error.
+SELECT q.seq, q.status, q.result::text, q.error_message
+FROM chunkd.chunk_processing_queue q
+WHERE q.parent_sync_job_id = $1::uuid
+ORDER BY q.seq;

@@ -85,3 +85,8 @@ async def non_json(chunk: Chunk) -> Any:
 
 async def sys_exit(chunk: Chunk) -> None:
     sys.exit(3)
+
+
+def pages(chunk: Chunk) -> Any:
+    """A generator: not a handler (a spec naming one is refused at start-up)."""
+    yield chunk.seq

@@ -1,8 +1,10 @@
-"""A real PostgreSQL for every test, found in the order of SPEC §7.
+"""A real PostgreSQL for every test: the server of chunkd's own pytest plugin
+(``chunkd.testing``, SPEC §7), found in this order:
 
 1. ``CHUNKD_TEST_DSN``: a server you run (a role that may create databases);
-2. testcontainers, when a Docker engine answers a ping within 2 s;
-3. a throwaway cluster from local server binaries (run as an unprivileged user under root).
+2. a throwaway cluster from local server binaries (run as an unprivileged user under root),
+   or those of the embedded extra;
+3. testcontainers, when a Docker engine answers a ping within 2 s.
 
 Each test gets its own database cloned from a migrated template. With ``CI`` set, finding no
 Postgres fails the run instead of skipping it.
@@ -10,89 +12,24 @@ Postgres fails the run instead of skipping it.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
 from chunkd.db import connect
-from chunkd.db.migrate import apply_migrations
-from chunkd.demo.cluster import ClusterError, PostgresCluster
+from chunkd.demo.cluster import PostgresCluster
+from chunkd.testing.server import TestServer, create_database, drop_database
 
-TEMPLATE_DB = "chunkd_test_template"
-
-
-@dataclass
-class PgServer:
-    """Where the test databases live; ``cluster`` is set only when we manage the server."""
-
-    admin_dsn: str
-    cluster: PostgresCluster | None = None
-
-    def dsn(self, dbname: str) -> str:
-        parts = urlsplit(self.admin_dsn)
-        return urlunsplit(parts._replace(path=f"/{dbname}"))
-
-
-def _docker_dsn() -> tuple[str, contextlib.AbstractContextManager[object]] | None:
-    try:
-        import docker  # type: ignore[import-untyped]
-        from testcontainers.postgres import PostgresContainer  # type: ignore[import-untyped]
-    except ImportError:
-        return None
-    try:
-        # Without a short probe a silent Docker socket blocks for 60 s.
-        docker.from_env(timeout=2).ping()
-    except Exception:
-        return None
-    container = PostgresContainer("postgres:16-alpine", driver=None)
-    container.start()
-    return container.get_connection_url(), contextlib.closing(_Stopper(container))
-
-
-class _Stopper:
-    def __init__(self, container: object) -> None:
-        self._container = container
-
-    def close(self) -> None:
-        self._container.stop()  # type: ignore[attr-defined]
-
-
-def _no_postgres(reason: str) -> None:
-    message = f"no PostgreSQL for the tests: {reason}"
-    if os.environ.get("CI"):
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
+# The plugin's session server is the suite's too.
+PgServer = TestServer
 
 
 @pytest.fixture(scope="session")
-def pg_server() -> Iterator[PgServer]:
-    external = os.environ.get("CHUNKD_TEST_DSN")
-    if external:
-        yield PgServer(admin_dsn=external)
-        return
-    docker = _docker_dsn()
-    if docker is not None:
-        dsn, stopper = docker
-        with stopper:
-            yield PgServer(admin_dsn=dsn)
-        return
-    try:
-        cluster = PostgresCluster(fsync=False)
-        cluster.start()
-    except ClusterError as exc:
-        _no_postgres(str(exc))
-        return
-    try:
-        yield PgServer(admin_dsn=cluster.dsn("postgres"), cluster=cluster)
-    finally:
-        cluster.cleanup()
+def pg_server(chunkd_server: TestServer) -> TestServer:
+    return chunkd_server
 
 
 @pytest.fixture(scope="session")
@@ -111,22 +48,6 @@ async def _admin(pg_server: PgServer) -> asyncpg.Connection:
     return await connect(pg_server.admin_dsn)
 
 
-@pytest.fixture(scope="session")
-async def template_db(pg_server: PgServer) -> str:
-    admin = await _admin(pg_server)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
-    finally:
-        await admin.close()
-    conn = await connect(pg_server.dsn(TEMPLATE_DB))
-    try:
-        await apply_migrations(conn)
-    finally:
-        await conn.close()
-    return TEMPLATE_DB
-
-
 @dataclass
 class TestDatabase:
     name: str
@@ -135,28 +56,14 @@ class TestDatabase:
 
 
 @pytest.fixture
-async def database(pg_server: PgServer, template_db: str) -> AsyncIterator[TestDatabase]:
-    """A fresh migrated database for one test, dropped afterwards (connections and all)."""
-    name = f"chunkd_test_{uuid.uuid4().hex[:12]}"
-    admin = await _admin(pg_server)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}" STRATEGY FILE_COPY')
-    finally:
-        await admin.close()
+async def database(pg_server: PgServer) -> AsyncIterator[TestDatabase]:
+    """A fresh migrated database for one test, dropped afterwards (connections and all; the
+    server may have been restarted by a fault test: the drop waits for it)."""
+    name = await create_database(pg_server)
     try:
         yield TestDatabase(name=name, dsn=pg_server.dsn(name), server=pg_server)
     finally:
-        # The server may have been restarted by a fault test: retry the drop briefly.
-        for _ in range(50):
-            try:
-                admin = await _admin(pg_server)
-                try:
-                    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-                finally:
-                    await admin.close()
-                break
-            except Exception:
-                await asyncio.sleep(0.1)
+        await drop_database(pg_server, name)
 
 
 @pytest.fixture

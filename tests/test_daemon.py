@@ -306,7 +306,8 @@ async def test_two_processes_on_2000_chunks_never_run_a_chunk_twice(db, start) -
 async def test_unknown_handler_and_bad_schema_are_clear_startup_errors(
     database, start, conn
 ) -> None:
-    bad = start("--handler", "test=no_such_module:handle")
+    # At info: one line (at debug the import's traceback comes first: tests/test_app_cli.py).
+    bad = start("--handler", "test=no_such_module:handle", log_level="info")
     assert await bad.wait(20) == 2
     assert "cannot import handler module 'no_such_module'" in bad.log_text()
     assert "Traceback" not in bad.log_text()

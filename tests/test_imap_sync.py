@@ -115,3 +115,46 @@ async def test_a_mailbox_synced_by_continuation_survives_a_sigkill(
         assert reaped >= 1, "the killed daemon held a page, recovered by the reaper"
     finally:
         await listener.close()
+
+
+async def test_the_example_under_chunkd_testing_a_page_run_twice_stores_it_once(
+    database, imap: ImapServer, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    import imap_sync
+
+    import chunkd.testing
+
+    monkeypatch.setattr(imap_sync, "_pool", None)  # the handlers' pool, on this test's database
+    monkeypatch.setenv("CHUNKD_DSN", database.dsn)
+    monkeypatch.setenv("IMAP_SYNC_PASSWORD", imap.password)
+    conn = await asyncpg.connect(database.dsn)  # the default search_path, as the example's
+    try:
+        await conn.execute((EXAMPLE / "schema.sql").read_text())
+        mailbox = {"host": imap.host, "port": imap.port, "user": imap.user, "page_size": 100}
+        await chunkd.create_sync_job(conn, "imap_plan", [{}], payload=mailbox)
+        planned = await chunkd.testing.drain(imap_sync.app, database.dsn, kinds=["imap_plan"])
+        assert planned["completed"] == 1
+        await chunkd.testing.assert_enqueued(conn, kind="imap_sync", count=len(FOLDERS))
+
+        twice = await chunkd.testing.run_twice(imap_sync.app, database.dsn, kind="imap_sync")
+        assert [run.outcome for run in twice.runs] == ["lost", "completed"]
+        assert twice.first.result == twice.second.result  # the same page, synced twice
+        assert await conn.fetchval("SELECT count(*) FROM imap_messages") == 100
+
+        counts = await chunkd.testing.drain(imap_sync.app, database.dsn, raise_errors=True)
+        assert counts["failed"] == counts["retried"] == 0
+        rows = await conn.fetch("SELECT folder, message_id FROM imap_messages")
+        assert len(rows) == len({(r["folder"], r["message_id"]) for r in rows}) == 2000
+        totals = await conn.fetch(
+            "SELECT payload->>'folder' AS folder, total_chunks FROM chunkd.sync_jobs "
+            "WHERE kind = 'imap_sync'"
+        )
+        # One chunk per page: the lost first delivery appended no page.
+        assert {t["folder"]: t["total_chunks"] for t in totals} == {
+            folder: -(-count // 100) for folder, count in FOLDERS.items()
+        }
+    finally:
+        await conn.close()
+        if imap_sync._pool is not None:
+            await imap_sync._pool.close()

@@ -1,5 +1,6 @@
 """chunkd: a durable chunk-processing daemon for PostgreSQL."""
 
+from chunkd.app import App
 from chunkd.chunk import Chunk, Continue, PermanentError, RetryLater
 from chunkd.client import (
     Progress,
@@ -14,6 +15,7 @@ from chunkd.errors import ConnectionLostError, InvalidInputError, JobNotFoundErr
 from chunkd.version import __version__
 
 __all__ = [
+    "App",
     "Chunk",
     "ConnectionLostError",
     "Continue",

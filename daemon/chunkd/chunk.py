@@ -19,10 +19,11 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import FrozenInstanceError, dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, Generic
 from uuid import UUID
 
 import orjson
+from typing_extensions import TypeVar
 
 __all__ = [
     "MAX_RESULT_BYTES",
@@ -99,14 +100,21 @@ def dumps_json(value: Any, *, ensure_ascii: bool = True) -> str:
 
 _UNDECODED: Any = object()
 
+# The types of a chunk's payload and job payload: ``Chunk[MailPage, Mailbox]`` for a handler
+# registered with those payload types (chunkd.App), plain ``Chunk`` (decoded JSON) otherwise.
+P = TypeVar("P", default=Any)
+J = TypeVar("J", default=Any)
 
-class Chunk:
+
+class Chunk(Generic[P, J]):
     """One claimed chunk, immutable so a handler cannot corrupt what the worker reports.
 
     ``payload`` and ``job_payload`` are the decoded JSON (numbers exact: :class:`int`, or
-    :class:`decimal.Decimal` for non-integers). ``idempotency_key`` stays the same across
-    attempts of the same chunk: handlers run at least once, so anything they write outside
-    Postgres should be keyed on it.
+    :class:`decimal.Decimal` for non-integers), or, for a handler registered on a
+    :class:`chunkd.App` with payload types, instances of those types
+    (``Chunk[MailPage, Mailbox]``). ``idempotency_key`` stays the same across attempts of the
+    same chunk: handlers run at least once, so anything they write outside Postgres should be
+    keyed on it.
     """
 
     __slots__ = (
@@ -161,9 +169,9 @@ class Chunk:
         *,
         payload_json: str,
         job_payload_json: str,
-    ) -> Chunk:
+    ) -> Chunk[Any, Any]:
         """A chunk whose payloads are JSON text, as claimed: decoded only when first read."""
-        chunk = cls.__new__(cls)
+        chunk: Chunk[Any, Any] = cls.__new__(cls)
         chunk._set(queue_id, chunk_id, sync_job_id, seq, attempt, kind)
         object.__setattr__(chunk, "_payload", _UNDECODED)
         object.__setattr__(chunk, "_job_payload", _UNDECODED)
@@ -185,21 +193,34 @@ class Chunk:
             object.__setattr__(self, name, value)
 
     @property
-    def payload(self) -> Any:
+    def payload(self) -> P:
         """The chunk's own payload, decoded JSON (decoded when first read: a payload too deep
         for Python raises :class:`RecursionError` here, in the handler that reads it)."""
         if self._payload is _UNDECODED:
             assert self._payload_json is not None
             object.__setattr__(self, "_payload", loads_json(self._payload_json))
-        return self._payload
+        return self._payload  # type: ignore[no-any-return]
 
     @property
-    def job_payload(self) -> Any:
+    def job_payload(self) -> J:
         """The job's payload (the same for every chunk of the job), decoded JSON."""
         if self._job_payload is _UNDECODED:
             assert self._job_payload_json is not None
             object.__setattr__(self, "_job_payload", loads_json(self._job_payload_json))
-        return self._job_payload
+        return self._job_payload  # type: ignore[no-any-return]
+
+    def with_payloads(self, payload: Any, job_payload: Any) -> Chunk[Any, Any]:
+        """This chunk with other payload values (the typed payloads :class:`chunkd.App` hands
+        its handlers); the ids are the same, and the JSON wire form (:meth:`to_json`) stays the
+        text the chunk was claimed with."""
+        chunk: Chunk[Any, Any] = Chunk.__new__(Chunk)
+        chunk._set(self.queue_id, self.chunk_id, self.sync_job_id, self.seq, self.attempt,
+                   self.kind)  # fmt: skip
+        object.__setattr__(chunk, "_payload", payload)
+        object.__setattr__(chunk, "_job_payload", job_payload)
+        object.__setattr__(chunk, "_payload_json", self._payload_json)
+        object.__setattr__(chunk, "_job_payload_json", self._job_payload_json)
+        return chunk
 
     @property
     def idempotency_key(self) -> str:
@@ -283,7 +304,7 @@ class Chunk:
         raise FrozenInstanceError(f"cannot delete field {name!r}")
 
 
-def _chunk_from_json(*args: Any) -> Chunk:
+def _chunk_from_json(*args: Any) -> Chunk[Any, Any]:
     *ids, payload_json, job_payload_json = args
     return Chunk.from_json(*ids, payload_json=payload_json, job_payload_json=job_payload_json)
 

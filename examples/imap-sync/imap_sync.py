@@ -40,7 +40,10 @@ import asyncpg
 import chunkd
 from chunkd import Chunk, Continue, PermanentError
 
-__all__ = ["plan", "sync_folder"]
+__all__ = ["app", "plan", "sync_folder"]
+
+# `chunkd run imap_sync:app` from this directory runs both handlers.
+app = chunkd.App()
 
 DEFAULT_PAGE_SIZE = 200
 _pool: asyncpg.Pool | None = None
@@ -148,6 +151,7 @@ def _fetch_page(
         client.logout()
 
 
+@app.handler("imap_sync")
 async def sync_folder(chunk: Chunk) -> Continue:
     """One page of one folder (module docstring)."""
     cfg = {**chunk.job_payload, **chunk.payload}
@@ -181,6 +185,7 @@ def _folder_key(cfg: dict[str, Any], folder: str) -> str:
     return name if len(name) <= 256 else hashlib.sha256(name.encode()).hexdigest()
 
 
+@app.handler("imap_plan")
 async def plan(chunk: Chunk) -> dict[str, Any]:
     """The planner: one ``imap_sync`` job per folder of the mailbox in the job payload.
 

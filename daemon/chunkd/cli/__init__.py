@@ -87,10 +87,12 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"chunkd: error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
     except ChunkdError as exc:
+        _show_cause(exc)
         click.echo(f"chunkd: error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except ValueError as exc:
         # HandlerError and bad header options land here: user input, one line.
+        _show_cause(exc)
         click.echo(f"chunkd: error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
     except Exception as exc:
@@ -108,6 +110,20 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"chunkd: error: {line}", err=True)
         sys.exit(EXIT_USAGE)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _show_cause(exc: Exception) -> None:
+    """At ``--log-level debug``, the traceback of what caused a one-line error (an exception
+    raised while importing a handler or app module), before that line."""
+    import logging
+
+    import structlog
+
+    cause = exc.__cause__
+    if cause is not None and structlog.get_logger().is_enabled_for(logging.DEBUG):
+        import traceback
+
+        click.echo("".join(traceback.format_exception(cause)).rstrip(), err=True)
 
 
 def _server_refusal(exc: Exception) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import click
@@ -72,7 +73,16 @@ def _fail_line(message: str, code: int) -> int:
 
 
 @click.command()
+@click.argument("app", required=False, envvar="CHUNKD_APP")
 @dsn_option
+@click.option(
+    "--app-dir",
+    default=".",
+    show_default=True,
+    envvar="CHUNKD_APP_DIR",
+    help="Put this directory first on the import path (APP and module:function handlers are "
+    "imported from it).  [env: CHUNKD_APP_DIR]",
+)
 @click.option(
     "--handler",
     "handlers",
@@ -80,7 +90,7 @@ def _fail_line(message: str, code: int) -> int:
     type=LINE,
     envvar="CHUNKD_HANDLER",
     help="KIND=SPEC, repeatable; SPEC is module:function, http:URL or exec:COMMAND. "
-    "Also the chunkd.handlers entry points.  [env: CHUNKD_HANDLER, one per line]",
+    "Wins over APP and the chunkd.handlers entry points.  [env: CHUNKD_HANDLER, one per line]",
 )
 @click.option(
     "--concurrency",
@@ -204,7 +214,9 @@ def _fail_line(message: str, code: int) -> int:
     help="Tests only: read the schedule clock from this file (ISO 8601).",
 )
 def run(
+    app: str | None,
     dsn: str,
+    app_dir: str,
     handlers: tuple[str, ...],
     concurrency: int,
     lease: float,
@@ -222,7 +234,12 @@ def run(
     schedule_interval: float,
     schedule_clock_file: str | None,
 ) -> None:
-    """Run the daemon: claim chunks and run their handlers until SIGTERM/SIGINT."""
+    """Run the daemon: claim chunks and run their handlers until SIGTERM/SIGINT.
+
+    APP is a chunkd.App as module:attribute (myapp.tasks:app), imported from --app-dir (the
+    current directory by default).  [env: CHUNKD_APP]
+    """
+    from chunkd.app import load_app, put_on_import_path
     from chunkd.handlers import HandlerOptions, load_handlers
     from chunkd.handlers.http import headers_from_env, parse_header_option
     from chunkd.settings import RunSettings
@@ -252,12 +269,18 @@ def run(
         )
     except ValueError as exc:
         raise ChunkdError(str(exc)) from None
+    put_on_import_path(app_dir)
+    in_app = load_app(app, app_dir).handlers() if app and app.strip() else {}
     registry = load_handlers(
-        list(handlers), HandlerOptions(timeout_s=chunk_timeout, http_headers=headers)
+        list(handlers),
+        HandlerOptions(timeout_s=chunk_timeout, http_headers=headers),
+        app_dir=app_dir,
+        base=in_app,
     )
     if not registry.handlers:
         raise ChunkdError(
-            "no handlers: pass --handler KIND=SPEC or install a chunkd.handlers entry point"
+            "no handlers: pass an app (chunkd run myapp.tasks:app), --handler KIND=SPEC, or "
+            "install a chunkd.handlers entry point"
         )
     run_async(_run_until_signalled(settings, registry))
 
@@ -277,6 +300,10 @@ async def _run_until_signalled(settings: RunSettings, registry: HandlerRegistry)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    # Plain-def handlers run in the default executor: as many threads as chunks may run.
+    loop.set_default_executor(
+        ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="chunkd-handler")
+    )
     try:
         await run_daemon(settings, registry, stop)
     finally:

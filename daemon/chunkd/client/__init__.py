@@ -71,6 +71,7 @@ __all__ = [
     "cancel",
     "create_sync_job",
     "create_sync_jobs",
+    "fetch_statement",
     "get_progress",
     "retry_failed",
     "wait",
@@ -79,8 +80,12 @@ __all__ = [
 _EXPECTED = "an asyncpg Connection or Pool, or a psycopg AsyncConnection"
 
 
-async def _fetch(conn: AsyncConnection, name: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
-    """Runs the named statement of ``sql/queries.sql`` on ``conn``; the rows as tuples."""
+async def fetch_statement(
+    conn: AsyncConnection, name: str, args: Sequence[Any]
+) -> list[tuple[Any, ...]]:
+    """Runs the named statement of ``sql/queries.sql`` on ``conn`` (either driver; also used
+    by :mod:`chunkd.testing`); the rows as tuples. A refusal chunkd names raises its
+    exception (:func:`~chunkd.client.common.translate_error`), anything else the driver's."""
     sql = queries()[name]
     driver = driver_of(conn)
     was_open = not is_closed(conn)
@@ -165,7 +170,7 @@ async def create_sync_job(
         kind, chunks, payload, max_concurrency, max_attempts, priority, run_at, dedupe_key,
         open, on_finish_kind, max_per_second, concurrency_key,
     )  # fmt: skip
-    ((job,),) = await _fetch(conn, "client_create_sync_job", args)
+    ((job,),) = await fetch_statement(conn, "client_create_sync_job", args)
     return UUID(str(job))
 
 
@@ -188,7 +193,7 @@ async def create_sync_jobs(conn: AsyncConnection, jobs: Iterable[Mapping[str, An
         SchemaVersionError, ConnectionLostError, TypeError: as :func:`create_sync_job` (a
             retry after a lost connection is safe when every job has a ``dedupe_key``).
     """
-    rows = await _fetch(conn, "client_create_sync_jobs", (jobs_param(jobs),))
+    rows = await fetch_statement(conn, "client_create_sync_jobs", (jobs_param(jobs),))
     return [UUID(str(row[0])) for row in rows]
 
 
@@ -200,7 +205,7 @@ async def get_progress(conn: AsyncConnection, job: UUID | str) -> Progress:
         InvalidInputError: ``job`` is not a UUID.
     """
     job = job_id(job)
-    ((text,),) = await _fetch(conn, "client_get_progress", (job,))
+    ((text,),) = await fetch_statement(conn, "client_get_progress", (job,))
     return Progress.from_document(progress_document(text, job))
 
 
@@ -250,7 +255,7 @@ async def cancel(conn: AsyncConnection, job: UUID | str) -> int:
         JobNotFoundError: no job has this id.
         InvalidInputError: ``job`` is not a UUID.
     """
-    ((count,),) = await _fetch(conn, "client_cancel", (job_id(job),))
+    ((count,),) = await fetch_statement(conn, "client_cancel", (job_id(job),))
     return int(count)
 
 
@@ -266,5 +271,5 @@ async def retry_failed(conn: AsyncConnection, job: UUID | str) -> int:
         InvalidInputError: the job is cancelled, or its dedupe key is held by another
             unfinished job, or ``job`` is not a UUID.
     """
-    ((count,),) = await _fetch(conn, "client_retry_failed", (job_id(job),))
+    ((count,),) = await fetch_statement(conn, "client_retry_failed", (job_id(job),))
     return int(count)

@@ -304,10 +304,11 @@ async def _definitions_check(conn: asyncpg.Connection) -> str | None:
 def daemon_functions() -> tuple[str, ...]:
     """The chunkd functions the daemon's statements call: every named block of
     ``sql/queries.sql`` except the operator commands (``ops_``), the Python client's
-    (``client_``), ``migrate_`` and ``chunkd doctor``'s (``doctor_``)."""
+    (``client_``), ``migrate_``, ``chunkd doctor``'s (``doctor_``) and ``chunkd.testing``'s
+    (``testing_``)."""
     names: set[str] = set()
     for name, sql in queries().items():
-        if not name.startswith(("ops_", "client_", "migrate_", "doctor_")):
+        if not name.startswith(("ops_", "client_", "migrate_", "doctor_", "testing_")):
             names.update(re.findall(r"\bchunkd\.([a-z_][a-z0-9_]*)\(", sql))
     return tuple(sorted(names))
 

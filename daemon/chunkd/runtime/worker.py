@@ -1,4 +1,5 @@
-"""Running one claimed chunk: build the Chunk, call its handler under a timeout, report.
+"""Running one claimed chunk: build the Chunk, call its handler under a timeout
+(:mod:`chunkd.runtime.invoke`), report.
 
 Whatever the handler does (returns junk, raises, hangs, calls sys.exit, raises a
 ``CancelledError`` of its own, raises an exception whose ``str()`` fails) becomes an outcome of
@@ -16,19 +17,12 @@ from typing import Any
 
 import structlog
 
-from chunkd.chunk import (
-    MAX_RESULT_BYTES,
-    Chunk,
-    Continue,
-    PermanentError,
-    RetryLater,
-    dumps_json,
-)
 from chunkd.db import ClaimedRow
 from chunkd.handlers import Handler
 from chunkd.observability.metrics import Metrics
 from chunkd.runtime.inflight import InFlight
-from chunkd.runtime.outcomes import Outcome, Outcomes, describe_exception
+from chunkd.runtime.invoke import chunk_of, invoke
+from chunkd.runtime.outcomes import Outcome, Outcomes
 
 __all__ = ["Worker"]
 
@@ -85,73 +79,11 @@ class Worker:
                 self._inflight.settled(row)
 
     async def _call_handler(self, row: ClaimedRow) -> Outcome:
-        handler = self._handlers[row.kind]
-        chunk = Chunk.from_json(
-            queue_id=row.queue_id,
-            chunk_id=row.chunk_id,
-            sync_job_id=row.sync_job_id,
-            seq=row.seq,
-            attempt=row.attempt,
-            kind=row.kind,
-            payload_json=row.payload_json,
-            job_payload_json=row.job_payload_json,
+        # The chunk timeout is InFlight's: it cancels this task and marks the claim.
+        called = await invoke(
+            self._handlers[row.kind],
+            chunk_of(row),
+            timed_out=lambda: self._inflight.timed_out(row),
+            timeout_s=self._timeout_s,
         )
-        try:
-            # The chunk timeout is InFlight's: it cancels this task and marks the claim.
-            result = await handler(chunk)
-        except (
-            Exception,
-            asyncio.CancelledError,
-            SystemExit,
-            KeyboardInterrupt,
-            GeneratorExit,
-        ) as exc:
-            # SystemExit too: a handler calling sys.exit() fails its chunk, not the daemon.
-            return self._failure(row, exc)
-        if self._inflight.timed_out(row):
-            # It swallowed the timeout's cancellation and returned: its result stands.
-            self._uncancel_timeout()
-        if isinstance(result, Continue):
-            from chunkd.runtime.continuation import continuation_outcome
-
-            return continuation_outcome(result)
-        try:
-            # dumps_json: a Decimal (as handlers get for non-integers) is written exactly.
-            result_json = None if result is None else dumps_json(result)
-        except (TypeError, ValueError, RecursionError) as exc:
-            # Deterministic: the same code returns the same value next time. Fail for good.
-            error = f"handler returned a value that is not JSON: {exc}"
-            return Outcome(error=error, retryable=False)
-        if result_json is not None and len(result_json) > MAX_RESULT_BYTES:
-            error = f"handler result is {len(result_json)} bytes, above the {MAX_RESULT_BYTES}"
-            return Outcome(
-                error=f"{error}-byte limit (store big results elsewhere)", retryable=False
-            )
-        return Outcome(result_json=result_json)
-
-    def _failure(self, row: ClaimedRow, exc: BaseException) -> Outcome:
-        """The outcome of a handler that raised ``exc`` (or was cancelled)."""
-        if self._inflight.timed_out(row):
-            # The chunk timeout cancelled it, whatever the handler made of the cancellation.
-            if self._uncancel_timeout():
-                return Outcome(error=f"timed out after {self._timeout_s:g}s")
-            raise exc if isinstance(exc, asyncio.CancelledError) else asyncio.CancelledError()
-        if isinstance(exc, asyncio.CancelledError):
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise exc  # the daemon's cancellation: the lease is gone, or a stop
-            # The handler's own (it cancelled an inner task and let that propagate): a failure
-            # of this chunk like any other exception, not a reason to drop the chunk.
-            return Outcome(error=describe_exception(exc))
-        if isinstance(exc, PermanentError):
-            return Outcome(error=describe_exception(exc), retryable=False)
-        if isinstance(exc, RetryLater):
-            return Outcome(error=describe_exception(exc), retry_in_s=exc.delay_s)
-        return Outcome(error=describe_exception(exc))
-
-    @staticmethod
-    def _uncancel_timeout() -> bool:
-        """Takes back the timeout's cancellation of this task; False when another one (the
-        daemon's: a lost lease, a stop) is still pending."""
-        task = asyncio.current_task()
-        return task is None or task.uncancel() == 0
+        return called.outcome

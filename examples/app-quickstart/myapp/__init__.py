@@ -1,0 +1,1 @@
+"""myapp: a small application whose background work runs on chunkd."""

@@ -10,6 +10,7 @@ bandwidth limit).
 Run it as its own process, so its CPU shows apart from the daemon's::
 
     python bench/delay_proxy.py --upstream /tmp/sock/.s.PGSQL.5432 --delay-ms 1
+    python bench/delay_proxy.py --self-check    # what it costs, and that it delays right
 
 It prints the port it listens on (127.0.0.1) as one line on stdout once it accepts
 connections, and runs until SIGTERM/SIGINT. ``--upstream`` is a unix socket path or
@@ -27,6 +28,7 @@ import collections
 import contextlib
 import ctypes
 import heapq
+import json
 import math
 import os
 import signal
@@ -276,9 +278,84 @@ async def _serve(upstream: str, delay_s: float, loop_kind: str) -> None:
     await proxy.close()
 
 
+async def _self_check(delay_ms: float, loop_kind: str, n: int = 2000) -> dict[str, object]:
+    """Round trips to an echo server, direct and through a proxy process at ``delay_ms``
+    each way; then 100 writes 0.2 ms apart through it: each should come back ~2x the delay
+    after it was sent (not serialised) and in order."""
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    proxy = await asyncio.create_subprocess_exec(
+        *(sys.executable, __file__, "--upstream", f"127.0.0.1:{port}"),
+        *("--delay-ms", str(delay_ms), "--loop", loop_kind),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proxy.stdout is not None
+    proxy_port = int(await proxy.stdout.readline())
+
+    async def round_trips(target: int) -> tuple[float, float]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", target)
+        rtts = []
+        for _ in range(n):
+            sent = time.perf_counter()
+            writer.write(b"x")
+            await reader.readexactly(1)
+            rtts.append((time.perf_counter() - sent) * 1000)
+        writer.close()
+        rtts.sort()
+        return rtts[n // 2], rtts[int(n * 0.99)]
+
+    def cpu_s() -> float:
+        fields = open(f"/proc/{proxy.pid}/stat").read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    direct = await round_trips(port)
+    cpu_before = cpu_s()
+    proxied = await round_trips(proxy_port)
+    cpu_us = (cpu_s() - cpu_before) / n * 1e6
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
+    sent_at: list[float] = []
+    arrived: list[tuple[int, float]] = []
+
+    async def read_back() -> None:
+        buffer = b""
+        while len(arrived) < 100:
+            buffer += await reader.read(65536)
+            while len(buffer) >= 4:
+                arrived.append((int(buffer[:4]), time.perf_counter()))
+                buffer = buffer[4:]
+
+    reading = asyncio.create_task(read_back())
+    for i in range(100):
+        sent_at.append(time.perf_counter())
+        writer.write(b"%04d" % i)
+        await asyncio.sleep(0.0002)
+    await reading
+    writer.close()
+    late = sorted((t - sent_at[i]) * 1000 for i, t in arrived)
+    proxy.terminate()
+    await proxy.wait()
+    server.close()
+    return {
+        "delay_ms_each_way": delay_ms,
+        "loop": loop_kind,
+        "rtt_ms_direct_p50_p99": [round(x, 3) for x in direct],
+        "rtt_ms_proxied_p50_p99": [round(x, 3) for x in proxied],
+        "proxy_cpu_us_per_round_trip": round(cpu_us, 1),
+        "pipelined_100_sent_over_ms": round((sent_at[-1] - sent_at[0]) * 1000, 1),
+        "pipelined_late_ms_p50_max": [round(late[50], 3), round(late[-1], 3)],
+        "pipelined_in_order": [i for i, _ in arrived] == list(range(100)),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--upstream", required=True, help="unix socket path or HOST:PORT")
+    parser.add_argument("--upstream", help="unix socket path or HOST:PORT")
     parser.add_argument("--delay-ms", type=float, default=1.0, help="each way (default 1)")
     parser.add_argument(
         "--loop",
@@ -288,9 +365,21 @@ def main(argv: list[str] | None = None) -> int:
         "on select(2), whose timeout is in microseconds (epoll's and libuv's timers round to "
         "whole milliseconds, which would blur a 1 ms delay by up to 1 ms)",
     )
+    parser.add_argument(
+        "--self-check",
+        action="store_true",
+        help="measure the proxy at 0 ms and at --delay-ms against an echo server; JSON lines",
+    )
     args = parser.parse_args(argv)
     if args.delay_ms < 0:
         parser.error("--delay-ms must be >= 0")
+    if args.self_check:
+        with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(SelectSelector())) as r:
+            for delay_ms in sorted({0.0, args.delay_ms}):
+                print(json.dumps(r.run(_self_check(delay_ms, args.loop))), flush=True)
+        return 0
+    if not args.upstream:
+        parser.error("--upstream is required")
     if args.loop == "uvloop":
         import uvloop
 

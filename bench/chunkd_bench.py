@@ -47,8 +47,14 @@ HISTORY_CHUNKS = int(os.environ.get("CHUNKD_BENCH_HISTORY", "1000000"))
 
 
 def daemon_settings(scenario: str, dsn: str) -> RunSettings:
-    """The settings chunkd runs with in each scenario (printed with the result)."""
+    """The settings chunkd runs with in each scenario (printed with the result).
+
+    ``CHUNKD_BENCH_DAEMON_DSN``, when set, is the daemon's own DSN (the same database,
+    e.g. through bench/delay_proxy.py as from another host); setup, producer and the
+    drained-yet check keep ``dsn``.
+    """
     concurrency = {"noop": 200, "sleep10": 50, "latency": 10}.get(scenario, 50)
+    dsn = os.environ.get("CHUNKD_BENCH_DAEMON_DSN") or dsn
     return RunSettings(dsn=dsn, concurrency=concurrency, lease_s=60, poll_interval_s=30)
 
 

@@ -3,7 +3,7 @@
 One command, one throwaway cluster (fsync on, synchronous_commit on), a fresh database per
 run, every measurement repeated (min/median reported), one table with ratios at the end:
 
-    python bench/run.py            # about 5 minutes on 2 cores
+    python bench/run.py            # about 10 minutes on 2 cores
     python bench/run.py --quick    # fewer jobs, one repeat: a smoke test of the harness
 
 Rows:
@@ -17,6 +17,9 @@ Rows:
   can be vacuumed. chunkd and PGQueuer (best settings), each as a ratio of its own clean run;
   the clean and held runs are interleaved (order rotated each rep) and the ratio is taken
   within each rep, median over reps;
+- the daemon on another host: bench/remote_bench.py as a sub-step (its own cluster), chunkd's
+  no-op and latency scenarios with the daemon's connections through bench/delay_proxy.py at
+  1 ms each way and at 0 ms, and over plain loopback TCP, each beside the direct figure;
 - 10 ms handler, latency, and chunkd-only rows (claim cost, processes, memory, and enqueue
   through the Python client: bench/enqueue_bench.py).
 
@@ -215,6 +218,30 @@ class Bench:
         self.results.append(entry)
         return entry
 
+    async def remote(self, quick: bool) -> dict[str, Any]:
+        """bench/remote_bench.py as a sub-step (the daemon through a 1 ms each-way proxy);
+        it starts and removes its own throwaway cluster."""
+        label = "daemon on another host (remote_bench.py)"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(BENCH / "remote_bench.py"),
+            *(["--quick"] if quick else []),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        out, _ = await proc.communicate()
+        lines = out.decode().strip().splitlines()
+        try:
+            result = json.loads(lines[-1])
+        except (IndexError, json.JSONDecodeError):
+            result = {"error": f"no JSON output (exit {proc.returncode})"}
+        result["label"] = label
+        ratio = result.get("noop", {}).get("proxy1", {}).get("ratio_to_direct")
+        print(f"  {label:<34} {result.get('error') or ratio}", file=sys.stderr, flush=True)
+        entry = {"label": label, "runs": [result]}
+        self.results.append(entry)
+        return entry
+
 
 def _values(entry: dict[str, Any], key: str) -> list[float]:
     return [r[key] for r in entry["runs"] if isinstance(r.get(key), int | float)]
@@ -276,6 +303,39 @@ def _sql_cost_rows(entry: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+def _remote_rows(entry: dict[str, Any]) -> list[tuple[str, str]]:
+    report = entry["runs"][0]
+    if "error" in report:
+        return [("daemon on another host (remote_bench.py)", f"error: {report['error']}")]
+    noop, lat = report["noop"], report["latency"]
+    direct, direct_lat = noop["direct"]["per_second_median"], lat["direct"]
+
+    def through(variant: str) -> str:
+        n = noop[variant]
+        return f"{n['per_second_median']:,.0f} ({n['ratio_to_direct']:.2f}x direct)"
+
+    def latency(variant: str) -> str:
+        v = lat[variant]
+        return (
+            f"{v['p50_ms']:.2f} / {v['p99_ms']:.2f} (p50 {v['p50_ms'] - direct_lat['p50_ms']:+.2f}"
+            f" ms vs direct)"
+        )
+
+    return [
+        ("daemon <-> PostgreSQL through bench/delay_proxy.py (remote_bench.py)", ""),
+        ("  no-op jobs/s, direct (unix socket), median", f"{direct:,.0f}"),
+        ("  no-op through the proxy at 0 ms", through("proxy0")),
+        ("  no-op over loopback TCP, no proxy", through("tcp")),
+        ("  no-op through a 1 ms each-way proxy (target >= 0.8x)", through("proxy1")),
+        (
+            "  latency at 200/s, ms p50 / p99, direct",
+            f"{direct_lat['p50_ms']:.2f} / {direct_lat['p99_ms']:.2f}",
+        ),
+        ("  the same through the proxy at 0 ms", latency("proxy0")),
+        ("  the same through a 1 ms proxy (target p50 <= +4 ms)", latency("proxy1")),
+    ]
+
+
 async def main(args: argparse.Namespace) -> int:
     jobs = {"noop": 20_000, "sleep10": 10_000, "peer_slow": 5_000, "processes": 10_000}
     if args.quick:
@@ -292,6 +352,8 @@ async def main(args: argparse.Namespace) -> int:
         b = Bench(cluster, python, repeats)
         print("SQL contract alone (its own cluster)", file=sys.stderr)
         sql_cost = await b.sql_cost(args.quick)
+        print("daemon on another host (its own cluster)", file=sys.stderr)
+        remote = await b.remote(args.quick)
         cluster.start()
         print("no-op throughput, clean and with a held snapshot, interleaved", file=sys.stderr)
         noop_args = ["--scenario", "noop", "--jobs", str(jobs["noop"])]
@@ -456,6 +518,7 @@ async def main(args: argparse.Namespace) -> int:
         ("latency at 200/s, ms p50 / p99 (median of runs)", ""),
         ("  chunkd", f"{_median(chunkd_lat, 'p50_ms'):.2f} / {_median(chunkd_lat, 'p99_ms'):.2f}"),
         ("  PGQueuer", f"{_median(pgq_lat, 'p50_ms'):.2f} / {_median(pgq_lat, 'p99_ms'):.2f}"),
+        *_remote_rows(remote),
         ("claim+complete with 1M finished chunks vs empty", ""),
         ("  cost ratio (<= 1.2 is flat)", _min_med(claim, "ratio", "{:.2f}")),
         ("chunkd processes, 10 ms handler, jobs/s", ""),

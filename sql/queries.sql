@@ -230,14 +230,16 @@ ORDER BY w.version, w.worker_id;
 -- The listener's liveness check: a connection that died silently fails this.
 SELECT 1;
 
--- name: claim_or_wait
+-- name: claim_batch
 -- `id` is the chunk's internal key: outcomes, heartbeats and releases use it. The payloads as
 -- the text jsonb prints, so handlers get every number exactly as stored. A row with id NULL
--- carries only wait_s: rate limits held chunks back, come back in wait_s seconds. $5: seconds
--- until this claimer comes back anyway (a turn it holds), or NULL.
+-- carries only wait_s: rate limits held chunks back, come back in wait_s seconds; -1: work
+-- under flow control waits for a free slot, claim again when one frees. $5: seconds
+-- until this claimer comes back anyway (a turn it holds), or NULL. $6: how many of the $2 can
+-- start now (the rest is prefetch: no work under flow control there).
 SELECT id, queue_id, chunk_id, sync_job_id, seq, attempt, kind, payload::text,
        job_payload::text, lease_expires_at, wait_s
-FROM chunkd.claim_or_wait($1, $2, $3, $4, $5);
+FROM chunkd.claim_batch($1, $2, $3, $4, $5, $6);
 
 -- name: complete_attempts
 SELECT id FROM chunkd.complete_attempts($1, $2, $3, $4) AS id;
@@ -248,6 +250,10 @@ SELECT chunkd.complete_and_append($1, $2, $3, $4::jsonb, $5::jsonb);
 
 -- name: fail_attempt
 SELECT chunkd.fail_attempt($1, $2, $3, $4, $5, $6, $7, $8);
+
+-- name: release_attempts
+-- Prefetched claims not started in time go back to the queue (no attempt spent).
+SELECT chunkd.release_attempts($1, $2);
 
 -- name: renew_leases
 -- The ids whose lease was renewed: a held id missing here is no longer ours.

@@ -115,7 +115,7 @@ async def test_kind_limited_to_20_per_second_holds_fleet_wide_and_idles_cheaply(
 ) -> None:
     """600 short chunks of a kind limited to 20/s, 3 daemons of concurrency 16: every 5 s window
     of completions within 20/s +-10 %, and fewer than 10 claim statements per second in all
-    (the daemons' calls of chunkd.claim_or_wait, counted by the server)."""
+    (the daemons' calls of chunkd.claim_batch, counted by the server)."""
     await db.execute(f"ALTER DATABASE \"{database.name}\" SET track_functions = 'pl'")
     await db.execute("SELECT chunkd.set_rate_limit('paced', 20)")
     handler = "paced=daemon_handlers:record"
@@ -123,7 +123,7 @@ async def test_kind_limited_to_20_per_second_holds_fleet_wide_and_idles_cheaply(
     await _workers(db, 3)
     calls_sql = (
         "SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions"
-        " WHERE schemaname = 'chunkd' AND funcname = 'claim_or_wait'"
+        " WHERE schemaname = 'chunkd' AND funcname = 'claim_batch'"
     )
     await db.execute("SELECT pg_stat_clear_snapshot()")
     calls_before = await db.fetchval(calls_sql)  # flushed counts only: the delta over-counts

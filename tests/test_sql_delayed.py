@@ -168,7 +168,10 @@ async def test_a_run_at_that_is_not_a_time_is_refused_and_writes_nothing(
 async def test_a_waiting_delayed_limited_job_keeps_claims_on_the_fast_path(conn) -> None:
     """claim_flow (the slow path) is for limited jobs that may have runnable chunks; one
     whose run_at lies ahead has none, and must not slow every claim of its kind until then."""
-    calls = "SELECT pg_stat_get_xact_function_calls('chunkd.claim_flow'::regproc)"
+    calls = (
+        "SELECT pg_stat_get_xact_function_calls("
+        "'chunkd.claim_flow(text, int, text[], timestamptz, float8, int)'::regprocedure)"
+    )
     async with conn.transaction():
         await conn.execute("SET LOCAL track_functions = 'all'")
         await enqueue(conn, 2)

@@ -57,7 +57,8 @@ CREATE OR REPLACE FUNCTION chunkd.claim_flow(
     p_batch int,
     p_kinds text[],
     p_until timestamptz,
-    p_waiting_s float8
+    p_waiting_s float8,
+    p_slots int
 ) RETURNS TABLE (
     id bigint,
     queue_id uuid,
@@ -95,6 +96,9 @@ DECLARE
     cut_jobs bigint[];
     p_now timestamptz;              -- the claim's clock: see the pick below
     n_claimed int;
+    n_declined bigint;
+    front bigint[];                 -- (priority, turn) of the first chunk under flow control
+                                    -- that could run, when no slot can start one now
     turn record;
 BEGIN
     -- The lock order every pause and claim follows: the ready table first (a pause takes SHARE
@@ -203,11 +207,26 @@ BEGIN
                            AND (r.kind_room IS NULL OR r.n_kind <= r.kind_room)
                          ORDER BY r.priority DESC, r.first_turn, r.created_at
                          LIMIT p_batch) c), '{}'),
+           (SELECT ARRAY[r.priority::bigint, r.first_turn] FROM ranked r
+            WHERE (r.key_room IS NULL OR r.n_key <= r.key_room)
+              AND (r.kind_room IS NULL OR r.n_kind <= r.kind_room)
+            ORDER BY r.priority DESC, r.first_turn, r.created_at
+            LIMIT 1),
            coalesce((SELECT array_agg(k.key) FROM key_room k), '{}'),
            coalesce((SELECT array_agg(k.room) FROM key_room k), '{}'),
            coalesce((SELECT array_agg(k.kind) FROM kind_room k), '{}'),
            coalesce((SELECT array_agg(k.room) FROM kind_room k), '{}')
-    INTO cand_ids, room_keys, room_key_n, room_kinds, room_kind_n;
+    INTO cand_ids, front, room_keys, room_key_n, room_kinds, room_kind_n;
+
+    -- No slot can start work under flow control now (every chunk claimed would be prefetch):
+    -- lock and take none of it, and prefetch only what comes before the first such chunk that
+    -- could run, which keeps its turn for a claim with a free slot.
+    IF p_slots <= 0 THEN
+        cand_ids := '{}';
+        room_keys := '{}';
+    ELSE
+        front := NULL;
+    END IF;
 
     -- The keys' turns are picked again under their locks: every job of the keys seen.
     IF cardinality(room_keys) > 0 THEN
@@ -343,23 +362,45 @@ BEGIN
               SELECT j.id FROM chunkd.jobs j
               WHERE j.paused_at IS NOT NULL AND j.finished_at IS NULL
                 AND j.cancelled_at IS NULL))
+          AND (front IS NULL OR q.priority > front[1]
+               OR (q.priority = front[1] AND q.turn < front[2]))
         ORDER BY q.priority DESC, q.turn, q.chunk_id
         LIMIT p_batch
         FOR UPDATE SKIP LOCKED
+    ), ranked_all AS (
+        SELECT c.chunk_id, c.limited,
+               row_number() OVER (ORDER BY c.priority DESC, c.turn, c.chunk_id) AS rank
+        FROM (SELECT x.chunk_id, x.priority, x.turn, true AS limited FROM lim x
+              UNION ALL
+              SELECT u.chunk_id, u.priority, u.turn, false FROM unl u) c
+    ), cutoff AS (
+        -- Work under flow control only within the slots that can start now: a prefetched
+        -- chunk must not hold a job's or a key's slot, or a rate token, while it waits. Nor is
+        -- it passed over by prefetch: the claim stops before the first such chunk it cannot
+        -- start, which then keeps its turn for the next claim with a free slot.
+        SELECT coalesce(min(c.rank) FILTER (WHERE c.limited AND c.rank > p_slots),
+                        p_batch + 1) AS at
+        FROM ranked_all c
     ), chosen AS (
-        SELECT c.chunk_id
-        FROM (SELECT * FROM lim UNION ALL SELECT * FROM unl) c
-        ORDER BY c.priority DESC, c.turn, c.chunk_id
-        LIMIT p_batch
+        SELECT c.chunk_id FROM ranked_all c, cutoff
+        WHERE c.rank <= p_batch AND c.rank < cutoff.at
     )
     SELECT (SELECT array_agg(c.chunk_id) FROM chosen c),
+           (SELECT count(*) FROM ranked_all c
+            WHERE c.limited AND c.rank <= p_batch AND c.rank > p_slots),
            (SELECT array_agg(DISTINCT x.kind) FROM by_kind x JOIN kind_cap k ON k.kind = x.kind
             WHERE x.n_kind > k.cap),
            (SELECT array_agg(DISTINCT x.job_id) FROM by_job x WHERE x.n_job > x.rate_cap),
            (SELECT coalesce(array_agg(k.level ORDER BY k.kind), '{}') FROM kind_level k),
            (SELECT coalesce(array_agg(j.level ORDER BY j.job_id), '{}') FROM job_level j),
            (SELECT c.at FROM clock c)
-    INTO picked, cut_kinds, cut_jobs, rl_levels, jr_levels, p_now;
+    INTO picked, n_declined, cut_kinds, cut_jobs, rl_levels, jr_levels, p_now;
+
+    -- Work under flow control left for a claimer with a free slot: this claim held its job's
+    -- row meanwhile (SKIP LOCKED made others pass it by), so wake them when it commits.
+    IF n_declined > 0 THEN
+        PERFORM pg_notify('chunkd', '0');
+    END IF;
 
 
     RETURN QUERY
@@ -403,6 +444,14 @@ BEGIN
     ORDER BY d.priority DESC, d.turn, d.chunk_id;
     GET DIAGNOSTICS n_claimed = ROW_COUNT;
 
+    -- Work under flow control waits for a free slot of this claimer (see cutoff above): say so
+    -- (wait_s -1), so the claimer claims again when one of its slots frees.
+    IF n_declined > 0 OR front IS NOT NULL THEN
+        RETURN QUERY SELECT NULL::bigint, NULL::uuid, NULL::uuid, NULL::uuid, NULL::int,
+                            NULL::int, NULL::text, NULL::jsonb, NULL::jsonb, NULL::timestamptz,
+                            -1::float8;
+        RETURN;
+    END IF;
     -- Short of a full batch because a bucket ran dry: say when to come back. The earliest of
     -- those buckets' turns is handed out (and only it is taken, so a claimer short on many
     -- buckets does not hold a turn on each). A claimer that already holds a turn keeps it.
@@ -463,24 +512,54 @@ BEGIN
 END;
 $$;
 
+-- The slow path as chunkd 0.2's claim_or_wait called it (every chunk may start now).
+CREATE OR REPLACE FUNCTION chunkd.claim_flow(
+    p_worker text,
+    p_batch int,
+    p_kinds text[],
+    p_until timestamptz,
+    p_waiting_s float8
+) RETURNS TABLE (
+    id bigint,
+    queue_id uuid,
+    chunk_id uuid,
+    sync_job_id uuid,
+    seq int,
+    attempt int,
+    kind text,
+    payload jsonb,
+    job_payload jsonb,
+    lease_expires_at timestamptz,
+    wait_s float8
+)
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT * FROM chunkd.claim_flow(p_worker, p_batch, p_kinds, p_until, p_waiting_s, p_batch);
+END;
+
 -- The daemon's claim. Claimed chunks as claim_chunks returns them (wait_s NULL); and when the
 -- claim came back short because a rate limit held chunks back, one more row with id NULL whose
 -- wait_s says when to come back (seconds, database clock): the claimer sleeps until then
 -- instead of polling. waiting_s: how long until the claimer comes back anyway (a turn it was
 -- given before and still holds); then it is given no new turn, so claims made between turns
--- (woken by a NOTIFY) do not push every other claimer's turn back.
+-- (woken by a NOTIFY) do not push every other claimer's turn back. slots: how many of the
+-- batch can start at once (the rest is prefetch, kept ready behind running handlers): chunks
+-- under flow control are claimed only within those, so a prefetched chunk never holds a job's
+-- max_concurrency slot, a concurrency key's slot or a rate token while it waits.
 --
 -- Fast path: one statement, taken while flow control is not in use for
 -- these kinds. That check (flow_in_use) sits inside the statement as a one-time filter, so it
 -- reads the same snapshot as the rows it claims: a pause (which takes SHARE on `ready`,
 -- conflicting with this statement's ROW EXCLUSIVE) is either seen, or waits for this claim to
 -- commit. A function rather than subqueries, so that planning the statement costs what it did.
-CREATE OR REPLACE FUNCTION chunkd.claim_or_wait(
+CREATE OR REPLACE FUNCTION chunkd.claim_batch(
     worker_id text,
     batch_size int,
     kinds text[],
     lease_s float8,
-    waiting_s float8 DEFAULT NULL
+    waiting_s float8,
+    slots int
 ) RETURNS TABLE (
     id bigint,
     queue_id uuid,
@@ -499,9 +578,9 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-    p_worker text := claim_or_wait.worker_id;
-    p_batch int := claim_or_wait.batch_size;
-    p_kinds text[] := claim_or_wait.kinds;
+    p_worker text := claim_batch.worker_id;
+    p_batch int := claim_batch.batch_size;
+    p_kinds text[] := claim_batch.kinds;
     p_until timestamptz;
 BEGIN
     IF p_worker IS NULL OR length(p_worker) = 0 THEN
@@ -551,9 +630,40 @@ BEGIN
     IF NOT chunkd.flow_in_use(p_kinds) THEN
         RETURN;
     END IF;
-    RETURN QUERY SELECT * FROM chunkd.claim_flow(p_worker, p_batch, p_kinds, p_until, waiting_s);
+    RETURN QUERY SELECT * FROM chunkd.claim_flow(p_worker, p_batch, p_kinds, p_until, waiting_s,
+                                                 coalesce(claim_batch.slots, p_batch));
 END;
 $$;
+
+-- The claim of chunkd 0.2 (every chunk of the batch may start now), kept for its daemons during
+-- a rolling upgrade and for callers in other languages.
+-- carry grants: chunkd.claim_or_wait(text,integer,text[],double precision,double precision) -> chunkd.claim_batch(text,integer,text[],double precision,double precision,integer)
+CREATE OR REPLACE FUNCTION chunkd.claim_or_wait(
+    worker_id text,
+    batch_size int,
+    kinds text[],
+    lease_s float8,
+    waiting_s float8 DEFAULT NULL
+) RETURNS TABLE (
+    id bigint,
+    queue_id uuid,
+    chunk_id uuid,
+    sync_job_id uuid,
+    seq int,
+    attempt int,
+    kind text,
+    payload jsonb,
+    job_payload jsonb,
+    lease_expires_at timestamptz,
+    wait_s float8
+)
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT * FROM chunkd.claim_batch(claim_or_wait.worker_id, claim_or_wait.batch_size,
+                                     claim_or_wait.kinds, claim_or_wait.lease_s,
+                                     claim_or_wait.waiting_s, claim_or_wait.batch_size);
+END;
 
 -- The claim without the wait row, kept (with its grants) for daemons built for schema version
 -- 2 during a rolling upgrade, and for callers in other languages: flow control applies to it.

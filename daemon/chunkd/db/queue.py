@@ -49,7 +49,9 @@ class ClaimedRow:
 @dataclass(frozen=True, slots=True)
 class Claim:
     """What one claim returned: the chunks, and when rate limits held chunks back, how many
-    seconds until the database expects tokens for this claimer (``wait_s``; None otherwise)."""
+    seconds until the database expects tokens for this claimer (``wait_s``; None otherwise).
+    ``wait_s`` -1: work under flow control waits for a free slot of this claimer (it was not
+    claimed as prefetch): claim again when one frees."""
 
     rows: list[ClaimedRow]
     wait_s: float | None
@@ -71,19 +73,23 @@ class Queue:
         lease_s: float,
         *,
         waiting_s: float | None = None,
+        slots: int | None = None,
     ) -> Claim:
         """Claims up to ``batch_size`` chunks of these kinds for ``lease_s`` seconds.
 
         ``waiting_s``: seconds until this claimer comes back anyway (a turn it was given by an
-        earlier claim and still holds), so the database gives it no new one.
+        earlier claim and still holds), so the database gives it no new one. ``slots``: how many
+        of the batch can start at once (default all): the rest is prefetch, and takes no work
+        under flow control (a job's or a key's slot, a rate token).
         """
         records = await self._pool.fetch(
-            self._q["claim_or_wait"],
+            self._q["claim_batch"],
             worker_id,
             batch_size,
             list(kinds) if kinds is not None else None,
             lease_s,
             waiting_s,
+            batch_size if slots is None else slots,
         )
         rows: list[ClaimedRow] = []
         wait_s: float | None = None
@@ -152,6 +158,11 @@ class Queue:
             backoff_cap_s,
         )
         return status
+
+    async def release(self, worker_id: str, ids: Sequence[int]) -> int:
+        """Hands these claims back without spending their attempt; returns how many."""
+        released: int = await self._pool.fetchval(self._q["release_attempts"], worker_id, list(ids))
+        return released
 
     async def heartbeat(self, worker_id: str, ids: Sequence[int], lease_s: float) -> set[int]:
         """Renews the leases of ``ids`` by ``lease_s`` seconds; returns those still held."""

@@ -13,9 +13,12 @@ claimer that already holds a turn is not given another by claims made in between
 Prefetch: a claim takes a round trip (and a WAL flush), so a slot refilled only after its
 handler returned sits idle for that long. When handlers are short compared with a claim, the
 claimer keeps a few chunks ready: as many as the slots would free during a few claims,
-measured (moving averages of claim time and handler time), never more than twice the
-concurrency. Long handlers get no prefetch, so one process does not hoard chunks another
-could run.
+measured (moving averages of claim time and of handler time per kind, the slowest kind
+counting), never more than twice the concurrency. Long handlers get no prefetch, so one
+process does not hoard chunks another could run. A prefetched chunk never holds what others
+need: the claim takes work under flow control (a job's ``max_concurrency`` slot, a concurrency
+key's slot, a rate token) only for the slots that can start now, and a prefetched chunk not
+started within ``PREFETCH_HOLD_S`` is handed back without spending its attempt.
 """
 
 from __future__ import annotations
@@ -47,6 +50,11 @@ MAX_CLAIM = 500
 MAX_TIMERS = 10_000
 # Weight of the newest sample in the moving averages behind the prefetch.
 EWMA_ALPHA = 0.1
+# A prefetched chunk not started this long after its claim is handed back (no attempt spent):
+# it was meant to start within a few claims' time (milliseconds), and another daemon may be
+# idle. Handler time assumed for a daemon that has measured none yet (no prefetch).
+PREFETCH_HOLD_S = 1.0
+UNMEASURED_HANDLER_S = 10.0
 # Added to every timer: uvloop's timers count whole milliseconds from a cached loop time and
 # were measured firing up to 0.4 ms early; a claim that runs before run_at finds nothing due,
 # and the chunks would then wait for the safety poll.
@@ -97,20 +105,37 @@ class Claimer:
         self._turn_at: float | None = None
         self._stopped = False
         self._min_batch = max(1, inflight.concurrency // 4)
-        self._ready: deque[ClaimedRow] = deque()  # claimed, waiting for a slot
+        # Claimed, waiting for a slot: (row, loop time of its claim), oldest first.
+        self._ready: deque[tuple[ClaimedRow, float]] = deque()
+        self._release_timer: asyncio.TimerHandle | None = None
+        self._releasing: set[asyncio.Task[None]] = set()
         self._claim_s = _MovingAverage(0.005)
-        self._handler_s = _MovingAverage(10.0)  # assume long handlers (no prefetch) until measured
+        self._handler_s: dict[str, _MovingAverage] = {}  # per kind, once measured
+        self._prefetch_paused = False  # a prefetched chunk waited too long: until a slot frees
+
+    @property
+    def handler_s(self) -> float:
+        """The handler time prefetch plans with: the slowest kind measured, in seconds."""
+        if not self._handler_s:
+            return UNMEASURED_HANDLER_S
+        return max(average.value for average in self._handler_s.values())
 
     @property
     def prefetch(self) -> int:
         """Chunks to hold beyond the slots: those that free during three refills."""
+        if self._prefetch_paused:
+            return 0
         concurrency = self._inflight.concurrency
         # Slots free at concurrency/handler_s per second; a refill takes the batching wait
         # plus a claim (a WAL flush: milliseconds, whatever the batch size). Keep three
         # refills' worth, so the ready queue does not run dry between claims.
         refill_s = BATCH_WAIT_S + self._claim_s.value
-        expected = int(3 * concurrency * refill_s / max(self._handler_s.value, 1e-4))
+        expected = int(3 * concurrency * refill_s / max(self.handler_s, 1e-4))
         return min(2 * concurrency, expected)
+
+    def _slots(self) -> int:
+        """Claims that could start at once: free slots no ready chunk will take."""
+        return max(0, self._inflight.free_slots - len(self._ready))
 
     def _wanted(self) -> int:
         # Chunks whose handler returned do not count: their completion is on its way, and
@@ -175,8 +200,12 @@ class Claimer:
         left = self._turn_at - asyncio.get_running_loop().time()
         return left if left > 0 else None
 
-    def slot_freed(self, handler_s: float) -> None:
-        self._handler_s.add(handler_s)
+    def slot_freed(self, kind: str, handler_s: float) -> None:
+        self._prefetch_paused = False
+        average = self._handler_s.get(kind)
+        if average is None:
+            average = self._handler_s[kind] = _MovingAverage(handler_s)
+        average.add(handler_s)
         self._dispatch()
         if self._backlog:
             self._maybe_more = True
@@ -185,12 +214,56 @@ class Claimer:
     def _dispatch(self) -> None:
         """Starts ready chunks while slots are free (skipping any whose lease is gone)."""
         while self._ready and not self._stopped and self._inflight.free_slots > 0:
-            row = self._ready.popleft()
+            row, _claimed_at = self._ready.popleft()
             if self._inflight.holds(row):
                 self._inflight.started(row, self._start_chunk(row))
+        self._arm_release()
+
+    def _arm_release(self) -> None:
+        """A timer for the oldest ready chunk's hold. One at a time, never moved (that would
+        cost a timer per chunk): when it fires it releases what is stale and re-arms for the
+        oldest chunk left."""
+        if self._release_timer is None and self._ready and not self._stopped:
+            at = self._ready[0][1] + PREFETCH_HOLD_S
+            self._release_timer = asyncio.get_running_loop().call_at(at, self._release_stale)
+
+    def _release_stale(self) -> None:
+        """Hands back the ready chunks held past ``PREFETCH_HOLD_S`` (no attempt spent)."""
+        self._release_timer = None
+        now = asyncio.get_running_loop().time()
+        stale: list[ClaimedRow] = []
+        while self._ready and self._ready[0][1] + PREFETCH_HOLD_S <= now + 0.002:
+            row, _claimed_at = self._ready.popleft()
+            if self._inflight.holds(row):
+                self._inflight.settled(row)
+                stale.append(row)
+        if stale:
+            # Handlers here outlast the prefetch: take no more than free slots until one frees
+            # (or this daemon would claim back what it just handed to an idle one).
+            self._prefetch_paused = True
+            task = asyncio.get_running_loop().create_task(self._release(stale))
+            self._releasing.add(task)
+            task.add_done_callback(self._releasing.discard)
+        self._arm_release()
+
+    async def _release(self, rows: list[ClaimedRow]) -> None:
+        try:
+            released = await self._queue.release(self._worker_id, [r.id for r in rows])
+        except DATABASE_ERRORS as exc:
+            # Not renewed any more: their leases run out and the reaper returns them.
+            await self._health.failed("release", exc)
+            return
+        log.info(
+            "prefetch.released",
+            chunks=released,
+            reason=f"not started within {PREFETCH_HOLD_S:g}s of the claim",
+            worker_id=self._worker_id,
+        )
 
     def stop(self) -> None:
         self._stopped = True
+        if self._release_timer is not None:
+            self._release_timer.cancel()
         if self._timer is not None:
             self._timer.cancel()
         if self._turn is not None:
@@ -217,6 +290,7 @@ class Claimer:
 
     async def _claim_once(self) -> None:
         wanted = self._wanted()
+        slots = self._slots()
         # Cleared before the statement: a NOTIFY arriving while it runs sets it again.
         self._maybe_more = False
         started = time.perf_counter()
@@ -224,7 +298,12 @@ class Claimer:
         lease_ends_at = asyncio.get_running_loop().time() + self._lease_s
         try:
             claim = await self._queue.claim(
-                self._worker_id, wanted, self._kinds, self._lease_s, waiting_s=self._turn_left_s()
+                self._worker_id,
+                wanted,
+                self._kinds,
+                self._lease_s,
+                waiting_s=self._turn_left_s(),
+                slots=slots,
             )
         except DATABASE_ERRORS as exc:
             await self._health.failed("claim", exc)
@@ -234,27 +313,33 @@ class Claimer:
         self._health.wrote()
         self._claim_s.add(time.perf_counter() - started)
         rows = claim.rows
-        if claim.wait_s is not None and not self._stopped:
+        slot_needed = claim.wait_s is not None and claim.wait_s < 0
+        if claim.wait_s is not None and not slot_needed and not self._stopped:
             self._take_turn(claim.wait_s)
-        self._backlog = len(rows) == wanted
-        if self._backlog:
+        # A full claim: more is likely queued, claim on. Work waiting for a free slot of ours:
+        # claim again as soon as one frees (not before: the claim would come back the same).
+        full = len(rows) == wanted
+        self._backlog = full or slot_needed
+        if full:
             self._maybe_more = True
         log_claims = log.is_enabled_for(logging.DEBUG)  # skip building fields when off
         if log_claims:
             log.debug(
                 "claim.done",
                 wanted=wanted,
+                slots=slots,
                 claimed=len(rows),
                 wait_s=claim.wait_s,
                 running=self._inflight.running,
                 ready=len(self._ready),
                 prefetch=self.prefetch,
                 claim_ms=round(self._claim_s.value * 1000, 3),
-                handler_ms=round(self._handler_s.value * 1000, 3),
+                handler_ms=round(self.handler_s * 1000, 3),
             )
+        claimed_at = asyncio.get_running_loop().time()
         for row in rows:
             self._inflight.claimed(row, lease_ends_at)
-            self._ready.append(row)
+            self._ready.append((row, claimed_at))
             counter = self._claimed_by_kind.get(row.kind)
             if counter is None:
                 counter = self._claimed_by_kind[row.kind] = self._metrics.claimed.labels(row.kind)

@@ -232,7 +232,7 @@ async def _serve(
         inflight,
         metrics,
         chunk_timeout_s=settings.chunk_timeout_s,
-        on_slot_freed=lambda handler_s: claimer.slot_freed(handler_s),
+        on_slot_freed=lambda kind, handler_s: claimer.slot_freed(kind, handler_s),
     )
     claimer = Claimer(
         queue,

@@ -38,7 +38,7 @@ class Worker:
         metrics: Metrics,
         *,
         chunk_timeout_s: float,
-        on_slot_freed: Callable[[float], None],
+        on_slot_freed: Callable[[str, float], None],
     ) -> None:
         self._handlers = handlers
         self._outcomes = outcomes
@@ -63,7 +63,7 @@ class Worker:
                 histogram = self._metrics.handler_seconds.labels(row.kind)
                 self._handler_seconds[row.kind] = histogram
             histogram.observe(duration_s)
-            self._on_slot_freed(duration_s)
+            self._on_slot_freed(row.kind, duration_s)
             self._outcomes.record(row, outcome, round(duration_s * 1000, 3))
             recorded = True
         except asyncio.CancelledError:

@@ -439,3 +439,33 @@ async def test_a_busy_fleet_of_slow_claims_does_not_starve_a_pause_or_a_migratio
         claims = await claimers
     assert min(claims) >= 2, "the claimers kept claiming"
     assert pause_s < 5 and migrate_s < 5, (pause_s, migrate_s)
+
+
+async def test_pausing_the_busy_job_itself_claims_go_on_until_it_takes_effect_none_after(
+    database, conn, start
+) -> None:
+    """The job under pause is the one being claimed: between the pause's tries its chunks are
+    still claimed; once the pause commits, none is. The job's paused_at and its `paused` audit
+    row say when it took effect (after the last claim), not when the pause began to try."""
+    fleet = await start_fleet(database.dsn, conn, start)
+    holder = await hold(database.dsn, IDLE_ENQUEUE)
+    try:
+        pause = asyncio.ensure_future(_pause_cli(database.dsn, fleet.job))
+        await cli_backend(conn)
+        await asyncio.sleep(1.0)
+        await holder.commit()
+        result = await asyncio.wait_for(pause, 30)
+        assert result.code == 0, result.stderr
+    finally:
+        await holder.close()
+    await asyncio.sleep(0.5)
+    row = await conn.fetchrow(
+        "SELECT j.paused_at, (SELECT e.at FROM chunkd.events e WHERE e.job_id = j.id"
+        " AND e.event = 'paused') AS event_at, (SELECT max(a.claimed_at) FROM chunkd.attempts a"
+        " WHERE a.job_id = j.id) AS last_claim, (SELECT count(*) FROM chunkd.attempts a"
+        " WHERE a.job_id = j.id AND a.claimed_at > now() - interval '10 seconds') AS recent"
+        " FROM chunkd.jobs j WHERE j.public_id = $1",
+        fleet.job,
+    )
+    assert row["recent"] > 20, "the stream was claimed while the pause tried"
+    assert row["last_claim"] < row["paused_at"] <= row["event_at"], dict(row)

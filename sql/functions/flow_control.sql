@@ -131,9 +131,11 @@ BEGIN
             -- From here on the fleet waits for this transaction: wait for nothing (a session
             -- holding the kind's row, or inserting it, is no claim: a claim holds `ready`).
             PERFORM set_config('lock_timeout', '1ms', true);
-            INSERT INTO chunkd.kind_flow AS k (kind, paused_at) VALUES (kind, now())
+            -- In effect from now, not from the transaction's start (claims may have gone
+            -- ahead between tries): as the audit row's time.
+            INSERT INTO chunkd.kind_flow AS k (kind, paused_at) VALUES (kind, clock_timestamp())
             ON CONFLICT ON CONSTRAINT kind_flow_pkey DO UPDATE
-                SET paused_at = now(), changed_at = now()
+                SET paused_at = clock_timestamp(), changed_at = now()
                 WHERE k.paused_at IS NULL;
             IF FOUND THEN
                 INSERT INTO chunkd.events (kind, event, status, attempt, worker_id)
@@ -215,7 +217,10 @@ BEGIN
             LOCK TABLE chunkd.ready IN SHARE MODE;
             -- From here on the fleet waits for this transaction: wait for nothing.
             PERFORM set_config('lock_timeout', '1ms', true);
-            UPDATE chunkd.jobs j SET paused_at = now() WHERE j.id = job AND j.paused_at IS NULL;
+            -- In effect from now, not from the transaction's start (claims may have gone
+            -- ahead between tries): as the audit row's time.
+            UPDATE chunkd.jobs j SET paused_at = clock_timestamp()
+            WHERE j.id = job AND j.paused_at IS NULL;
             IF FOUND THEN
                 INSERT INTO chunkd.events (job_id, event, status, attempt, worker_id)
                 VALUES (job, 'paused', 'paused', 0, session_user);

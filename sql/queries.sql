@@ -13,6 +13,81 @@ SELECT pg_catalog.pg_advisory_lock(pg_catalog.hashtext('chunkd.migrate'));
 -- name: migrate_unlock
 SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtext('chunkd.migrate'));
 
+-- name: lock_try
+-- First in each try of an operator action or a migration step (chunkd.db.locks): a lock wait
+-- of this transaction lasts at most $1 (lock_timeout, e.g. '50ms'), and the chunkd functions
+-- that retry inside (pause_sync_job, pause_kind) keep trying for at most $2 seconds
+-- (chunkd.lock_wait).
+SELECT pg_catalog.set_config('lock_timeout', $1, true),
+       pg_catalog.set_config('chunkd.lock_wait', $2, true);
+
+-- name: lock_blockers
+-- The sessions in the way of the locks an operator action or a migration step wants. $1: the
+-- relations ('chunkd.ready'; 'chunkd.*': every table and view of schema chunkd); $2: the mode
+-- wanted on each, as pg_locks spells it ('ShareLock', ...), or 'row' for rows of it (then:
+-- every session holding a lock that row locks come with, RowShareLock and up); $3: only
+-- sessions whose transaction has been open that many seconds (or whose age this role may not
+-- see). One row per session (`transaction`: its virtual transaction id, which its next
+-- transaction does not share), with the lock most surely in the way (one that conflicts with a
+-- wanted mode before one that comes with row locks, then the first relation, the strongest);
+-- held locks first, then requests queued ahead; the oldest transaction first. pg_stat_activity
+-- shows state and times of another role's session only to members of pg_read_all_stats (NULL
+-- otherwise); the query text is never read.
+WITH modes AS (
+    -- (wanted, the modes held that conflict with it, weakest first)
+    VALUES ('AccessShareLock', '{AccessExclusiveLock}'::text[]),
+           ('RowShareLock', '{ExclusiveLock,AccessExclusiveLock}'),
+           ('RowExclusiveLock', '{ShareLock,ShareRowExclusiveLock,ExclusiveLock,'
+                                'AccessExclusiveLock}'),
+           ('ShareUpdateExclusiveLock', '{ShareUpdateExclusiveLock,ShareLock,'
+                                        'ShareRowExclusiveLock,ExclusiveLock,AccessExclusiveLock}'),
+           ('ShareLock', '{RowExclusiveLock,ShareUpdateExclusiveLock,ShareRowExclusiveLock,'
+                         'ExclusiveLock,AccessExclusiveLock}'),
+           ('ShareRowExclusiveLock', '{RowExclusiveLock,ShareUpdateExclusiveLock,ShareLock,'
+                                     'ShareRowExclusiveLock,ExclusiveLock,AccessExclusiveLock}'),
+           ('ExclusiveLock', '{RowShareLock,RowExclusiveLock,ShareUpdateExclusiveLock,ShareLock,'
+                             'ShareRowExclusiveLock,ExclusiveLock,AccessExclusiveLock}'),
+           ('AccessExclusiveLock', '{AccessShareLock,RowShareLock,RowExclusiveLock,'
+                                   'ShareUpdateExclusiveLock,ShareLock,ShareRowExclusiveLock,'
+                                   'ExclusiveLock,AccessExclusiveLock}'),
+           ('row', '{RowShareLock,RowExclusiveLock,ShareUpdateExclusiveLock,ShareLock,'
+                   'ShareRowExclusiveLock,ExclusiveLock,AccessExclusiveLock}')
+), conflicts AS (
+    SELECT m.column1 AS wanted, m.column2 AS held FROM modes m
+), wanted AS (
+    SELECT c.oid AS relid, ($2::text[])[i] AS mode, i AS ord
+    FROM pg_catalog.generate_subscripts($1::text[], 1) AS i
+    JOIN pg_catalog.pg_class c
+      ON c.oid = pg_catalog.to_regclass(($1::text[])[i])
+         OR (($1::text[])[i] = 'chunkd.*' AND c.relkind IN ('r', 'p', 'v', 'm')
+             AND c.relnamespace = (SELECT n.oid FROM pg_catalog.pg_namespace n
+                                   WHERE n.nspname = 'chunkd'))
+), found AS (
+    SELECT DISTINCT ON (l.pid)
+           l.pid, l.virtualtransaction, l.mode, l.granted,
+           l.relation::pg_catalog.regclass::text AS relation,
+           a.usename, a.application_name, a.state, a.state_change, a.xact_start
+    FROM wanted w
+    JOIN conflicts x ON x.wanted = w.mode
+    JOIN pg_catalog.pg_locks l
+      ON l.locktype = 'relation' AND l.relation = w.relid AND l.mode = ANY (x.held)
+         AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
+                           WHERE d.datname = pg_catalog.current_database())
+    LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
+    WHERE l.pid <> pg_catalog.pg_backend_pid()
+      AND (w.mode <> 'row' OR l.granted)
+      AND (a.xact_start IS NULL
+           OR a.xact_start <= pg_catalog.clock_timestamp() - pg_catalog.make_interval(secs => $3))
+    ORDER BY l.pid, l.granted DESC, w.mode = 'row', w.ord,
+             pg_catalog.array_position(x.held, l.mode) DESC
+)
+SELECT f.pid, f.usename AS role, f.application_name, f.state,
+       extract(epoch FROM pg_catalog.clock_timestamp() - f.state_change)::float8 AS state_s,
+       extract(epoch FROM pg_catalog.clock_timestamp() - f.xact_start)::float8 AS xact_s,
+       f.mode, f.relation, f.granted, f.virtualtransaction AS transaction
+FROM found f
+ORDER BY f.granted DESC, f.xact_start NULLS LAST, f.pid;
+
 -- name: pin_search_path
 -- First in every migration's transaction: whatever the connection's setting, built-ins and
 -- unqualified names in the migration files resolve in pg_catalog only.

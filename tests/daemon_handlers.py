@@ -91,3 +91,10 @@ async def after(chunk: Chunk) -> dict[str, object]:
     """An on_finish follow-up: records that it ran."""
     await record(chunk)
     return {"of": chunk.payload["sync_job_id"], "status": chunk.payload["overall_status"]}
+
+
+async def nap(chunk: Chunk) -> None:
+    """Sleeps ``sleep_s`` (default 10 ms) and returns: a steady stream of claims that writes
+    nothing of its own."""
+    payload = chunk.payload if isinstance(chunk.payload, dict) else {}
+    await asyncio.sleep(float(payload.get("sleep_s", 0.01)))

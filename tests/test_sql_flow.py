@@ -163,31 +163,47 @@ async def test_paused_kind_holds_present_and_future_jobs_of_that_kind_only(conn)
     assert [tuple(e) for e in events] == [("paused", None, "a"), ("resumed", None, "a")]
 
 
-async def test_a_pause_waits_for_a_claim_under_way_and_later_claims_see_it(database) -> None:
-    """SHARE on the ready table: a claim that holds chunks in an open transaction finishes
-    before the pause commits; a claim started while the pause waits sees the pause."""
+async def test_a_pause_waits_for_a_claim_under_way_and_claims_after_it_see_it(database) -> None:
+    """SHARE on the ready table, tried 50 ms at a time (issue 21, K12): a claim that holds
+    chunks in an open transaction finishes before the pause commits; a claim started while the
+    pause waits is not queued behind it (it goes ahead between two tries, and commits before
+    the pause does); nothing is claimed after the pause commits; a claim started while the
+    pause holds its lock waits for it and sees the pause."""
     setup = await connect(database.dsn)
     claimer = await connect(database.dsn)
     pauser = await connect(database.dsn)
     late = await connect(database.dsn)
     try:
-        job = await create_job(setup, 10)
+        job = await create_job(setup, 11)
+        # Started already: a job's first claim also stamps its row, which the pause locks.
+        assert len(await claim(setup, "starter", 1)) == 1
         tx = claimer.transaction()
         await tx.start()
         first = await claim(claimer, "early", 2)
         pause = asyncio.create_task(pauser.fetchval("SELECT chunkd.pause_sync_job($1)", job))
         await asyncio.sleep(0.2)  # give it time to reach its lock: it must still be waiting
         assert not pause.done(), "the pause waits for the claim under way"
-        later = asyncio.create_task(claim(late, "late", 10))
+        later = await asyncio.wait_for(claim(late, "late", 10), 1)
+        assert len(later) == 8, "a claim started meanwhile is not queued behind the pause"
+        assert not pause.done()
         await tx.commit()
-        assert await asyncio.wait_for(pause, 10) == 8
-        assert await asyncio.wait_for(later, 10) == [], "a claim queued behind the pause sees it"
+        assert await asyncio.wait_for(pause, 10) == 0, "nothing left to hold back"
         assert len(first) == 2
         pause_at = await setup.fetchval(
             "SELECT at FROM chunkd.events WHERE event = 'paused' AND job_id IS NOT NULL"
         )
         last_claim = await setup.fetchval("SELECT max(claimed_at) FROM chunkd.attempts")
         assert last_claim < pause_at
+
+        second = await create_job(setup, 3)
+        held = pauser.transaction()
+        await held.start()
+        assert await pauser.fetchval("SELECT chunkd.pause_sync_job($1)", second) == 3
+        blocked = asyncio.create_task(claim(late, "late", 10))
+        await asyncio.sleep(0.2)
+        assert not blocked.done(), "a claim waits for the pause that holds its lock"
+        await held.commit()
+        assert await asyncio.wait_for(blocked, 10) == [], "and sees the pause"
     finally:
         for c in (setup, claimer, pauser, late):
             await c.close()

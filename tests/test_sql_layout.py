@@ -65,6 +65,24 @@ def test_a_definition_planted_in_a_later_migration_is_caught() -> None:
     assert {(k.lower(), n) for k, n in _CREATES.findall(planted)} == {("function", "claim_chunks")}
 
 
+# A statement that sets a lock timeout (comments aside).
+_SETS_LOCK_TIMEOUT = re.compile(r"^[^-\n]*\block_timeout\b", re.IGNORECASE | re.MULTILINE)
+
+
+def test_no_migration_after_0009_sets_its_own_lock_timeout() -> None:
+    """`chunkd migrate` gives each step a lock_timeout of 50 ms and tries it again until
+    --lock-wait has passed (docs/migrations.md): a migration's own would override it and queue
+    the fleet's claims behind the step. The released 2, 3 and 5 to 9 set 60 s, and stay."""
+    released = {m.version: m for m in migrations()}
+    assert _SETS_LOCK_TIMEOUT.search(released[9].sql), "the pattern finds 0009's"
+    for migration in migrations():
+        if migration.version <= 9:
+            continue
+        assert not _SETS_LOCK_TIMEOUT.search(migration.sql), (
+            f"migration {migration.version} sets a lock_timeout: leave it to chunkd migrate"
+        )
+
+
 async def test_every_function_view_and_trigger_is_in_exactly_one_definition(conn) -> None:
     rows = await conn.fetch(
         "SELECT 'function' AS kind, p.proname AS name FROM pg_proc p"

@@ -101,8 +101,9 @@ DECLARE
                                     -- that could run, when no slot can start one now
     turn record;
 BEGIN
-    -- The lock order every pause and claim follows: the ready table first (a pause takes SHARE
-    -- and waits for claims under way; claims started later see the pause).
+    -- The lock order every pause and claim follows: the ready table first (a pause holding
+    -- SHARE has waited for the claims under way; claims started while it holds it wait for its
+    -- commit and see the pause; a pause never waits here for more than 50 ms at a time).
     LOCK TABLE chunkd.ready IN ROW EXCLUSIVE MODE;
 
     SELECT coalesce(array_agg(b.kind ORDER BY b.kind), '{}') INTO rl_kinds

@@ -1,5 +1,5 @@
 -- Helpers every other file uses: exact durations, clipped errors, backoff, the checks of names
--- and rates, and carry_grants for migrations.
+-- and rates, operator actions' bounded lock waits, and carry_grants for migrations.
 
 -- Durations are exact seconds. An interval with a day field ('1 day') added to a timestamptz
 -- follows the session's TimeZone across a DST change (23 or 25 hours); this one never does.
@@ -61,6 +61,84 @@ CREATE OR REPLACE FUNCTION chunkd.default_burst(per_second numeric) RETURNS int
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 RETURN greatest(1, ceil(per_second / 3))::int;
+
+-- An operator action never waits in the lock queue of a table that claims and enqueues write:
+-- a lock they would queue behind (SHARE on `ready`) is tried for 50 ms at a time (the action's
+-- own lock_timeout; up to 200 ms while the fleet's own claims come and go, see lock_retry), and
+-- between tries the fleet goes on. How long the action keeps trying: the setting
+-- chunkd.lock_wait, in seconds (default 10; the CLI's and the dashboard's --lock-wait set it
+-- for their transaction).
+CREATE OR REPLACE FUNCTION chunkd.lock_wait_s() RETURNS float8
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    setting text := current_setting('chunkd.lock_wait', true);
+    wait_s float8;
+BEGIN
+    IF setting IS NULL OR setting = '' THEN
+        RETURN 10;
+    END IF;
+    BEGIN
+        wait_s := setting::float8;
+    EXCEPTION WHEN invalid_text_representation THEN
+        wait_s := NULL;
+    END;
+    IF wait_s IS NULL OR NOT (wait_s >= 0 AND wait_s <= 3600) THEN
+        RAISE EXCEPTION 'chunkd: chunkd.lock_wait must be a number of seconds from 0 to 3600, got %',
+            setting USING ERRCODE = '22023';
+    END IF;
+    RETURN wait_s;
+END;
+$$;
+
+-- The transactions (virtual ids: a session's next transaction has another) of the other
+-- sessions that hold, or wait for, a lock on `rel` in one of `modes`.
+CREATE OR REPLACE FUNCTION chunkd.lock_holders(rel regclass, modes text[]) RETURNS text[]
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+RETURN ARRAY(
+    SELECT DISTINCT l.virtualtransaction FROM pg_locks l
+    WHERE l.locktype = 'relation' AND l.relation = rel AND l.mode = ANY (modes)
+      AND l.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
+      AND l.pid IS DISTINCT FROM pg_backend_pid());
+
+-- Called when try number `tries` of `what` (e.g. 'pause of job ...'), which waited `try_ms`
+-- for its locks, timed out; sessions holding `modes` on `rel` are those in its way. Sleeps
+-- before the next try (backoff_s: 25 ms doubling to 250-500 ms) and returns how long the next
+-- try may wait: 50 ms while a transaction that was in the way before the sleep still is after
+-- it (a stuck session: the fleet must never queue behind us for long), twice as long as the last
+-- try, up to 200 ms, when all of them have ended (a busy fleet whose claims come and go, each
+-- perhaps longer than 50 ms: the claims queued behind the try wait only for those under way).
+-- Once chunkd.lock_wait has passed since `started`, raises lock_not_available (55P03) in one
+-- line instead. The caller's try ran in a subtransaction, rolled back: it holds nothing of it
+-- meanwhile.
+CREATE OR REPLACE FUNCTION chunkd.lock_retry(what text, started timestamptz, tries int,
+                                             try_ms int, rel regclass, modes text[])
+RETURNS int
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    wait_s float8 := chunkd.lock_wait_s();
+    left_s float8 := wait_s - extract(epoch FROM clock_timestamp() - started)::float8;
+    before text[];
+BEGIN
+    IF left_s <= 0 THEN
+        RAISE EXCEPTION 'chunkd: % waited % s for locks other transactions hold; nothing was changed',
+            what, wait_s
+            USING ERRCODE = '55P03',
+                  HINT = 'pg_locks and pg_stat_activity show who holds them; the chunkd command '
+                         'and the dashboard name the session';
+    END IF;
+    before := chunkd.lock_holders(rel, modes);
+    PERFORM pg_sleep(least(left_s, chunkd.backoff_s(tries, 0.05, 0.5)));
+    IF before && chunkd.lock_holders(rel, modes) THEN
+        RETURN 50;
+    END IF;
+    RETURN least(200, try_ms * 2);
+END;
+$$;
 
 -- A function whose argument list changes is a new function (DROP + CREATE), and the EXECUTE
 -- grants operators gave on the old one would be lost with it. Create the new one first, call

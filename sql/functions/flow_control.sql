@@ -103,25 +103,53 @@ BEGIN ATOMIC
     ORDER BY 1, 2;
 END;
 
--- Pauses every job of a kind, present and future, as pause_sync_job pauses one. Returns how many
--- chunks it holds back.
+-- Pauses every job of a kind, present and future, as pause_sync_job pauses one, with the same
+-- bounded tries: SHARE on `ready` first (claims lock `ready` first, then wait for the rows of
+-- rate-limited kinds: a pause holding the kind's row while it waited for `ready` would keep
+-- timing out on them), then the kind's row, never waited for while SHARE is held. Returns how
+-- many chunks it holds back.
 CREATE OR REPLACE FUNCTION chunkd.pause_kind(kind text) RETURNS int
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET lock_timeout = '10s'
+SET lock_timeout = '50ms'
 AS $$
 #variable_conflict use_variable
+DECLARE
+    started timestamptz := clock_timestamp();
+    tries int := 0;
+    try_ms int := 50;
+    -- The modes that conflict with SHARE: the claims' and enqueues' ROW EXCLUSIVE and stronger.
+    in_the_way CONSTANT text[] := '{RowExclusiveLock,ShareUpdateExclusiveLock,'
+                                  'ShareRowExclusiveLock,ExclusiveLock,AccessExclusiveLock}';
+    held int;
 BEGIN
     PERFORM chunkd.check_name('kind', kind);
-    LOCK TABLE chunkd.ready IN SHARE MODE;
-    INSERT INTO chunkd.kind_flow AS k (kind, paused_at) VALUES (kind, now())
-    ON CONFLICT ON CONSTRAINT kind_flow_pkey DO UPDATE SET paused_at = now(), changed_at = now()
-        WHERE k.paused_at IS NULL;
-    IF FOUND THEN
-        INSERT INTO chunkd.events (kind, event, status, attempt, worker_id)
-        VALUES (kind, 'paused', 'paused', 0, session_user);
-    END IF;
-    RETURN chunkd.pending_of_kind(kind);
+    LOOP
+        BEGIN
+            PERFORM set_config('lock_timeout', try_ms || 'ms', true);
+            LOCK TABLE chunkd.ready IN SHARE MODE;
+            -- From here on the fleet waits for this transaction: wait for nothing (a session
+            -- holding the kind's row, or inserting it, is no claim: a claim holds `ready`).
+            PERFORM set_config('lock_timeout', '1ms', true);
+            -- In effect from now, not from the transaction's start (claims may have gone
+            -- ahead between tries): as the audit row's time.
+            INSERT INTO chunkd.kind_flow AS k (kind, paused_at) VALUES (kind, clock_timestamp())
+            ON CONFLICT ON CONSTRAINT kind_flow_pkey DO UPDATE
+                SET paused_at = clock_timestamp(), changed_at = now()
+                WHERE k.paused_at IS NULL;
+            IF FOUND THEN
+                INSERT INTO chunkd.events (kind, event, status, attempt, worker_id)
+                VALUES (kind, 'paused', 'paused', 0, session_user);
+            END IF;
+            held := chunkd.pending_of_kind(kind);
+            EXIT;
+        EXCEPTION WHEN lock_not_available OR deadlock_detected THEN
+            tries := tries + 1;
+            try_ms := chunkd.lock_retry(format('pause of kind %L', kind), started, tries, try_ms,
+                                        'chunkd.ready', in_the_way);
+        END;
+    END LOOP;
+    RETURN held;
 END;
 $$;
 
@@ -148,37 +176,72 @@ BEGIN
 END;
 $$;
 
--- Pauses a job: nothing of it is claimed from the moment this commits (claims under way finish
--- first: SHARE on `ready` waits for them, and claims started later see the pause); chunks in
--- flight finish normally; retries keep their schedule (they wait, due, until resume). Returns
--- how many chunks it holds back (pending now). Pausing a paused job changes nothing.
+-- Pauses a job: nothing of it is claimed from the moment this commits. Claims under way finish
+-- first: SHARE on `ready` waits for them, and claims that start while it is held wait for this
+-- to commit and see the pause. The lock is never waited for long (the fleet's claims and
+-- enqueues would queue behind it): the job's row first, then SHARE on `ready`, each try at most
+-- 50 ms (up to 200 ms while those in the way come and go: chunkd.lock_retry), and nothing is
+-- waited for once SHARE is held; a try that times out is rolled back and tried again after a
+-- backoff until chunkd.lock_wait has passed (then lock_not_available, nothing changed). A claim
+-- that starts between two tries may still take chunks of the job: it commits before the pause
+-- does (the next try waits for it). Chunks in flight finish normally; retries keep their
+-- schedule (they wait, due, until resume). Returns how many chunks it holds back (pending now).
+-- Pausing a paused job changes nothing.
 CREATE OR REPLACE FUNCTION chunkd.pause_sync_job(sync_job_id uuid) RETURNS int
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET lock_timeout = '10s'
+SET lock_timeout = '50ms'
 AS $$
 #variable_conflict use_variable
 DECLARE
     job bigint;
     job_cancelled timestamptz;
+    started timestamptz := clock_timestamp();
+    tries int := 0;
+    try_ms int := 50;
+    -- The modes that conflict with SHARE: the claims' and enqueues' ROW EXCLUSIVE and stronger.
+    in_the_way CONSTANT text[] := '{RowExclusiveLock,ShareUpdateExclusiveLock,'
+                                  'ShareRowExclusiveLock,ExclusiveLock,AccessExclusiveLock}';
+    held int;
 BEGIN
-    SELECT j.id, j.cancelled_at INTO job, job_cancelled
-    FROM chunkd.jobs j WHERE j.public_id = sync_job_id;
-    IF NOT FOUND THEN
+    LOOP
+        BEGIN
+            PERFORM set_config('lock_timeout', try_ms || 'ms', true);
+            -- The row first: a session holding it (an append, a retry) keeps only this job's
+            -- writers waiting, never the fleet.
+            SELECT j.id, j.cancelled_at INTO job, job_cancelled
+            FROM chunkd.jobs j WHERE j.public_id = sync_job_id FOR NO KEY UPDATE;
+            IF NOT FOUND OR job_cancelled IS NOT NULL THEN
+                EXIT;
+            END IF;
+            LOCK TABLE chunkd.ready IN SHARE MODE;
+            -- From here on the fleet waits for this transaction: wait for nothing.
+            PERFORM set_config('lock_timeout', '1ms', true);
+            -- In effect from now, not from the transaction's start (claims may have gone
+            -- ahead between tries): as the audit row's time.
+            UPDATE chunkd.jobs j SET paused_at = clock_timestamp()
+            WHERE j.id = job AND j.paused_at IS NULL;
+            IF FOUND THEN
+                INSERT INTO chunkd.events (job_id, event, status, attempt, worker_id)
+                VALUES (job, 'paused', 'paused', 0, session_user);
+            END IF;
+            held := (SELECT count(*) FROM chunkd.ready r WHERE r.job_id = job)
+                  + (SELECT count(*) FROM chunkd.scheduled s WHERE s.job_id = job);
+            EXIT;
+        EXCEPTION WHEN lock_not_available OR deadlock_detected THEN
+            tries := tries + 1;
+            try_ms := chunkd.lock_retry(format('pause of job %s', sync_job_id), started, tries,
+                                        try_ms, 'chunkd.ready', in_the_way);
+        END;
+    END LOOP;
+    IF job IS NULL THEN
         RAISE EXCEPTION 'chunkd: no sync job %', sync_job_id USING ERRCODE = 'P0002';
     END IF;
     IF job_cancelled IS NOT NULL THEN
         RAISE EXCEPTION 'chunkd: sync job % is cancelled; there is nothing to pause', sync_job_id
             USING ERRCODE = '55000';
     END IF;
-    LOCK TABLE chunkd.ready IN SHARE MODE;
-    UPDATE chunkd.jobs j SET paused_at = now() WHERE j.id = job AND j.paused_at IS NULL;
-    IF FOUND THEN
-        INSERT INTO chunkd.events (job_id, event, status, attempt, worker_id)
-        VALUES (job, 'paused', 'paused', 0, session_user);
-    END IF;
-    RETURN (SELECT count(*) FROM chunkd.ready r WHERE r.job_id = job)
-         + (SELECT count(*) FROM chunkd.scheduled s WHERE s.job_id = job);
+    RETURN held;
 END;
 $$;
 

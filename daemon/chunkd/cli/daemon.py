@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from chunkd.cli.options import DURATION, LINE, dsn_option, run_async
+from chunkd.cli.options import DURATION, LINE, dsn_option, lock_wait_option, run_async
 from chunkd.errors import ChunkdError
 
 if TYPE_CHECKING:
@@ -27,7 +27,8 @@ __all__ = ["migrate", "run"]
 @click.command()
 @dsn_option
 @click.option("--check", is_flag=True, help="Only check: exit 0 if current, 1 if behind or ahead.")
-def migrate(dsn: str, check: bool) -> None:
+@lock_wait_option
+def migrate(dsn: str, check: bool, lock_wait: float) -> None:
     """Install or upgrade the chunkd schema (safe to run concurrently and repeatedly)."""
     from chunkd.db import connect
     from chunkd.db.migrate import apply_migrations, check_version
@@ -45,7 +46,7 @@ def migrate(dsn: str, check: bool) -> None:
                         "than this one: upgrade this chunkd"
                     )
                 return
-            migrated = await apply_migrations(conn)
+            migrated = await apply_migrations(conn, lock_wait_s=lock_wait)
             if migrated.versions:
                 click.echo(f"applied migration(s) {', '.join(map(str, migrated.versions))}")
             if len(migrated.definitions) == len(definitions()):

@@ -12,7 +12,14 @@ from uuid import UUID
 
 import click
 
-from chunkd.cli.options import JOB_ID, console, dsn_option, plural, with_connection
+from chunkd.cli.options import (
+    JOB_ID,
+    console,
+    dsn_option,
+    lock_wait_option,
+    plural,
+    with_connection,
+)
 from chunkd.errors import ChunkdError
 
 __all__ = ["limit", "pause", "resume"]
@@ -27,7 +34,8 @@ def _target(job: UUID | None, kind: str | None) -> None:
 @dsn_option
 @click.argument("job", type=JOB_ID, required=False)
 @click.option("--kind", help="Pause every job of this kind, present and future.")
-def pause(dsn: str, job: UUID | None, kind: str | None) -> None:
+@lock_wait_option
+def pause(dsn: str, job: UUID | None, kind: str | None, lock_wait: float) -> None:
     """Pause JOB, or a whole --kind: nothing new is claimed once this returns; chunks in flight
     finish, retries keep their schedule. `chunkd resume` undoes it."""
     from chunkd import ops
@@ -35,11 +43,11 @@ def pause(dsn: str, job: UUID | None, kind: str | None) -> None:
     _target(job, kind)
     if job is not None:
         job_id = job
-        n = with_connection(dsn, lambda conn: ops.pause_job(conn, job_id))
+        n = with_connection(dsn, lambda conn: ops.pause_job(conn, job_id, lock_wait_s=lock_wait))
         what = f"job {job}"
     else:
         name = str(kind)
-        n = with_connection(dsn, lambda conn: ops.pause_kind(conn, name))
+        n = with_connection(dsn, lambda conn: ops.pause_kind(conn, name, lock_wait_s=lock_wait))
         what = f"kind {name!r}"
     click.echo(f"paused {what}: {plural(n, 'pending chunk')} held (chunks in flight finish)")
 
@@ -48,18 +56,19 @@ def pause(dsn: str, job: UUID | None, kind: str | None) -> None:
 @dsn_option
 @click.argument("job", type=JOB_ID, required=False)
 @click.option("--kind", help="Resume a kind paused with `chunkd pause --kind`.")
-def resume(dsn: str, job: UUID | None, kind: str | None) -> None:
+@lock_wait_option
+def resume(dsn: str, job: UUID | None, kind: str | None, lock_wait: float) -> None:
     """Resume a paused JOB or --kind; idle daemons are woken at once."""
     from chunkd import ops
 
     _target(job, kind)
     if job is not None:
         job_id = job
-        n = with_connection(dsn, lambda conn: ops.resume_job(conn, job_id))
+        n = with_connection(dsn, lambda conn: ops.resume_job(conn, job_id, lock_wait_s=lock_wait))
         what = f"job {job}"
     else:
         name = str(kind)
-        n = with_connection(dsn, lambda conn: ops.resume_kind(conn, name))
+        n = with_connection(dsn, lambda conn: ops.resume_kind(conn, name, lock_wait_s=lock_wait))
         what = f"kind {name!r}"
     click.echo(f"resumed {what}: {plural(n, 'pending chunk')}")
 
@@ -104,6 +113,7 @@ class ConcurrencyLimit(click.ParamType[int | None]):
 )
 @click.option("--list", "show", is_flag=True, help="Show the flow controls in effect.")
 @click.option("--json", "as_json", is_flag=True, help="With --list: JSON.")
+@lock_wait_option
 def limit(
     dsn: str,
     rate: str | None,
@@ -113,6 +123,7 @@ def limit(
     concurrency: int | None,
     show: bool,
     as_json: bool,
+    lock_wait: float,
 ) -> None:
     """Rate-limit a kind (`--kind K 20/s [--burst N]`, `--kind K none` removes it), limit a
     concurrency key (`--key K --concurrency 2`), or show what is in effect (`--list`).
@@ -147,24 +158,31 @@ def limit(
         per_second = ops.parse_rate(rate)
         if per_second is None and burst is not None:
             raise ChunkdError("--burst needs a rate")
-        _set_rate(dsn, kind, per_second, burst)
+        _set_rate(dsn, kind, per_second, burst, lock_wait)
         return
     name = str(key)
     if rate is not None or burst is not None:
         raise ChunkdError("--key takes --concurrency N, not a rate")
     if not concurrency_given:
         raise ChunkdError("--key needs --concurrency N (or none to remove the limit)")
-    with_connection(dsn, lambda conn: ops.set_concurrency_limit(conn, name, concurrency))
+    with_connection(
+        dsn,
+        lambda conn: ops.set_concurrency_limit(conn, name, concurrency, lock_wait_s=lock_wait),
+    )
     if concurrency is None:
         click.echo(f"removed the concurrency limit of key {name!r}")
     else:
         click.echo(f"key {name!r}: at most {concurrency} chunks processing at once")
 
 
-def _set_rate(dsn: str, kind: str, per_second: Decimal | None, burst: int | None) -> None:
+def _set_rate(
+    dsn: str, kind: str, per_second: Decimal | None, burst: int | None, lock_wait: float
+) -> None:
     from chunkd import ops
 
-    with_connection(dsn, lambda conn: ops.set_rate_limit(conn, kind, per_second, burst))
+    with_connection(
+        dsn, lambda conn: ops.set_rate_limit(conn, kind, per_second, burst, lock_wait_s=lock_wait)
+    )
     if per_second is None:
         click.echo(f"removed the rate limit of kind {kind!r}")
         return

@@ -8,7 +8,14 @@ from uuid import UUID
 
 import click
 
-from chunkd.cli.options import DURATION, JOB_ID, dsn_option, plural, with_connection
+from chunkd.cli.options import (
+    DURATION,
+    JOB_ID,
+    dsn_option,
+    lock_wait_option,
+    plural,
+    with_connection,
+)
 from chunkd.errors import ChunkdError
 
 __all__ = ["EXIT_NOT_COMPLETED", "EXIT_TIMEOUT", "append", "close", "wait"]
@@ -23,7 +30,8 @@ EXIT_TIMEOUT = 124
 @dsn_option
 @click.argument("job", type=JOB_ID)
 @click.argument("source", metavar="[FILE|-]", type=click.File("rb"), required=False)
-def append(dsn: str, job: UUID, source: IO[bytes] | None) -> None:
+@lock_wait_option
+def append(dsn: str, job: UUID, source: IO[bytes] | None, lock_wait: float) -> None:
     """Append chunks to the open JOB (created with `enqueue --open`): a JSON array of chunk
     payloads, or NDJSON, from FILE or stdin.
 
@@ -36,18 +44,19 @@ def append(dsn: str, job: UUID, source: IO[bytes] | None) -> None:
             raise ChunkdError("no input: give FILE, or '-' and pipe the chunks to stdin")
         source = click.open_file("-", "rb")
     chunks = ops.parse_chunks(source.read(ops.MAX_INPUT_BYTES + 1))
-    n = with_connection(dsn, lambda conn: ops.append(conn, job, chunks))
+    n = with_connection(dsn, lambda conn: ops.append(conn, job, chunks, lock_wait_s=lock_wait))
     click.echo(f"appended {plural(n, 'chunk')} to job {job}")
 
 
 @click.command()
 @dsn_option
 @click.argument("job", type=JOB_ID)
-def close(dsn: str, job: UUID) -> None:
+@lock_wait_option
+def close(dsn: str, job: UUID, lock_wait: float) -> None:
     """Close the open JOB: no more appends; it finishes once its last chunk is done."""
     from chunkd import ops
 
-    closed = with_connection(dsn, lambda conn: ops.close(conn, job))
+    closed = with_connection(dsn, lambda conn: ops.close(conn, job, lock_wait_s=lock_wait))
     click.echo(f"closed job {job}" if closed else f"job {job} was already closed")
 
 

@@ -20,6 +20,7 @@ from chunkd.cli.options import (
     TIMESTAMP,
     console,
     dsn_option,
+    lock_wait_option,
     plural,
     stale_after_option,
     with_connection,
@@ -254,20 +255,22 @@ def status(
 @click.command()
 @dsn_option
 @click.argument("job", type=JOB_ID)
-def retry(dsn: str, job: UUID) -> None:
+@lock_wait_option
+def retry(dsn: str, job: UUID, lock_wait: float) -> None:
     """Put JOB's failed chunks back to pending, with their attempts reset."""
     from chunkd import ops
 
-    n = with_connection(dsn, lambda conn: ops.retry_failed(conn, job))
+    n = with_connection(dsn, lambda conn: ops.retry_failed(conn, job, lock_wait_s=lock_wait))
     click.echo(f"retried {plural(n, 'failed chunk')} of job {job}")
 
 
 @click.command()
 @dsn_option
 @click.argument("job", type=JOB_ID)
-def cancel(dsn: str, job: UUID) -> None:
+@lock_wait_option
+def cancel(dsn: str, job: UUID, lock_wait: float) -> None:
     """Cancel JOB: its pending and processing chunks become cancelled."""
     from chunkd import ops
 
-    n = with_connection(dsn, lambda conn: ops.cancel_job(conn, job))
+    n = with_connection(dsn, lambda conn: ops.cancel_job(conn, job, lock_wait_s=lock_wait))
     click.echo(f"cancelled {plural(n, 'chunk')} of job {job}")

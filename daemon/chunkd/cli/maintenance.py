@@ -8,6 +8,7 @@ from chunkd.cli.options import (
     DURATION,
     console,
     dsn_option,
+    lock_wait_option,
     plural,
     stale_after_option,
     with_connection,
@@ -36,11 +37,14 @@ def reap(dsn: str) -> None:
     help="Delete jobs finished longer ago than this (e.g. 7d), with all their rows.  "
     "[env: CHUNKD_OLDER_THAN]",
 )
-def purge(dsn: str, older_than: float) -> None:
+@lock_wait_option
+def purge(dsn: str, older_than: float, lock_wait: float) -> None:
     """Delete finished jobs with their chunks, queue rows and audit events."""
     from chunkd import ops
 
-    n = with_connection(dsn, lambda conn: ops.purge_finished(conn, older_than))
+    n = with_connection(
+        dsn, lambda conn: ops.purge_finished(conn, older_than, lock_wait_s=lock_wait)
+    )
     click.echo(f"purged {plural(n, 'finished job')}")
 
 

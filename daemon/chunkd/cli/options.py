@@ -32,6 +32,7 @@ __all__ = [
     "Timestamp",
     "console",
     "dsn_option",
+    "lock_wait_option",
     "plural",
     "run_async",
     "stale_after_option",
@@ -180,6 +181,33 @@ def stale_after_option(meaning: str) -> Callable[[F], F]:
         envvar="CHUNKD_STALE_AFTER",
         help=f"A worker silent this long {meaning}.  [env: CHUNKD_STALE_AFTER]",
     )
+
+
+LOCK_WAIT_MAX_S = 3600.0
+
+
+def _lock_wait(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if value > LOCK_WAIT_MAX_S:
+        raise click.BadParameter(f"at most {LOCK_WAIT_MAX_S:g}s (an hour)", ctx, param)
+    return value
+
+
+def lock_wait_option(func: F) -> F:
+    """``--lock-wait DURATION`` (``CHUNKD_LOCK_WAIT``, default 10s): how long an action keeps
+    trying for locks other sessions hold (each try waits 50 ms, at most 200 ms, so the fleet's
+    claims and enqueues never queue behind it for longer); the command receives
+    ``lock_wait``."""
+    return click.option(
+        "--lock-wait",
+        type=DURATION,
+        default="10s",
+        show_default=True,
+        envvar="CHUNKD_LOCK_WAIT",
+        callback=_lock_wait,
+        help="How long to keep trying for locks other sessions hold, in short tries (50 ms, at "
+        "most 200 ms: the fleet's claims never wait behind this for longer); then one line "
+        "names the session in the way and nothing is changed.  [env: CHUNKD_LOCK_WAIT]",
+    )(func)
 
 
 class JobId(click.ParamType[uuid.UUID]):

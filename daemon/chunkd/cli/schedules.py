@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from chunkd.cli.options import INT32, console, dsn_option, with_connection
+from chunkd.cli.options import INT32, console, dsn_option, lock_wait_option, with_connection
 from chunkd.errors import ChunkdError
 
 __all__ = ["schedule"]
@@ -44,6 +44,7 @@ def schedule() -> None:
 @click.option("--max-concurrency", type=click.IntRange(min=1, max=2**31 - 1), default=None)
 @click.option("--max-attempts", type=click.IntRange(min=1, max=2**31 - 1), default=3)
 @click.option("--priority", type=INT32, default=0)
+@lock_wait_option
 def add(
     dsn: str,
     name: str,
@@ -56,6 +57,7 @@ def add(
     max_concurrency: int | None,
     max_attempts: int,
     priority: int,
+    lock_wait: float,
 ) -> None:
     """Create the schedule NAME, or replace its definition."""
     from chunkd import ops
@@ -78,6 +80,7 @@ def add(
             max_concurrency=max_concurrency,
             max_attempts=max_attempts,
             priority=priority,
+            lock_wait_s=lock_wait,
         ),
     )
     click.echo(f"{outcome} schedule {name!r}: {cron} ({timezone})")
@@ -114,31 +117,34 @@ def list_(dsn: str, as_json: bool) -> None:
 @schedule.command("remove")
 @dsn_option
 @click.argument("name")
-def remove(dsn: str, name: str) -> None:
+@lock_wait_option
+def remove(dsn: str, name: str, lock_wait: float) -> None:
     """Delete the schedule NAME (jobs it created stay)."""
     from chunkd import ops
 
-    with_connection(dsn, lambda conn: ops.remove_schedule(conn, name))
+    with_connection(dsn, lambda conn: ops.remove_schedule(conn, name, lock_wait_s=lock_wait))
     click.echo(f"removed schedule {name!r}")
 
 
 @schedule.command("pause")
 @dsn_option
 @click.argument("name")
-def pause(dsn: str, name: str) -> None:
+@lock_wait_option
+def pause(dsn: str, name: str, lock_wait: float) -> None:
     """Stop firing NAME until resumed."""
     from chunkd import ops
 
-    with_connection(dsn, lambda conn: ops.pause_schedule(conn, name))
+    with_connection(dsn, lambda conn: ops.pause_schedule(conn, name, lock_wait_s=lock_wait))
     click.echo(f"paused schedule {name!r}")
 
 
 @schedule.command("resume")
 @dsn_option
 @click.argument("name")
-def resume(dsn: str, name: str) -> None:
+@lock_wait_option
+def resume(dsn: str, name: str, lock_wait: float) -> None:
     """Fire NAME again, from its next due time (times missed while paused do not fire)."""
     from chunkd import ops
 
-    with_connection(dsn, lambda conn: ops.resume_schedule(conn, name))
+    with_connection(dsn, lambda conn: ops.resume_schedule(conn, name, lock_wait_s=lock_wait))
     click.echo(f"resumed schedule {name!r}")

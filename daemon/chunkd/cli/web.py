@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from chunkd.cli.options import DURATION, dsn_option, run_async, stale_after_option
+from chunkd.cli.options import (
+    DURATION,
+    dsn_option,
+    lock_wait_option,
+    run_async,
+    stale_after_option,
+)
 from chunkd.errors import ChunkdError
 
 if TYPE_CHECKING:
@@ -98,8 +104,15 @@ def _bind(host: str, port: int) -> socket.socket:
     help="How often pages and event streams re-read progress.  [env: CHUNKD_REFRESH]",
 )
 @stale_after_option("is shown as stale")
+@lock_wait_option
 def web(
-    dsn: str, host: str, port: int, token_file: Path | None, refresh: float, stale_after: float
+    dsn: str,
+    host: str,
+    port: int,
+    token_file: Path | None,
+    refresh: float,
+    stale_after: float,
+    lock_wait: float,
 ) -> None:
     """Serve the web dashboard and the progress API (JSON, server-sent events)."""
     from chunkd.web import WebSettings
@@ -112,6 +125,7 @@ def web(
             token=_read_token(token_file),
             refresh_s=refresh,
             stale_after_s=stale_after,
+            lock_wait_s=lock_wait,
         )
     except ValueError as exc:
         raise ChunkdError(str(exc)) from None

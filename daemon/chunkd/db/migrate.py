@@ -12,6 +12,15 @@ checks what would make it fail half-way or run someone else's code: a read-only 
 ``chunkd`` schema (or an object in it) owned by another role, no right to create the schema,
 a transaction pooler. :func:`check_schema` does the same for ``chunkd run``: the schema's
 version, and every privilege the daemon's statements need.
+
+A running fleet meets every step: each step's transaction waits at most 50 ms for a lock (200
+ms while the sessions in its way come and go): a trigger's SHARE ROW EXCLUSIVE, an index's
+SHARE, a column's ACCESS EXCLUSIVE would otherwise queue every claim and enqueue behind it. A
+try that times out is rolled back and run again until
+``lock_wait_s`` has passed; then one line names the session in the way
+(:func:`chunkd.db.locks.with_lock_retry`). Migrations 2, 3 and 5 to 9 were released with a
+``SET LOCAL lock_timeout = '60s'`` of their own, which overrides it for their statements;
+migrations from version 10 on must not set one.
 """
 
 from __future__ import annotations
@@ -29,8 +38,9 @@ from chunkd.db.definitions import (
     grants_snapshot,
     schema_objects,
 )
+from chunkd.db.locks import DEFAULT_LOCK_WAIT_S, Wanted, with_lock_retry
 from chunkd.db.server_errors import quote_role, read_only_message
-from chunkd.db.sql_files import definitions, migrations, queries
+from chunkd.db.sql_files import Migration, definitions, migrations, queries
 from chunkd.errors import ChunkdError, SchemaVersionError
 from chunkd.version import __version__
 
@@ -47,6 +57,10 @@ __all__ = [
     "check_version",
     "schema_state",
 ]
+
+#: What a migration step may lock: any relation of the schema, in any mode (to name who holds
+#: one when a step gives up).
+_ANY_LOCK = (Wanted("chunkd.*", "AccessExclusiveLock"),)
 
 #: A registered daemon whose last heartbeat is younger than this is taken to be running (it
 #: heartbeats every lease/3: 20 s at the default lease) when a migration would drop a function.
@@ -120,17 +134,25 @@ async def schema_state(conn: asyncpg.Connection | PoolConnectionProxy) -> Schema
     return SchemaState(applied=tuple(r["version"] for r in rows), known=known)
 
 
-async def apply_migrations(conn: asyncpg.Connection, *, up_to: int | None = None) -> Migrated:
+async def apply_migrations(
+    conn: asyncpg.Connection,
+    *,
+    up_to: int | None = None,
+    lock_wait_s: float = DEFAULT_LOCK_WAIT_S,
+) -> Migrated:
     """Applies the versioned migrations that are missing, then the definition files that
     changed; returns what it applied.
 
     ``up_to`` (for tests that build an older release's schema) stops after that version and
     applies no definitions: the files hold the current release's, which may need later tables.
+    ``lock_wait_s``: how long each step keeps trying for its locks (in tries of 50 to 200 ms).
 
     Raises :class:`~chunkd.errors.SchemaVersionError` for a schema newer than this chunkd, and
     :class:`~chunkd.errors.ChunkdError` for anything that stops it before it writes (see the
-    module docstring), a step the server refused (nothing of that step is applied), or a step
-    that would drop what running daemons of another version call.
+    module docstring), a step the server refused (nothing of that step is applied), a step
+    that would drop what running daemons of another version call, or a step that did not get
+    its locks within ``lock_wait_s`` (:class:`~chunkd.db.locks.LockWaitError`, naming the
+    session that holds them).
     """
     if getattr(conn, "transaction_pooler", False):
         raise ChunkdError(
@@ -161,31 +183,48 @@ async def apply_migrations(conn: asyncpg.Connection, *, up_to: int | None = None
             if up_to is not None and migration.version > up_to:
                 return Migrated(applied)
             step = f"migration {migration.version} ({migration.name})"
+
+            async def apply(migration: Migration = migration, step: str = step) -> None:
+                before = await schema_objects(conn)
+                await conn.execute(q["pin_search_path"])
+                await conn.execute(migration.sql)
+                await conn.execute(q["record_version"], migration.version, migration.name)
+                await _refuse_drops(conn, before, step)
+
             try:
-                async with conn.transaction():
-                    before = await schema_objects(conn)
-                    await conn.execute(q["pin_search_path"])
-                    await conn.execute(migration.sql)
-                    await conn.execute(q["record_version"], migration.version, migration.name)
-                    await _refuse_drops(conn, before, step)
+                await with_lock_retry(conn, apply, what=step, wanted=_ANY_LOCK, wait_s=lock_wait_s)
             except DatabaseError as exc:
                 raise ChunkdError(f"{step} failed: {exc}; nothing of it was applied") from None
             applied.append(migration.version)
         if up_to is not None and up_to < migrations()[-1].version:
             return Migrated(applied)
-        return Migrated(applied, await _apply_definitions(conn, grants, preflight, bool(applied)))
+        definitions_applied = await _apply_definitions(
+            conn, grants, preflight, bool(applied), lock_wait_s
+        )
+        return Migrated(applied, definitions_applied)
     finally:
         await conn.execute(q["migrate_unlock"])
 
 
 async def _apply_definitions(
-    conn: asyncpg.Connection, grants: list[Grant], preflight: asyncpg.Record, migrated: bool
+    conn: asyncpg.Connection,
+    grants: list[Grant],
+    preflight: asyncpg.Record,
+    migrated: bool,
+    lock_wait_s: float,
 ) -> tuple[str, ...]:
-    try:
+    step = "the current definitions"
+
+    async def apply() -> tuple[str, ...]:
         before = await schema_objects(conn)
-        async with conn.transaction():
-            applied = await apply_definitions(conn, grants, migrated=migrated)
-            await _refuse_drops(conn, before, "the current definitions")
+        applied = await apply_definitions(conn, grants, migrated=migrated)
+        await _refuse_drops(conn, before, step)
+        return applied
+
+    try:
+        applied = await with_lock_retry(
+            conn, apply, what=step, wanted=_ANY_LOCK, wait_s=lock_wait_s
+        )
     except DatabaseError as exc:
         if preflight["read_only"]:
             raise ChunkdError(read_only_message(in_recovery=preflight["in_recovery"])) from None

@@ -1,12 +1,14 @@
-"""Server errors as one readable line: an operator typing a command never sees a traceback."""
+"""Server errors as one readable line: an operator typing a command never sees a traceback; and
+operator actions run with bounded lock waits (:func:`run_locked`)."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from chunkd.db import TRANSIENT_ERRORS, DatabaseError
+from chunkd.db.locks import DEFAULT_LOCK_WAIT_S, Wanted, with_lock_retry
 from chunkd.db.server_errors import describe_server_error
 from chunkd.errors import ChunkdError, DatabaseUnavailableError
 
@@ -14,7 +16,7 @@ if TYPE_CHECKING:
     import asyncpg
     from asyncpg.pool import PoolConnectionProxy
 
-__all__ = ["database_errors"]
+__all__ = ["Wanted", "database_errors", "rows_of", "run_locked"]
 
 
 @contextlib.contextmanager
@@ -43,3 +45,29 @@ def database_errors(
             # Reported by the server at connect (ParameterStatus): no query needed.
             role = getattr(conn.get_settings(), "session_authorization", None)
         raise ChunkdError(describe_server_error(exc, role=role)) from None
+
+
+def rows_of(*tables: str) -> tuple[Wanted, ...]:
+    """Row locks on these tables of schema chunkd (for naming who holds them)."""
+    return tuple(Wanted(f"chunkd.{table}", "row") for table in tables)
+
+
+async def run_locked(
+    conn: asyncpg.Connection | PoolConnectionProxy,
+    statement: str,
+    *args: Any,
+    what: str,
+    wanted: Sequence[Wanted],
+    wait_s: float = DEFAULT_LOCK_WAIT_S,
+) -> Any:
+    """``fetchval(statement, *args)`` as one operator action: in a transaction of its own whose
+    lock waits last at most 50 ms (200 ms while those in its way come and go), tried again
+    until ``wait_s`` has passed (:func:`chunkd.db.locks.with_lock_retry`), so it never holds
+    the fleet's claims and enqueues up for longer. Errors are one line
+    (:func:`database_errors`); an action that could not get its locks says who holds them
+    (``what`` names it: "pause of job ..."; ``wanted``: the locks it takes, to find their
+    holders)."""
+    with database_errors(conn):
+        return await with_lock_retry(
+            conn, lambda: conn.fetchval(statement, *args), what=what, wanted=wanted, wait_s=wait_s
+        )

@@ -2,7 +2,9 @@
 kind, rate limits per kind, concurrency limits per key, and the list of what is in effect.
 
 Every action is one call of a public SQL function (``pause_sync_job``, ``set_rate_limit``, …),
-so a role granted only those functions can run these commands (docs/security.md).
+so a role granted only those functions can run these commands (docs/security.md). Actions wait
+for their locks 50 ms at a time (at most 200 ms), for ``lock_wait_s`` in all, then say who
+holds them (:func:`chunkd.ops.errors.run_locked`).
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+from chunkd.db.locks import DEFAULT_LOCK_WAIT_S, Wanted
 from chunkd.db.sql_files import queries
 from chunkd.errors import ChunkdError
-from chunkd.ops.errors import database_errors
+from chunkd.ops.errors import database_errors, rows_of, run_locked
 
 if TYPE_CHECKING:
     import asyncpg
@@ -78,54 +81,133 @@ def format_rate(per_second: Decimal | float | None) -> str:
     return f"{value:g}/s"
 
 
-async def _count(conn: asyncpg.Connection, query: str, *args: Any) -> int:
-    with database_errors():
-        count: int = await conn.fetchval(queries()[query], *args)
+# A pause takes SHARE on the ready queue (it waits for the claims under way); every action
+# locks the rows it changes.
+_PAUSE = Wanted("chunkd.ready", "ShareLock")
+
+
+async def _count(
+    conn: asyncpg.Connection,
+    query: str,
+    arg: Any,
+    *,
+    what: str,
+    wanted: tuple[Wanted, ...],
+    lock_wait_s: float,
+) -> int:
+    count: int = await run_locked(
+        conn, queries()[query], arg, what=what, wanted=wanted, wait_s=lock_wait_s
+    )
     return count
 
 
-async def pause_job(conn: asyncpg.Connection, job_id: UUID) -> int:
+async def pause_job(
+    conn: asyncpg.Connection, job_id: UUID, *, lock_wait_s: float = DEFAULT_LOCK_WAIT_S
+) -> int:
     """Pauses a job; returns how many of its chunks are held back (pending now).
 
     Claims under way finish first; once this returns, no chunk of the job is claimed until it
-    is resumed. Chunks in flight finish normally.
+    is resumed. Chunks in flight finish normally. The pause never holds the fleet's claims and
+    enqueues up for more than one short try at a time (50 ms, at most 200 ms); it keeps trying
+    for ``lock_wait_s`` seconds.
 
     :raises ChunkdError: no such job, or it is cancelled.
+    :raises chunkd.db.locks.LockWaitError: the locks stayed taken for ``lock_wait_s``: one line
+        naming the session that holds them; nothing was changed.
     """
-    return await _count(conn, "ops_pause_sync_job", job_id)
+    return await _count(
+        conn,
+        "ops_pause_sync_job",
+        job_id,
+        what=f"pause of job {job_id}",
+        wanted=(_PAUSE, *rows_of("jobs")),
+        lock_wait_s=lock_wait_s,
+    )
 
 
-async def resume_job(conn: asyncpg.Connection, job_id: UUID) -> int:
+async def resume_job(
+    conn: asyncpg.Connection, job_id: UUID, *, lock_wait_s: float = DEFAULT_LOCK_WAIT_S
+) -> int:
     """Resumes a job and wakes idle daemons; returns how many of its chunks are pending."""
-    return await _count(conn, "ops_resume_sync_job", job_id)
+    return await _count(
+        conn,
+        "ops_resume_sync_job",
+        job_id,
+        what=f"resume of job {job_id}",
+        wanted=rows_of("jobs"),
+        lock_wait_s=lock_wait_s,
+    )
 
 
-async def pause_kind(conn: asyncpg.Connection, kind: str) -> int:
-    """Pauses every job of ``kind``, present and future; returns how many chunks are held."""
-    return await _count(conn, "ops_pause_kind", kind)
+async def pause_kind(
+    conn: asyncpg.Connection, kind: str, *, lock_wait_s: float = DEFAULT_LOCK_WAIT_S
+) -> int:
+    """Pauses every job of ``kind``, present and future; returns how many chunks are held
+    (as :func:`pause_job`)."""
+    return await _count(
+        conn,
+        "ops_pause_kind",
+        kind,
+        what=f"pause of kind {kind!r}",
+        wanted=(_PAUSE, *rows_of("kind_flow")),
+        lock_wait_s=lock_wait_s,
+    )
 
 
-async def resume_kind(conn: asyncpg.Connection, kind: str) -> int:
+async def resume_kind(
+    conn: asyncpg.Connection, kind: str, *, lock_wait_s: float = DEFAULT_LOCK_WAIT_S
+) -> int:
     """Resumes ``kind``; returns how many of its chunks are pending."""
-    return await _count(conn, "ops_resume_kind", kind)
+    return await _count(
+        conn,
+        "ops_resume_kind",
+        kind,
+        what=f"resume of kind {kind!r}",
+        wanted=rows_of("kind_flow"),
+        lock_wait_s=lock_wait_s,
+    )
 
 
 async def set_rate_limit(
-    conn: asyncpg.Connection, kind: str, per_second: Decimal | None, burst: int | None
+    conn: asyncpg.Connection,
+    kind: str,
+    per_second: Decimal | None,
+    burst: int | None,
+    *,
+    lock_wait_s: float = DEFAULT_LOCK_WAIT_S,
 ) -> None:
     """At most ``per_second`` claims per second of ``kind``'s chunks, fleet-wide, and at most
     ``burst`` at once (None: a third of a second's worth); ``per_second`` None removes the limit."""
-    with database_errors():
-        await conn.execute(queries()["ops_set_rate_limit"], kind, per_second, burst)
+    await run_locked(
+        conn,
+        queries()["ops_set_rate_limit"],
+        kind,
+        per_second,
+        burst,
+        what=f"rate limit of kind {kind!r}",
+        wanted=rows_of("kind_flow"),
+        wait_s=lock_wait_s,
+    )
 
 
 async def set_concurrency_limit(
-    conn: asyncpg.Connection, key: str, max_concurrency: int | None
+    conn: asyncpg.Connection,
+    key: str,
+    max_concurrency: int | None,
+    *,
+    lock_wait_s: float = DEFAULT_LOCK_WAIT_S,
 ) -> None:
     """At most ``max_concurrency`` chunks of all unfinished jobs with concurrency key ``key``
     processing at once, fleet-wide; None removes the limit."""
-    with database_errors():
-        await conn.execute(queries()["ops_set_concurrency_limit"], key, max_concurrency)
+    await run_locked(
+        conn,
+        queries()["ops_set_concurrency_limit"],
+        key,
+        max_concurrency,
+        what=f"concurrency limit of key {key!r}",
+        wanted=rows_of("concurrency_limits"),
+        wait_s=lock_wait_s,
+    )
 
 
 @dataclass(frozen=True)

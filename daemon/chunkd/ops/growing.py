@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from chunkd.chunk import dumps_json
+from chunkd.db.locks import DEFAULT_LOCK_WAIT_S
 from chunkd.db.sql_files import queries
 from chunkd.errors import ChunkdError
-from chunkd.ops.errors import database_errors
+from chunkd.ops.errors import database_errors, rows_of, run_locked
 
 if TYPE_CHECKING:
     import asyncpg
@@ -24,22 +25,40 @@ JOB_FINISHED_CHANNEL = "chunkd_job_finished"
 _RECHECK_S = 5.0
 
 
-async def append(conn: asyncpg.Connection, job_id: UUID, chunks: list[Any]) -> int:
+async def append(
+    conn: asyncpg.Connection,
+    job_id: UUID,
+    chunks: list[Any],
+    *,
+    lock_wait_s: float = DEFAULT_LOCK_WAIT_S,
+) -> int:
     """Appends ``chunks`` to the open job ``job_id``; how many. ChunkdError when the job is
-    closed, cancelled or unknown."""
-    with database_errors(conn):
-        count: int = await conn.fetchval(
-            queries()["ops_append_chunks"],
-            job_id,
-            dumps_json(chunks, ensure_ascii=False),
-        )
+    closed, cancelled or unknown. Lock waits as every operator action
+    (:func:`chunkd.ops.errors.run_locked`)."""
+    count: int = await run_locked(
+        conn,
+        queries()["ops_append_chunks"],
+        job_id,
+        dumps_json(chunks, ensure_ascii=False),
+        what=f"append to job {job_id}",
+        wanted=rows_of("jobs"),
+        wait_s=lock_wait_s,
+    )
     return count
 
 
-async def close(conn: asyncpg.Connection, job_id: UUID) -> bool:
+async def close(
+    conn: asyncpg.Connection, job_id: UUID, *, lock_wait_s: float = DEFAULT_LOCK_WAIT_S
+) -> bool:
     """Closes the open job ``job_id``: True if it was open, False if already closed."""
-    with database_errors(conn):
-        closed: bool = await conn.fetchval(queries()["ops_close_sync_job"], job_id)
+    closed: bool = await run_locked(
+        conn,
+        queries()["ops_close_sync_job"],
+        job_id,
+        what=f"close of job {job_id}",
+        wanted=rows_of("jobs"),
+        wait_s=lock_wait_s,
+    )
     return closed
 
 

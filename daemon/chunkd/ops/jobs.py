@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from chunkd.chunk import dumps_json
+from chunkd.db.locks import DEFAULT_LOCK_WAIT_S
 from chunkd.db.sql_files import queries
 from chunkd.errors import ChunkdError
-from chunkd.ops.errors import database_errors
+from chunkd.ops.errors import database_errors, rows_of, run_locked
 from chunkd.ops.flow import JobFlow
 
 if TYPE_CHECKING:
@@ -272,26 +273,44 @@ async def job_detail(
     )
 
 
-async def retry_failed(conn: asyncpg.Connection, job_id: UUID) -> int:
-    """Failed chunks back to pending with their attempts reset; how many."""
-    with database_errors(conn):
-        count: int = await conn.fetchval(queries()["ops_retry_failed_chunks"], job_id)
+async def retry_failed(
+    conn: asyncpg.Connection, job_id: UUID, *, lock_wait_s: float = DEFAULT_LOCK_WAIT_S
+) -> int:
+    """Failed chunks back to pending with their attempts reset; how many. Lock waits as every
+    operator action (:func:`chunkd.ops.errors.run_locked`)."""
+    count: int = await run_locked(
+        conn,
+        queries()["ops_retry_failed_chunks"],
+        job_id,
+        what=f"retry of job {job_id}",
+        wanted=rows_of("jobs"),
+        wait_s=lock_wait_s,
+    )
     return count
 
 
-async def cancel_job(conn: asyncpg.Connection, job_id: UUID) -> int:
-    """Pending and processing chunks to cancelled; how many.
+async def cancel_job(
+    conn: asyncpg.Connection, job_id: UUID, *, lock_wait_s: float = DEFAULT_LOCK_WAIT_S
+) -> int:
+    """Pending and processing chunks to cancelled; how many. Lock waits as every operator
+    action (:func:`chunkd.ops.errors.run_locked`).
 
     Raises :class:`~chunkd.errors.ChunkdError` when there is nothing to cancel because the job
     is already finished (naming its status), or does not exist.
     """
     q = queries()
-    with database_errors(conn):
-        count: int = await conn.fetchval(q["ops_cancel_sync_job"], job_id)
-        if count == 0:
-            # cancel_sync_job returns 0 alike for a finished job and one that cancels nothing.
-            progress = await conn.fetchval(q["ops_job_progress"], job_id)
+    count: int = await run_locked(
+        conn,
+        q["ops_cancel_sync_job"],
+        job_id,
+        what=f"cancel of job {job_id}",
+        wanted=rows_of("jobs", "ready", "scheduled", "attempts"),
+        wait_s=lock_wait_s,
+    )
     if count == 0:
+        # cancel_sync_job returns 0 alike for a finished job and one that cancels nothing.
+        with database_errors(conn):
+            progress = await conn.fetchval(q["ops_job_progress"], job_id)
         if progress is None:
             raise ChunkdError(f"no sync job {job_id}")
         status = progress["overall_status"]
@@ -307,10 +326,17 @@ async def reap(conn: asyncpg.Connection) -> int:
     return count
 
 
-async def purge_finished(conn: asyncpg.Connection, older_than_s: float) -> int:
-    """Jobs finished more than ``older_than_s`` ago, deleted with all their rows; how many."""
-    with database_errors(conn):
-        count: int = await conn.fetchval(
-            queries()["ops_purge_finished_jobs"], timedelta(seconds=older_than_s)
-        )
+async def purge_finished(
+    conn: asyncpg.Connection, older_than_s: float, *, lock_wait_s: float = DEFAULT_LOCK_WAIT_S
+) -> int:
+    """Jobs finished more than ``older_than_s`` ago, deleted with all their rows; how many.
+    Jobs another session holds are skipped (SKIP LOCKED); lock waits as every operator action."""
+    count: int = await run_locked(
+        conn,
+        queries()["ops_purge_finished_jobs"],
+        timedelta(seconds=older_than_s),
+        what="purge",
+        wanted=rows_of("jobs", "chunks", "attempts", "events"),
+        wait_s=lock_wait_s,
+    )
     return count

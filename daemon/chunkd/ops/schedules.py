@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 from chunkd.chunk import dumps_json
 from chunkd.cron import next_fire
+from chunkd.db.locks import DEFAULT_LOCK_WAIT_S
 from chunkd.db.sql_files import queries
 from chunkd.errors import ChunkdError
-from chunkd.ops.errors import database_errors
+from chunkd.ops.errors import database_errors, rows_of, run_locked
 
 if TYPE_CHECKING:
     import asyncpg
@@ -77,26 +78,30 @@ async def add_schedule(
     max_concurrency: int | None,
     max_attempts: int,
     priority: int,
+    lock_wait_s: float = DEFAULT_LOCK_WAIT_S,
 ) -> str:
     """Creates the schedule, or replaces the one named ``name``: 'created' or 'updated'."""
     try:
         next_fire(cron, timezone, datetime.now(UTC))
     except ValueError as exc:
         raise ChunkdError(str(exc)) from None
-    with database_errors(conn):
-        outcome: str = await conn.fetchval(
-            queries()["ops_create_schedule"],
-            name,
-            cron,
-            kind,
-            dumps_json(chunks, ensure_ascii=False),
-            dumps_json(payload, ensure_ascii=False),
-            timezone,
-            dedupe,
-            max_concurrency,
-            max_attempts,
-            priority,
-        )
+    outcome: str = await run_locked(
+        conn,
+        queries()["ops_create_schedule"],
+        name,
+        cron,
+        kind,
+        dumps_json(chunks, ensure_ascii=False),
+        dumps_json(payload, ensure_ascii=False),
+        timezone,
+        dedupe,
+        max_concurrency,
+        max_attempts,
+        priority,
+        what=f"schedule {name!r}",
+        wanted=rows_of("schedules"),
+        wait_s=lock_wait_s,
+    )
     return outcome
 
 
@@ -120,20 +125,32 @@ async def list_schedules(conn: asyncpg.Connection) -> list[ScheduleRow]:
     ]
 
 
-async def _by_name(conn: asyncpg.Connection, query: str, name: str) -> None:
-    with database_errors(conn):
-        await conn.execute(queries()[query], name)
+async def _by_name(conn: asyncpg.Connection, query: str, name: str, lock_wait_s: float) -> None:
+    await run_locked(
+        conn,
+        queries()[query],
+        name,
+        what=f"schedule {name!r}",
+        wanted=rows_of("schedules"),
+        wait_s=lock_wait_s,
+    )
 
 
-async def remove_schedule(conn: asyncpg.Connection, name: str) -> None:
+async def remove_schedule(
+    conn: asyncpg.Connection, name: str, *, lock_wait_s: float = DEFAULT_LOCK_WAIT_S
+) -> None:
     """Deletes the schedule (jobs it created stay). ChunkdError if there is none."""
-    await _by_name(conn, "ops_drop_schedule", name)
+    await _by_name(conn, "ops_drop_schedule", name, lock_wait_s)
 
 
-async def pause_schedule(conn: asyncpg.Connection, name: str) -> None:
-    await _by_name(conn, "ops_pause_schedule", name)
+async def pause_schedule(
+    conn: asyncpg.Connection, name: str, *, lock_wait_s: float = DEFAULT_LOCK_WAIT_S
+) -> None:
+    await _by_name(conn, "ops_pause_schedule", name, lock_wait_s)
 
 
-async def resume_schedule(conn: asyncpg.Connection, name: str) -> None:
+async def resume_schedule(
+    conn: asyncpg.Connection, name: str, *, lock_wait_s: float = DEFAULT_LOCK_WAIT_S
+) -> None:
     """Resumes from now: due times missed while paused do not fire."""
-    await _by_name(conn, "ops_resume_schedule", name)
+    await _by_name(conn, "ops_resume_schedule", name, lock_wait_s)

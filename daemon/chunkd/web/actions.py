@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+from chunkd.db.locks import DEFAULT_LOCK_WAIT_S, Wanted
 from chunkd.db.sql_files import queries
-from chunkd.ops import TERMINAL_STATUSES, database_errors
+from chunkd.ops import TERMINAL_STATUSES
+from chunkd.ops.errors import rows_of, run_locked
 
 if TYPE_CHECKING:
     import asyncpg
@@ -29,7 +31,8 @@ class Action:
     ``sql/web.sql`` it runs with the job id; ``applies`` says, from the job's progress
     document and its flow controls, whether the button is shown; ``question`` and ``done`` are
     the texts of the confirmation page (``{...}``: the progress document's keys) and of the
-    result (``{n}`` = the function's return value)."""
+    result (``{n}`` = the function's return value); ``wanted``: the locks the function takes,
+    to name their holders when it cannot get them."""
 
     name: str
     label: str
@@ -37,6 +40,7 @@ class Action:
     applies: Callable[[dict[str, Any], FlowControls], bool]
     question: str
     done: str
+    wanted: tuple[Wanted, ...]
     danger: bool = False
 
 
@@ -51,6 +55,7 @@ ACTIONS: dict[str, Action] = {
             question="Put the {failed_chunks} failed chunk(s) of this job back to pending, "
             "with their attempts reset?",
             done="{n} failed chunk(s) back to pending",
+            wanted=rows_of("jobs"),
         ),
         Action(
             name="pause",
@@ -63,6 +68,7 @@ ACTIONS: dict[str, Action] = {
             "until it is resumed; its {processing_chunks} chunk(s) processing now finish "
             "normally, and nothing is cancelled or spent.",
             done="job paused: {n} pending chunk(s) held back",
+            wanted=(Wanted("chunkd.ready", "ShareLock"), *rows_of("jobs")),
         ),
         Action(
             name="resume",
@@ -74,6 +80,7 @@ ACTIONS: dict[str, Action] = {
             question="Resume this job? Its {pending_chunks} pending chunk(s) may be claimed "
             "again at once.",
             done="job resumed: {n} pending chunk(s)",
+            wanted=rows_of("jobs"),
         ),
         Action(
             name="cancel",
@@ -83,6 +90,7 @@ ACTIONS: dict[str, Action] = {
             question="Cancel this job? Its {pending_chunks} pending and {processing_chunks} "
             "processing chunk(s) become cancelled; running handlers are fenced out.",
             done="{n} chunk(s) cancelled",
+            wanted=rows_of("jobs", "ready", "scheduled", "attempts"),
             danger=True,
         ),
     )
@@ -94,11 +102,23 @@ def available(progress: dict[str, Any], flow: FlowControls) -> list[Action]:
     return [a for a in ACTIONS.values() if a.applies(progress, flow)]
 
 
-async def run_action(pool: asyncpg.Pool, action: Action, job_id: UUID) -> int:
+async def run_action(
+    pool: asyncpg.Pool, action: Action, job_id: UUID, lock_wait_s: float = DEFAULT_LOCK_WAIT_S
+) -> int:
     """Runs the action; returns the function's count (chunks retried, cancelled, held back by
-    the pause, pending after the resume). Raises ChunkdError with one line when the server
-    refuses (no such job, a cancelled job, a role without the grant)."""
+    the pause, pending after the resume). Its lock waits last 50 ms (at most 200 ms),
+    ``lock_wait_s`` in all (:func:`chunkd.ops.errors.run_locked`), so it never holds the fleet
+    up. Raises
+    ChunkdError with one line when the server refuses (no such job, a cancelled job, a role
+    without the grant: the GRANT line names the dashboard's role) or when the locks stayed
+    taken (naming the session that holds them)."""
     async with pool.acquire() as conn:
-        with database_errors(conn):  # a refusal's GRANT line names the dashboard's role
-            n: int = await conn.fetchval(queries("web.sql")[action.statement], job_id)
+        n: int = await run_locked(
+            conn,
+            queries("web.sql")[action.statement],
+            job_id,
+            what=f"{action.name} of job {job_id}",
+            wanted=action.wanted,
+            wait_s=lock_wait_s,
+        )
     return n

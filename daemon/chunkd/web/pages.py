@@ -158,7 +158,7 @@ async def action(request: Request) -> Response:
     pool = request.app.state.pool
     if request.method == "POST":
         await checked_form(request)
-        n = await run_action(pool, chosen, job_id)
+        n = await run_action(pool, chosen, job_id, request.app.state.settings.lock_wait_s)
         return RedirectResponse(
             f"/jobs/{job_id}?{urlencode({'done': chosen.name, 'n': n})}", status_code=303
         )

@@ -32,7 +32,9 @@ class WebSettings:
     port); ``token``: the operator token (None = none: then only a loopback ``host`` is
     allowed); ``refresh_s``: how often pages and the event stream re-read progress;
     ``stale_after_s``: a worker silent this long is shown as stale; ``pool_size``: database
-    connections. Raises ValueError, with a message for the user, on an unsafe or invalid
+    connections; ``lock_wait_s``: how long an operator action keeps trying for locks other
+    sessions hold (50 ms at a time, at most 200 ms), then answers with one line naming the
+    session. Raises ValueError, with a message for the user, on an unsafe or invalid
     combination."""
 
     dsn: str
@@ -42,6 +44,7 @@ class WebSettings:
     refresh_s: float = 2.0
     stale_after_s: float = 120.0
     pool_size: int = 4
+    lock_wait_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.token is not None and len(self.token) < MIN_TOKEN_LENGTH:
@@ -60,5 +63,7 @@ class WebSettings:
             raise ValueError("--refresh must be at least 100ms")
         if self.stale_after_s <= 0:
             raise ValueError("--stale-after must be positive")
+        if not 0 <= self.lock_wait_s <= 3600:
+            raise ValueError("--lock-wait must be 0 to 3600 seconds")
         if self.pool_size < 1:
             raise ValueError("the pool needs at least one connection")

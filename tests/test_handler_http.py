@@ -225,6 +225,24 @@ async def test_refused_connection_is_retryable(make_handler: Any) -> None:
         await make_handler(f"http://127.0.0.1:{port}/x")(make_chunk())
 
 
+async def test_a_proxy_from_the_environment_is_used(
+    server: Server, make_handler: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP_PROXY / NO_PROXY are honoured, as they were before the switch to aiohttp."""
+    for name in ("no_proxy", "https_proxy", "all_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.setenv("HTTP_PROXY", server.base_url)
+    target = "http://chunkd-proxy-test.invalid/json"
+    with pytest.raises(PermanentError, match="HTTP 400"):  # the stub is no real proxy
+        await make_handler(target)(make_chunk())
+    assert [r.path for r in server.requests] == [target]  # the absolute form: via the proxy
+    monkeypatch.setenv("NO_PROXY", "chunkd-proxy-test.invalid")
+    with pytest.raises(HttpRetryableError, match="connection error"):  # no such host
+        await make_handler(target)(make_chunk())
+    assert len(server.requests) == 1
+
+
 async def test_closed_handler_refuses_calls(server: Server) -> None:
     handler = HttpHandler(f"{server.base_url}/json", timeout_s=5)
     assert await handler(make_chunk()) == {"synced": 3}

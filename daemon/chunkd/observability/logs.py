@@ -34,7 +34,7 @@ def configure_logging(
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    # Libraries (asyncpg's pool, httpx) log through the stdlib: render them the same way, so
+    # Libraries (asyncpg's pool, aiohttp) log through the stdlib: render them the same way, so
     # every line on stdout is one JSON object.
     handler = logging.StreamHandler(out)
     handler.setFormatter(
@@ -46,7 +46,6 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(logging.getLevelNamesMapping()[level.upper()], logging.INFO))
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

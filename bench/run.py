@@ -17,8 +17,9 @@ Rows:
   can be vacuumed. chunkd and PGQueuer (best settings), each as a ratio of its own clean run;
   the clean and held runs are interleaved (order rotated each rep) and the ratio is taken
   within each rep, median over reps;
-- 10 ms handler, latency, and chunkd-only rows (claim cost, processes, memory, and enqueue
-  through the Python client: bench/enqueue_bench.py).
+- 10 ms handler, latency, and chunkd-only rows (claim cost, processes, memory, the ``http:``
+  handler against a Python handler of the same 20 ms: bench/io_bench.py, and enqueue through
+  the Python client: bench/enqueue_bench.py).
 
 The peers are installed from PyPI into their own venv (bench/peers/requirements.txt), never
 into the project's. Results are also written to bench/results/latest.json.
@@ -37,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from io_bench import table_rows as io_rows
 
 from chunkd.db import connect
 from chunkd.demo.cluster import PostgresCluster
@@ -398,6 +401,13 @@ async def main(args: argparse.Namespace) -> int:
             "rss",
             *(["--jobs", "40000"] if args.quick else []),
         )
+        print("chunkd only: http: handler vs a Python handler, 20 ms each", file=sys.stderr)
+        io = await b.measure(
+            "chunkd http: vs Python handler",
+            "io_bench.py",
+            me,
+            *(["--jobs", "2000"] if args.quick else []),
+        )
         print("chunkd only: enqueue", file=sys.stderr)
         enqueue = await b.measure(
             "chunkd enqueue (one-chunk jobs)",
@@ -470,6 +480,7 @@ async def main(args: argparse.Namespace) -> int:
         ),
         ("  2 processes / 1", _min_med(procs, "scaling_2_over_1", "{:.2f}")),
         ("daemon RSS growth, 20k -> 200k chunks", _min_med(rss, "growth", "{:+.1%}")),
+        *io_rows(io),
         ("enqueue, one-chunk jobs/s, 1 conn, each call committed (min / median)", ""),
         ("  create_sync_jobs, 1,000 jobs per call", _min_med(enqueue, "per_second")),
         ("  the same, every job with a dedupe key", _min_med(enqueue, "keyed_per_second")),

@@ -61,6 +61,7 @@ class Sent:
 class Server:
     base_url: str
     sent: dict[str, Sent] = field(default_factory=dict)
+    release: threading.Event = field(default_factory=threading.Event)
 
 
 def _gzip_bomb(size: int) -> bytes:
@@ -81,6 +82,15 @@ def _make_handler(server: Server) -> type[StubHandler]:
             self.close_connection = True
             if path == "/bomb":
                 self._reply(200, BOMB, {"Content-Encoding": "gzip"})
+                return
+            if path in ("/stall", "/cut"):  # 10 of 1,000 announced bytes, then stall or close
+                self.send_response(200)
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                self.wfile.write(b"0123456789")
+                self.wfile.flush()
+                if path == "/stall":
+                    server.release.wait(10)
                 return
             status = 500 if path.startswith("/error") else 200
             sent = server.sent.setdefault(path, Sent())
@@ -130,6 +140,7 @@ def server() -> Iterator[Server]:
     try:
         yield state
     finally:
+        state.release.set()
         httpd.shutdown()
         httpd.server_close()
         thread.join(30)
@@ -139,8 +150,10 @@ def server() -> Iterator[Server]:
 async def handler(server: Server) -> AsyncIterator[Any]:
     created: list[HttpHandler] = []
 
-    def make(path: str) -> HttpHandler:
-        made = HttpHandler(f"{server.base_url}{path}", headers={"Authorization": SECRET})
+    def make(path: str, timeout_s: float = 300.0) -> HttpHandler:
+        made = HttpHandler(
+            f"{server.base_url}{path}", headers={"Authorization": SECRET}, timeout_s=timeout_s
+        )
         created.append(made)
         return made
 
@@ -215,6 +228,18 @@ async def test_a_gzip_bomb_is_decompressed_only_up_to_the_cap(server: Server, ha
         tracemalloc.stop()
     # 200 MB once inflated; what the handler held at most is the cap plus aiohttp's buffers.
     assert peak < 16 * MAX_BODY_BYTES, peak
+
+
+async def test_a_body_that_stalls_times_out(server: Server, handler: Any) -> None:
+    """The per-request timeout covers the reading of the body, not only the headers."""
+    with pytest.raises(HttpRetryableError, match=r"^timeout after 0\.3s calling "):
+        await handler("/stall", timeout_s=0.3)(_chunk())
+
+
+async def test_a_body_cut_short_is_a_connection_error(server: Server, handler: Any) -> None:
+    with pytest.raises(HttpRetryableError, match=r"^connection error calling ") as info:
+        await handler("/cut")(_chunk())
+    assert "s3cr3t" not in str(info.value)
 
 
 async def test_the_daemon_fails_the_chunk_with_one_clear_line(

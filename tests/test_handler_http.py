@@ -29,6 +29,7 @@ from chunkd.handlers.http import (
 from http_stub import StubHandler
 
 SECRET = "Bearer s3cr3t-token-value"
+IN_FLIGHT = 150  # above aiohttp's default pool size (100)
 
 
 @dataclass
@@ -45,6 +46,10 @@ class Server:
     base_url: str
     requests: list[Received] = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)
+    # Answers only once this many requests are in flight at the same time.
+    barrier: threading.Barrier = field(
+        default_factory=lambda: threading.Barrier(IN_FLIGHT, timeout=10)
+    )
 
 
 def _make_handler(server: Server) -> type[BaseHTTPRequestHandler]:
@@ -75,6 +80,13 @@ def _make_handler(server: Server) -> type[BaseHTTPRequestHandler]:
                 self._reply(500, b"x" * 1000)
             elif path == "/302":
                 self._reply(302, b"", {"Location": "https://elsewhere.example/"})
+            elif path == "/together":
+                try:
+                    server.barrier.wait()
+                except threading.BrokenBarrierError:
+                    self._reply(503, b"not all requests arrived together")
+                else:
+                    self._reply(200, b"{}")
             elif path == "/slow":
                 server.release.wait(10)
                 try:
@@ -87,10 +99,14 @@ def _make_handler(server: Server) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class _Listener(ThreadingHTTPServer):
+    request_queue_size = 2 * IN_FLIGHT  # the default backlog (5) drops simultaneous connects
+
+
 @pytest.fixture
 def server() -> Iterator[Server]:
     state = Server(base_url="")
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(state))
+    httpd = _Listener(("127.0.0.1", 0), _make_handler(state))
     httpd.daemon_threads = False  # so server_close() joins request threads: nothing leaks
     host, port = httpd.server_address[:2]
     state.base_url = f"http://{host}:{port}"
@@ -200,6 +216,13 @@ async def test_redirect_is_not_followed(server: Server, make_handler: Any) -> No
     with pytest.raises(PermanentError, match="302"):
         await make_handler(f"{server.base_url}/302")(make_chunk())
     assert [r.path for r in server.requests] == ["/302"]
+
+
+async def test_the_pool_has_no_cap_of_its_own(server: Server, make_handler: Any) -> None:
+    """The daemon's --concurrency bounds requests in flight, not a pool size below it."""
+    handler = make_handler(f"{server.base_url}/together", timeout_s=20)
+    results = await asyncio.gather(*(handler(make_chunk()) for _ in range(IN_FLIGHT)))
+    assert results == [{}] * IN_FLIGHT
 
 
 async def test_timeout_is_retryable(server: Server, make_handler: Any) -> None:

@@ -18,3 +18,8 @@ async def sleep10(chunk: Chunk) -> None:
 async def sleep_payload(chunk: Chunk) -> None:
     """Sleeps the chunk payload's ``sleep_s`` (bench/flow_bench.py)."""
     await asyncio.sleep(float(chunk.payload["sleep_s"]))
+
+
+async def sleep20(chunk: Chunk) -> None:
+    """The Python side of bench/io_bench.py: as long as its HTTP endpoint takes to answer."""
+    await asyncio.sleep(0.020)

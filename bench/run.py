@@ -20,8 +20,9 @@ Rows:
 - the daemon on another host: bench/remote_bench.py as a sub-step (its own cluster), chunkd's
   no-op and latency scenarios with the daemon's connections through bench/delay_proxy.py at
   1 ms each way and at 0 ms, and over plain loopback TCP, each beside the direct figure;
-- 10 ms handler, latency, and chunkd-only rows (claim cost, processes, memory, and enqueue
-  through the Python client: bench/enqueue_bench.py).
+- 10 ms handler, latency, and chunkd-only rows (claim cost, processes, memory, the ``http:``
+  handler against a Python handler of the same 20 ms: bench/io_bench.py, and enqueue through
+  the Python client: bench/enqueue_bench.py).
 
 The peers are installed from PyPI into their own venv (bench/peers/requirements.txt), never
 into the project's. Results are also written to bench/results/latest.json.
@@ -40,6 +41,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from io_bench import table_rows as io_rows
 
 from chunkd.db import connect
 from chunkd.demo.cluster import PostgresCluster
@@ -460,6 +463,13 @@ async def main(args: argparse.Namespace) -> int:
             "rss",
             *(["--jobs", "40000"] if args.quick else []),
         )
+        print("chunkd only: http: handler vs a Python handler, 20 ms each", file=sys.stderr)
+        io = await b.measure(
+            "chunkd http: vs Python handler",
+            "io_bench.py",
+            me,
+            *(["--jobs", "2000"] if args.quick else []),
+        )
         print("chunkd only: enqueue", file=sys.stderr)
         enqueue = await b.measure(
             "chunkd enqueue (one-chunk jobs)",
@@ -533,6 +543,7 @@ async def main(args: argparse.Namespace) -> int:
         ),
         ("  2 processes / 1", _min_med(procs, "scaling_2_over_1", "{:.2f}")),
         ("daemon RSS growth, 20k -> 200k chunks", _min_med(rss, "growth", "{:+.1%}")),
+        *io_rows(io),
         ("enqueue, one-chunk jobs/s, 1 conn, each call committed (min / median)", ""),
         ("  create_sync_jobs, 1,000 jobs per call", _min_med(enqueue, "per_second")),
         ("  the same, every job with a dedupe key", _min_med(enqueue, "keyed_per_second")),

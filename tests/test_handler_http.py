@@ -29,6 +29,7 @@ from chunkd.handlers.http import (
 from http_stub import StubHandler
 
 SECRET = "Bearer s3cr3t-token-value"
+IN_FLIGHT = 150  # above aiohttp's default pool size (100)
 
 
 @dataclass
@@ -45,6 +46,10 @@ class Server:
     base_url: str
     requests: list[Received] = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)
+    # Answers only once this many requests are in flight at the same time.
+    barrier: threading.Barrier = field(
+        default_factory=lambda: threading.Barrier(IN_FLIGHT, timeout=10)
+    )
 
 
 def _make_handler(server: Server) -> type[BaseHTTPRequestHandler]:
@@ -75,6 +80,13 @@ def _make_handler(server: Server) -> type[BaseHTTPRequestHandler]:
                 self._reply(500, b"x" * 1000)
             elif path == "/302":
                 self._reply(302, b"", {"Location": "https://elsewhere.example/"})
+            elif path == "/together":
+                try:
+                    server.barrier.wait()
+                except threading.BrokenBarrierError:
+                    self._reply(503, b"not all requests arrived together")
+                else:
+                    self._reply(200, b"{}")
             elif path == "/slow":
                 server.release.wait(10)
                 try:
@@ -87,10 +99,14 @@ def _make_handler(server: Server) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class _Listener(ThreadingHTTPServer):
+    request_queue_size = 2 * IN_FLIGHT  # the default backlog (5) drops simultaneous connects
+
+
 @pytest.fixture
 def server() -> Iterator[Server]:
     state = Server(base_url="")
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(state))
+    httpd = _Listener(("127.0.0.1", 0), _make_handler(state))
     httpd.daemon_threads = False  # so server_close() joins request threads: nothing leaks
     host, port = httpd.server_address[:2]
     state.base_url = f"http://{host}:{port}"
@@ -202,6 +218,13 @@ async def test_redirect_is_not_followed(server: Server, make_handler: Any) -> No
     assert [r.path for r in server.requests] == ["/302"]
 
 
+async def test_the_pool_has_no_cap_of_its_own(server: Server, make_handler: Any) -> None:
+    """The daemon's --concurrency bounds requests in flight, not a pool size below it."""
+    handler = make_handler(f"{server.base_url}/together", timeout_s=20)
+    results = await asyncio.gather(*(handler(make_chunk()) for _ in range(IN_FLIGHT)))
+    assert results == [{}] * IN_FLIGHT
+
+
 async def test_timeout_is_retryable(server: Server, make_handler: Any) -> None:
     handler = make_handler(f"{server.base_url}/slow", timeout_s=0.3)
     with pytest.raises(HttpRetryableError, match=r"timeout after 0\.3s"):
@@ -223,6 +246,24 @@ async def test_refused_connection_is_retryable(make_handler: Any) -> None:
         port = sock.getsockname()[1]
     with pytest.raises(HttpRetryableError, match="connection error calling"):
         await make_handler(f"http://127.0.0.1:{port}/x")(make_chunk())
+
+
+async def test_a_proxy_from_the_environment_is_used(
+    server: Server, make_handler: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP_PROXY / NO_PROXY are honoured, as they were before the switch to aiohttp."""
+    for name in ("no_proxy", "https_proxy", "all_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.setenv("HTTP_PROXY", server.base_url)
+    target = "http://chunkd-proxy-test.invalid/json"
+    with pytest.raises(PermanentError, match="HTTP 400"):  # the stub is no real proxy
+        await make_handler(target)(make_chunk())
+    assert [r.path for r in server.requests] == [target]  # the absolute form: via the proxy
+    monkeypatch.setenv("NO_PROXY", "chunkd-proxy-test.invalid")
+    with pytest.raises(HttpRetryableError, match="connection error"):  # no such host
+        await make_handler(target)(make_chunk())
+    assert len(server.requests) == 1
 
 
 async def test_closed_handler_refuses_calls(server: Server) -> None:

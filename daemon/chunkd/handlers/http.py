@@ -5,7 +5,16 @@ chunks, see :mod:`chunkd.handlers.reserved`), 408/429/5xx/timeouts/connection er
 (``Retry-After`` is honoured via :class:`~chunkd.RetryLater`), 3xx and other 4xx fail the
 chunk at once. Configured headers usually carry credentials (``Authorization: Bearer …``),
 so their values never appear in logs, reprs or error messages, and they live only inside the
-``httpx`` client so that tracebacks rendered with local variables do not show them either.
+``aiohttp`` session so that tracebacks rendered with local variables do not show them either.
+
+Response bodies are streamed and read with a cap, never whole: a 2xx body above
+:data:`MAX_BODY_BYTES` (the daemon's result limit) fails the chunk at once, and of an error
+body only the first :data:`EXCERPT_READ_BYTES` are read for the excerpt. Either way the
+connection is then closed rather than drained, so a server that sends gigabytes costs the
+daemon at most the cap plus the socket buffers.
+
+aiohttp rather than httpx: httpx's pool collapses above a few dozen concurrent requests
+(``bench/http_clients.py``; the figures are in the README's Dependencies table).
 """
 
 from __future__ import annotations
@@ -20,7 +29,9 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
+from aiohttp.helpers import get_env_proxy_for_url
+from yarl import URL
 
 from chunkd.chunk import Chunk, PermanentError, RetryLater
 from chunkd.handlers import HandlerError
@@ -28,6 +39,8 @@ from chunkd.handlers.reserved import continuation_of
 from chunkd.version import __version__
 
 __all__ = [
+    "EXCERPT_READ_BYTES",
+    "MAX_BODY_BYTES",
     "MAX_RETRY_AFTER_S",
     "HttpHandler",
     "HttpRetryableError",
@@ -40,7 +53,17 @@ __all__ = [
 #: to park a chunk for days.
 MAX_RETRY_AFTER_S = 3600.0
 
+#: The largest 2xx body read (bytes): the result limit of ``chunkd.runtime.worker`` (a layer
+#: above this one, so not imported; tests/test_handler_http_body.py checks that they agree). A
+#: body this size or smaller can still fail there if its JSON re-encodes larger.
+MAX_BODY_BYTES = 1024 * 1024
+
 _EXCERPT_CHARS = 200
+#: The most of an error (non-2xx) body read for its excerpt (bytes): 200 characters are at
+#: most 800 bytes of UTF-8; the rest leaves room for collapsed whitespace and for a secret to
+#: be matched whole before it is redacted.
+EXCERPT_READ_BYTES = 4096
+_READ_SIZE = 64 * 1024
 _RETRYABLE_STATUSES = frozenset({408, 429})
 # RFC 9110 token characters: what a header name may contain.
 _TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -133,6 +156,11 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-standard JSON constant {name}")
 
 
+# Decimal: the result is stored with every number exactly as sent. One decoder for all calls
+# (json.loads with hooks would build a new one per response).
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=Decimal)
+
+
 def _secrets_of(values: Iterable[str]) -> tuple[str, ...]:
     """Strings to redact: each header value and its long words ("Bearer <token>" → token)."""
     found: set[str] = set()
@@ -156,10 +184,10 @@ def _display_url(url: str) -> str:
 
 
 class HttpHandler:
-    """POSTs ``chunk.to_json_dict()`` to one URL through a pooled, lazily created client.
+    """POSTs ``chunk.to_json_dict()`` to one URL through a pooled, lazily created session.
 
-    One client per handler keeps connections alive across chunks; ``aclose()`` must be
-    called at shutdown (the handler registry does this).
+    One ``aiohttp.ClientSession`` per handler keeps connections alive across chunks;
+    ``aclose()`` must be called at shutdown (the handler registry does this).
     """
 
     def __init__(
@@ -199,81 +227,105 @@ class HttpHandler:
         self.timeout_s = float(timeout_s)
         self._headers = extra
         self._secrets = _secrets_of(extra.values())
-        self._client: httpx.AsyncClient | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._proxy: URL | None = None
+        self._proxy_auth: aiohttp.BasicAuth | None = None
         self._closed = False
 
     def __repr__(self) -> str:
         # Deliberately omits headers: reprs end up in logs and rich tracebacks.
         return f"HttpHandler({self.display_url!r}, timeout_s={self.timeout_s})"
 
-    def _get_client(self) -> httpx.AsyncClient:
+    def _get_session(self) -> aiohttp.ClientSession:
         if self._closed:
             raise RuntimeError("HttpHandler is closed")
-        if self._client is None:
-            self._client = httpx.AsyncClient(
+        if self._session is None:
+            # HTTP_PROXY / HTTPS_PROXY / NO_PROXY, looked up once: aiohttp's trust_env would
+            # read the environment (and ~/.netrc) again for every request.
+            try:
+                self._proxy, self._proxy_auth = get_env_proxy_for_url(URL(self.url))
+            except LookupError:  # no proxy for this URL
+                self._proxy, self._proxy_auth = None, None
+            # Created on first use: a session belongs to the running event loop.
+            self._session = aiohttp.ClientSession(
                 headers={"User-Agent": f"chunkd/{__version__}", **self._headers},
-                timeout=httpx.Timeout(self.timeout_s),
-                follow_redirects=False,
-                # The daemon's concurrency already bounds in-flight requests; a pool cap
-                # below it would only turn into misleading pool timeouts.
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=20),
+                # The whole request, body read included: the per-request timeout.
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                # No pool cap at all (0 = unlimited): the daemon's concurrency already bounds
+                # in-flight requests, and a cap below it would only queue chunks in the pool.
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+                trust_env=False,
+                raise_for_status=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
-        return self._client
+        return self._session
 
     async def aclose(self) -> None:
         """Close pooled connections; further calls raise ``RuntimeError``."""
         self._closed = True
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
     async def __call__(self, chunk: Chunk) -> Any:
         """Send one chunk; return its result or raise to steer the retry (module docstring)."""
-        client = self._get_client()
+        session = self._get_session()
         try:
             # The payloads exactly as stored: numbers are never re-encoded.
             body = chunk.to_json()
         except (TypeError, ValueError) as exc:
             raise PermanentError(f"chunk is not JSON-serialisable: {exc}") from None
-        # `from None` everywhere below: the httpx exception chain carries the request
-        # (and so the configured headers) in frames that some traceback renderers print.
+        # `from None` everywhere below: aiohttp's exception chain carries the request (and so
+        # the configured headers) in frames that some traceback renderers print.
         try:
-            response = await client.post(
+            async with session.post(
                 self.url,
-                content=body.encode(),
+                data=body.encode(),
                 headers={
                     "Content-Type": "application/json",
                     "Idempotency-Key": chunk.idempotency_key,
                 },
-            )
-        except httpx.TimeoutException:
+                allow_redirects=False,
+                proxy=self._proxy,
+                proxy_auth=self._proxy_auth,
+            ) as response:
+                return await self._interpret(response)
+        except TimeoutError:
             raise HttpRetryableError(
-                f"timeout after {self.timeout_s}s calling {self.display_url}"
+                f"timeout after {self.timeout_s:g}s calling {self.display_url}"
             ) from None
-        except httpx.TransportError as exc:
+        except aiohttp.ClientError as exc:
             reason = self._scrub(str(exc) or type(exc).__name__)
             raise HttpRetryableError(
                 f"connection error calling {self.display_url}: {reason}"
             ) from None
-        return self._interpret(response)
 
-    def _interpret(self, response: httpx.Response) -> Any:
-        status = response.status_code
+    async def _interpret(self, response: aiohttp.ClientResponse) -> Any:
+        status = response.status
+        prefix = f"HTTP {status} from {self.display_url}"
         if 200 <= status < 300:
-            if not response.content.strip():
+            size = response.content_length  # None when not announced (chunked)
+            content, more = b"", True  # announced too big: not a byte of it is read
+            if size is None or size <= MAX_BODY_BYTES:
+                content, more = await _read_capped(response, MAX_BODY_BYTES)
+            if more:
+                response.close()  # not drained back into the pool: the rest is never read
+                of = f"of {size} bytes " if size is not None else ""
+                raise PermanentError(
+                    f"{prefix}: response body {of}is above the {MAX_BODY_BYTES}-byte result "
+                    "limit (store big results elsewhere)"
+                )
+            if not content.strip():
                 return None
             try:
-                # Decimal: the result is stored with every number exactly as sent.
-                value = json.loads(
-                    response.content, parse_constant=_reject_constant, parse_float=Decimal
-                )
+                value = _DECODER.decode(content.decode(json.detect_encoding(content)))
             except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-                return response.text
+                return _decode(content, response.charset)
             return continuation_of(value)  # "$chunkd": {"append": [...]}
-        prefix = f"HTTP {status} from {self.display_url}"
         if 300 <= status < 400:
+            response.close()
             raise PermanentError(f"{prefix}: redirects are not followed; configure the final URL")
-        message = f"{prefix}: {self._excerpt(response)}"
+        message = f"{prefix}: {await self._excerpt(response)}"
         if status in _RETRYABLE_STATUSES or status >= 500:
             delay = parse_retry_after(response.headers.get("Retry-After"))
             if delay is not None:
@@ -281,12 +333,19 @@ class HttpHandler:
             raise HttpRetryableError(message)
         raise PermanentError(message)
 
-    def _excerpt(self, response: httpx.Response) -> str:
+    async def _excerpt(self, response: aiohttp.ClientResponse) -> str:
+        content, cut = await _read_capped(response, EXCERPT_READ_BYTES)
+        if cut:
+            response.close()  # not drained back into the pool: the rest is never read
         # Scrub before truncating, so a secret cut in half by the limit cannot slip through.
-        text = self._scrub(" ".join(response.text.split()))
+        text = self._scrub(" ".join(_decode(content, response.charset).split()))
+        if cut and self._secrets:
+            # The read stopped mid-body: its tail may hold the start of a secret, which the
+            # scrub (whole values only) cannot recognise. Drop as much as the longest secret.
+            text = text[: max(len(text) - len(self._secrets[0]), 0)]
         if not text:
-            return "(empty body)"
-        if len(text) > _EXCERPT_CHARS:
+            return "…" if cut else "(empty body)"
+        if len(text) > _EXCERPT_CHARS or cut:
             text = text[:_EXCERPT_CHARS] + "…"
         return text
 
@@ -295,3 +354,27 @@ class HttpHandler:
         for secret in self._secrets:
             text = text.replace(secret, "[redacted]")
         return text
+
+
+async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+    """The body's first ``limit`` bytes, and whether there is more; reads at most ``limit + 1``.
+
+    aiohttp stops reading the socket while its buffer is full, so what the server sends beyond
+    this stays in the kernel's socket buffers until the caller closes the response.
+    """
+    parts: list[bytes] = []
+    got = 0
+    while got <= limit:
+        part = await response.content.read(min(_READ_SIZE, limit + 1 - got))
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)[:limit], got > limit
+
+
+def _decode(content: bytes, charset: str | None) -> str:
+    try:
+        return content.decode(charset or "utf-8", errors="replace")
+    except LookupError:  # a charset Python does not know
+        return content.decode("utf-8", errors="replace")

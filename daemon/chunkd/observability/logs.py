@@ -53,7 +53,7 @@ def configure_logging(
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    # Libraries (asyncpg's pool, uvicorn, httpx, asyncio) log through the stdlib: render them
+    # Libraries (asyncpg's pool, uvicorn, aiohttp, asyncio) log through the stdlib: render them
     # the same way, so every line on stdout is one JSON object. Their exceptions arrive as
     # `exc_info` tuples: format_exc_info turns them into the traceback's text (without it
     # the JSON line would hold the traceback object's repr, "<traceback object at 0x...>").
@@ -71,7 +71,6 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(logging.getLevelNamesMapping()[level.upper()], logging.INFO))
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

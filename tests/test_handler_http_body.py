@@ -24,13 +24,13 @@ from uuid import uuid4
 import pytest
 
 from chunkd import Chunk, PermanentError
+from chunkd.chunk import MAX_RESULT_BYTES
 from chunkd.handlers.http import (
     EXCERPT_READ_BYTES,
     MAX_BODY_BYTES,
     HttpHandler,
     HttpRetryableError,
 )
-from chunkd.runtime.worker import MAX_RESULT_BYTES
 from daemon_helpers import wait_until
 from http_stub import StubHandler
 from sql_helpers import create_job, status_counts

@@ -33,7 +33,7 @@ import aiohttp
 from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
-from chunkd.chunk import Chunk, PermanentError, RetryLater
+from chunkd.chunk import MAX_RESULT_BYTES, Chunk, PermanentError, RetryLater
 from chunkd.handlers import HandlerError
 from chunkd.handlers.reserved import continuation_of
 from chunkd.version import __version__
@@ -53,10 +53,9 @@ __all__ = [
 #: to park a chunk for days.
 MAX_RETRY_AFTER_S = 3600.0
 
-#: The largest 2xx body read (bytes): the result limit of ``chunkd.runtime.worker`` (a layer
-#: above this one, so not imported; tests/test_handler_http_body.py checks that they agree). A
-#: body this size or smaller can still fail there if its JSON re-encodes larger.
-MAX_BODY_BYTES = 1024 * 1024
+#: The largest 2xx body read (bytes): the result limit. A body this size or smaller can still
+#: fail as a result if its JSON re-encodes larger.
+MAX_BODY_BYTES = MAX_RESULT_BYTES
 
 _EXCERPT_CHARS = 200
 #: The most of an error (non-2xx) body read for its excerpt (bytes): 200 characters are at

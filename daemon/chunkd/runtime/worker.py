@@ -146,7 +146,8 @@ class Worker:
         if isinstance(exc, PermanentError):
             return Outcome(error=describe_exception(exc), retryable=False)
         if isinstance(exc, RetryLater):
-            return Outcome(error=describe_exception(exc), retry_in_s=exc.delay_s)
+            # A snooze: no attempt spent, up to --max-snoozes times (chunkd.snooze_attempt).
+            return Outcome(error=describe_exception(exc), retry_in_s=exc.delay_s, snooze=True)
         return Outcome(error=describe_exception(exc))
 
     @staticmethod

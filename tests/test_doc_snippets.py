@@ -81,6 +81,7 @@ def test_the_pages_that_run_are_the_expected_ones() -> None:
         "continuations.md",
         "flow-control.md",
         "getting-started.md",
+        "handlers.md",
         "schedules.md",
         "security.md",
         "sql-api.md",

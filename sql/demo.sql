@@ -8,11 +8,11 @@ SELECT chunkd.create_sync_job($1, $2, $3, $4, $5, $6);
 
 -- name: demo_progress
 -- One row per demo job, in the order given: the contract's progress object, plus how many
--- retries the audit trail has recorded for the job so far.
+-- retries (and snoozes: a rate limit's RetryLater) the audit trail has recorded for the job.
 SELECT j.id,
        chunkd.get_sync_job_progress(j.id) AS progress,
        (SELECT count(*) FROM chunkd.chunk_events e
-        WHERE e.sync_job_id = j.id AND e.event = 'retry_scheduled') AS retries
+        WHERE e.sync_job_id = j.id AND e.event IN ('retry_scheduled', 'snoozed')) AS retries
 FROM unnest($1::uuid[]) WITH ORDINALITY AS j(id, position)
 ORDER BY j.position;
 

@@ -330,6 +330,11 @@ SELECT chunkd.fail_attempt($1, $2, $3, $4, $5, $6, $7, $8);
 -- Prefetched claims not started in time go back to the queue (no attempt spent).
 SELECT chunkd.release_attempts($1, $2);
 
+-- name: snooze_attempt
+-- A handler's RetryLater: 'snoozed' (no attempt spent), or past the snooze limit 'pending' or
+-- 'failed' as a failure; NULL when fenced out. $7, $8: the claim's lease_expires_at and lease.
+SELECT chunkd.snooze_attempt($1, $2, $3, $4, $5, $6, $7, $8);
+
 -- name: renew_leases
 -- The ids whose lease was renewed: a held id missing here is no longer ours.
 SELECT id FROM chunkd.renew_leases($1, $2, $3) AS id;

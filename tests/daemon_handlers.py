@@ -57,15 +57,20 @@ async def record(chunk: Chunk) -> dict[str, object]:
         raise RuntimeError(f"planned failure on attempt {chunk.attempt}")
     if payload.get("fail") == "permanent":
         raise PermanentError("planned permanent failure")
-    if payload.get("fail") == "retry_later" and chunk.attempt == 1:
+    if payload.get("fail") == "retry_later" and await _runs(chunk) == 1:
+        # (By runs, not attempts: a RetryLater spends no attempt.)
         raise RetryLater(float(payload.get("delay_s", 1)))
-    if payload.get("fail") == "first_run":
+    if "snooze" in payload:
+        # A rate-limited API: RetryLater(delays[k - 1]) on the chunk's k-th run while there are
+        # delays left; "always" with delay_s: on every run.
+        runs = await _runs(chunk)
+        delays = payload["snooze"]
+        if delays == "always" or runs <= len(delays):
+            delay = payload["delay_s"] if delays == "always" else delays[runs - 1]
+            raise RetryLater(float(delay), f"rate limited on run {runs}")
+    if payload.get("fail") == "first_run" and await _runs(chunk) == 1:
         # Fails for good the first time the chunk ever runs; an operator's retry then succeeds.
-        runs = await pool.fetchval(
-            "SELECT count(*) FROM public.test_executions WHERE chunk_id = $1", chunk.chunk_id
-        )
-        if runs == 1:
-            raise PermanentError("planned failure of the first run")
+        raise PermanentError("planned failure of the first run")
     if payload.get("fail") == "hang" and chunk.attempt == 1:
         await asyncio.sleep(3600)
     if payload.get("fail_until", 0) >= chunk.attempt:
@@ -73,6 +78,15 @@ async def record(chunk: Chunk) -> dict[str, object]:
     if payload.get("result") == "nul":
         return {"text": "NUL \u0000 inside"}  # valid JSON that jsonb refuses
     return {"seq": chunk.seq, "attempt": chunk.attempt}
+
+
+async def _runs(chunk: Chunk) -> int:
+    """How many times this chunk has run (recorded), this run included."""
+    pool = await _get_pool()
+    runs: int = await pool.fetchval(
+        "SELECT count(*) FROM public.test_executions WHERE chunk_id = $1", chunk.chunk_id
+    )
+    return runs
 
 
 async def chain(chunk: Chunk) -> Continue:

@@ -90,7 +90,7 @@ async def test_a_day_is_86400_seconds_in_a_session_whose_timezone_changes_dst(
             " FROM chunkd.attempts a"
             " JOIN chunkd.scheduled s ON s.chunk_id = a.chunk_id"
             " JOIN chunkd.jobs j ON j.id = a.job_id"
-            " WHERE j.public_id = $1 AND a.outcome = 'retry_scheduled'",
+            " WHERE j.public_id = $1 AND a.outcome = 'snoozed'",
             job,
         )
 

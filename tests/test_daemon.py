@@ -124,10 +124,11 @@ async def test_failures_retry_with_backoff_then_fail_permanent_and_retry_later(d
     assert "planned permanent failure" in row["error_message"]
 
     runs = await db.fetch(
-        "SELECT attempt, started_at FROM public.test_executions WHERE job_id = $1 ORDER BY attempt",
+        "SELECT attempt, started_at FROM public.test_executions WHERE job_id = $1"
+        " ORDER BY started_at",
         later,
     )
-    assert [r["attempt"] for r in runs] == [1, 2]
+    assert [r["attempt"] for r in runs] == [1, 1], "a RetryLater snoozes: no attempt spent"
     gap = (runs[1]["started_at"] - runs[0]["started_at"]).total_seconds()
     assert 0.95 <= gap <= 2.0, gap
     assert await status_counts(db, later) == {"completed": 1}

@@ -82,6 +82,7 @@ def test_the_pages_that_run_are_the_expected_ones() -> None:
         "flow-control.md",
         "getting-started.md",
         "observability.md",
+        "handlers.md",
         "schedules.md",
         "security.md",
         "sql-api.md",

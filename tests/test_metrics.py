@@ -61,7 +61,7 @@ async def test_scraped_metrics_match_the_database(db, database, tmp_path) -> Non
             {"i": 2},
             {"fail": "permanent"},
             {"fail_until": 1},  # fails once, then completes
-            {"fail": "retry_later", "delay_s": 600},  # stays scheduled for the whole test
+            {"fail": "retry_later", "delay_s": 600},  # snoozed for the whole test
         ],
     )
     # A kind this daemon has no handler for: it stays pending, seen only by queue_depth().
@@ -78,9 +78,12 @@ async def test_scraped_metrics_match_the_database(db, database, tmp_path) -> Non
         async def settled() -> dict[str, int] | None:
             events = await _events(db, job)
             done = events.get("completed") == 4 and events.get("failed") == 1
-            return events if done and events.get("retry_scheduled") == 2 else None
+            retried = events.get("retry_scheduled") == 1 and events.get("snoozed") == 1
+            return events if done and retried else None
 
-        events = await wait_until(settled, timeout_s=30, what="4 completed, 1 failed, 2 retries")
+        events = await wait_until(
+            settled, timeout_s=30, what="4 completed, 1 failed, 1 retry, 1 snooze"
+        )
         executions = await db.fetchval("SELECT count(*) FROM public.test_executions")
         assert executions == events["claimed"] == 7  # 6 chunks, one ran twice
 
@@ -97,6 +100,7 @@ async def test_scraped_metrics_match_the_database(db, database, tmp_path) -> Non
             "chunkd_chunks_completed_total": events["completed"],
             "chunkd_chunks_failed_total": events["failed"],
             "chunkd_chunks_retried_total": events["retry_scheduled"],
+            "chunkd_chunks_snoozed_total": events["snoozed"],
             "chunkd_handler_duration_seconds_count": executions,
         }
         for name, count in expected.items():

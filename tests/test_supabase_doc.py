@@ -73,12 +73,15 @@ def _handler_class(edge: EdgeFunction) -> type[BaseHTTPRequestHandler]:
             elif self.headers.get("Authorization") != f"Bearer {SERVICE_KEY}":
                 self._reply(401, b"missing or wrong service-role key")
             else:
-                page, attempt = body["payload"]["page"], body["attempt"]
+                page = body["payload"]["page"]
+                # (By calls, not attempts: a Retry-After snoozes the chunk, same attempt.)
+                pages = [r.body.get("payload", {}).get("page") for r in edge.requests]
+                first = pages.count(page) == 1
                 if page == "gone":
                     self._reply(422, b"mailbox no longer exists")
-                elif page == 1 and attempt == 1:
+                elif page == 1 and first:
                     self._reply(429, b"rate limited", {"Retry-After": "1"})
-                elif page == 2 and attempt == 1:
+                elif page == 2 and first:
                     self._reply(503, b"upstream IMAP unavailable", {"Retry-After": "0"})
                 else:
                     result = json.dumps({"synced": 50, "page": page}).encode()
@@ -303,7 +306,8 @@ async def _check_sql(
     elif "FROM chunkd.chunk_events" in statement:
         events = {r["event"]: r["count"] for r in rows}
         assert events["enqueued"] == 7 and events["completed"] == 4 and events["failed"] == 1
-        assert events["retry_scheduled"] == 2  # the 429 and the 503
+        # The 429 and the 503 with Retry-After: snoozed, no attempt spent.
+        assert events["snoozed"] == 2 and "retry_scheduled" not in events
         seen.add("audit")
     return job_id
 
@@ -368,8 +372,8 @@ async def _run_daemon_block(
     )
     assert [(r["status"], r["attempts"]) for r in rows] == [
         ("completed", 1),
-        ("completed", 2),  # 429 with Retry-After: 1, then 200
-        ("completed", 2),  # 503 with Retry-After: 0, then 200
+        ("completed", 1),  # 429 with Retry-After: 1 (snoozed), then 200
+        ("completed", 1),  # 503 with Retry-After: 0 (snoozed), then 200
         ("completed", 1),
     ]
     assert [r["result"] for r in rows] == [{"synced": 50, "page": p} for p in range(4)]

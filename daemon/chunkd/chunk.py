@@ -314,7 +314,15 @@ class PermanentError(Exception):
 
 
 class RetryLater(Exception):
-    """Raised by a handler to retry after ``delay_s`` seconds (an attempt is still spent)."""
+    """Raised by a handler to run its chunk again after ``delay_s`` seconds (a rate limit's
+    ``Retry-After``): a *snooze*, which does not spend one of the job's ``max_attempts``.
+
+    The chunk keeps its attempt number and its place (a ``max_concurrency = 1`` job waits for
+    it), and the audit trail records a ``snoozed`` row with the delay and this exception's
+    message. A chunk is snoozed at most ``chunkd run --max-snoozes`` times (20 by default);
+    a ``RetryLater`` past that counts as a failed attempt retried after ``delay_s``. Raises
+    :class:`ValueError` when ``delay_s`` is negative.
+    """
 
     def __init__(self, delay_s: float, message: str = "") -> None:
         if delay_s < 0:

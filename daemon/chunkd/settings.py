@@ -67,6 +67,9 @@ class RunSettings:
     shutdown_timeout_s: float = 30.0
     retry_base_s: float = 2.0
     retry_cap_s: float = 600.0
+    # RetryLater snoozes a chunk without spending an attempt this many times; past that it counts
+    # as a failed attempt (chunkd.snooze_attempt). 0 = every RetryLater spends an attempt.
+    max_snoozes: int = 20
     metrics_port: int | None = None
     metrics_interval_s: float = 15.0
     # The per-job progress lines (chunkd.runtime.progress); 0 = none.
@@ -94,6 +97,8 @@ class RunSettings:
             raise ValueError("--progress-interval must not be negative (0 turns it off)")
         if self.retry_cap_s < self.retry_base_s:
             raise ValueError("--retry-cap must not be below --retry-base")
+        if self.max_snoozes < 0:
+            raise ValueError("--max-snoozes must not be negative (0: RetryLater spends attempts)")
 
     def public_dict(self) -> dict[str, object]:
         """What start-up logs: no DSN password, no header values."""
@@ -111,6 +116,7 @@ class RunSettings:
             "shutdown_timeout_s": self.shutdown_timeout_s,
             "retry_base_s": self.retry_base_s,
             "retry_cap_s": self.retry_cap_s,
+            "max_snoozes": self.max_snoozes,
             "metrics_port": self.metrics_port,
             "metrics_interval_s": self.metrics_interval_s,
             "progress_interval_s": self.progress_interval_s,

@@ -151,8 +151,10 @@ BEGIN ATOMIC
 END;
 
 -- The daemon's failure report, by internal id. Returns the chunk's new status ('pending' =
--- retry scheduled, 'failed'), or NULL when fenced out. retry_in_s overrides the backoff (a
--- handler's RetryLater); base_s and cap_s tune it.
+-- retry scheduled, 'failed'), or NULL when fenced out. retry_in_s overrides the backoff (what a
+-- RetryLater did before chunkd 0.3, and fail_chunk_job_safe's retry_in: a retry at that time,
+-- spending the attempt, never a snooze); base_s and cap_s tune it. A scheduled retry records
+-- its delay (attempts.delay_s: the audit trail shows it).
 CREATE OR REPLACE FUNCTION chunkd.fail_attempt(
     worker_id text,
     id bigint,
@@ -168,13 +170,19 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
+    -- The fence below holds the attempt to this number: its backoff is known before.
+    delay float8 := coalesce(fail_attempt.retry_in_s,
+                             chunkd.backoff_s(fail_attempt.attempt, fail_attempt.base_s,
+                                              fail_attempt.cap_s));
     ended record;
 BEGIN
     UPDATE chunkd.attempts a
     SET ended_at = now(), error = chunkd.clip_error(fail_attempt.error),
         outcome = CASE WHEN coalesce(fail_attempt.retryable, true) AND a.attempt < j.max_attempts
                        THEN 'retry_scheduled' ELSE 'failed' END,
-        final = NOT (coalesce(fail_attempt.retryable, true) AND a.attempt < j.max_attempts)
+        final = NOT (coalesce(fail_attempt.retryable, true) AND a.attempt < j.max_attempts),
+        delay_s = CASE WHEN coalesce(fail_attempt.retryable, true) AND a.attempt < j.max_attempts
+                       THEN delay END
     FROM chunkd.jobs j
     WHERE a.chunk_id = fail_attempt.id AND a.attempt = fail_attempt.attempt
       AND a.worker_id = fail_attempt.worker_id AND a.outcome IS NULL AND j.id = a.job_id
@@ -186,14 +194,108 @@ BEGIN
         PERFORM chunkd.count_terminal(ARRAY[ended.job_id], ARRAY[0], ARRAY[1], ARRAY[0]);
         RETURN 'failed';
     END IF;
-    PERFORM chunkd.requeue(
-        ARRAY[ended.chunk_id], ARRAY[ended.n], ARRAY[ended.attempt],
-        ARRAY[coalesce(retry_in_s, chunkd.backoff_s(ended.attempt, base_s, cap_s))]);
+    PERFORM chunkd.requeue(ARRAY[ended.chunk_id], ARRAY[ended.n], ARRAY[ended.attempt],
+                           ARRAY[delay]);
     RETURN 'pending';
 END;
 $$;
 
--- The public failure report (the seed's name), by queue id, with intervals.
+-- The daemon's snooze (a handler's RetryLater; the http: handler's Retry-After), by internal
+-- id: the claim ends as 'snoozed' and the chunk runs again in delay_s seconds WITHOUT spending
+-- the attempt, as a release does (the claim number grows, the attempt number does not), so a
+-- rate-limited chunk is not failed by polite 429s. The reason and the delay are kept in the
+-- attempts row (the audit trail shows both). Bounded: once the chunk has been snoozed
+-- max_snoozes times, a further RetryLater counts as a failed attempt retried after delay_s
+-- ('retry_scheduled', or 'failed' on the last attempt), with the limit named in its error. An
+-- operator's retry of a failed chunk starts the count again, as it starts its attempts again
+-- (snoozes are counted after the chunk's last final attempt).
+-- Returns 'snoozed', 'pending' (retry scheduled, attempt spent), 'failed', or NULL when fenced
+-- out.
+--
+-- The fence: (chunk, attempt, worker, still open) like every outcome, and the claim itself.
+-- The chunk comes back with the same attempt number, so the same worker may hold it again with
+-- the same (chunk, attempt, worker); a report of the earlier claim sent again (its reply was
+-- lost, the retry went out after the chunk was claimed anew) must not end the new claim.
+-- claimed_until and lease_s are the claim's lease_expires_at as the claim returned it and the
+-- lease it asked for: claimed_until - lease_s is the claim's transaction start, at or before
+-- its attempts row's claimed_at, and after the claimed_at of every earlier claim of the chunk.
+-- An ended claim of this chunk claimed at or after it means the report is that claim's: NULL.
+-- (NULL claimed_until: no such check, the fence of the other outcomes only.)
+-- carry grants: chunkd.fail_attempt(text,bigint,integer,text,boolean,double precision,double precision,double precision) -> chunkd.snooze_attempt(text,bigint,integer,text,double precision,integer,timestamp with time zone,double precision)
+CREATE OR REPLACE FUNCTION chunkd.snooze_attempt(
+    worker_id text,
+    id bigint,
+    attempt int,
+    reason text,
+    delay_s float8,
+    max_snoozes int,
+    claimed_until timestamptz,
+    lease_s float8
+) RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    claim_start timestamptz := snooze_attempt.claimed_until
+                               - chunkd.seconds(snooze_attempt.lease_s);
+    snoozes int;
+    stale boolean;
+    snooze boolean;
+    ended record;
+BEGIN
+    IF snooze_attempt.delay_s IS NULL OR snooze_attempt.delay_s < 0
+       OR snooze_attempt.delay_s IN ('NaN', 'Infinity') THEN
+        RAISE EXCEPTION 'chunkd: a snooze needs a finite delay of 0 seconds or more, got %',
+            coalesce(snooze_attempt.delay_s::text, 'NULL') USING ERRCODE = '22023';
+    END IF;
+    IF snooze_attempt.max_snoozes IS NULL OR snooze_attempt.max_snoozes < 0 THEN
+        RAISE EXCEPTION 'chunkd: max_snoozes must be >= 0, got %',
+            coalesce(snooze_attempt.max_snoozes::text, 'NULL') USING ERRCODE = '22023';
+    END IF;
+    -- The chunk's claims so far: a few rows, by primary key.
+    SELECT count(*) FILTER (WHERE p.outcome = 'snoozed' AND p.n > coalesce(
+               (SELECT max(f.n) FROM chunkd.attempts f
+                WHERE f.chunk_id = snooze_attempt.id AND f.final), 0)),
+           coalesce(bool_or(p.ended_at IS NOT NULL AND p.claimed_at >= claim_start), false)
+    INTO snoozes, stale
+    FROM chunkd.attempts p
+    WHERE p.chunk_id = snooze_attempt.id;
+    IF stale THEN
+        RETURN NULL;
+    END IF;
+    snooze := snoozes < snooze_attempt.max_snoozes;
+    UPDATE chunkd.attempts a
+    SET ended_at = now(),
+        outcome = CASE WHEN snooze THEN 'snoozed'
+                       WHEN a.attempt < j.max_attempts THEN 'retry_scheduled'
+                       ELSE 'failed' END,
+        final = NOT snooze AND a.attempt >= j.max_attempts,
+        error = chunkd.clip_error(CASE WHEN snooze THEN snooze_attempt.reason
+            ELSE format('snooze limit (%s) reached, counted as an attempt: %s',
+                        snooze_attempt.max_snoozes, snooze_attempt.reason) END),
+        delay_s = CASE WHEN snooze OR a.attempt < j.max_attempts THEN snooze_attempt.delay_s END
+    FROM chunkd.jobs j
+    WHERE a.chunk_id = snooze_attempt.id AND a.attempt = snooze_attempt.attempt
+      AND a.worker_id = snooze_attempt.worker_id AND a.outcome IS NULL AND j.id = a.job_id
+    RETURNING a.chunk_id, a.n, a.attempt, a.job_id, a.final INTO ended;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF ended.final THEN
+        PERFORM chunkd.count_terminal(ARRAY[ended.job_id], ARRAY[0], ARRAY[1], ARRAY[0]);
+        RETURN 'failed';
+    END IF;
+    PERFORM chunkd.requeue(
+        ARRAY[ended.chunk_id], ARRAY[ended.n],
+        ARRAY[CASE WHEN snooze THEN ended.attempt - 1 ELSE ended.attempt END],
+        ARRAY[snooze_attempt.delay_s]);
+    RETURN CASE WHEN snooze THEN 'snoozed' ELSE 'pending' END;
+END;
+$$;
+
+-- The public failure report (the seed's name), by queue id, with intervals. retry_in schedules
+-- the retry at that time and spends the attempt, as it always did: it is not a snooze.
 CREATE OR REPLACE FUNCTION chunkd.fail_chunk_job_safe(
     queue_id uuid,
     worker_id text,

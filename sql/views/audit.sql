@@ -3,32 +3,36 @@
 -- The per-chunk audit trail: 'enqueued' is the chunk row, 'claimed' and its outcome the attempts
 -- row, 'cancelled' and 'retried' come from events, and rows written under schema version 1 are
 -- kept as they were (events_v1). Job-level rows (job_finished, the pause and resume of a job or
--- of a kind, with who did it) are in job_events.
+-- of a kind, with who did it) are in job_events. A claim that spent no attempt ('released',
+-- 'snoozed') shows the attempts spent after it; delay_s is the seconds until the chunk could
+-- run again that a 'snoozed' or 'retry_scheduled' row asked for (NULL otherwise, and for rows
+-- written before schema version 10).
 CREATE OR REPLACE VIEW chunkd.chunk_events AS
 SELECT c.queue_id, j.public_id AS sync_job_id, 'enqueued'::text AS event, 'pending'::text AS status,
        0 AS attempt, NULL::text AS worker_id, NULL::text AS error, c.created_at AS at,
-       j.kind
+       j.kind, NULL::float8 AS delay_s
 FROM chunkd.chunks c JOIN chunkd.jobs j ON j.id = c.job_id
 WHERE NOT c.legacy
 UNION ALL
 SELECT c.queue_id, j.public_id, 'claimed', 'processing', a.attempt, a.worker_id, NULL,
-       a.claimed_at, j.kind
+       a.claimed_at, j.kind, NULL
 FROM chunkd.attempts a JOIN chunkd.chunks c ON c.id = a.chunk_id JOIN chunkd.jobs j ON j.id = a.job_id
 WHERE NOT a.legacy
 UNION ALL
 SELECT c.queue_id, j.public_id, a.outcome,
        CASE WHEN NOT a.final THEN 'pending'
             WHEN a.outcome IN ('completed', 'cancelled') THEN a.outcome ELSE 'failed' END,
-       CASE WHEN a.outcome = 'released' THEN a.attempt - 1 ELSE a.attempt END,
-       a.worker_id, a.error, a.ended_at, j.kind
+       CASE WHEN a.outcome IN ('released', 'snoozed') THEN a.attempt - 1 ELSE a.attempt END,
+       a.worker_id, a.error, a.ended_at, j.kind, a.delay_s
 FROM chunkd.attempts a JOIN chunkd.chunks c ON c.id = a.chunk_id JOIN chunkd.jobs j ON j.id = a.job_id
 WHERE a.ended_at IS NOT NULL
 UNION ALL
-SELECT c.queue_id, j.public_id, e.event, e.status, e.attempt, e.worker_id, e.error, e.at, j.kind
+SELECT c.queue_id, j.public_id, e.event, e.status, e.attempt, e.worker_id, e.error, e.at, j.kind,
+       NULL
 FROM chunkd.events e JOIN chunkd.jobs j ON j.id = e.job_id JOIN chunkd.chunks c ON c.id = e.chunk_id
 UNION ALL
 SELECT v.queue_id, v.sync_job_id, v.event, v.status, v.attempt, v.worker_id, v.error, v.at,
-       j.kind
+       j.kind, NULL
 FROM chunkd.events_v1 v LEFT JOIN chunkd.jobs j ON j.public_id = v.sync_job_id;
 
 CREATE OR REPLACE VIEW chunkd.job_events AS

@@ -158,6 +158,15 @@ def _fail_line(message: str, code: int) -> int:
     help="Longest retry delay.  [env: CHUNKD_RETRY_CAP]",
 )
 @click.option(
+    "--max-snoozes",
+    type=click.IntRange(min=0),
+    default=20,
+    show_default=True,
+    envvar="CHUNKD_MAX_SNOOZES",
+    help="Times a chunk's RetryLater (an http: Retry-After) reschedules it without spending "
+    "an attempt; past that it counts as a failed attempt.  [env: CHUNKD_MAX_SNOOZES]",
+)
+@click.option(
     "--metrics-port",
     type=click.IntRange(min=1, max=65535),
     default=None,
@@ -227,6 +236,7 @@ def run(
     shutdown_timeout: float,
     retry_base: float,
     retry_cap: float,
+    max_snoozes: int,
     metrics_port: int | None,
     stall_threshold: float,
     metrics_interval: float,
@@ -260,6 +270,7 @@ def run(
             shutdown_timeout_s=shutdown_timeout,
             retry_base_s=retry_base,
             retry_cap_s=retry_cap,
+            max_snoozes=max_snoozes,
             metrics_port=metrics_port,
             stall_threshold_s=stall_threshold,
             metrics_interval_s=metrics_interval,

@@ -164,6 +164,35 @@ class Queue:
         released: int = await self._pool.fetchval(self._q["release_attempts"], worker_id, list(ids))
         return released
 
+    async def snooze(
+        self,
+        row: ClaimedRow,
+        worker_id: str,
+        reason: str,
+        *,
+        delay_s: float,
+        max_snoozes: int,
+        lease_s: float,
+    ) -> str | None:
+        """A handler's ``RetryLater``: the chunk runs again in ``delay_s`` seconds without
+        spending its attempt, while it has been snoozed fewer than ``max_snoozes`` times;
+        past that, a failure retried after ``delay_s``. ``lease_s``: the lease ``row`` was
+        claimed with (with its ``lease_expires_at`` it fences on the claim itself). Returns
+        'snoozed', 'pending' (retry scheduled), 'failed', or None when fenced out. Raises
+        DatabaseError (a data error for a delay that is not a finite number >= 0)."""
+        status: str | None = await self._pool.fetchval(
+            self._q["snooze_attempt"],
+            worker_id,
+            row.id,
+            row.attempt,
+            reason,
+            delay_s,
+            max_snoozes,
+            row.lease_expires_at,
+            lease_s,
+        )
+        return status
+
     async def heartbeat(self, worker_id: str, ids: Sequence[int], lease_s: float) -> set[int]:
         """Renews the leases of ``ids`` by ``lease_s`` seconds; returns those still held."""
         rows = await self._pool.fetch(self._q["renew_leases"], worker_id, list(ids), lease_s)

@@ -7,7 +7,9 @@ and the one page that the sample mailbox marks as undecodable fails for good, so
 in ``partial_failure`` without holding up the rest.
 
 Randomness is seeded by the chunk id: a chunk behaves the same on every attempt except that
-transient errors strike only the first one, so every run ends with exactly one failed chunk.
+transient errors strike only the first one, so every run ends with exactly one failed chunk. A
+rate limit (``RetryLater``, a snooze: no attempt spent, so the chunk comes back as attempt 1)
+strikes a chunk once per process.
 The handler is importable as ``chunkd.demo.handler:fetch_messages_page``, so
 ``chunkd run --handler mailbox-sync=chunkd.demo.handler:fetch_messages_page`` runs it too.
 """
@@ -18,6 +20,7 @@ import asyncio
 import random
 from dataclasses import dataclass
 from typing import Any
+from uuid import UUID
 
 from chunkd.chunk import Chunk, PermanentError, RetryLater
 
@@ -39,6 +42,10 @@ class FetchProfile:
 
 
 PROFILE = FetchProfile()
+
+# Chunks this process told to come back later, until they come back: the simulated rate limit
+# strikes once per chunk (a snooze keeps the attempt number, so attempt 1 cannot tell).
+_rate_limited: set[UUID] = set()
 
 
 def mailbox_payload(mailbox: str, pages: int, undecodable_page: int | None) -> dict[str, Any]:
@@ -81,7 +88,10 @@ async def fetch_messages_page(chunk: Chunk, profile: FetchProfile = PROFILE) -> 
     if chunk.attempt == 1 and roll < profile.reset_rate:
         raise ConnectionResetError(f"page {page}: connection reset by imap.example.com")
     if chunk.attempt == 1 and roll < profile.reset_rate + profile.rate_limit_rate:
-        raise RetryLater(profile.rate_limit_retry_s, f"page {page}: 429 too many requests")
+        if chunk.chunk_id not in _rate_limited:
+            _rate_limited.add(chunk.chunk_id)
+            raise RetryLater(profile.rate_limit_retry_s, f"page {page}: 429 too many requests")
+        _rate_limited.discard(chunk.chunk_id)
     messages = int(chunk.payload.get("limit", PAGE_SIZE))
     return {
         "page": page,

@@ -31,6 +31,7 @@ EVENT_MEANINGS = {
     "claimed": "taken by a worker under a lease (one per attempt)",
     "completed": "handler returned; outcome written by the lease holder",
     "retry_scheduled": "transient error: back to pending after a jittered backoff",
+    "snoozed": "rate limited (RetryLater): back after the delay asked for, attempt not spent",
     "failed": "failed for good (permanent error or out of attempts)",
     "released": "handed back unfinished at shutdown, attempt not spent",
     "reaped": "lease expired (worker died): back to pending",
@@ -216,11 +217,12 @@ def _print_story(
             f"{label}: {row['overall_status']}{took}: {row['completed_chunks']} of "
             f"{row['total_chunks']} chunks completed, {row['failed_chunks']} failed for good."
         )
-    retries = events.get("retry_scheduled", 0)
+    retries, snoozes = events.get("retry_scheduled", 0), events.get("snoozed", 0)
     lines.append(
-        f"{retries} transient error(s) (connection resets, rate limits) were retried after a "
-        "backoff; a failed chunk never held up the others, and the small job enqueued behind "
-        "the big one was not kept waiting for it (jobs of equal priority take turns)."
+        f"{retries} transient error(s) (connection resets) were retried after a backoff and "
+        f"{snoozes} rate-limited page(s) waited as long as asked without spending an attempt; "
+        "a failed chunk never held up the others, and the small job enqueued behind the big "
+        "one was not kept waiting for it (jobs of equal priority take turns)."
     )
     for line in lines:
         console.print(line, markup=False, soft_wrap=True)

@@ -58,6 +58,12 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.snoozed = Counter(
+            "chunkd_chunks_snoozed",
+            "Chunks a handler's RetryLater put back for a while without spending an attempt",
+            ["kind"],
+            registry=r,
+        )
         self.fenced = Counter(
             "chunkd_chunks_fenced",
             "Outcomes rejected because the chunk's lease had been lost to another worker",

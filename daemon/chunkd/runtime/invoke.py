@@ -4,8 +4,8 @@ One place for what a handler's behaviour means, shared by the daemon's worker an
 :mod:`chunkd.testing` (which runs handlers in-process through the same code): a return value is
 a completion (a :class:`~chunkd.chunk.Continue` appends chunks; a result that is not JSON, or
 above 1 MiB, fails the chunk for good), an exception a failure (``PermanentError``: for good;
-``RetryLater``: after its delay; anything else, ``SystemExit`` and a ``CancelledError`` of the
-handler's own included: retried with backoff), and the chunk timeout a retryable failure. A
+``RetryLater``: snoozed for its delay, no attempt spent; anything else, ``SystemExit`` and a
+``CancelledError`` of the handler's own included: retried with backoff), and the chunk timeout a retryable failure. A
 cancellation that is not the handler's own (the lease is lost, the daemon stops) is raised
 again: such a chunk gets no outcome from this worker.
 """
@@ -117,7 +117,8 @@ def _failure(exc: BaseException, timed_out: Callable[[], bool], timeout_s: float
     if isinstance(exc, PermanentError):
         return Outcome(error=describe_exception(exc), retryable=False)
     if isinstance(exc, RetryLater):
-        return Outcome(error=describe_exception(exc), retry_in_s=exc.delay_s)
+        # A snooze: no attempt spent, up to --max-snoozes times (chunkd.snooze_attempt).
+        return Outcome(error=describe_exception(exc), retry_in_s=exc.delay_s, snooze=True)
     return Outcome(error=describe_exception(exc))
 
 

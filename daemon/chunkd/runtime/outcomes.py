@@ -1,4 +1,5 @@
-"""Writing and reporting outcomes: completions in batches, failures a few at a time, none lost.
+"""Writing and reporting outcomes: completions in batches, failures (and snoozes: a handler's
+``RetryLater``) a few at a time, none lost.
 
 A worker hands its chunk's outcome over (:meth:`Outcomes.record`) and is done; the outcome
 stays queued, and the chunk's lease renewed, until a statement has written it (or fencing
@@ -62,6 +63,9 @@ class Outcome:
     error: str | None = None
     retryable: bool = True
     retry_in_s: float | None = None
+    # A handler's RetryLater: run again in retry_in_s seconds without spending the attempt
+    # (up to --max-snoozes times per chunk).
+    snooze: bool = False
     # A continuation: a JSON array of chunks appended to the job with this completion.
     append_json: str | None = None
 
@@ -79,6 +83,7 @@ class _KindMetrics:
     completed: Any
     failed: Any
     retried: Any
+    snoozed: Any
 
 
 class Outcomes:
@@ -93,6 +98,8 @@ class Outcomes:
         worker_id: str,
         retry_base_s: float,
         retry_cap_s: float,
+        max_snoozes: int,
+        lease_s: float,
     ) -> None:
         self._queue = queue
         self._inflight = inflight
@@ -102,6 +109,8 @@ class Outcomes:
         self._worker_id = worker_id
         self._retry_base_s = retry_base_s
         self._retry_cap_s = retry_cap_s
+        self._max_snoozes = max_snoozes
+        self._lease_s = lease_s  # what the claimer claims with: a snooze fences on the claim
         self._completions: list[_Queued] = []
         self._failures: list[_Queued] = []
         self._completions_queued = asyncio.Event()
@@ -260,16 +269,26 @@ class Outcomes:
         row, outcome = item.row, item.outcome
         error = storable_text(outcome.error or "unknown error")
         try:
-            status = await self._queue.fail(
-                row.id,
-                self._worker_id,
-                row.attempt,
-                error,
-                retryable=outcome.retryable,
-                retry_in_s=outcome.retry_in_s,
-                backoff_base_s=self._retry_base_s,
-                backoff_cap_s=self._retry_cap_s,
-            )
+            if outcome.snooze and outcome.retry_in_s is not None:
+                status = await self._queue.snooze(
+                    row,
+                    self._worker_id,
+                    error,
+                    delay_s=outcome.retry_in_s,
+                    max_snoozes=self._max_snoozes,
+                    lease_s=self._lease_s,
+                )
+            else:
+                status = await self._queue.fail(
+                    row.id,
+                    self._worker_id,
+                    row.attempt,
+                    error,
+                    retryable=outcome.retryable,
+                    retry_in_s=outcome.retry_in_s,
+                    backoff_base_s=self._retry_base_s,
+                    backoff_cap_s=self._retry_cap_s,
+                )
         except Exception as exc:
             if isinstance(exc, DATABASE_ERRORS) and not is_data_error(exc):
                 await self._health.failed("fail", exc)
@@ -278,7 +297,7 @@ class Outcomes:
             if not item.plain:
                 # Something in the report cannot be stored (text the database's encoding
                 # cannot hold, a retry delay out of range): send it again in plain ASCII
-                # with the default backoff.
+                # with the default backoff (a failure: a snooze's delay may be the cause).
                 plain = error.encode("ascii", "backslashreplace").decode("ascii")
                 again = Outcome(error=plain, retryable=outcome.retryable)
                 self._failures.append(replace(item, outcome=again, plain=True))
@@ -295,8 +314,17 @@ class Outcomes:
         self._failures.remove(item)
         self._inflight.settled(row)
         fields = self._fields(row, item.duration_ms)
+        if outcome.snooze and status != "snoozed":
+            # A RetryLater past the snooze limit is a failure like any other: say why.
+            fields["snooze_limit_reached"] = self._max_snoozes
         if status is None:
-            self._fenced(row, item.duration_ms, "failed", error=error)
+            fenced = "snoozed" if outcome.snooze else "failed"
+            self._fenced(row, item.duration_ms, fenced, error=error)
+        elif status == "snoozed":
+            self._for_kind(row.kind).snoozed.inc()
+            self._progress.tally(row).snoozed += 1
+            # Expected (a rate limit said when to come back), so info, not a warning.
+            log.info("chunk.snoozed", delay_s=outcome.retry_in_s, reason=error, **fields)
         elif status == "pending":
             self._for_kind(row.kind).retried.inc()
             self._progress.tally(row).retried += 1
@@ -320,7 +348,10 @@ class Outcomes:
         if cached is None:
             m = self._metrics
             cached = self._by_kind[kind] = _KindMetrics(
-                m.completed.labels(kind), m.failed.labels(kind), m.retried.labels(kind)
+                m.completed.labels(kind),
+                m.failed.labels(kind),
+                m.retried.labels(kind),
+                m.snoozed.labels(kind),
             )
         return cached
 

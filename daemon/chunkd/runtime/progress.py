@@ -7,10 +7,10 @@ service's lines beyond its default rate limit, ``RateLimitBurst=10000`` messages
 line per chunk: they are what an operator reads a log for, and they are rare when things go well.
 
 Instead, every ``--progress-interval`` (15 s by default) this process logs one ``job.progress``
-line per job it worked on (completed, failed, retried in the interval, completions per second,
-chunks in flight now), at most :data:`MAX_JOB_LINES` of them (the busiest), then one ``progress``
-line with the totals. An idle process logs nothing. At the defaults that is at most 42 lines
-per 30 s, whatever the throughput.
+line per job it worked on (completed, failed, retried, snoozed in the interval, completions per
+second, chunks in flight now), at most :data:`MAX_JOB_LINES` of them (the busiest), then one
+``progress`` line with the totals. An idle process logs nothing. At the defaults that is at most
+42 lines per 30 s, whatever the throughput.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class JobTally:
     completed: int = 0
     failed: int = 0
     retried: int = 0
+    snoozed: int = 0
 
 
 class Progress:
@@ -84,6 +85,7 @@ class Progress:
                 completed=tally.completed,
                 failed=tally.failed,
                 retried=tally.retried,
+                snoozed=tally.snoozed,
                 per_second=round(tally.completed / elapsed_s, 1),
                 in_flight=in_flight[job_id],
                 interval_s=round(elapsed_s, 3),
@@ -97,6 +99,7 @@ class Progress:
             completed=completed,
             failed=sum(t.failed for t in jobs.values()),
             retried=sum(t.retried for t in jobs.values()),
+            snoozed=sum(t.snoozed for t in jobs.values()),
             per_second=round(completed / elapsed_s, 1),
             in_flight=sum(in_flight.values()),
             interval_s=round(elapsed_s, 3),

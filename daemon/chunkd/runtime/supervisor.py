@@ -213,6 +213,8 @@ async def _serve(
         worker_id=worker_id,
         retry_base_s=settings.retry_base_s,
         retry_cap_s=settings.retry_cap_s,
+        max_snoozes=settings.max_snoozes,
+        lease_s=settings.lease_s,
     )
     chunk_tasks: set[asyncio.Task[None]] = set()
     claimer: Claimer

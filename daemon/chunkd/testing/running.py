@@ -19,11 +19,12 @@ from chunkd.handlers import Handler
 from chunkd.runtime.health import first_line
 from chunkd.runtime.invoke import Invocation, chunk_of, invoke
 from chunkd.runtime.outcomes import Outcome, storable_text
+from chunkd.settings import RunSettings
 
 __all__ = ["OUTCOMES", "Run", "Runner", "runner"]
 
 # What drain() counts, and what a simulated delivery can come to besides.
-OUTCOMES = ("completed", "retried", "failed", "fenced")
+OUTCOMES = ("completed", "snoozed", "retried", "failed", "fenced")
 # The daemon's defaults (--retry-base, --retry-cap): a retry is scheduled as it would be.
 RETRY_BASE_S = 2.0
 RETRY_CAP_S = 600.0
@@ -128,11 +129,19 @@ class Runner:
                 error = f"{what} rejected by the database: {first_line(exc)}"
                 outcome = Outcome(error=error, retryable=False)
         error = storable_text(outcome.error or "unknown error")
-        status = await self.queue.fail(
-            row.id, self.worker_id, row.attempt, error, retryable=outcome.retryable,
-            retry_in_s=outcome.retry_in_s, backoff_base_s=RETRY_BASE_S, backoff_cap_s=RETRY_CAP_S,
-        )  # fmt: skip
-        return {"pending": "retried", "failed": "failed"}.get(status or "", "fenced"), error
+        if outcome.snooze and outcome.retry_in_s is not None:
+            status = await self.queue.snooze(
+                row, self.worker_id, error, delay_s=outcome.retry_in_s,
+                max_snoozes=RunSettings.max_snoozes, lease_s=self.lease_s,
+            )  # fmt: skip
+        else:
+            status = await self.queue.fail(
+                row.id, self.worker_id, row.attempt, error, retryable=outcome.retryable,
+                retry_in_s=outcome.retry_in_s, backoff_base_s=RETRY_BASE_S,
+                backoff_cap_s=RETRY_CAP_S,
+            )  # fmt: skip
+        outcomes = {"snoozed": "snoozed", "pending": "retried", "failed": "failed"}
+        return outcomes.get(status or "", "fenced"), error
 
     async def deliver(self, handler: Handler, row: ClaimedRow) -> Run:
         """Runs one claimed chunk to its written outcome."""

@@ -25,7 +25,16 @@ seen: list[Chunk] = []
 async def flaky(chunk: Chunk) -> dict[str, int]:
     seen.append(chunk)
     if chunk.attempt == 1:
-        raise RetryLater(3600)  # an hour: drain fast-forwards it
+        raise RuntimeError("flaky")  # retried after its backoff: drain fast-forwards it
+    return {"attempt": chunk.attempt}
+
+
+@app.handler("polite")
+async def polite(chunk: Chunk) -> dict[str, int]:
+    """Asked to come back in an hour the first time (a snooze: no attempt spent)."""
+    if not any(c.chunk_id == chunk.chunk_id for c in seen):
+        seen.append(chunk)
+        raise RetryLater(3600)
     return {"attempt": chunk.attempt}
 
 
@@ -83,14 +92,21 @@ async def test_drain_runs_retries_and_delayed_jobs_at_once(conn, database) -> No
         "SELECT chunkd.create_sync_job('quick', '[{}]', run_at => now() + interval '1 day')"
     )
     left = await chunkd.testing.drain(app, database.dsn, kinds=["flaky"], fast_forward=False)
-    assert left == {"completed": 0, "retried": 2, "failed": 0, "fenced": 0}
-    assert await _statuses(conn, job) == ["pending", "pending"]  # waiting an hour
+    assert left == {"completed": 0, "snoozed": 0, "retried": 2, "failed": 0, "fenced": 0}
+    assert await _statuses(conn, job) == ["pending", "pending"]  # waiting for the backoff
 
-    counts = await chunkd.testing.drain(app, database.dsn)
+    counts = await chunkd.testing.drain(app, database.dsn, kinds=["flaky", "quick"])
 
-    assert counts == {"completed": 3, "retried": 0, "failed": 0, "fenced": 0}
+    assert counts == {"completed": 3, "snoozed": 0, "retried": 0, "failed": 0, "fenced": 0}
     assert await chunkd.testing.results(conn, job) == [{"attempt": 2}, {"attempt": 2}]
     assert await _statuses(conn, later) == ["completed"]
+
+
+async def test_drain_fast_forwards_a_snooze_without_spending_an_attempt(conn, database) -> None:  # type: ignore[no-untyped-def]
+    job = await _create(conn, "polite", "[{}, {}]")
+    counts = await chunkd.testing.drain(app, database.dsn, kinds=["polite"])
+    assert counts == {"completed": 2, "snoozed": 2, "retried": 0, "failed": 0, "fenced": 0}
+    assert await chunkd.testing.results(conn, job) == [{"attempt": 1}, {"attempt": 1}]
 
 
 async def test_drain_raises_the_handlers_error_with_its_traceback(conn, database) -> None:  # type: ignore[no-untyped-def]
@@ -104,7 +120,7 @@ async def test_drain_raises_the_handlers_error_with_its_traceback(conn, database
     assert caught.value.__cause__.__traceback__ is not None
     # Without raise_errors the same chunk runs its attempts out and fails for good.
     counts = await chunkd.testing.drain(app, database.dsn)
-    assert counts == {"completed": 0, "retried": 1, "failed": 1, "fenced": 0}
+    assert counts == {"completed": 0, "snoozed": 0, "retried": 1, "failed": 1, "fenced": 0}
 
 
 async def test_drain_stops_a_job_that_never_ends(conn, database) -> None:  # type: ignore[no-untyped-def]

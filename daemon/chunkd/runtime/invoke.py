@@ -5,9 +5,9 @@ One place for what a handler's behaviour means, shared by the daemon's worker an
 a completion (a :class:`~chunkd.chunk.Continue` appends chunks; a result that is not JSON, or
 above 1 MiB, fails the chunk for good), an exception a failure (``PermanentError``: for good;
 ``RetryLater``: snoozed for its delay, no attempt spent; anything else, ``SystemExit`` and a
-``CancelledError`` of the handler's own included: retried with backoff), and the chunk timeout a retryable failure. A
-cancellation that is not the handler's own (the lease is lost, the daemon stops) is raised
-again: such a chunk gets no outcome from this worker.
+``CancelledError`` of the handler's own included: retried with backoff), and the chunk timeout
+a retryable failure. A cancellation that is not the handler's own (the lease is lost, the
+daemon stops) is raised again: such a chunk gets no outcome from this worker.
 """
 
 from __future__ import annotations

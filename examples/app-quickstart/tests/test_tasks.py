@@ -33,7 +33,7 @@ async def test_a_mailbox_sync_stores_every_page(db, chunkd_dsn):
 
     counts = await chunkd.testing.drain(app, chunkd_dsn, raise_errors=True)
 
-    assert counts == {"completed": 2, "retried": 0, "failed": 0, "fenced": 0}
+    assert counts == {"completed": 2, "snoozed": 0, "retried": 0, "failed": 0, "fenced": 0}
     assert await chunkd.testing.results(db, job) == [{"messages": 50}, {"messages": 50}]
     assert await stored(db) == 100
 

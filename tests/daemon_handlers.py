@@ -91,3 +91,12 @@ async def after(chunk: Chunk) -> dict[str, object]:
     """An on_finish follow-up: records that it ran."""
     await record(chunk)
     return {"of": chunk.payload["sync_job_id"], "status": chunk.payload["overall_status"]}
+
+
+async def wrapping(chunk: Chunk) -> dict[str, object]:
+    """Reads the payload and wraps whatever goes wrong in an error of its own, as handlers
+    often do: a payload that can never be decoded must still fail at once, not be retried."""
+    try:
+        return {"keys": len(chunk.payload) + len(chunk.job_payload)}
+    except Exception as exc:
+        raise RuntimeError(f"could not read chunk {chunk.seq}") from exc

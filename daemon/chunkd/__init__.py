@@ -1,6 +1,6 @@
 """chunkd: a durable chunk-processing daemon for PostgreSQL."""
 
-from chunkd.chunk import Chunk, Continue, PermanentError, RetryLater
+from chunkd.chunk import Chunk, Continue, PermanentError, RetryLater, UndecodablePayloadError
 from chunkd.client import (
     Progress,
     cancel,
@@ -21,6 +21,7 @@ __all__ = [
     "PermanentError",
     "Progress",
     "RetryLater",
+    "UndecodablePayloadError",
     "__version__",
     "cancel",
     "create_sync_job",

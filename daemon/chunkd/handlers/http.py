@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from chunkd.chunk import Chunk, PermanentError, RetryLater
+from chunkd.chunk import Chunk, PermanentError, RetryLater, too_deep
 from chunkd.handlers import HandlerError
 from chunkd.handlers.reserved import continuation_of
 from chunkd.version import __version__
@@ -269,6 +269,10 @@ class HttpHandler:
                 )
             except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
                 return response.text
+            except RecursionError:  # JSON, too deep to read: the same reply next time
+                raise PermanentError(
+                    f"HTTP {status} from {self.display_url}: {too_deep('the response is JSON')}"
+                ) from None
             return continuation_of(value)  # "$chunkd": {"append": [...]}
         prefix = f"HTTP {status} from {self.display_url}"
         if 300 <= status < 400:

@@ -22,6 +22,7 @@ from chunkd.chunk import (
     Continue,
     PermanentError,
     RetryLater,
+    UndecodablePayloadError,
     dumps_json,
 )
 from chunkd.db import ClaimedRow
@@ -145,6 +146,12 @@ class Worker:
             return Outcome(error=describe_exception(exc))
         if isinstance(exc, PermanentError):
             return Outcome(error=describe_exception(exc), retryable=False)
+        undecodable = _undecodable_cause(exc)
+        if undecodable is not None:
+            # Raised from (or while handling) a payload that can never be decoded: every
+            # attempt would end the same way, whatever the handler made of it.
+            error = f"{describe_exception(exc)} (from {describe_exception(undecodable)})"
+            return Outcome(error=error, retryable=False)
         if isinstance(exc, RetryLater):
             return Outcome(error=describe_exception(exc), retry_in_s=exc.delay_s)
         return Outcome(error=describe_exception(exc))
@@ -155,3 +162,19 @@ class Worker:
         daemon's: a lost lease, a stop) is still pending."""
         task = asyncio.current_task()
         return task is None or task.uncancel() == 0
+
+
+def _undecodable_cause(exc: BaseException) -> UndecodablePayloadError | None:
+    """The :class:`UndecodablePayloadError` that ``exc`` was raised from or while handling, if
+    any (its ``__cause__`` and ``__context__`` chain, each exception once)."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, UndecodablePayloadError):
+            return current
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return None

@@ -67,7 +67,8 @@ SELECT EXISTS (
     WHERE $1 = ANY (w.kinds) AND w.last_heartbeat_at > now() - make_interval(secs => $2));
 
 -- name: web_job_payload
-SELECT j.payload FROM chunkd.sync_jobs j WHERE j.id = $1;
+-- As text: the page decodes it, and shows a placeholder for a payload too deep for Python.
+SELECT j.payload::text FROM chunkd.sync_jobs j WHERE j.id = $1;
 
 -- name: web_chunk_map
 -- Every chunk's state as one character, in seq order: p pending (due), w waiting (a retry or a
@@ -121,7 +122,7 @@ WHERE e.queue_id = $1
 ORDER BY e.at, e.attempt;
 
 -- name: web_chunk_payload
-SELECT c.payload FROM chunkd.chunked_sync_jobs c WHERE c.sync_job_id = $1 AND c.seq = $2;
+SELECT c.payload::text FROM chunkd.chunked_sync_jobs c WHERE c.sync_job_id = $1 AND c.seq = $2;
 
 -- name: web_workers
 -- Registered daemons with what each holds now; ages by the database clock.

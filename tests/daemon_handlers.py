@@ -112,3 +112,12 @@ async def nap(chunk: Chunk) -> None:
     nothing of its own."""
     payload = chunk.payload if isinstance(chunk.payload, dict) else {}
     await asyncio.sleep(float(payload.get("sleep_s", 0.01)))
+
+
+async def wrapping(chunk: Chunk) -> dict[str, object]:
+    """Reads the payload and wraps whatever goes wrong in an error of its own, as handlers
+    often do: a payload that can never be decoded must still fail at once, not be retried."""
+    try:
+        return {"keys": len(chunk.payload) + len(chunk.job_payload)}
+    except Exception as exc:
+        raise RuntimeError(f"could not read chunk {chunk.seq}") from exc

@@ -23,7 +23,7 @@ from uuid import uuid4
 
 import pytest
 
-from chunkd.chunk import Chunk, dumps_json, loads_json
+from chunkd.chunk import Chunk, UndecodablePayloadError, dumps_json, loads_json
 from daemon_helpers import run_chunkd, wait_until
 from http_stub import StubHandler
 from sql_helpers import status_counts
@@ -118,7 +118,7 @@ def test_a_chunk_survives_pickle_and_copy_decoded_or_not() -> None:
 def test_a_payload_too_deep_for_python_fails_only_when_read() -> None:
     chunk = _claimed_chunk("[" * 5000 + "]" * 5000)
     assert chunk.to_json().count("[") == 5000  # http: and exec: handlers never decode it
-    with pytest.raises(RecursionError):
+    with pytest.raises(UndecodablePayloadError, match="nested too deeply"):  # fails at once
         _ = chunk.payload
 
 

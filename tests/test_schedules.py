@@ -5,6 +5,7 @@ dedupe, pause/resume, and clear errors."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,7 +15,7 @@ import asyncpg
 import pytest
 
 from chunkd.db import DatabaseError
-from daemon_helpers import wait_until
+from daemon_helpers import run_chunkd, wait_until
 
 BERLIN = ZoneInfo("Europe/Berlin")
 QUARTER = timedelta(minutes=15)
@@ -205,3 +206,75 @@ async def test_schedule_errors_are_clear(conn, start, tmp_path) -> None:
     row = await conn.fetchrow("SELECT next_fire_at, last_error FROM chunkd.schedules")
     assert row["last_error"] is None
     assert row["next_fire_at"] == datetime(2026, 5, 4, 0, 1, tzinfo=UTC)
+
+
+async def test_a_schedule_the_daemons_cannot_read_leaves_the_scheduler_running(
+    conn, database, start
+) -> None:
+    """Issue #21, K17: the only schedule has a cron of the right shape that cronsim
+    cannot read ('61 * * * * *'). It used to be planned at 'infinity', which asyncpg reads as a
+    naive datetime.max: the scheduler task crashed on every pass (TypeError). Now the daemon
+    says why once and keeps firing on the real clock, and the CLI shows the schedule."""
+    await _create(conn, "odd", "61 * * * * *", timezone="UTC")
+    daemon = start("--handler", "test=daemon_handlers:record", "--schedule-interval", "100ms")
+    invalid = await daemon.wait_for_event("schedule.invalid")
+    assert invalid["schedule"] == "odd" and "61 * * * * *" in invalid["error"]
+    # The pass that recorded it went on to the timer (the crash came there); the passes after
+    # it, on the real clock, plan and fire a good schedule added now.
+    await _create(conn, "tick", "* * * * * *", timezone="UTC")  # every second
+    await wait_until(
+        lambda: conn.fetchval(
+            "SELECT count(*) >= 3 FROM chunkd.schedule_fires f "
+            "JOIN chunkd.schedules s ON s.id = f.schedule_id WHERE s.name = 'tick'"
+        ),
+        timeout_s=20,
+        what="three fires of the good schedule",
+    )
+    events = [e["event"] for e in daemon.events()]
+    assert "task.crashed" not in events, daemon.log_text()[-3000:]
+    assert events.count("schedule.invalid") == 1
+    assert daemon.process.poll() is None
+    row = await conn.fetchrow(
+        "SELECT next_fire_at, last_error FROM chunkd.schedules WHERE name = 'odd'"
+    )
+    assert row["next_fire_at"] is None
+    assert "'61 * * * * *' is not a cron expression" in row["last_error"]
+
+    listed = await asyncio.to_thread(
+        run_chunkd, "schedule", "list", "--json", "--dsn", database.dsn
+    )
+    assert listed.code == 0, listed.stderr
+    odd = next(s for s in json.loads(listed.stdout) if s["name"] == "odd")
+    assert odd["next_fire_at"] is None and "is not a cron expression" in odd["last_error"]
+    table = await asyncio.to_thread(
+        run_chunkd, "schedule", "list", "--dsn", database.dsn, env={"COLUMNS": "300"}
+    )
+    assert table.code == 0 and table.stderr == "", table.stderr
+    line = next(s for s in table.stdout.splitlines() if s.lstrip("│ ").startswith("odd "))
+    assert "9999" not in line and "is not a cron expression" in line
+
+
+async def test_a_due_time_a_daemon_cannot_read_is_reported_once(conn, start, tmp_path) -> None:
+    """A planned schedule whose cron this daemon cannot read when it comes due (changed by
+    hand here; in a fleet, planned by a daemon with a newer cronsim) is logged once per due
+    time, not on every pass of the scheduler while the clock moves on."""
+    for name in ("odd", "tick"):
+        await _create(conn, name, "* * * * *", timezone="UTC")
+    start_at = datetime(2026, 5, 4, tzinfo=UTC)
+    clock = FakeClock(tmp_path / "clock", start_at)
+    daemon = start(*_daemon_args(clock))
+    await wait_until(lambda: _settled(conn, clock), timeout_s=20, what="both planned")
+    await conn.execute("UPDATE chunkd.schedules SET cron = '61 * * * *' WHERE name = 'odd'")
+    for minutes in (1, 2, 3):
+        clock.set(start_at + timedelta(minutes=minutes, seconds=1))
+        await wait_until(
+            lambda m=minutes: conn.fetchval(
+                "SELECT count(*) = $1 FROM chunkd.schedule_fires f "
+                "JOIN chunkd.schedules s ON s.id = f.schedule_id WHERE s.name = 'tick'",
+                m,
+            ),
+            timeout_s=20,
+            what=f"fire {minutes} of the good schedule",
+        )
+    invalid = [e for e in daemon.events() if e["event"] == "schedule.invalid"]
+    assert [e["schedule"] for e in invalid] == ["odd"], invalid

@@ -1,7 +1,7 @@
 """chunkd: a durable chunk-processing daemon for PostgreSQL."""
 
 from chunkd.app import App
-from chunkd.chunk import Chunk, Continue, PermanentError, RetryLater
+from chunkd.chunk import Chunk, Continue, PermanentError, RetryLater, UndecodablePayloadError
 from chunkd.client import (
     Progress,
     cancel,
@@ -24,6 +24,7 @@ __all__ = [
     "PermanentError",
     "Progress",
     "RetryLater",
+    "UndecodablePayloadError",
     "__version__",
     "cancel",
     "create_sync_job",

@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import FrozenInstanceError, dataclass
 from decimal import Decimal
 from typing import Any, Generic
@@ -29,10 +30,13 @@ __all__ = [
     "MAX_RESULT_BYTES",
     "Chunk",
     "Continue",
+    "JSONTooDeepError",
     "PermanentError",
     "RetryLater",
+    "UndecodablePayloadError",
     "dumps_json",
     "loads_json",
+    "too_deep",
 ]
 
 #: A queue row is not a blob store: a result whose JSON is longer fails its chunk with a clear
@@ -45,6 +49,21 @@ MAX_RESULT_BYTES = 1024 * 1024
 _NOT_FOR_ORJSON = re.compile(r"[0-9][.eE]|[0-9]{19}")
 
 
+class JSONTooDeepError(ValueError, RecursionError):
+    """JSON nested deeper than Python's :mod:`json` can read or write: it recurses once per
+    level and stops at the interpreter's recursion limit (about 1,000 levels; PostgreSQL's
+    jsonb takes far deeper values). A :class:`ValueError`, as for any text that cannot be
+    decoded, and a :class:`RecursionError`, as the standard library raises."""
+
+
+def too_deep(what: str) -> str:
+    """The message for ``what`` ("payload", "JSON") nested too deeply for Python."""
+    return (
+        f"{what} nested too deeply for Python to read (its json module stops at the recursion "
+        f"limit, {sys.getrecursionlimit()} levels)"
+    )
+
+
 def _big_int(text: str) -> int | Decimal:
     # Python refuses int() of more than 4,300 digits (a guard against slow conversions).
     return int(text) if len(text) <= 4000 else Decimal(text)
@@ -55,7 +74,8 @@ def loads_json(text: str) -> Any:
     :class:`decimal.Decimal`, never a float.
 
     Raises :class:`ValueError` (:class:`json.JSONDecodeError`) for text that is not JSON and
-    :class:`RecursionError` for nesting deeper than Python's recursion limit.
+    :class:`JSONTooDeepError` (a ``ValueError`` and a ``RecursionError``) for nesting deeper
+    than Python's recursion limit.
     """
     if _NOT_FOR_ORJSON.search(text) is None:
         try:
@@ -63,18 +83,22 @@ def loads_json(text: str) -> Any:
         except orjson.JSONDecodeError:
             pass  # the standard library below gives the error its usual form
     try:
-        return json.loads(text, parse_float=Decimal)
-    except ValueError as exc:
-        if isinstance(exc, json.JSONDecodeError):
-            raise
-        return json.loads(text, parse_float=Decimal, parse_int=_big_int)
+        try:
+            return json.loads(text, parse_float=Decimal)
+        except ValueError as exc:
+            if isinstance(exc, json.JSONDecodeError):
+                raise
+            return json.loads(text, parse_float=Decimal, parse_int=_big_int)
+    except RecursionError:
+        raise JSONTooDeepError(too_deep("JSON")) from None
 
 
 def dumps_json(value: Any, *, ensure_ascii: bool = True) -> str:
     """Python values to compact JSON text; a :class:`~decimal.Decimal` is written exactly.
 
-    Raises :class:`ValueError` for NaN or an infinity (JSON has neither) and for circular
-    references, :class:`TypeError` for a value JSON cannot hold.
+    Raises :class:`ValueError` for NaN or an infinity (JSON has neither), for circular
+    references and (:class:`JSONTooDeepError`) for nesting deeper than Python's recursion
+    limit, :class:`TypeError` for a value JSON cannot hold.
     """
     decimals: list[str] = []
     marker = ""
@@ -90,9 +114,12 @@ def dumps_json(value: Any, *, ensure_ascii: bool = True) -> str:
         decimals.append(str(obj))  # str() of a finite Decimal is a valid JSON number
         return f"{marker}{len(decimals) - 1}"
 
-    text = json.dumps(
-        value, allow_nan=False, ensure_ascii=ensure_ascii, separators=(",", ":"), default=exact
-    )
+    try:
+        text = json.dumps(
+            value, allow_nan=False, ensure_ascii=ensure_ascii, separators=(",", ":"), default=exact
+        )
+    except RecursionError:
+        raise JSONTooDeepError(too_deep("JSON")) from None
     if not decimals:
         return text
     return re.sub(f'"{marker}([0-9]+)"', lambda m: decimals[int(m[1])], text)
@@ -194,19 +221,21 @@ class Chunk(Generic[P, J]):
 
     @property
     def payload(self) -> P:
-        """The chunk's own payload, decoded JSON (decoded when first read: a payload too deep
-        for Python raises :class:`RecursionError` here, in the handler that reads it)."""
+        """The chunk's own payload, decoded JSON (decoded when first read: a payload Python
+        cannot decode raises :class:`UndecodablePayloadError` here, in the handler that reads
+        it, and fails the chunk without retries)."""
         if self._payload is _UNDECODED:
             assert self._payload_json is not None
-            object.__setattr__(self, "_payload", loads_json(self._payload_json))
+            object.__setattr__(self, "_payload", _decode("payload", self._payload_json))
         return self._payload  # type: ignore[no-any-return]
 
     @property
     def job_payload(self) -> J:
-        """The job's payload (the same for every chunk of the job), decoded JSON."""
+        """The job's payload (the same for every chunk of the job), decoded JSON; raises
+        :class:`UndecodablePayloadError` as :attr:`payload` does."""
         if self._job_payload is _UNDECODED:
             assert self._job_payload_json is not None
-            object.__setattr__(self, "_job_payload", loads_json(self._job_payload_json))
+            object.__setattr__(self, "_job_payload", _decode("job payload", self._job_payload_json))
         return self._job_payload  # type: ignore[no-any-return]
 
     def with_payloads(self, payload: Any, job_payload: Any) -> Chunk[Any, Any]:
@@ -283,10 +312,18 @@ class Chunk(Generic[P, J]):
         return hash(self._fields())
 
     def __repr__(self) -> str:
+        # Never raises (a log line of a handler's chunk must not fail on its payload).
+        def shown(read: Callable[[], Any]) -> str:
+            try:
+                return repr(read())
+            except (UndecodablePayloadError, RecursionError):
+                return "<nested too deeply for Python>"
+
         return (
             f"Chunk(queue_id={self.queue_id!r}, chunk_id={self.chunk_id!r}, "
             f"sync_job_id={self.sync_job_id!r}, seq={self.seq!r}, attempt={self.attempt!r}, "
-            f"kind={self.kind!r}, payload={self.payload!r}, job_payload={self.job_payload!r})"
+            f"kind={self.kind!r}, payload={shown(lambda: self.payload)}, "
+            f"job_payload={shown(lambda: self.job_payload)})"
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -304,6 +341,14 @@ class Chunk(Generic[P, J]):
         raise FrozenInstanceError(f"cannot delete field {name!r}")
 
 
+def _decode(what: str, text: str) -> Any:
+    try:
+        return loads_json(text)
+    except ValueError as exc:  # JSONTooDeepError; JSONDecodeError for text given by hand
+        message = too_deep("JSON") if isinstance(exc, JSONTooDeepError) else str(exc)
+        raise UndecodablePayloadError(f"chunk {what} cannot be decoded: {message}") from None
+
+
 def _chunk_from_json(*args: Any) -> Chunk[Any, Any]:
     *ids, payload_json, job_payload_json = args
     return Chunk.from_json(*ids, payload_json=payload_json, job_payload_json=job_payload_json)
@@ -311,6 +356,14 @@ def _chunk_from_json(*args: Any) -> Chunk[Any, Any]:
 
 class PermanentError(Exception):
     """Raised by a handler when retrying cannot help: the chunk fails at once."""
+
+
+class UndecodablePayloadError(PermanentError, ValueError):
+    """Raised when a handler reads a payload (:attr:`Chunk.payload`, :attr:`Chunk.job_payload`)
+    that Python cannot decode: JSON nested deeper than its recursion limit (the only JSON
+    that jsonb stores and Python cannot read). Every attempt would fail the same way, so the
+    chunk fails at once, without retries, also when the handler raises another exception
+    from it (``raise ... from exc``, or while handling it)."""
 
 
 class RetryLater(Exception):

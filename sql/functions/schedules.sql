@@ -1,6 +1,12 @@
 -- Recurring schedules: created, paused and dropped by operators; planned and fired by the
 -- daemons (each due time once across the fleet).
 
+-- A schedule's next_fire_at is its next due time, or NULL: not planned yet (last_error NULL:
+-- the first daemon that sees it plans it), or not plannable (last_error says why: its cron
+-- expression has the right shape but the daemons cannot read it; it waits until
+-- create_schedule replaces it). Never 'infinity': a CHECK refuses it (migration 10), as in
+-- every timestamp column of chunkd, so nothing that reads the schedules gets a sentinel.
+
 -- The earliest planned due time of an active schedule (the daemons' timer), or NULL.
 CREATE OR REPLACE FUNCTION chunkd.next_schedule_at() RETURNS timestamptz
 LANGUAGE sql STABLE SECURITY DEFINER
@@ -9,7 +15,8 @@ BEGIN ATOMIC
     SELECT min(s.next_fire_at) FROM chunkd.schedules s WHERE s.paused_at IS NULL;
 END;
 
--- The daemons' side. Schedules to plan (next_fire_at NULL) or fire (due at `at`).
+-- The daemons' side. Schedules to plan (next_fire_at NULL, no error recorded) or fire (due at
+-- `at`).
 CREATE OR REPLACE FUNCTION chunkd.schedules_due(at timestamptz, max_rows int DEFAULT 100)
 RETURNS TABLE (id bigint, name text, cron text, timezone text, next_fire_at timestamptz)
 LANGUAGE sql STABLE SECURITY DEFINER
@@ -18,7 +25,8 @@ BEGIN ATOMIC
     SELECT s.id, s.name, s.cron, s.timezone, s.next_fire_at
     FROM chunkd.schedules s
     WHERE s.paused_at IS NULL
-      AND (s.next_fire_at IS NULL OR s.next_fire_at <= schedules_due.at)
+      AND ((s.next_fire_at IS NULL AND s.last_error IS NULL)
+           OR s.next_fire_at <= schedules_due.at)
     ORDER BY s.next_fire_at NULLS FIRST, s.id
     LIMIT schedules_due.max_rows;
 END;
@@ -120,6 +128,7 @@ END;
 $$;
 
 -- Resuming plans the schedule again from now: the due times it missed while paused do not fire.
+-- (A schedule whose cron could not be read is read again then.)
 CREATE OR REPLACE FUNCTION chunkd.resume_schedule(name text) RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -127,7 +136,8 @@ AS $$
 BEGIN
     UPDATE chunkd.schedules s
     SET paused_at = NULL, updated_at = now(),
-        next_fire_at = CASE WHEN s.paused_at IS NULL THEN s.next_fire_at END
+        next_fire_at = CASE WHEN s.paused_at IS NULL THEN s.next_fire_at END,
+        last_error = CASE WHEN s.paused_at IS NULL THEN s.last_error END
     WHERE s.name = resume_schedule.name;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'chunkd: no schedule named %', quote_literal(resume_schedule.name)
@@ -197,7 +207,8 @@ END;
 $$;
 
 -- Plans a schedule's first due time (compare-and-set on NULL), or records why it cannot be
--- planned (error: it is then left alone until create_schedule replaces it).
+-- planned (error: next_fire_at stays NULL and the schedule is left alone until create_schedule
+-- replaces it). False when another daemon planned it, or recorded the error, first.
 CREATE OR REPLACE FUNCTION chunkd.plan_schedule(id bigint, next_at timestamptz, error text DEFAULT NULL)
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -205,10 +216,10 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     UPDATE chunkd.schedules s
-    SET next_fire_at = CASE WHEN plan_schedule.error IS NULL THEN plan_schedule.next_at
-                            ELSE 'infinity' END,
+    SET next_fire_at = CASE WHEN plan_schedule.error IS NULL THEN plan_schedule.next_at END,
         last_error = left(plan_schedule.error, 2000)
-    WHERE s.id = plan_schedule.id AND s.next_fire_at IS NULL AND s.paused_at IS NULL;
+    WHERE s.id = plan_schedule.id AND s.next_fire_at IS NULL AND s.last_error IS NULL
+      AND s.paused_at IS NULL;
     RETURN FOUND;
 END;
 $$;

@@ -22,7 +22,7 @@ import signal
 from decimal import Decimal
 from typing import Any
 
-from chunkd.chunk import MAX_RESULT_BYTES, Chunk, PermanentError
+from chunkd.chunk import MAX_RESULT_BYTES, Chunk, PermanentError, too_deep
 from chunkd.handlers import HandlerError
 from chunkd.handlers.process import StdoutLimitError, run_command
 from chunkd.handlers.reserved import continuation_of
@@ -47,7 +47,7 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-standard JSON constant {name}")
 
 
-def _parse_stdout(stdout: bytes) -> Any:
+def _parse_stdout(stdout: bytes, name: str) -> Any:
     text = stdout.decode("utf-8", errors="replace").strip()
     if not text:
         return None
@@ -56,6 +56,10 @@ def _parse_stdout(stdout: bytes) -> Any:
         value = json.loads(text, parse_constant=_reject_constant, parse_float=Decimal)
     except ValueError:
         return text
+    except RecursionError:
+        # JSON, but too deep to read: kept as text it would change its type, and the same
+        # command prints the same next time.
+        raise PermanentError(f"{name!r} printed {too_deep('JSON')}") from None
     return continuation_of(value)
 
 
@@ -131,7 +135,7 @@ class ExecHandler:
 
         code = exited.returncode
         if code == 0:
-            return _parse_stdout(exited.stdout)
+            return _parse_stdout(exited.stdout, self.name)
         excerpt = _stderr_excerpt(exited.stderr_tail)
         if code == EX_TEMPFAIL:
             raise ExecRetryableError(f"{self.name!r} exited {code} (EX_TEMPFAIL): {excerpt}")

@@ -33,7 +33,7 @@ import aiohttp
 from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
-from chunkd.chunk import MAX_RESULT_BYTES, Chunk, PermanentError, RetryLater
+from chunkd.chunk import MAX_RESULT_BYTES, Chunk, PermanentError, RetryLater, too_deep
 from chunkd.handlers import HandlerError
 from chunkd.handlers.reserved import continuation_of
 from chunkd.version import __version__
@@ -320,6 +320,8 @@ class HttpHandler:
                 value = _DECODER.decode(content.decode(json.detect_encoding(content)))
             except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
                 return _decode(content, response.charset)
+            except RecursionError:  # JSON, too deep to read: the same reply next time
+                raise PermanentError(f"{prefix}: {too_deep('the response is JSON')}") from None
             return continuation_of(value)  # "$chunkd": {"append": [...]}
         if 300 <= status < 400:
             response.close()

@@ -17,7 +17,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from chunkd.chunk import MAX_RESULT_BYTES, Chunk, Continue, PermanentError, RetryLater, dumps_json
+from chunkd.chunk import (
+    MAX_RESULT_BYTES,
+    Chunk,
+    Continue,
+    PermanentError,
+    RetryLater,
+    UndecodablePayloadError,
+    dumps_json,
+)
 from chunkd.db import ClaimedRow
 from chunkd.handlers import Handler
 from chunkd.runtime.outcomes import Outcome, describe_exception
@@ -119,7 +127,29 @@ def _failure(exc: BaseException, timed_out: Callable[[], bool], timeout_s: float
     if isinstance(exc, RetryLater):
         # A snooze: no attempt spent, up to --max-snoozes times (chunkd.snooze_attempt).
         return Outcome(error=describe_exception(exc), retry_in_s=exc.delay_s, snooze=True)
+    undecodable = _undecodable_cause(exc)
+    if undecodable is not None:
+        # Raised from (or while handling) a payload that can never be decoded: every
+        # attempt would end the same way, whatever the handler made of it.
+        error = f"{describe_exception(exc)} (from {describe_exception(undecodable)})"
+        return Outcome(error=error, retryable=False)
     return Outcome(error=describe_exception(exc))
+
+
+def _undecodable_cause(exc: BaseException) -> UndecodablePayloadError | None:
+    """The :class:`UndecodablePayloadError` that ``exc`` was raised from or while handling, if
+    any (its ``__cause__`` and ``__context__`` chain, each exception once)."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, UndecodablePayloadError):
+            return current
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return None
 
 
 def _uncancel_timeout() -> bool:

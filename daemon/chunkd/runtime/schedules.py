@@ -47,6 +47,10 @@ class Scheduler:
         # A fake clock cannot be waited for: poll at interval_s instead of sleeping to a due time.
         self._fake_clock = clock is not None
         self._clock: Clock = clock or store.clock
+        # The due time of each schedule whose cron this daemon could not read when firing it:
+        # said once per due time, not on every pass until another daemon (one that can read
+        # it) fires it.
+        self._unreadable: dict[int, datetime] = {}
 
     async def run_once(self) -> float:
         """Plans new schedules and fires the due ones; returns seconds to sleep."""
@@ -90,8 +94,10 @@ class Scheduler:
     async def _fire(self, schedule: DueSchedule, due_at: datetime, now: datetime) -> None:
         try:
             next_at = next_fire(schedule.cron, schedule.timezone, max(now, due_at))
-        except ValueError as exc:  # planned by a daemon that could read it, then changed
-            log.error("schedule.invalid", schedule=schedule.name, error=str(exc))
+        except ValueError as exc:  # planned by a daemon that could read it (another cronsim)
+            if self._unreadable.get(schedule.id) != due_at:
+                self._unreadable[schedule.id] = due_at
+                log.error("schedule.invalid", schedule=schedule.name, error=str(exc))
             return
         fired = await self._store.fire(schedule.id, due_at, next_at, self._worker_id)
         if fired is None:

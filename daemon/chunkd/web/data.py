@@ -260,17 +260,19 @@ async def chunk_detail(pool: asyncpg.Pool, job_id: UUID, seq: int) -> ChunkDetai
     return ChunkDetail(chunk=dict(chunk), events=[dict(e) for e in events])
 
 
-async def job_payload(pool: asyncpg.Pool, job_id: UUID) -> tuple[bool, Any]:
-    """(found, the job's payload, decoded)."""
+async def job_payload(pool: asyncpg.Pool, job_id: UUID) -> str | None:
+    """The job's payload as the JSON text jsonb prints (decoded by the page, which can then
+    tell a payload too deep for Python apart); None when there is no such job."""
     with database_errors():
-        row = await pool.fetchrow(_sql()["web_job_payload"], job_id)
-    return (False, None) if row is None else (True, row["payload"])
+        text: str | None = await pool.fetchval(_sql()["web_job_payload"], job_id)
+    return text
 
 
-async def chunk_payload(pool: asyncpg.Pool, job_id: UUID, seq: int) -> tuple[bool, Any]:
+async def chunk_payload(pool: asyncpg.Pool, job_id: UUID, seq: int) -> str | None:
+    """The chunk's payload as JSON text; None when the job has no such chunk."""
     with database_errors():
-        row = await pool.fetchrow(_sql()["web_chunk_payload"], job_id, seq)
-    return (False, None) if row is None else (True, row["payload"])
+        text: str | None = await pool.fetchval(_sql()["web_chunk_payload"], job_id, seq)
+    return text
 
 
 async def workers(pool: asyncpg.Pool, *, stale_after_s: float) -> list[dict[str, Any]]:

@@ -99,24 +99,29 @@ async def job(request: Request) -> Response:
 
 
 async def job_payload(request: Request) -> Response:
-    found, payload = await data.job_payload(request.app.state.pool, request.path_params["job_id"])
-    if not found:
+    stored = await data.job_payload(request.app.state.pool, request.path_params["job_id"])
+    if stored is None:
         raise HTTPException(404, "no such job")
-    return _payload(request, payload)
+    return _payload(request, stored)
 
 
 async def chunk_payload(request: Request) -> Response:
-    found, payload = await data.chunk_payload(
+    stored = await data.chunk_payload(
         request.app.state.pool, request.path_params["job_id"], request.path_params["seq"]
     )
-    if not found:
+    if stored is None:
         raise HTTPException(404, "no such chunk")
-    return _payload(request, payload)
+    return _payload(request, stored)
 
 
-def _payload(request: Request, payload: Any) -> Response:
-    text, truncated = present.shown_payload(payload)
-    context = {"text": text, "truncated": truncated, "limit": present.PAYLOAD_LIMIT_CHARS}
+def _payload(request: Request, stored: str) -> Response:
+    text, truncated = present.shown_payload(stored)
+    context = {
+        "text": text,
+        "truncated": truncated,
+        "limit": present.PAYLOAD_LIMIT_CHARS,
+        "stored_bytes": len(stored.encode()),
+    }
     return render(request, "_payload.html", context)
 
 

@@ -58,10 +58,20 @@ def redact_payload(value: Any) -> Any:
     return value
 
 
-def shown_payload(value: Any, limit_chars: int = PAYLOAD_LIMIT_CHARS) -> tuple[str, bool]:
-    """The redacted payload as indented JSON, at most ``limit_chars`` characters; and whether
-    it was truncated."""
-    text = json.dumps(redact_payload(value), indent=2, ensure_ascii=False, sort_keys=True)
+def shown_payload(stored: str, limit_chars: int = PAYLOAD_LIMIT_CHARS) -> tuple[str | None, bool]:
+    """A payload as stored (jsonb's JSON text), redacted, as indented JSON of at most
+    ``limit_chars`` characters; and whether it was truncated.
+
+    None for a payload nested too deeply for Python to decode, redact or indent (jsonb takes
+    thousands of levels; Python's json stops near its recursion limit, and the redaction and
+    indentation recurse too, so from a few hundred levels on): nothing of it is shown, since
+    it cannot be redacted.
+    """
+    try:
+        value = json.loads(stored)
+        text = json.dumps(redact_payload(value), indent=2, ensure_ascii=False, sort_keys=True)
+    except RecursionError:
+        return None, False
     if len(text) <= limit_chars:
         return text, False
     return text[:limit_chars], True

@@ -335,9 +335,9 @@ SELECT chunkd.release_attempts($1, $2);
 -- 'failed' as a failure; NULL when fenced out. $7, $8: the claim's lease_expires_at and lease.
 SELECT chunkd.snooze_attempt($1, $2, $3, $4, $5, $6, $7, $8);
 
--- name: renew_leases
--- The ids whose lease was renewed: a held id missing here is no longer ours.
-SELECT id FROM chunkd.renew_leases($1, $2, $3) AS id;
+-- name: renew_attempts
+-- The claims (chunk, attempt) whose lease was renewed: a held claim missing here is not ours.
+SELECT id, attempt FROM chunkd.renew_attempts($1, $2, $3, $4);
 
 -- name: stop_worker
 -- A graceful stop's last statement: hand back every chunk this worker still holds (also one
@@ -357,8 +357,13 @@ FROM chunkd.reap_expired() r;
 -- name: register_worker
 SELECT chunkd.register_worker($1, $2, $3, $4, $5, $6);
 
--- name: worker_heartbeat
-SELECT chunkd.worker_heartbeat($1);
+-- name: worker_alive
+-- This daemon's heartbeat in the registry ($2: seconds between heartbeats); the database clock.
+SELECT chunkd.worker_alive($1, $2);
+
+-- name: prune_workers
+-- Registry rows of daemons not heard from for $1 seconds, holding nothing: removed.
+SELECT chunkd.prune_workers($1);
 
 -- name: next_due_in
 -- Seconds until the earliest pending chunk is due (armed as a timer at start-up and after a

@@ -1,8 +1,8 @@
 -- Leases and the workers registry: renewing what a worker still holds, handing chunks back on
 -- a graceful stop, registering, heartbeating and deregistering a daemon.
 
--- Extends the leases the caller still holds; returns the ids it still holds (a chunk missing
--- from the answer was reaped, cancelled or finished: its handler should stop).
+-- The renewal of chunkd 0.2 (by chunk and worker, not attempt), kept for its daemons and for
+-- callers in other languages; returns the ids renewed.
 CREATE OR REPLACE FUNCTION chunkd.renew_leases(
     worker_id text,
     ids bigint[],
@@ -17,6 +17,29 @@ BEGIN ATOMIC
     WHERE a.chunk_id = ANY (renew_leases.ids) AND a.worker_id = renew_leases.worker_id
       AND a.outcome IS NULL
     RETURNING a.chunk_id;
+END;
+
+-- Extends the leases of the claims the caller still holds, each named by its chunk and attempt
+-- (a lease belongs to one attempt: a chunk reaped and claimed again by the same worker has a
+-- new one); returns those renewed. A claim missing from the answer is no longer the caller's:
+-- its handler should stop.
+-- carry grants: chunkd.renew_leases(text,bigint[],double precision) -> chunkd.renew_attempts(text,bigint[],integer[],double precision)
+CREATE OR REPLACE FUNCTION chunkd.renew_attempts(
+    worker_id text,
+    ids bigint[],
+    attempts int[],
+    lease_s float8
+) RETURNS TABLE (id bigint, attempt int)
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+BEGIN ATOMIC
+    UPDATE chunkd.attempts a
+    SET lease_expires_at = now() + chunkd.seconds(renew_attempts.lease_s)
+    FROM unnest(renew_attempts.ids, renew_attempts.attempts) AS h(id, attempt)
+    WHERE a.chunk_id = h.id AND a.attempt = h.attempt
+      AND a.worker_id = renew_attempts.worker_id AND a.outcome IS NULL
+    RETURNING a.chunk_id, a.attempt;
 END;
 
 CREATE OR REPLACE FUNCTION chunkd.heartbeat_chunks(
@@ -98,6 +121,22 @@ SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
     UPDATE chunkd.workers w SET last_heartbeat_at = now()
     WHERE w.worker_id = worker_heartbeat.worker_id;
+END;
+
+-- A daemon's heartbeat in the workers registry, saying how often it comes (heartbeat_s,
+-- seconds): a daemon silent for three heartbeats is dead, and the reaper returns its chunks
+-- without waiting for each lease. Returns the database clock, so the daemon sees the clock step
+-- (its own or the database's) between two heartbeats.
+-- carry grants: chunkd.worker_heartbeat(text) -> chunkd.worker_alive(text,double precision)
+CREATE OR REPLACE FUNCTION chunkd.worker_alive(worker_id text, heartbeat_s float8)
+RETURNS timestamptz
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    UPDATE chunkd.workers w
+    SET last_heartbeat_at = now(), heartbeat_s = worker_alive.heartbeat_s
+    WHERE w.worker_id = worker_alive.worker_id;
+    SELECT clock_timestamp();
 END;
 
 CREATE OR REPLACE FUNCTION chunkd.deregister_worker(worker_id text) RETURNS void

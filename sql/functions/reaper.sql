@@ -1,9 +1,12 @@
 -- The reaper: chunks whose lease ran out go back to the queue (or fail, out of attempts).
 
--- Ends every open attempt whose lease has expired: its chunk goes back to `ready` (attempts
--- left) or fails with "lease expired"; returns one row per attempt it ended, so the daemon logs
--- every reap (chunk.reaped) with the worker that held the lease. Safe from many daemons at
--- once (SKIP LOCKED), never touches a lease renewed meanwhile.
+-- Ends every open attempt whose lease has expired, or whose worker is dead (it said how often
+-- it heartbeats, and missed three: a daemon killed or cut off does not hold its chunks for a
+-- whole lease); its chunk goes back to `ready` (attempts left) or fails with "lease expired" or
+-- "worker stopped heartbeating"; returns one row per attempt it ended, so the daemon logs every
+-- reap (chunk.reaped) with the worker that held the lease. Safe from many daemons at once
+-- (SKIP LOCKED), never touches a lease renewed meanwhile or a worker heard from meanwhile.
+-- Fencing stays exact: a worker presumed dead that comes back finds its attempt ended.
 CREATE OR REPLACE FUNCTION chunkd.reap_expired()
 RETURNS TABLE (sync_job_id uuid, chunk_id uuid, queue_id uuid, seq int, attempt int, kind text,
                worker_id text, final boolean)
@@ -24,18 +27,30 @@ DECLARE
     f_jobs bigint[];
     f_counts int[];
 BEGIN
-    WITH expired AS (
+    WITH dead AS (
+        SELECT w.worker_id FROM chunkd.workers w
+        WHERE w.heartbeat_s IS NOT NULL
+          AND w.last_heartbeat_at < now() - chunkd.seconds(3 * w.heartbeat_s)
+    ), expired AS (
         SELECT a.chunk_id, a.n
         FROM chunkd.attempts a
-        WHERE a.ended_at IS NULL AND a.lease_expires_at < now()
+        WHERE a.ended_at IS NULL
+          AND (a.lease_expires_at < now() OR a.worker_id IN (SELECT d.worker_id FROM dead d))
         FOR UPDATE SKIP LOCKED
     ), reaped AS (
         UPDATE chunkd.attempts a
-        SET ended_at = now(), outcome = 'reaped', error = 'lease expired',
+        SET ended_at = now(), outcome = 'reaped',
+            error = CASE WHEN a.lease_expires_at < now() THEN 'lease expired'
+                         ELSE 'worker stopped heartbeating' END,
             final = a.attempt >= j.max_attempts
         FROM expired e, chunkd.jobs j
         WHERE a.chunk_id = e.chunk_id AND a.n = e.n AND j.id = a.job_id
-          AND a.outcome IS NULL AND a.lease_expires_at < now()
+          AND a.outcome IS NULL
+          AND (a.lease_expires_at < now()
+               OR a.worker_id IN (SELECT w.worker_id FROM chunkd.workers w
+                                  WHERE w.heartbeat_s IS NOT NULL
+                                    AND w.last_heartbeat_at
+                                        < now() - chunkd.seconds(3 * w.heartbeat_s)))
         RETURNING a.chunk_id, a.n, a.attempt, a.job_id, a.worker_id, a.final
     )
     SELECT array_agg(r.chunk_id), array_agg(r.n), array_agg(r.attempt), array_agg(r.job_id),
@@ -78,3 +93,20 @@ SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT count(*)::int FROM chunkd.reap_expired();
 $$;
+
+-- Rows of the workers registry not heard from for `older_than_s` seconds (a daemon killed never
+-- deregisters), once they hold nothing: the reaper's loop calls it. Returns how many it removed.
+-- carry grants: chunkd.reap_expired() -> chunkd.prune_workers(double precision)
+CREATE OR REPLACE FUNCTION chunkd.prune_workers(older_than_s float8) RETURNS int
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    WITH gone AS (
+        DELETE FROM chunkd.workers w
+        WHERE w.last_heartbeat_at < now() - chunkd.seconds(prune_workers.older_than_s)
+          AND NOT EXISTS (SELECT 1 FROM chunkd.attempts a
+                          WHERE a.ended_at IS NULL AND a.worker_id = w.worker_id)
+        RETURNING 1
+    )
+    SELECT count(*)::int FROM gone;
+END;

@@ -193,10 +193,19 @@ class Queue:
         )
         return status
 
-    async def heartbeat(self, worker_id: str, ids: Sequence[int], lease_s: float) -> set[int]:
-        """Renews the leases of ``ids`` by ``lease_s`` seconds; returns those still held."""
-        rows = await self._pool.fetch(self._q["renew_leases"], worker_id, list(ids), lease_s)
-        return {row[0] for row in rows}
+    async def heartbeat(
+        self, worker_id: str, claims: Sequence[tuple[int, int]], lease_s: float
+    ) -> set[tuple[int, int]]:
+        """Renews the leases of ``claims`` ((id, attempt) pairs) by ``lease_s`` seconds;
+        returns those still held."""
+        rows = await self._pool.fetch(
+            self._q["renew_attempts"],
+            worker_id,
+            [claim[0] for claim in claims],
+            [claim[1] for claim in claims],
+            lease_s,
+        )
+        return {(row[0], row[1]) for row in rows}
 
     async def stop_worker(self, worker_id: str) -> int:
         """Releases every chunk the worker holds and removes its row, in one statement (a
@@ -234,8 +243,17 @@ class Queue:
             self._q["register_worker"], worker_id, host, pid, version, list(kinds), concurrency
         )
 
-    async def worker_heartbeat(self, worker_id: str) -> None:
-        await self._pool.execute(self._q["worker_heartbeat"], worker_id)
+    async def worker_alive(self, worker_id: str, heartbeat_s: float) -> datetime:
+        """This daemon's heartbeat in the workers registry (``heartbeat_s``: seconds between
+        two); returns the database clock."""
+        clock: datetime = await self._pool.fetchval(self._q["worker_alive"], worker_id, heartbeat_s)
+        return clock
+
+    async def prune_workers(self, older_than_s: float) -> int:
+        """Removes registry rows of daemons not heard from for ``older_than_s`` seconds that
+        hold nothing; returns how many."""
+        pruned: int = await self._pool.fetchval(self._q["prune_workers"], older_than_s)
+        return pruned
 
     async def schema_state(self, timeout_s: float) -> SchemaState:
         """The schema versions applied and known (``/readyz``); a connection waited for at most

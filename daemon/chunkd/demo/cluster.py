@@ -121,6 +121,8 @@ class PostgresCluster:
     fsync: bool = False
     bin_dir: Path = field(default_factory=find_bin_dir)
     extra_settings: dict[str, str] = field(default_factory=dict)
+    # Environment variables added to the server's (tests: libfaketime on the database host).
+    extra_env: dict[str, str] = field(default_factory=dict)
     base_dir: Path | None = None
     _process: subprocess.Popen[bytes] | None = None
     _user: pwd.struct_passwd | None = None
@@ -207,6 +209,7 @@ class PostgresCluster:
                 stderr=log,
                 cwd=self.base_dir,
                 start_new_session=True,
+                env={**os.environ, **self.extra_env} if self.extra_env else None,
                 **self._popen_kwargs(),
             )
         finally:

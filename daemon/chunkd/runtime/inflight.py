@@ -8,11 +8,19 @@ an outcome is forgotten too, so its lease runs out and the reaper returns the ch
 A slot frees as soon as the handler returns (the next chunk need not wait for a completion
 batch), but the lease is renewed until the outcome is committed.
 
+A claim is one attempt of a chunk: the lease belongs to the attempt, not the chunk. Claims are
+keyed by (chunk id, attempt), renewals name both, and a claim of a chunk this process already
+holds under an older attempt (the database reaped it: a clock step, a stall) cancels the older
+attempt's handler at once; so does a reap of one of our own claims.
+
 Each claim also has a local lease end on this process's monotonic clock: when the claim (or its
 last successful renewal) was *sent*, plus the lease. The database's lease cannot end before
 it, so a handler still running then is cancelled: the chunk may already run elsewhere. The same
 happens at once when a renewal says the chunk is no longer ours, and on resuming from a stall
 (a ``SIGSTOP``, a blocked event loop) past the lease's end, since the timer is overdue then.
+The same holds for the workers registry: the reaper returns the chunks of a daemon silent for
+three heartbeats, so every claim is lost when this process's last heartbeat that got through
+was sent that long ago (:meth:`InFlight.alive`).
 
 A running handler also has a deadline of ``--chunk-timeout`` from its start: past it, its task
 is cancelled and marked timed out, and the worker turns that into a "timed out" failure. Both
@@ -113,7 +121,9 @@ class InFlight:
         self._chunk_timeout_s = chunk_timeout_s
         # The slots: (id, attempt) of the claims whose handler runs.
         self._running: set[tuple[int, int]] = set()
-        self._claims: dict[int, Claim] = {}
+        self._claims: dict[tuple[int, int], Claim] = {}  # by (chunk id, attempt)
+        self._attempt_of: dict[int, int] = {}  # chunk id -> the attempt held
+        self._registry_timer: asyncio.TimerHandle | None = None
         self._lease_ends = _Deadlines(self._lease_current, self._lease_due, self._count)
         self._timeouts = _Deadlines(self._timeout_current, self._timeout_due, self._count)
 
@@ -128,8 +138,16 @@ class InFlight:
     # --- the life of a claim -------------------------------------------------------------
 
     def claimed(self, row: ClaimedRow, lease_ends_at: float) -> None:
+        older = self._attempt_of.get(row.id)
+        if older is not None and older != row.attempt:
+            # The database gave the chunk out again: the older attempt's lease is gone.
+            stale = self._claims.get((row.id, older))
+            if stale is not None and stale.lost is None:
+                self._lose(stale, f"this daemon claimed the chunk again (attempt {row.attempt})")
+            self._forget(row.id, older)
         claim = Claim(row, lease_ends_at)
-        self._claims[row.id] = claim
+        self._claims[(row.id, row.attempt)] = claim
+        self._attempt_of[row.id] = row.attempt
         overdue_s = asyncio.get_running_loop().time() - lease_ends_at
         if overdue_s >= 0:  # the answer came back after the lease (a stall, a slow network)
             self._lose(claim, "the claim's answer came after its lease had run out", overdue_s)
@@ -138,7 +156,7 @@ class InFlight:
 
     def holds(self, row: ClaimedRow) -> bool:
         """Still ours as far as this process can tell (not lost, not settled)."""
-        claim = self._claims.get(row.id)
+        claim = self._claims.get((row.id, row.attempt))
         return claim is not None and claim.row is row and claim.lost is None
 
     def started(self, row: ClaimedRow, task: asyncio.Task[None] | None = None) -> None:
@@ -181,7 +199,43 @@ class InFlight:
     def settled(self, row: ClaimedRow) -> None:
         """Written, fenced out, released or abandoned: stop renewing the lease."""
         if self._claim(row) is not None:
-            del self._claims[row.id]
+            self._forget(row.id, row.attempt)
+
+    def _forget(self, chunk_id: int, attempt: int) -> None:
+        self._claims.pop((chunk_id, attempt), None)
+        if self._attempt_of.get(chunk_id) == attempt:
+            del self._attempt_of[chunk_id]
+
+    def reaped(self, queue_id: object, attempt: int) -> None:
+        """The reaper (ours or another's) ended this claim: if we still hold it, it is lost."""
+        for claim in list(self._claims.values()):
+            if claim.row.queue_id == queue_id and claim.row.attempt == attempt:
+                if claim.lost is None:
+                    self._lose(claim, "the reaper returned the chunk (its lease had run out)")
+                return
+
+    # --- the workers registry ----------------------------------------------------------------
+
+    def alive(self, sent_at: float, dead_after_s: float) -> None:
+        """A heartbeat sent at loop time ``sent_at`` reached the registry: the reaper may take
+        this process for dead ``dead_after_s`` after it (three heartbeats), so every claim is
+        lost then unless another heartbeat gets through."""
+        if self._registry_timer is not None:
+            self._registry_timer.cancel()
+        self._registry_timer = asyncio.get_running_loop().call_at(
+            sent_at + dead_after_s, self._presumed_dead
+        )
+
+    def _presumed_dead(self) -> None:
+        self._registry_timer = None
+        for claim in list(self._claims.values()):
+            if claim.lost is None and claim.state != "reporting":
+                self._lose(claim, "no heartbeat reached the workers registry for 3 heartbeats")
+
+    def close(self) -> None:
+        if self._registry_timer is not None:
+            self._registry_timer.cancel()
+            self._registry_timer = None
 
     # --- leases --------------------------------------------------------------------------
 
@@ -189,13 +243,17 @@ class InFlight:
         """Claims to renew: ready, running or with an outcome still to write, and not lost."""
         return [claim for claim in self._claims.values() if claim.lost is None]
 
-    def renewed(self, sent: list[Claim], renewed: set[int], lease_ends_at: float) -> None:
-        """A renewal sent for ``sent`` came back with the ids in ``renewed``: move their lease
-        ends; a running or waiting claim missing from the answer is no longer ours."""
+    def renewed(
+        self, sent: list[Claim], renewed: set[tuple[int, int]], lease_ends_at: float
+    ) -> None:
+        """A renewal sent for ``sent`` came back with the (id, attempt) pairs in ``renewed``:
+        move their lease ends; a running or waiting claim missing from the answer is no
+        longer ours."""
         for claim in sent:
-            if self._claims.get(claim.row.id) is not claim or claim.lost is not None:
-                continue  # settled meanwhile (or claimed again: the answer predates that)
-            if claim.row.id in renewed:
+            key = (claim.row.id, claim.row.attempt)
+            if self._claims.get(key) is not claim or claim.lost is not None:
+                continue  # settled meanwhile
+            if key in renewed:
                 claim.lease_ends_at = max(claim.lease_ends_at, lease_ends_at)
                 self._lease_ends.push(claim.lease_ends_at, claim)
             elif claim.state != "reporting":
@@ -207,14 +265,15 @@ class InFlight:
         return [claim.row for claim in self._claims.values()]
 
     def _claim(self, row: ClaimedRow) -> Claim | None:
-        claim = self._claims.get(row.id)
+        claim = self._claims.get((row.id, row.attempt))
         return claim if claim is not None and claim.row is row else None
 
     def _count(self) -> int:
         return len(self._claims)
 
     def _lease_current(self, claim: Claim, at: float) -> bool:
-        return self._claims.get(claim.row.id) is claim and claim.lease_ends_at <= at
+        key = (claim.row.id, claim.row.attempt)
+        return self._claims.get(key) is claim and claim.lease_ends_at <= at
 
     def _lease_due(self, claim: Claim, overdue_s: float) -> None:
         if claim.lost is None and claim.state != "reporting":
@@ -222,7 +281,7 @@ class InFlight:
 
     def _timeout_current(self, claim: Claim, at: float) -> bool:
         return (
-            self._claims.get(claim.row.id) is claim
+            self._claims.get((claim.row.id, claim.row.attempt)) is claim
             and claim.task is not None
             and claim.timeout_at == at
         )

@@ -1,9 +1,11 @@
 """Returning chunks whose worker died: ``chunkd.reap_expired()`` (what the seed's
-``cleanup_stuck_chunks()`` counts) on a timer.
+``cleanup_stuck_chunks()`` counts) on a timer, and pruning the workers registry.
 
 Every daemon runs one; the SQL function uses SKIP LOCKED, so many reapers split the work
 instead of fighting over it. Each chunk returned is one ``chunk.reaped`` line (``final``: that
-was its last attempt, so it failed for good).
+was its last attempt, so it failed for good). A chunk of this very daemon that it reaps (its
+lease ran out on the database clock: a clock step, a stall) has its handler cancelled at once.
+Registry rows of daemons not heard from for ``PRUNE_AFTER_S`` and holding nothing are removed.
 """
 
 from __future__ import annotations
@@ -15,8 +17,12 @@ import structlog
 from chunkd.db import DATABASE_ERRORS, Queue
 from chunkd.observability.metrics import Metrics
 from chunkd.runtime.health import DatabaseHealth
+from chunkd.runtime.inflight import InFlight
 
-__all__ = ["Reaper"]
+__all__ = ["PRUNE_AFTER_S", "Reaper"]
+
+#: Registry rows of daemons silent this long (seconds) that hold nothing are removed.
+PRUNE_AFTER_S = 900.0
 
 log = structlog.get_logger("chunkd.runtime.reaper")
 
@@ -30,8 +36,10 @@ class Reaper:
         *,
         interval_s: float,
         worker_id: str,
+        inflight: InFlight | None = None,
     ) -> None:
         self._queue = queue
+        self._inflight = inflight
         self._worker_id = worker_id
         self._metrics = metrics
         self._health = health
@@ -56,6 +64,11 @@ class Reaper:
                 final=row["final"],
                 reaped_by=self._worker_id,
             )
+            if self._inflight is not None and row["worker_id"] == self._worker_id:
+                self._inflight.reaped(row["queue_id"], row["attempt"])
+        pruned = await self._queue.prune_workers(PRUNE_AFTER_S)
+        if pruned:
+            log.info("workers.pruned", workers=pruned, silent_for_s=PRUNE_AFTER_S)
         return len(reaped)
 
     async def run(self) -> None:

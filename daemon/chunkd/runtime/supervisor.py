@@ -248,7 +248,12 @@ async def _serve(
     )
     heartbeat = Heartbeat(queue, inflight, health, worker_id=worker_id, lease_s=settings.lease_s)
     reaper = Reaper(
-        queue, metrics, health, interval_s=settings.reap_interval_s, worker_id=worker_id
+        queue,
+        metrics,
+        health,
+        interval_s=settings.reap_interval_s,
+        worker_id=worker_id,
+        inflight=inflight,
     )
     ready = asyncio.Event()
 
@@ -323,6 +328,7 @@ async def _serve(
                 metrics=metrics,
             )
         )
+        inflight.close()
         for task in service_tasks.values():
             task.cancel()
         # Bounded: a task cancelled in the middle of a statement to a server that no longer

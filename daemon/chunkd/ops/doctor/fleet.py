@@ -16,8 +16,10 @@ def _dead_advice(worker_id: str) -> str:
     # Text for the operator to read (and copy), never executed here.
     remove = f"DELETE FROM chunkd.workers WHERE worker_id = {quote_literal(worker_id)};"  # noqa: S608
     return (
-        "killed or frozen: its chunks return to the queue once their leases run out; restart "
-        f"it if frozen; if it is gone for good, delete its row as the schema's owner: {remove}"
+        "killed or frozen: the reaper returns its chunks after three missed heartbeats (or its "
+        "leases, for a daemon of 0.2), and removes its row after 15 minutes of silence once it "
+        f"holds nothing (a running daemon's reaper does); restart it if frozen; to remove the "
+        f"row at once, as the schema's owner: {remove}"
     )
 
 

@@ -18,11 +18,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from chunkd.db.codecs import UndecodableValueError
     from chunkd.db.connection import (
         DATABASE_ERRORS,
         TRANSIENT_ERRORS,
         DatabaseError,
-        UndecodableValueError,
         connect,
         connection_failure,
         create_pool,
@@ -60,7 +60,7 @@ _MODULE_OF = {
     "DATABASE_ERRORS": "connection",
     "TRANSIENT_ERRORS": "connection",
     "DatabaseError": "connection",
-    "UndecodableValueError": "connection",
+    "UndecodableValueError": "codecs",
     "connect": "connection",
     "connection_failure": "connection",
     "create_pool": "connection",

@@ -13,7 +13,6 @@ daemon task waits out instead of crashing).
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -21,7 +20,7 @@ from typing import Any, Final, Literal
 import asyncpg
 import structlog
 
-from chunkd.chunk import too_deep
+from chunkd.db.codecs import set_jsonb_codec
 from chunkd.db.sql_files import queries
 from chunkd.dsn import to_uri
 from chunkd.errors import ConnectError, DatabaseUnavailableError, ServerNotReadyError
@@ -34,7 +33,6 @@ __all__ = [
     "TRANSIENT_ERRORS",
     "Connection",
     "DatabaseError",
-    "UndecodableValueError",
     "backend_pid",
     "connect",
     "connection_failure",
@@ -50,25 +48,6 @@ log = structlog.get_logger("chunkd.db")
 # Errors reported by the server (constraint, syntax, raised by our functions): re-exported so
 # no module outside chunkd.db imports asyncpg.
 DatabaseError = asyncpg.PostgresError
-
-
-class UndecodableValueError(asyncpg.exceptions.DataError):
-    """A value the database returned that Python cannot decode: a jsonb value nested deeper
-    than Python's recursion limit (jsonb takes thousands of levels, Python's json about
-    1,000). A data exception (SQLSTATE 22000), as if the server had raised it, so every caller
-    that reports database errors (a daemon task, the CLI, the dashboard) says it in one line
-    instead of meeting a RecursionError; the connection stays usable. Statements that may
-    return such a value read it as text and decode it where the failure has a meaning (the
-    claim: :class:`chunkd.Chunk`; the dashboard's payload views)."""
-
-
-def _decode_jsonb(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise UndecodableValueError(
-            f"chunkd: the database returned {too_deep('a jsonb value')}"
-        ) from None
 
 
 # Every chunkd connection resolves names in pg_catalog first and never in a schema another role
@@ -204,9 +183,7 @@ async def _init_connection(conn: asyncpg.Connection, route: _Route) -> None:
         await conn.execute(queries()["pin_search_path_session"])
     # jsonb in: already-serialised text (the worker serialises results itself so a bad value
     # fails that chunk alone); jsonb out: decoded Python values (claims read payloads as text).
-    await conn.set_type_codec(
-        "jsonb", schema="pg_catalog", encoder=lambda text: text, decoder=_decode_jsonb
-    )
+    await set_jsonb_codec(conn)
 
 
 def _refused_startup_parameter(exc: BaseException) -> bool:

@@ -85,7 +85,7 @@ class Claimer:
         worker_id: str,
         kinds: Sequence[str],
         lease_s: float,
-        start_chunk: Callable[[ClaimedRow], asyncio.Task[None]],
+        wake_workers: Callable[[int], None],
     ) -> None:
         self._queue = queue
         self._inflight = inflight
@@ -95,7 +95,7 @@ class Claimer:
         self._worker_id = worker_id
         self._kinds = list(kinds)
         self._lease_s = lease_s
-        self._start_chunk = start_chunk
+        self._wake_workers = wake_workers
         self._wake = asyncio.Event()
         self._maybe_more = True
         self._backlog = False  # the last claim came back full
@@ -206,17 +206,24 @@ class Claimer:
         if average is None:
             average = self._handler_s[kind] = _MovingAverage(handler_s)
         average.add(handler_s)
-        self._dispatch()
+        # (The worker whose slot freed takes the next ready chunk itself: nothing to wake.)
         if self._backlog:
             self._maybe_more = True
             self._wake.set()
 
-    def _dispatch(self) -> None:
-        """Starts ready chunks while slots are free (skipping any whose lease is gone)."""
-        while self._ready and not self._stopped and self._inflight.free_slots > 0:
+    def take(self) -> ClaimedRow | None:
+        """The next ready chunk for a worker to start (skipping any whose lease is gone), or
+        None: the pool's workers call it as soon as they are free."""
+        while self._ready and not self._stopped:
             row, _claimed_at = self._ready.popleft()
             if self._inflight.holds(row):
-                self._inflight.started(row, self._start_chunk(row))
+                return row
+        return None
+
+    def _dispatch(self) -> None:
+        """Wakes idle workers for the ready chunks."""
+        if self._ready and not self._stopped:
+            self._wake_workers(len(self._ready))
         self._arm_release()
 
     def _arm_release(self) -> None:

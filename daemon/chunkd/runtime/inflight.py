@@ -2,7 +2,7 @@
 
 Each claim goes ``ready`` (claimed, waiting for a slot) → ``running`` (its handler runs) →
 ``reporting`` (its outcome is queued for writing) and is forgotten once the outcome is written,
-fenced out or released. Only held claims are renewed: a chunk task that ends without queuing
+fenced out or released. Only held claims are renewed: a chunk that ends without queuing
 an outcome is forgotten too, so its lease runs out and the reaper returns the chunk.
 
 A slot frees as soon as the handler returns (the next chunk need not wait for a completion
@@ -183,7 +183,7 @@ class InFlight:
             claim.task = None
 
     def task_ended(self, row: ClaimedRow) -> None:
-        """Its chunk task is done, however it ended (even cancelled before it ever ran): free
+        """Its chunk is over in its worker, however it ended (even cancelled): free
         the slot, and unless an outcome was queued, stop renewing the lease."""
         self.handler_done(row)
         claim = self._claim(row)

@@ -28,6 +28,7 @@ from chunkd.runtime.claimer import Claimer
 from chunkd.runtime.health import first_line
 from chunkd.runtime.inflight import InFlight
 from chunkd.runtime.outcomes import Outcomes
+from chunkd.runtime.pool import WorkerPool
 
 __all__ = ["CLAIM_WAIT_S", "FINAL_WRITES_S", "Stopping", "stop_gracefully"]
 
@@ -54,7 +55,7 @@ class Stopping:
     claimer_task: asyncio.Task[None]
     inflight: InFlight
     outcomes: Outcomes
-    chunk_tasks: set[asyncio.Task[None]]
+    pool: WorkerPool
     notifier: Notifier
     metrics: Metrics
 
@@ -106,10 +107,7 @@ async def _claim_answered(s: Stopping) -> None:
 
 
 async def _handlers_finished(s: Stopping) -> None:
-    if not s.chunk_tasks:
-        return
-    _done, unfinished = await asyncio.wait(set(s.chunk_tasks), timeout=s.shutdown_timeout_s)
-    for task in unfinished:
-        task.cancel()
-    if unfinished:
-        await asyncio.wait(unfinished, timeout=CANCEL_WAIT_S)
+    """Running handlers get ``--shutdown-timeout`` to finish; those still running then are
+    cancelled (their chunks are released below), and the workers end."""
+    await s.pool.wait_idle(s.shutdown_timeout_s)
+    await s.pool.stop(CANCEL_WAIT_S)

@@ -2,8 +2,8 @@
 
 Tasks: the LISTEN connection, the claim loop, the outcome writers, heartbeats, the reaper,
 the safety poll, the stall detector, the readiness checks (``/readyz``), and the systemd
-notifier; each task's state and the stall detector's ticks feed ``/healthz``. Each chunk runs
-in a task of its own, bounded by ``--concurrency`` slots. Stopping
+notifier; each task's state and the stall detector's ticks feed ``/healthz``. Chunks run in a
+pool of ``--concurrency`` long-lived worker tasks (:mod:`chunkd.runtime.pool`). Stopping
 (:mod:`chunkd.runtime.stop`): no new claims, in-flight chunks get ``--shutdown-timeout`` to
 finish, outcomes already produced are written, the rest is released without spending an
 attempt, and the worker row is removed.
@@ -25,7 +25,6 @@ import structlog
 from chunkd.db import (
     DATABASE_ERRORS,
     TRANSIENT_ERRORS,
-    ClaimedRow,
     Listener,
     Queue,
     connect,
@@ -42,6 +41,7 @@ from chunkd.runtime.health import DatabaseHealth
 from chunkd.runtime.heartbeat import Heartbeat
 from chunkd.runtime.inflight import InFlight
 from chunkd.runtime.outcomes import Outcomes
+from chunkd.runtime.pool import WorkerPool
 from chunkd.runtime.progress import Progress
 from chunkd.runtime.readiness import STALE_AFTER_S, ReadinessChecks
 from chunkd.runtime.reaper import Reaper
@@ -201,7 +201,7 @@ async def _serve(
         settings.concurrency, worker_id=worker_id, chunk_timeout_s=settings.chunk_timeout_s
     )
     health = DatabaseHealth(queue, worker_id=worker_id)
-    # Read at scrape time: exact even when chunk tasks are cancelled at shutdown.
+    # Read at scrape time: exact even when handlers are cancelled at shutdown.
     metrics.in_flight.set_function(lambda: inflight.running)
     progress = Progress(inflight, worker_id=worker_id, interval_s=settings.progress_interval_s)
     outcomes = Outcomes(
@@ -216,18 +216,7 @@ async def _serve(
         max_snoozes=settings.max_snoozes,
         lease_s=settings.lease_s,
     )
-    chunk_tasks: set[asyncio.Task[None]] = set()
     claimer: Claimer
-
-    def start_chunk(row: ClaimedRow) -> asyncio.Task[None]:
-        task = asyncio.create_task(worker.run(row), name=f"chunk-{row.queue_id}")
-        chunk_tasks.add(task)
-        task.add_done_callback(chunk_tasks.discard)
-        # However the task ends (even cancelled before it ever ran, so no finally of its own
-        # did): the slot frees, and a chunk without an outcome is no longer renewed.
-        task.add_done_callback(lambda _task: inflight.task_ended(row))
-        return task
-
     worker = Worker(
         registry.handlers,
         outcomes,
@@ -244,8 +233,9 @@ async def _serve(
         worker_id=worker_id,
         kinds=kinds,
         lease_s=settings.lease_s,
-        start_chunk=start_chunk,
+        wake_workers=lambda chunks: pool.wake(chunks),
     )
+    pool = WorkerPool(worker, inflight, claimer.take)
     heartbeat = Heartbeat(queue, inflight, health, worker_id=worker_id, lease_s=settings.lease_s)
     reaper = Reaper(
         queue,
@@ -306,6 +296,7 @@ async def _serve(
 
         sampler = QueueDepthSampler(queue, metrics, interval_s=settings.metrics_interval_s)
         services["queue_depth"] = sampler.run
+    pool.start()
     service_tasks = {
         name: asyncio.create_task(_supervise(name, run, probes), name=name)
         for name, run in services.items()
@@ -323,7 +314,7 @@ async def _serve(
                 claimer_task=service_tasks["claimer"],
                 inflight=inflight,
                 outcomes=outcomes,
-                chunk_tasks=chunk_tasks,
+                pool=pool,
                 notifier=notifier,
                 metrics=metrics,
             )

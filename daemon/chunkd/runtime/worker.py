@@ -3,7 +3,7 @@
 
 Whatever the handler does (returns junk, raises, hangs, calls sys.exit, raises a
 ``CancelledError`` of its own, raises an exception whose ``str()`` fails) becomes an outcome of
-that chunk alone; nothing a handler does can take the daemon down. A chunk task that ends
+that chunk alone; nothing a handler does can take the daemon down. A chunk that ends
 without an outcome (the daemon cancelled it: its lease is gone, or a stop) stops renewing the
 lease, so the chunk is released at the stop or returned by the reaper.
 """
@@ -49,7 +49,8 @@ class Worker:
         self._handler_seconds: dict[str, Any] = {}
 
     async def run(self, row: ClaimedRow) -> None:
-        """Runs the handler and queues its outcome; runs in a task of its own per chunk."""
+        """Runs the handler and queues its outcome; runs in a worker of the pool
+        (:mod:`chunkd.runtime.pool`), whose task the daemon cancels for this chunk alone."""
         started = time.perf_counter()
         recorded = False
         try:

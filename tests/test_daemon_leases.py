@@ -155,3 +155,41 @@ async def test_a_handler_of_a_cancelled_job_is_cancelled_at_the_next_heartbeat(d
     assert await status_counts(db, job) == {"cancelled": 1}
     assert daemon.process.poll() is None, "the daemon carries on"
     assert await daemon.stop() == 0
+
+
+async def test_a_worker_whose_handler_was_cancelled_runs_the_next_chunk_to_its_end(
+    db, start
+) -> None:
+    """Workers are long-lived tasks: the cancellation of one chunk's handler (its job was
+    cancelled) must end that handler alone. With one slot, the same worker then runs another
+    job's chunk, and a chunk timed out after it, each to its own outcome; the slot a cancelled
+    handler frees is filled at once, not at the next poll."""
+    doomed = await create_job(db, [{"steps": 100, "step_s": 0.1}])
+    daemon = start(
+        "--handler", STEPS, "--lease", "1500ms", "--concurrency", "1", "--chunk-timeout", "2s",
+        "--retry-base", "100ms", "--retry-cap", "100ms", "--poll-interval", "60s",
+    )  # fmt: skip
+    await wait_until(
+        lambda: db.fetchrow("SELECT * FROM public.fault_executions"),
+        timeout_s=20,
+        what="the doomed handler",
+    )
+    later = await create_job(db, [{"steps": 5, "step_s": 0.1}] * 2, kind="test")
+    assert await db.fetchval("SELECT chunkd.cancel_sync_job($1)", doomed) == 1
+    await wait_until(lambda: _completed(db, later, 2), timeout_s=20, what="the next job")
+    slow = await create_job(db, [{"steps": 40, "step_s": 0.1}], max_attempts=1)
+    await wait_until(
+        lambda: db.fetchval(
+            "SELECT overall_status = 'partial_failure' FROM chunkd.chunk_processing_status"
+            " WHERE parent_sync_job_id = $1",
+            slow,
+        ),
+        timeout_s=20,
+        what="the slow chunk to time out",
+    )
+    last = await create_job(db, [{"steps": 2, "step_s": 0.1}])
+    await wait_until(lambda: _completed(db, last, 1), timeout_s=20, what="a chunk after it")
+    runs = await db.fetch("SELECT cancelled, pid FROM public.fault_executions ORDER BY started_at")
+    assert [r["cancelled"] for r in runs] == [True, False, False, True, False], runs
+    assert len({r["pid"] for r in runs}) == 1
+    assert await daemon.stop() == 0

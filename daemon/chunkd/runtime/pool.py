@@ -32,12 +32,19 @@ log = structlog.get_logger("chunkd.runtime.pool")
 
 class WorkerPool:
     def __init__(
-        self, worker: Worker, inflight: InFlight, take: Callable[[], ClaimedRow | None]
+        self,
+        worker: Worker,
+        inflight: InFlight,
+        take: Callable[[], ClaimedRow | None],
+        slot_freed: Callable[[], None],
     ) -> None:
-        """``take``: the next ready chunk to start (the claimer's), or None."""
+        """``take``: the next ready chunk to start (the claimer's), or None; ``slot_freed``:
+        told when a handler was cancelled (its slot is free for another claim; a handler that
+        returns tells the claimer itself, with its duration)."""
         self._worker = worker
         self._inflight = inflight
         self._take = take
+        self._slot_freed = slot_freed
         self._tasks: list[asyncio.Task[None]] = []
         self._idle: deque[asyncio.Future[None]] = deque()
         self._stopping = False
@@ -94,9 +101,10 @@ class WorkerPool:
                 if self._stopping:
                     raise
                 # The daemon's cancellation of this chunk alone (its lease is lost): the
-                # worker goes on with the next one.
+                # worker goes on with the next one, and the claimer may fill the slot.
                 while task.uncancel() > 0:
                     pass
+                self._slot_freed()
             finally:
                 # However the chunk ended: the slot frees, and a chunk without an outcome is no
                 # longer renewed.

@@ -235,7 +235,7 @@ async def _serve(
         lease_s=settings.lease_s,
         wake_workers=lambda chunks: pool.wake(chunks),
     )
-    pool = WorkerPool(worker, inflight, claimer.take)
+    pool = WorkerPool(worker, inflight, claimer.take, claimer.work_signalled)
     heartbeat = Heartbeat(queue, inflight, health, worker_id=worker_id, lease_s=settings.lease_s)
     reaper = Reaper(
         queue,

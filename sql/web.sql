@@ -1,8 +1,8 @@
 -- Statements of `chunkd web` only, one named block each ("-- name: NAME"), read by chunkd.web.
 -- They read through the public SQL contract (the views chunk_processing_queue, chunk_events,
 -- job_events, sync_jobs, chunked_sync_jobs, workers and the functions get_sync_job_progress,
--- queue_depth, and the read-only functions of 0004_web.sql and 0007_web_flow.sql:
--- sync_jobs_page, sync_job_status_counts, queue_depth_by_kind, in_flight_by_worker, job_flow),
+-- queue_depth, and the read-only functions of sql/functions/progress.sql: sync_jobs_page,
+-- sync_job_status_counts, sync_job_kinds, queue_depth_by_kind, in_flight_by_worker, job_flow),
 -- so a role with SELECT on those views and EXECUTE on those functions runs every page; the
 -- actions call retry_failed_chunks, cancel_sync_job, pause_sync_job and resume_sync_job.
 -- Values are always bound parameters.
@@ -29,8 +29,8 @@ FROM chunkd.sync_jobs_page($1, $2, $3, $4) s;
 SELECT c.overall_status, c.jobs FROM chunkd.sync_job_status_counts($1) c;
 
 -- name: web_kinds
--- Every job kind, for the filter.
-SELECT DISTINCT j.kind FROM chunkd.sync_jobs j ORDER BY j.kind;
+-- Every job kind, for the filter (the history's from its counts: never a scan of it).
+SELECT k.kind FROM chunkd.sync_job_kinds() k ORDER BY k.kind;
 
 -- name: web_job_progress
 SELECT chunkd.get_sync_job_progress($1);

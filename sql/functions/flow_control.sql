@@ -235,6 +235,10 @@ BEGIN
         END;
     END LOOP;
     IF job IS NULL THEN
+        -- A finished job whose rows moved to the history holds nothing back.
+        IF EXISTS (SELECT 1 FROM chunkd.history_jobs h WHERE h.public_id = sync_job_id) THEN
+            RETURN 0;
+        END IF;
         RAISE EXCEPTION 'chunkd: no sync job %', sync_job_id USING ERRCODE = 'P0002';
     END IF;
     IF job_cancelled IS NOT NULL THEN
@@ -256,6 +260,9 @@ DECLARE
 BEGIN
     SELECT j.id INTO job FROM chunkd.jobs j WHERE j.public_id = sync_job_id;
     IF NOT FOUND THEN
+        IF EXISTS (SELECT 1 FROM chunkd.history_jobs h WHERE h.public_id = sync_job_id) THEN
+            RETURN 0;  -- finished, in the history: nothing pending
+        END IF;
         RAISE EXCEPTION 'chunkd: no sync job %', sync_job_id USING ERRCODE = 'P0002';
     END IF;
     UPDATE chunkd.jobs j SET paused_at = NULL WHERE j.id = job AND j.paused_at IS NOT NULL;

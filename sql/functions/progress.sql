@@ -1,12 +1,20 @@
 -- Progress and monitoring, read-only: a job's progress, the queue's depth, and the pages of the
 -- dashboard (`chunkd web`). After the views: some read them.
 
--- The seed's progress report of one job, as JSON (docs/sql-api.md lists its keys).
+-- Every function here is read on a schedule (the metrics, the dashboard, `chunkd status`), so
+-- none may compile its plan to machine code (SET jit = off): PostgreSQL does that for a plan
+-- whose estimated cost passes jit_above_cost, which a table never analyzed (a fresh database,
+-- a burst of writes before autovacuum's first ANALYZE) makes easy, and the compilation alone
+-- took 30 ms where the query took 1 (queue_depth() with 40,000 finished jobs).
+
+-- The seed's progress report of one job, as JSON (docs/sql-api.md lists its keys), live or in
+-- the history.
 -- total_is_final: false while the job is open, or while it grows by continuations and is not
 -- finished (any running chunk may append more); eta_seconds then covers the chunks known so far.
 CREATE OR REPLACE FUNCTION chunkd.get_sync_job_progress(sync_job_id uuid) RETURNS jsonb
 LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET jit = off
 BEGIN ATOMIC
     SELECT jsonb_build_object(
         'sync_job_id', s.parent_sync_job_id,
@@ -35,7 +43,7 @@ BEGIN ATOMIC
         'appended_chunks', j.appended_chunks,
         'on_finish_kind', j.on_finish_kind)
     FROM chunkd.chunk_processing_status s
-    JOIN chunkd.jobs j ON j.public_id = s.parent_sync_job_id
+    JOIN chunkd.all_jobs j ON j.public_id = s.parent_sync_job_id
     CROSS JOIN LATERAL (
         SELECT CASE WHEN s.started_at IS NULL THEN NULL
                     ELSE round((s.completed_chunks + s.failed_chunks)::numeric
@@ -54,6 +62,7 @@ CREATE OR REPLACE FUNCTION chunkd.queue_depth()
 RETURNS TABLE (status text, chunks bigint)
 LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET jit = off
 BEGIN ATOMIC
     WITH paused_jobs AS (
         SELECT j.id FROM chunkd.jobs j
@@ -92,6 +101,7 @@ CREATE OR REPLACE FUNCTION chunkd.queue_depth_by_kind()
 RETURNS TABLE (kind text, status text, chunks bigint)
 LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET jit = off
 BEGIN ATOMIC
     WITH paused_jobs AS (
         SELECT j.id FROM chunkd.jobs j
@@ -123,37 +133,92 @@ BEGIN ATOMIC
     GROUP BY j.kind;
 END;
 
+-- How many jobs (of one kind, or all) are in each overall_status: the live jobs counted, the
+-- history's from chunkd.history_counts (kept by every statement that adds or removes history),
+-- so the count never scans the history, however long it is kept.
 CREATE OR REPLACE FUNCTION chunkd.sync_job_status_counts(kind text DEFAULT NULL)
 RETURNS TABLE (overall_status text, jobs bigint)
 LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET jit = off
 BEGIN ATOMIC
-    SELECT chunkd.overall_status(j), count(*)
-    FROM chunkd.jobs j
-    WHERE sync_job_status_counts.kind IS NULL OR j.kind = sync_job_status_counts.kind
-    GROUP BY 1;
+    SELECT x.overall_status, sum(x.jobs)::bigint
+    FROM (
+        SELECT chunkd.overall_status(j) AS overall_status, count(*) AS jobs
+        FROM chunkd.jobs j
+        WHERE sync_job_status_counts.kind IS NULL OR j.kind = sync_job_status_counts.kind
+        GROUP BY 1
+        UNION ALL
+        SELECT c.status, sum(c.jobs)
+        FROM chunkd.history_counts c
+        WHERE sync_job_status_counts.kind IS NULL OR c.kind = sync_job_status_counts.kind
+        GROUP BY 1
+    ) x
+    GROUP BY 1
+    HAVING sum(x.jobs) > 0;
 END;
 
-CREATE OR REPLACE FUNCTION chunkd.sync_jobs_page(kind text DEFAULT NULL, status text DEFAULT NULL,
-                                      page_size int DEFAULT 50, skip int DEFAULT 0)
+-- Every job kind, live or in the history (the dashboard's filter), without scanning the history.
+-- carry grants: chunkd.sync_jobs_page(text,text,integer,integer) -> chunkd.sync_job_kinds()
+CREATE OR REPLACE FUNCTION chunkd.sync_job_kinds() RETURNS TABLE (kind text)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET jit = off
+BEGIN ATOMIC
+    SELECT j.kind FROM chunkd.jobs j
+    UNION
+    SELECT c.kind FROM chunkd.history_counts c WHERE c.jobs > 0
+    ORDER BY 1;
+END;
+
+-- One page of jobs, newest first: the live jobs and the history merged. Each part is read
+-- newest first through its created_at index (of the kind, of the status, in the history) and
+-- only as far as the page reaches, so a page costs its size and its offset, not the history's.
+-- The statement is built for the filters given (EXECUTE: planned with them each time, never
+-- with one plan for "any kind, any status"); values are bound, never spliced. Behind
+-- sync_jobs_page (whose argument names, the same as its columns', PL/pgSQL refuses).
+CREATE OR REPLACE FUNCTION chunkd.jobs_page(p_kind text, p_status text, p_size int, p_skip int)
 RETURNS TABLE (parent_sync_job_id uuid, kind text, total_chunks int, pending_chunks int,
                processing_chunks int, completed_chunks int, failed_chunks int,
                cancelled_chunks int, overall_status text, progress_percentage numeric,
                created_at timestamptz, started_at timestamptz, finished_at timestamptz,
                run_at timestamptz)
-LANGUAGE sql STABLE SECURITY DEFINER
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
-BEGIN ATOMIC
-    WITH page AS (
+AS $$
+DECLARE
+    live_where text := 'true';
+    old_where text := 'true';
+BEGIN
+    IF p_kind IS NOT NULL THEN
+        live_where := live_where || ' AND j.kind = $1';
+        old_where := old_where || ' AND h.kind = $1';
+    END IF;
+    IF p_status IS NOT NULL THEN
+        live_where := live_where || ' AND chunkd.overall_status(j) = $2';
+        old_where := old_where || ' AND h.status = $2';
+    END IF;
+    RETURN QUERY EXECUTE format($q$
+    WITH live AS (
         SELECT j.id, j.public_id, j.kind, j.total_chunks, j.completed_chunks, j.failed_chunks,
                j.cancelled_chunks, j.created_at, j.started_at, j.finished_at, j.run_at,
                chunkd.overall_status(j) AS overall_status
         FROM chunkd.jobs j
-        WHERE (sync_jobs_page.kind IS NULL OR j.kind = sync_jobs_page.kind)
-          AND (sync_jobs_page.status IS NULL
-               OR chunkd.overall_status(j) = sync_jobs_page.status)
+        WHERE %s
         ORDER BY j.created_at DESC, j.public_id
-        LIMIT greatest(sync_jobs_page.page_size, 0) OFFSET greatest(sync_jobs_page.skip, 0)
+        LIMIT $3 + $4
+    ), old AS (
+        SELECT h.id, h.public_id, h.kind, h.total_chunks, h.completed_chunks, h.failed_chunks,
+               h.cancelled_chunks, h.created_at, h.started_at, h.finished_at, h.run_at,
+               h.status AS overall_status
+        FROM chunkd.history_jobs h
+        WHERE %s
+        ORDER BY h.created_at DESC, h.public_id
+        LIMIT $3 + $4
+    ), page AS (
+        SELECT x.* FROM (SELECT * FROM live UNION ALL SELECT * FROM old) x
+        ORDER BY x.created_at DESC, x.public_id
+        LIMIT $3 OFFSET $4
     ), running AS (
         SELECT a.job_id, count(*)::int AS n
         FROM chunkd.attempts a
@@ -169,7 +234,25 @@ BEGIN ATOMIC
                           / nullif(p.total_chunks, 0), 2), 0),
            p.created_at, p.started_at, p.finished_at, p.run_at
     FROM page p LEFT JOIN running r ON r.job_id = p.id
-    ORDER BY p.created_at DESC, p.public_id;
+    ORDER BY p.created_at DESC, p.public_id
+    $q$, live_where, old_where)
+    USING p_kind, p_status, greatest(p_size, 0), greatest(p_skip, 0);
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION chunkd.sync_jobs_page(kind text DEFAULT NULL, status text DEFAULT NULL,
+                                      page_size int DEFAULT 50, skip int DEFAULT 0)
+RETURNS TABLE (parent_sync_job_id uuid, kind text, total_chunks int, pending_chunks int,
+               processing_chunks int, completed_chunks int, failed_chunks int,
+               cancelled_chunks int, overall_status text, progress_percentage numeric,
+               created_at timestamptz, started_at timestamptz, finished_at timestamptz,
+               run_at timestamptz)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET jit = off
+BEGIN ATOMIC
+    SELECT * FROM chunkd.jobs_page(sync_jobs_page.kind, sync_jobs_page.status,
+                                   sync_jobs_page.page_size, sync_jobs_page.skip);
 END;
 
 -- Chunks each worker holds now (open attempts), by worker id. Workers holding none are absent.
@@ -177,14 +260,16 @@ CREATE OR REPLACE FUNCTION chunkd.in_flight_by_worker()
 RETURNS TABLE (worker_id text, chunks bigint)
 LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET jit = off
 BEGIN ATOMIC
     SELECT a.worker_id, count(*) FROM chunkd.attempts a
     WHERE a.ended_at IS NULL
     GROUP BY a.worker_id;
 END;
 
--- Zero rows for an unknown job. Times by the database clock; tokens as flow_limits() reads them
--- (whole tokens are chunks that may start now).
+-- Zero rows for an unknown job; a finished job (live or in the history) has no tokens. Times by
+-- the database clock; tokens as flow_limits() reads them (whole tokens are chunks that may start
+-- now). A job's burst is what create_sync_job gave its bucket.
 CREATE OR REPLACE FUNCTION chunkd.job_flow(sync_job_id uuid)
 RETURNS TABLE (
     paused_at timestamptz,         -- the job's own pause
@@ -201,9 +286,11 @@ RETURNS TABLE (
 )
 LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET jit = off
 BEGIN ATOMIC
-    SELECT j.paused_at, j.max_per_second, r.burst::int,
-           CASE WHEN r.job_id IS NOT NULL
+    SELECT j.paused_at, j.max_per_second,
+           CASE WHEN j.max_per_second IS NOT NULL THEN chunkd.default_burst(j.max_per_second) END,
+           CASE WHEN r.job_id IS NOT NULL AND j.finished_at IS NULL
                 THEN chunkd.bucket_level(r.tokens, r.refilled_at, r.per_second, r.burst,
                                          clock_timestamp())
            END,
@@ -219,7 +306,7 @@ BEGIN ATOMIC
                 THEN chunkd.bucket_level(k.tokens, k.refilled_at, k.per_second::float8, k.burst,
                                          clock_timestamp())
            END
-    FROM chunkd.jobs j
+    FROM chunkd.all_jobs j
     LEFT JOIN chunkd.job_rates r ON r.job_id = j.id
     LEFT JOIN chunkd.concurrency_limits l ON l.key = j.concurrency_key
     LEFT JOIN chunkd.kind_flow k ON k.kind = j.kind

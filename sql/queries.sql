@@ -354,6 +354,13 @@ SELECT chunkd.cleanup_stuck_chunks();
 SELECT r.sync_job_id, r.chunk_id, r.queue_id, r.seq, r.attempt, r.kind, r.worker_id, r.final
 FROM chunkd.reap_expired() r;
 
+-- name: retention_round
+-- The maintenance: finished jobs (up to $1 chunks) to the history, expired partitions dropped;
+-- ran false when another daemon's round holds the lock.
+SELECT r.ran, r.moved_jobs, r.moved_chunks, r.expired_jobs, r.created_partitions,
+       r.dropped_partitions, r.more
+FROM chunkd.retention_round($1) r;
+
 -- name: register_worker
 SELECT chunkd.register_worker($1, $2, $3, $4, $5, $6);
 

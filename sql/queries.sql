@@ -528,6 +528,12 @@ SELECT chunkd.cancel_sync_job($1);
 -- name: ops_purge_finished_jobs
 SELECT chunkd.purge_finished_jobs($1);
 
+-- name: ops_retention_policies
+SELECT r.state, r.keep_s, r.changed_at FROM chunkd.retention_policies() r;
+
+-- name: ops_set_retention
+SELECT chunkd.set_retention($1, $2);
+
 -- name: ops_workers
 -- Heartbeat ages by the database clock, so the client's clock does not matter.
 SELECT w.worker_id, w.host, w.pid, w.version, w.kinds, w.concurrency, w.started_at,

@@ -498,17 +498,13 @@ FROM (
     WHERE v.sync_job_id = $1 AND v.error IS NOT NULL
     UNION ALL
     -- The history: the same from the attempts and the version 1 audit rows a job moved there.
-    SELECT a.ended_at, c.seq, a.outcome, a.attempt, a.worker_id, a.error
-    FROM chunkd.all_jobs j
-    JOIN chunkd.history_attempts a ON a.job_id = j.id AND a.error IS NOT NULL
-    JOIN chunkd.history_chunks c ON c.id = a.chunk_id AND c.expires_at = a.expires_at
-    WHERE j.public_id = $1
+    SELECT a.ended_at, a.seq, a.outcome, a.attempt, a.worker_id, a.error
+    FROM chunkd.history_attempts a
+    WHERE a.sync_job_id = $1 AND a.error IS NOT NULL
     UNION ALL
-    SELECT e.at, c.seq, e.event, e.attempt, e.worker_id, e.error
-    FROM chunkd.history_jobs j
-    JOIN chunkd.history_events e ON e.job_id = j.id AND e.expires_at = j.expires_at
-    JOIN chunkd.history_chunks c ON c.id = e.chunk_id AND c.expires_at = e.expires_at
-    WHERE j.public_id = $1 AND e.v1 AND e.error IS NOT NULL
+    SELECT e.at, e.seq, e.event, e.attempt, e.worker_id, e.error
+    FROM chunkd.history_events e
+    WHERE e.sync_job_id = $1 AND e.v1 AND e.error IS NOT NULL
 ) e
 ORDER BY e.at DESC
 LIMIT $2;

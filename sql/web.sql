@@ -99,9 +99,8 @@ ORDER BY 1;
 
 -- name: web_job_errors
 -- The job's latest errors, newest first, with the chunk's position.
-SELECT e.at, c.seq, e.event, e.attempt, e.worker_id, e.error
+SELECT e.at, e.seq, e.event, e.attempt, e.worker_id, e.error
 FROM chunkd.chunk_events e
-JOIN chunkd.chunk_processing_queue c ON c.id = e.queue_id
 WHERE e.sync_job_id = $1 AND e.error IS NOT NULL
 ORDER BY e.at DESC
 LIMIT $2;

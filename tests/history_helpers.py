@@ -126,12 +126,9 @@ async def history_rows(conn: asyncpg.Connection, job: UUID) -> dict[str, int]:
     return dict(
         await conn.fetchrow(
             "SELECT (SELECT count(*) FROM chunkd.history_jobs WHERE public_id = $1) AS jobs,"
-            " (SELECT count(*) FROM chunkd.history_chunks c JOIN chunkd.all_jobs j"
-            "   ON j.id = c.job_id WHERE j.public_id = $1) AS chunks,"
-            " (SELECT count(*) FROM chunkd.history_attempts a JOIN chunkd.all_jobs j"
-            "   ON j.id = a.job_id WHERE j.public_id = $1) AS attempts,"
-            " (SELECT count(*) FROM chunkd.history_events e JOIN chunkd.all_jobs j"
-            "   ON j.id = e.job_id WHERE j.public_id = $1) AS events",
+            " (SELECT count(*) FROM chunkd.history_chunks WHERE sync_job_id = $1) AS chunks,"
+            " (SELECT count(*) FROM chunkd.history_attempts WHERE sync_job_id = $1) AS attempts,"
+            " (SELECT count(*) FROM chunkd.history_events WHERE sync_job_id = $1) AS events",
             job,
         )
     )

@@ -54,6 +54,7 @@ RETURNS TABLE (
 )
 LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET jit = off  -- `chunkd status` reads it; see functions/progress.sql
 BEGIN ATOMIC
     SELECT 'kind', k.kind, k.paused_at, k.per_second, k.burst,
            CASE WHEN k.per_second IS NOT NULL

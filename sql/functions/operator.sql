@@ -157,14 +157,15 @@ BEGIN
         RETURN n_history;
     END IF;
     -- A job moving in pieces has some of its chunks in the history already.
-    DELETE FROM chunkd.history_attempts a
-    USING chunkd.history_moving m, chunkd.history_chunks c
-    WHERE m.job_id = ANY (doomed) AND c.job_id = m.job_id AND c.expires_at = m.expires_at
-      AND a.chunk_id = c.id AND a.expires_at = m.expires_at;
-    DELETE FROM chunkd.history_events e USING chunkd.history_moving m
-    WHERE m.job_id = ANY (doomed) AND e.job_id = m.job_id AND e.expires_at = m.expires_at;
-    DELETE FROM chunkd.history_chunks c USING chunkd.history_moving m
-    WHERE m.job_id = ANY (doomed) AND c.job_id = m.job_id AND c.expires_at = m.expires_at;
+    DELETE FROM chunkd.history_attempts a USING chunkd.history_moving m, chunkd.jobs j
+    WHERE m.job_id = ANY (doomed) AND j.id = m.job_id
+      AND a.sync_job_id = j.public_id AND a.expires_at = m.expires_at;
+    DELETE FROM chunkd.history_events e USING chunkd.history_moving m, chunkd.jobs j
+    WHERE m.job_id = ANY (doomed) AND j.id = m.job_id
+      AND e.sync_job_id = j.public_id AND e.expires_at = m.expires_at;
+    DELETE FROM chunkd.history_chunks c USING chunkd.history_moving m, chunkd.jobs j
+    WHERE m.job_id = ANY (doomed) AND j.id = m.job_id
+      AND c.sync_job_id = j.public_id AND c.expires_at = m.expires_at;
     DELETE FROM chunkd.attempts a USING chunkd.chunks c
     WHERE c.job_id = ANY (doomed) AND a.chunk_id = c.id;
     DELETE FROM chunkd.legacy_outcomes o USING chunkd.chunks c

@@ -226,12 +226,14 @@ BEGIN
     c_ids := coalesce(c_ids, '{}');
     c_exp := coalesce(c_exp, '{}');
 
-    -- Into the history (what has not expired yet). Chunks with their final state.
+    -- Into the history (what has not expired yet). Chunks with their final state, and every
+    -- row with what reading it needs of its job and chunk (ids, kind, seq).
     EXECUTE format(
         'INSERT INTO chunkd.history_chunks (%s, status, attempts, max_attempts, started_at, '
-        '    completed_at, error_message, worker_id, result, expires_at) '
+        '    completed_at, error_message, worker_id, result, sync_job_id, kind, priority, '
+        '    expires_at) '
         'SELECT %s, s.status, s.attempts, j.max_attempts, s.started_at, s.ended_at, s.error, '
-        '       s.worker_id, s.result, u.exp '
+        '       s.worker_id, s.result, j.public_id, j.kind, j.priority, u.exp '
         'FROM unnest($1::bigint[], $2::timestamptz[]) AS u(id, exp) '
         'JOIN chunkd.chunks c ON c.id = u.id '
         'JOIN chunkd.chunk_state s ON s.id = u.id '
@@ -241,8 +243,11 @@ BEGIN
     USING c_ids, c_exp;
     GET DIAGNOSTICS moved_chunks = ROW_COUNT;
     EXECUTE format(
-        'INSERT INTO chunkd.history_attempts (%s, expires_at) '
-        'SELECT %s, u.exp FROM unnest($1::bigint[], $2::timestamptz[]) AS u(id, exp) '
+        'INSERT INTO chunkd.history_attempts (%s, sync_job_id, queue_id, seq, kind, expires_at) '
+        'SELECT %s, j.public_id, c.queue_id, c.seq, j.kind, u.exp '
+        'FROM unnest($1::bigint[], $2::timestamptz[]) AS u(id, exp) '
+        'JOIN chunkd.chunks c ON c.id = u.id '
+        'JOIN chunkd.jobs j ON j.id = c.job_id '
         'JOIN chunkd.attempts a ON a.chunk_id = u.id '
         'WHERE u.exp > now()',
         chunkd.column_list('chunkd.attempts'), chunkd.column_list('chunkd.attempts', 'a'))
@@ -250,16 +255,22 @@ BEGIN
     -- Events: of the piece's chunks, or every event of the jobs (their own: job_finished, ...);
     -- audit rows of schema version 1 get ids of `events`, so they never clash when restored.
     EXECUTE format(
-        'INSERT INTO chunkd.history_events (%s, v1, expires_at) '
-        'SELECT %s, false, u.exp FROM unnest($1::bigint[], $2::timestamptz[]) AS u(id, exp) '
+        'INSERT INTO chunkd.history_events (%s, v1, sync_job_id, queue_id, seq, job_kind, '
+        '    expires_at) '
+        'SELECT %s, false, j.public_id, c.queue_id, c.seq, j.kind, u.exp '
+        'FROM unnest($1::bigint[], $2::timestamptz[]) AS u(id, exp) '
+        'JOIN chunkd.jobs j ON j.id = u.id '
         'JOIN chunkd.events e ON e.job_id = u.id '
+        'LEFT JOIN chunkd.chunks c ON c.id = e.chunk_id '
         'WHERE u.exp > now() AND (NOT $3 OR e.chunk_id = ANY ($4))',
         chunkd.column_list('chunkd.events'), chunkd.column_list('chunkd.events', 'e'))
     USING j_ids, j_exp, piece, c_ids;
     INSERT INTO chunkd.history_events (id, job_id, chunk_id, event, status, attempt, worker_id,
-                                       error, at, v1, expires_at)
+                                       error, at, v1, sync_job_id, queue_id, seq, job_kind,
+                                       expires_at)
     SELECT nextval(pg_get_serial_sequence('chunkd.events', 'id')), c.job_id, c.id, v.event,
-           v.status, v.attempt, v.worker_id, v.error, v.at, true, u.exp
+           v.status, v.attempt, v.worker_id, v.error, v.at, true, j.public_id, c.queue_id, c.seq,
+           j.kind, u.exp
     FROM unnest(j_ids, j_exp) u(id, exp)
     JOIN chunkd.jobs j ON j.id = u.id
     JOIN chunkd.events_v1 v ON v.sync_job_id = j.public_id
@@ -379,23 +390,24 @@ DECLARE
     h record;
     job bigint;
     exp timestamptz;
+    pub uuid := restore_job.sync_job_id;
 BEGIN
     SELECT x.id, x.expires_at, x.kind, x.status, x.total_chunks, x.max_per_second INTO h
-    FROM chunkd.history_jobs x WHERE x.public_id = restore_job.sync_job_id FOR UPDATE;
+    FROM chunkd.history_jobs x WHERE x.public_id = pub FOR UPDATE;
     IF FOUND THEN
         job := h.id;
         exp := h.expires_at;
         EXECUTE format(
             'INSERT INTO chunkd.jobs (%s) OVERRIDING SYSTEM VALUE '
-            'SELECT %s FROM chunkd.history_jobs h WHERE h.id = $1 AND h.expires_at = $2',
+            'SELECT %s FROM chunkd.history_jobs h WHERE h.public_id = $1 AND h.expires_at = $2',
             chunkd.column_list('chunkd.jobs'), chunkd.column_list('chunkd.jobs', 'h'))
-        USING job, exp;
+        USING pub, exp;
         IF h.max_per_second IS NOT NULL THEN
             INSERT INTO chunkd.job_rates (job_id, per_second, burst, tokens)
             VALUES (job, h.max_per_second, chunkd.default_burst(h.max_per_second),
                     chunkd.default_burst(h.max_per_second));
         END IF;
-        DELETE FROM chunkd.history_jobs x WHERE x.id = job AND x.expires_at = exp;
+        DELETE FROM chunkd.history_jobs x WHERE x.public_id = pub AND x.expires_at = exp;
         UPDATE chunkd.history_counts c SET jobs = c.jobs - 1, chunks = c.chunks - h.total_chunks
         FROM chunkd.history_partitions p
         WHERE exp >= p.from_at AND exp < p.to_at
@@ -403,7 +415,7 @@ BEGIN
     ELSE
         SELECT j.id, m.expires_at INTO job, exp
         FROM chunkd.jobs j JOIN chunkd.history_moving m ON m.job_id = j.id
-        WHERE j.public_id = restore_job.sync_job_id;
+        WHERE j.public_id = pub;
         IF NOT FOUND THEN
             RETURN NULL;
         END IF;
@@ -411,42 +423,37 @@ BEGIN
     END IF;
     EXECUTE format(
         'INSERT INTO chunkd.chunks (%s) OVERRIDING SYSTEM VALUE '
-        'SELECT %s FROM chunkd.history_chunks c WHERE c.job_id = $1 AND c.expires_at = $2',
+        'SELECT %s FROM chunkd.history_chunks c WHERE c.sync_job_id = $1 AND c.expires_at = $2',
         chunkd.column_list('chunkd.chunks'), chunkd.column_list('chunkd.chunks', 'c'))
-    USING job, exp;
+    USING pub, exp;
     EXECUTE format(
         'INSERT INTO chunkd.attempts (%s) '
-        'SELECT %s FROM chunkd.history_chunks c '
-        'JOIN chunkd.history_attempts a ON a.chunk_id = c.id AND a.expires_at = c.expires_at '
-        'WHERE c.job_id = $1 AND c.expires_at = $2',
+        'SELECT %s FROM chunkd.history_attempts a WHERE a.sync_job_id = $1 AND a.expires_at = $2',
         chunkd.column_list('chunkd.attempts'), chunkd.column_list('chunkd.attempts', 'a'))
-    USING job, exp;
+    USING pub, exp;
     -- A chunk of schema version 1 that was never claimed since has its outcome in its row.
     INSERT INTO chunkd.legacy_outcomes (chunk_id, status, attempt, worker_id, started_at,
                                         completed_at, error, result)
     SELECT c.id, c.status, c.attempts, c.worker_id, c.started_at, c.completed_at,
            c.error_message, c.result
     FROM chunkd.history_chunks c
-    WHERE c.job_id = job AND c.expires_at = exp AND c.legacy
-      AND NOT EXISTS (SELECT 1 FROM chunkd.history_attempts a
-                      WHERE a.chunk_id = c.id AND a.expires_at = c.expires_at);
+    WHERE c.sync_job_id = pub AND c.expires_at = exp AND c.legacy
+      AND NOT EXISTS (SELECT 1 FROM chunkd.attempts a WHERE a.chunk_id = c.id);
     EXECUTE format(
         'INSERT INTO chunkd.events (%s) OVERRIDING SYSTEM VALUE '
         'SELECT %s FROM chunkd.history_events e '
-        'WHERE e.job_id = $1 AND e.expires_at = $2 AND NOT e.v1',
+        'WHERE e.sync_job_id = $1 AND e.expires_at = $2 AND NOT e.v1',
         chunkd.column_list('chunkd.events'), chunkd.column_list('chunkd.events', 'e'))
-    USING job, exp;
+    USING pub, exp;
     INSERT INTO chunkd.events_v1 (queue_id, sync_job_id, event, status, attempt, worker_id,
                                   error, at)
-    SELECT c.queue_id, restore_job.sync_job_id, e.event, e.status, e.attempt, e.worker_id,
-           e.error, e.at
-    FROM chunkd.history_events e JOIN chunkd.chunks c ON c.id = e.chunk_id
-    WHERE e.job_id = job AND e.expires_at = exp AND e.v1
+    SELECT e.queue_id, pub, e.event, e.status, e.attempt, e.worker_id, e.error, e.at
+    FROM chunkd.history_events e
+    WHERE e.sync_job_id = pub AND e.expires_at = exp AND e.v1
     ORDER BY e.id;
-    DELETE FROM chunkd.history_attempts a USING chunkd.history_chunks c
-    WHERE c.job_id = job AND c.expires_at = exp AND a.chunk_id = c.id AND a.expires_at = exp;
-    DELETE FROM chunkd.history_events e WHERE e.job_id = job AND e.expires_at = exp;
-    DELETE FROM chunkd.history_chunks c WHERE c.job_id = job AND c.expires_at = exp;
+    DELETE FROM chunkd.history_attempts a WHERE a.sync_job_id = pub AND a.expires_at = exp;
+    DELETE FROM chunkd.history_events e WHERE e.sync_job_id = pub AND e.expires_at = exp;
+    DELETE FROM chunkd.history_chunks c WHERE c.sync_job_id = pub AND c.expires_at = exp;
     RETURN job;
 END;
 $$;
@@ -459,27 +466,25 @@ LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    ids bigint[];
+    ids uuid[];
     exps timestamptz[];
 BEGIN
-    SELECT array_agg(d.id), array_agg(d.expires_at) INTO ids, exps
-    FROM (SELECT h.id, h.expires_at FROM chunkd.history_jobs h
+    SELECT array_agg(d.public_id), array_agg(d.expires_at) INTO ids, exps
+    FROM (SELECT h.public_id, h.expires_at FROM chunkd.history_jobs h
           WHERE h.finished_at < cutoff
           FOR UPDATE SKIP LOCKED) d;
     IF ids IS NULL THEN
         RETURN 0;
     END IF;
-    DELETE FROM chunkd.history_attempts a
-    USING unnest(ids, exps) u(id, exp), chunkd.history_chunks c
-    WHERE c.job_id = u.id AND c.expires_at = u.exp AND a.chunk_id = c.id
-      AND a.expires_at = u.exp;
+    DELETE FROM chunkd.history_attempts a USING unnest(ids, exps) u(id, exp)
+    WHERE a.sync_job_id = u.id AND a.expires_at = u.exp;
     DELETE FROM chunkd.history_events e USING unnest(ids, exps) u(id, exp)
-    WHERE e.job_id = u.id AND e.expires_at = u.exp;
+    WHERE e.sync_job_id = u.id AND e.expires_at = u.exp;
     DELETE FROM chunkd.history_chunks c USING unnest(ids, exps) u(id, exp)
-    WHERE c.job_id = u.id AND c.expires_at = u.exp;
+    WHERE c.sync_job_id = u.id AND c.expires_at = u.exp;
     WITH gone AS (
         DELETE FROM chunkd.history_jobs h USING unnest(ids, exps) u(id, exp)
-        WHERE h.id = u.id AND h.expires_at = u.exp
+        WHERE h.public_id = u.id AND h.expires_at = u.exp
         RETURNING h.kind, h.status, h.total_chunks, h.expires_at
     ), counted AS (
         SELECT p.from_at, g.kind, g.status, count(*) AS jobs, sum(g.total_chunks) AS chunks

@@ -20,6 +20,8 @@
 --   history_events    every event of the job, and its audit rows written under schema
 --                     version 1 (v1: they go back to events_v1 when the job is restored)
 --
+-- plus the job's and chunk's public ids, kind and seq where a read needs them (below);
+--
 -- and the partition key, `expires_at`: the job's finished_at plus its state's policy at the
 -- moment it moved. A job's rows all have the same expires_at (a job moved in pieces keeps the
 -- first piece's), so they sit in the same partition of each table, and a partition holds rows
@@ -92,6 +94,10 @@ CREATE INDEX history_jobs_kind_created ON chunkd.history_jobs (kind, created_at)
 CREATE INDEX history_jobs_status_created ON chunkd.history_jobs (status, created_at);
 CREATE INDEX history_jobs_finished ON chunkd.history_jobs (finished_at);
 
+-- Each history table also holds what reading it needs of the job and the chunk (the job's public
+-- id and kind, the chunk's queue id and seq), so that every read of the history is a read of one
+-- table through one index: no join whose plan depends on statistics (a partition is read right
+-- after it was filled, long before autovacuum first analyzes it).
 CREATE TABLE chunkd.history_chunks (
     LIKE chunkd.chunks INCLUDING CONSTRAINTS,
     status        text NOT NULL CHECK (status IN ('completed', 'failed', 'cancelled')),
@@ -104,31 +110,45 @@ CREATE TABLE chunkd.history_chunks (
     error_message text,
     worker_id     text,
     result        jsonb,
+    sync_job_id   uuid NOT NULL,
+    kind          text NOT NULL,
+    priority      int NOT NULL,
     expires_at    timestamptz NOT NULL
         CONSTRAINT history_chunks_expires_at_finite CHECK (isfinite(expires_at))
 ) PARTITION BY RANGE (expires_at);
--- A job's chunks in order; a chunk by its ids; the newest chunks (the seed's check query).
-CREATE INDEX history_chunks_job ON chunkd.history_chunks (job_id, seq);
-CREATE INDEX history_chunks_id ON chunkd.history_chunks (id);
+-- A job's chunks in order; a chunk by its queue id; the newest chunks (the seed's check query).
+CREATE INDEX history_chunks_job ON chunkd.history_chunks (sync_job_id, seq);
 CREATE INDEX history_chunks_queue_id ON chunkd.history_chunks (queue_id);
 CREATE INDEX history_chunks_created ON chunkd.history_chunks (created_at);
 
 CREATE TABLE chunkd.history_attempts (
     LIKE chunkd.attempts INCLUDING CONSTRAINTS,
-    expires_at timestamptz NOT NULL
+    sync_job_id uuid NOT NULL,
+    queue_id    uuid NOT NULL,
+    seq         int NOT NULL,
+    kind        text NOT NULL,
+    expires_at  timestamptz NOT NULL
         CONSTRAINT history_attempts_expires_at_finite CHECK (isfinite(expires_at))
 ) PARTITION BY RANGE (expires_at);
--- A chunk's claims (joined with expires_at, so each probe reads one partition); a job's errors.
-CREATE INDEX history_attempts_chunk ON chunkd.history_attempts (chunk_id, n);
-CREATE INDEX history_attempts_errors ON chunkd.history_attempts (job_id) WHERE error IS NOT NULL;
+-- A job's claims; a chunk's; a job's errors.
+CREATE INDEX history_attempts_job ON chunkd.history_attempts (sync_job_id);
+CREATE INDEX history_attempts_queue_id ON chunkd.history_attempts (queue_id);
+CREATE INDEX history_attempts_errors ON chunkd.history_attempts (sync_job_id)
+    WHERE error IS NOT NULL;
 
 -- Without the live table's check of event names: audit rows of schema version 1 are here too.
+-- job_kind: the kind of the event's job (`kind` keeps what the live row held).
 CREATE TABLE chunkd.history_events (
     LIKE chunkd.events,
-    v1         boolean NOT NULL DEFAULT false,
-    expires_at timestamptz NOT NULL
+    v1          boolean NOT NULL DEFAULT false,
+    sync_job_id uuid NOT NULL,
+    queue_id    uuid,
+    seq         int,
+    job_kind    text NOT NULL,
+    expires_at  timestamptz NOT NULL
         CONSTRAINT history_events_expires_at_finite CHECK (isfinite(expires_at)),
     CONSTRAINT history_events_at_finite CHECK (isfinite(at))
 ) PARTITION BY RANGE (expires_at);
-CREATE INDEX history_events_job ON chunkd.history_events (job_id);
-CREATE INDEX history_events_chunk ON chunkd.history_events (chunk_id);
+CREATE INDEX history_events_job ON chunkd.history_events (sync_job_id);
+CREATE INDEX history_events_queue_id ON chunkd.history_events (queue_id)
+    WHERE queue_id IS NOT NULL;

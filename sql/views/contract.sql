@@ -3,8 +3,9 @@
 -- tables and the finished history (docs/storage.md, "Retention and history") alike: a finished
 -- job reads the same before and after its rows moved, until they expire.
 
--- Every job's row, live or in the history (status and expires_at: NULL while live). The
--- history's chunks join it: a job moving in pieces has chunks in the history and its row live.
+-- Every job's row, live or in the history (status and expires_at: NULL while live), for the
+-- functions that read one job by its id. The history's own rows name their job (sync_job_id):
+-- no read of them joins this view.
 CREATE OR REPLACE VIEW chunkd.all_jobs AS
 SELECT j.id, j.public_id, j.kind, j.payload, j.max_concurrency, j.max_attempts, j.priority,
        j.total_chunks, j.completed_chunks, j.failed_chunks, j.cancelled_chunks, j.cancelled_at,
@@ -35,8 +36,8 @@ CREATE OR REPLACE VIEW chunkd.chunked_sync_jobs AS
 SELECT c.chunk_id AS id, j.public_id AS sync_job_id, c.seq, c.payload
 FROM chunkd.chunks c JOIN chunkd.jobs j ON j.id = c.job_id
 UNION ALL
-SELECT c.chunk_id, j.public_id, c.seq, c.payload
-FROM chunkd.history_chunks c JOIN chunkd.all_jobs j ON j.id = c.job_id;
+SELECT c.chunk_id, c.sync_job_id, c.seq, c.payload
+FROM chunkd.history_chunks c;
 
 -- A chunk's state, derived from where its rows are: in ready or scheduled = pending; an open
 -- attempt = processing; cancelled if a cancel took it from the queue (even after an operator
@@ -102,11 +103,10 @@ JOIN chunkd.jobs j ON j.id = c.job_id
 JOIN chunkd.chunk_state s ON s.id = c.id
 UNION ALL
 -- A finished chunk's state as it was when it moved (its run_at: its creation, as above).
-SELECT c.queue_id, c.chunk_id, j.public_id, c.status, c.attempts, c.max_attempts, c.created_at,
-       c.started_at, c.completed_at, c.error_message, c.worker_id, c.created_at, NULL, c.result,
-       c.seq, j.kind, j.priority
-FROM chunkd.history_chunks c
-JOIN chunkd.all_jobs j ON j.id = c.job_id;
+SELECT c.queue_id, c.chunk_id, c.sync_job_id, c.status, c.attempts, c.max_attempts,
+       c.created_at, c.started_at, c.completed_at, c.error_message, c.worker_id, c.created_at,
+       NULL, c.result, c.seq, c.kind, c.priority
+FROM chunkd.history_chunks c;
 
 CREATE OR REPLACE VIEW chunkd.chunk_processing_status AS
 SELECT

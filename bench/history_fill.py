@@ -1,11 +1,13 @@
 """A finished history and a live queue, built fast: INSERT ... SELECT FROM generate_series
-straight into chunkd's tables (bench/history_bench.py, tests/test_fresh_plans.py).
+straight into chunkd's tables (bench/web_pages.py --history, tests/test_fresh_plans.py).
 
 Nothing goes through the daemon or the public functions: ten million chunks through claims and
 completions would take hours. What is written is what the functions would have written (the
 same columns, the same invariants: a finished job's counters add up, every chunk of it has a
 final attempt, the history's rows carry their job's expiry and sit in partitions the maintenance
-would have made, chunkd.history_counts counts them), so every read sees a real queue.
+would have made, chunkd.history_counts counts them), so every read sees a real queue. Job and
+chunk ids continue from those handed out, and the identity sequences are moved past what this
+writes, so live work may come before or after.
 
 - :func:`fill_history`: finished jobs in the history: 90 % completed, 7 % partial_failure (one
   chunk failed for good, after a retried attempt), 3 % cancelled; three kinds; created over the
@@ -57,11 +59,13 @@ ORDER BY m.id
 
 # The chunks of the jobs $1 <= id <= $2, each with its final state: completed first, then the
 # failed one, then the cancelled ones (as a cancel leaves the chunks it took from the queue).
-# Ids follow from the job's id and the seq (uuids from their md5), so the attempts and events
-# below are made from the jobs alone, never reading back the chunks.
+# Ids follow from the job's id and the seq ($3: the last chunk id before, $4: the first job's
+# id; uuids from their md5), so the attempts and events below are made from the jobs alone,
+# never reading back the chunks.
 _STATES = """
-SELECT j.*, s AS seq, (j.id - 1) * j.total_chunks + s + 1 AS chunk_id,
-       md5('queue' || ((j.id - 1) * j.total_chunks + s + 1))::uuid AS queue_id,
+SELECT j.*, s AS seq, $3::bigint + (j.id - $4::bigint) * j.total_chunks + s + 1 AS chunk_id,
+       md5('queue' || ($3::bigint + (j.id - $4::bigint) * j.total_chunks + s + 1))::uuid
+           AS queue_id,
        CASE WHEN s < j.completed_chunks THEN 'completed'
             WHEN s < j.completed_chunks + j.failed_chunks THEN 'failed'
             ELSE 'cancelled' END AS chunk_status,
@@ -118,7 +122,11 @@ FROM x WHERE x.chunk_status = 'cancelled'
 UNION ALL
 SELECT nextval(pg_get_serial_sequence('chunkd.events', 'id')), j.id, NULL, 'job_finished',
        j.status, 0, j.finished_at,
-       jsonb_build_object('sync_job_id', j.public_id, 'overall_status', j.status), false,
+       jsonb_build_object(
+           'sync_job_id', j.public_id, 'kind', j.kind, 'overall_status', j.status,
+           'total_chunks', j.total_chunks, 'completed_chunks', j.completed_chunks,
+           'failed_chunks', j.failed_chunks, 'cancelled_chunks', j.cancelled_chunks,
+           'finished_at', j.finished_at, 'on_finish_job_id', NULL), false,
        j.public_id, NULL, NULL, j.kind, j.expires_at
 FROM chunkd.history_jobs j
 WHERE j.id BETWEEN $1 AND $2
@@ -166,8 +174,7 @@ async def fill_history(
 ) -> None:
     """``jobs`` finished jobs of ``chunks_per_job`` chunks each in the history (with their
     attempts, events, partitions and counts); in batches of ``batch_jobs`` jobs, one
-    transaction each. Chunk ids follow from job ids, so fill the history before the live tables
-    (their identity sequences are moved past what this writes)."""
+    transaction each."""
     if chunks_per_job < 2:
         raise ValueError("chunks_per_job must be at least 2 (a failed job completes the rest)")
     await make_partitions(conn)
@@ -175,25 +182,30 @@ async def fill_history(
         "SELECT coalesce(max(id), 0) + 1 FROM (SELECT max(id) AS id FROM chunkd.jobs"
         " UNION ALL SELECT max(id) FROM chunkd.history_jobs) x"
     )
+    chunk_base = await conn.fetchval(_LAST_CHUNK_ID)
     await conn.execute(_JOBS, jobs, chunks_per_job)
     last = first + jobs - 1
     for lo in range(first, last + 1, batch_jobs):
         hi = min(last, lo + batch_jobs - 1)
         async with conn.transaction():
-            await conn.execute(_CHUNKS, lo, hi)
-            await conn.execute(_ATTEMPTS, lo, hi)
-            await conn.execute(_EVENTS, lo, hi)
+            for statement in (_CHUNKS, _ATTEMPTS, _EVENTS):
+                await conn.execute(statement, lo, hi, chunk_base, first)
             await conn.execute(_COUNTS, lo, hi)
-    for table in ("jobs", "chunks"):
-        await conn.execute(_SETVAL.replace("@TABLE@", table))
+    await conn.execute("SELECT setval(pg_get_serial_sequence('chunkd.jobs', 'id'), $1)", last)
+    await conn.execute(
+        "SELECT setval(pg_get_serial_sequence('chunkd.chunks', 'id'), $1)",
+        chunk_base + jobs * chunks_per_job,
+    )
 
 
-# The identity sequence of a live table past the ids of the live and the history table.
-_SETVAL = """
-SELECT setval(pg_get_serial_sequence('chunkd.@TABLE@', 'id'),
-              greatest(coalesce((SELECT max(id) FROM chunkd.@TABLE@), 0),
-                       coalesce((SELECT max(id) FROM chunkd.history_@TABLE@), 0)) + 1)
+# The last chunk id handed out (live chunks, and the history's, which came from the same
+# sequence): read from the sequence, not from the tables (the history has no index by id).
+_LAST_CHUNK_ID = """
+SELECT greatest(coalesce((SELECT max(id) FROM chunkd.chunks), 0),
+                (SELECT CASE WHEN s.is_called THEN s.last_value ELSE 0 END
+                 FROM chunkd.chunks_id_seq s))
 """
+
 
 # The live jobs from id $1 on, numbered g from 1 in the order fill_live makes them; $2..$4: how
 # many are finished, pending, waiting.

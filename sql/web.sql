@@ -114,10 +114,10 @@ FROM chunkd.chunk_processing_queue q
 WHERE q.parent_sync_job_id = $1 AND q.seq = $2;
 
 -- name: web_chunk_events
--- The audit trail of one chunk, oldest first.
+-- The audit trail of one chunk (job $1, position $2), oldest first.
 SELECT e.at, e.event, e.status, e.attempt, e.worker_id, e.error
 FROM chunkd.chunk_events e
-WHERE e.queue_id = $1
+WHERE e.sync_job_id = $1 AND e.seq = $2
 ORDER BY e.at, e.attempt;
 
 -- name: web_chunk_payload

@@ -82,7 +82,10 @@ async def job_reads(conn: asyncpg.Connection, job: UUID) -> dict[str, Any]:
     for row in chunk_events:
         reads[f"chunk {row['seq']}"] = _rows(await conn.fetch(web["web_chunk"], job, row["seq"]))
         reads[f"chunk {row['seq']} events"] = _rows(
-            await conn.fetch(web["web_chunk_events"], row["id"])
+            await conn.fetch(web["web_chunk_events"], job, row["seq"])
+        )
+        reads[f"chunk {row['seq']} events by queue id"] = _rows(
+            await conn.fetch("SELECT * FROM chunkd.chunk_events WHERE queue_id = $1", row["id"])
         )
         reads[f"chunk {row['seq']} payload"] = _rows(
             await conn.fetch(web["web_chunk_payload"], job, row["seq"])

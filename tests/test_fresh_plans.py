@@ -99,11 +99,6 @@ async def fresh(pg_server) -> Any:
                 "   AND started_at IS NOT NULL ORDER BY id DESC LIMIT 1) AS live"
             )
         )
-        ids["queue_id"] = await conn.fetchval(
-            "SELECT queue_id FROM chunkd.history_chunks WHERE sync_job_id = $1"
-            " AND status = 'failed'",
-            ids["old"],
-        )
     finally:
         await conn.close()
     yield dsn, ids
@@ -168,9 +163,9 @@ def statements(ids: dict[str, Any]) -> list[tuple[str, str, tuple[Any, ...], flo
                 ("web_job_errors", (10,)),
                 ("web_chunk", (0,)),
                 ("web_chunk_payload", (0,)),
+                ("web_chunk_events", (1,)),
             )
         ],
-        ("web_chunk_events", (ids["queue_id"],)),
     ]
     return [
         *[(name, q[name], args, DAEMON_MS) for name, args in daemon],

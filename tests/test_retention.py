@@ -268,6 +268,18 @@ async def test_purge_deletes_the_history_too(conn) -> None:
     assert await conn.fetch("SELECT * FROM chunkd.sync_job_status_counts()") == []
 
 
+async def test_purge_of_a_job_moving_in_pieces_deletes_its_pieces(conn) -> None:
+    job = await create_job(conn, 12, kind="big")
+    for row in await claim(conn, "w1", 12, kinds=["big"]):
+        assert await complete(conn, row["queue_id"], "w1", row["attempt"])
+    assert (await run_round(conn, max_chunks=5))["moved_chunks"] == 5
+    assert (await history_rows(conn, job))["chunks"] == 5
+    assert await conn.fetchval("SELECT chunkd.purge_finished_jobs('0 seconds')") == 1
+    assert await history_rows(conn, job) == {"jobs": 0, "chunks": 0, "attempts": 0, "events": 0}
+    assert await live_rows(conn, job) == {"jobs": 0, "chunks": 0, "attempts": 0, "events": 0}
+    assert await conn.fetchval("SELECT count(*) FROM chunkd.history_moving") == 0
+
+
 async def test_one_daemon_at_a_time_and_an_operator_holding_a_job_goes_first(
     conn, database
 ) -> None:

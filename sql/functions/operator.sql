@@ -166,6 +166,7 @@ BEGIN
     DELETE FROM chunkd.history_chunks c USING chunkd.history_moving m, chunkd.jobs j
     WHERE m.job_id = ANY (doomed) AND j.id = m.job_id
       AND c.sync_job_id = j.public_id AND c.expires_at = m.expires_at;
+    DELETE FROM chunkd.history_moving m WHERE m.job_id = ANY (doomed);
     DELETE FROM chunkd.attempts a USING chunkd.chunks c
     WHERE c.job_id = ANY (doomed) AND a.chunk_id = c.id;
     DELETE FROM chunkd.legacy_outcomes o USING chunkd.chunks c

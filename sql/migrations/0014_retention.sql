@@ -73,7 +73,7 @@ CREATE TABLE chunkd.history_counts (
 -- got (the rest, and the job's row, get the same) and how many chunks have moved; the row goes
 -- when the job's row moves.
 CREATE TABLE chunkd.history_moving (
-    job_id       bigint PRIMARY KEY REFERENCES chunkd.jobs ON DELETE CASCADE,
+    job_id       bigint PRIMARY KEY,
     expires_at   timestamptz NOT NULL
         CONSTRAINT history_moving_expires_at_finite CHECK (isfinite(expires_at)),
     moved_chunks int NOT NULL CHECK (moved_chunks >= 0)
@@ -86,13 +86,13 @@ CREATE TABLE chunkd.history_jobs (
         CONSTRAINT history_jobs_expires_at_finite CHECK (isfinite(expires_at))
 ) PARTITION BY RANGE (expires_at);
 ALTER TABLE chunkd.history_jobs ALTER COLUMN finished_at SET NOT NULL;
--- The job by its ids; the jobs page, newest first, of a kind, of a status; a purge.
+-- The job by its ids (a schedule names its last job by its internal id); the jobs page, newest
+-- first, of a kind, of a status. Every index is paid for by each job moved: none more.
 CREATE INDEX history_jobs_id ON chunkd.history_jobs (id);
 CREATE INDEX history_jobs_public_id ON chunkd.history_jobs (public_id);
 CREATE INDEX history_jobs_created ON chunkd.history_jobs (created_at);
 CREATE INDEX history_jobs_kind_created ON chunkd.history_jobs (kind, created_at);
 CREATE INDEX history_jobs_status_created ON chunkd.history_jobs (status, created_at);
-CREATE INDEX history_jobs_finished ON chunkd.history_jobs (finished_at);
 
 -- Each history table also holds what reading it needs of the job and the chunk (the job's public
 -- id and kind, the chunk's queue id and seq), so that every read of the history is a read of one
@@ -130,9 +130,8 @@ CREATE TABLE chunkd.history_attempts (
     expires_at  timestamptz NOT NULL
         CONSTRAINT history_attempts_expires_at_finite CHECK (isfinite(expires_at))
 ) PARTITION BY RANGE (expires_at);
--- A job's claims; a chunk's; a job's errors.
-CREATE INDEX history_attempts_job ON chunkd.history_attempts (sync_job_id);
-CREATE INDEX history_attempts_queue_id ON chunkd.history_attempts (queue_id);
+-- A job's claims, and a chunk's (by its job and seq); a job's errors.
+CREATE INDEX history_attempts_job ON chunkd.history_attempts (sync_job_id, seq);
 CREATE INDEX history_attempts_errors ON chunkd.history_attempts (sync_job_id)
     WHERE error IS NOT NULL;
 
@@ -149,6 +148,5 @@ CREATE TABLE chunkd.history_events (
         CONSTRAINT history_events_expires_at_finite CHECK (isfinite(expires_at)),
     CONSTRAINT history_events_at_finite CHECK (isfinite(at))
 ) PARTITION BY RANGE (expires_at);
-CREATE INDEX history_events_job ON chunkd.history_events (sync_job_id);
-CREATE INDEX history_events_queue_id ON chunkd.history_events (queue_id)
-    WHERE queue_id IS NOT NULL;
+-- A job's events, and a chunk's (by its job and seq).
+CREATE INDEX history_events_job ON chunkd.history_events (sync_job_id, seq);

@@ -22,7 +22,8 @@ bench/results/web_pages.json).
 chunks, and one of ``--big`` chunks), written straight into the history tables
 (bench/history_fill.py) and analyzed, and the pages of jobs in the history; and times
 ``chunkd status`` and ``chunkd status JOB`` (a job in the history) as processes, ``--reps``
-times each.
+times each, and ``chunkd --version`` (the process's start-up alone), and their statements
+alone on one connection.
 
     .venv/bin/python bench/web_pages.py [--reps 5] [--jobs 10000] [--big 100000]
                                         [--history 10000000] [--history-job-size 10]
@@ -201,15 +202,44 @@ def time_status(dsn: str, job: str, reps: int) -> dict[str, list[float]]:
     an operator runs it), ms."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKD_")}
     env["CHUNKD_DSN"] = dsn
-    times: dict[str, list[float]] = {"chunkd status": [], "chunkd status JOB (history)": []}
+    times: dict[str, list[float]] = {
+        "chunkd status": [], "chunkd status JOB (history)": [], "chunkd --version": []
+    }  # fmt: skip
     for _ in range(reps):
-        for name, args in (("chunkd status", []), ("chunkd status JOB (history)", [job])):
+        for name, args in (
+            ("chunkd status", ["status"]),
+            ("chunkd status JOB (history)", ["status", job]),
+            ("chunkd --version", ["--version"]),
+        ):
             started = time.monotonic()
             subprocess.run(
-                [sys.executable, "-m", "chunkd.cli", "status", *args],
+                [sys.executable, "-m", "chunkd.cli", *args],
                 env=env, check=True, capture_output=True,
             )  # fmt: skip
             times[name].append((time.monotonic() - started) * 1000)
+    return times
+
+
+async def time_status_statements(dsn: str, job: str, reps: int) -> dict[str, list[float]]:
+    """What ``chunkd status`` and ``chunkd status JOB`` ask the database, alone (in this
+    process, one connection, each call timed), ms."""
+    from uuid import UUID
+
+    from chunkd import ops
+
+    conn = await connect(dsn)
+    times: dict[str, list[float]] = {"status statements": [], "status JOB statements": []}
+    try:
+        for _ in range(reps):
+            started = time.monotonic()
+            await ops.list_jobs(conn, limit=20)
+            await ops.flow_limits(conn)
+            times["status statements"].append((time.monotonic() - started) * 1000)
+            started = time.monotonic()
+            await ops.job_detail(conn, UUID(job), stale_after_s=30)
+            times["status JOB statements"].append((time.monotonic() - started) * 1000)
+    finally:
+        await conn.close()
     return times
 
 
@@ -247,6 +277,8 @@ def main() -> None:
         with web_server(dsn, Path(tmp) / "web.log") as url:
             results = asyncio.run(measure(url, pages, args.reps))
         status = time_status(dsn, ids["old"], args.reps) if args.history else {}
+        if args.history:
+            status.update(asyncio.run(time_status_statements(dsn, ids["old"], args.reps)))
     summary = {}
     history = f", {args.history:,} finished chunks in the history" if args.history else ""
     print(f"\nchunkd {__version__} web pages, {args.jobs:,} jobs, one of {args.big:,} chunks"

@@ -325,3 +325,27 @@ async def test_the_partition_width_follows_the_policies(conn) -> None:
     assert await conn.fetchval(width) == 1
     await set_policies(conn, completed=30 * 86400, failed=365 * 86400, cancelled=30 * 86400)
     assert await conn.fetchval(width) == 6 * 86400 + 2 * 3600  # 365 days / 60
+
+
+async def test_partitions_of_another_width_fit_around_those_there(conn) -> None:
+    """A policy change changes the width of new partitions; a new one is cut short where an
+    old one begins or ends, so ranges never overlap and every expiry has its partition."""
+    await set_policies(conn, completed=3600, failed=3600, cancelled=3600)  # 15-minute partitions
+    first = await finish_completed(conn)
+    await rounds_until_idle(conn)
+    # Day-wide partitions from now (a sixtieth of 60 days); the next job expires 90 minutes
+    # after the first, beyond its partition, in a day that partition is part of.
+    await set_policies(conn, completed=5400, failed=60 * 86400, cancelled=3600)
+    assert await conn.fetchval("SELECT chunkd.history_width_s()") == 86400
+    second = await finish_completed(conn)
+    await rounds_until_idle(conn)
+    ranges = await conn.fetch(
+        "SELECT from_at, to_at FROM chunkd.history_partitions ORDER BY from_at"
+    )
+    assert len(ranges) == 2
+    assert ranges[0]["to_at"] <= ranges[1]["from_at"]
+    for job in (first, second):
+        expiry = await conn.fetchval(
+            "SELECT expires_at FROM chunkd.history_jobs WHERE public_id = $1", job
+        )
+        assert sum(r["from_at"] <= expiry < r["to_at"] for r in ranges) == 1

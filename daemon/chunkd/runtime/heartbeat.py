@@ -75,9 +75,9 @@ class Heartbeat:
         """The registry heartbeat: this process is alive (and the clocks agree)."""
         sent_at = asyncio.get_running_loop().time()
         db_clock = await self._queue.worker_alive(self._worker_id, self.interval_s)
-        dead_after_s = REGISTRY_MISSES * self.interval_s
-        if dead_after_s < self._lease_s:  # else the lease runs out first anyway
-            self._inflight.alive(sent_at, dead_after_s)
+        # Always armed, even when it equals the lease: claims and renewals made after this
+        # heartbeat end later than it, and the reaper takes this daemon for dead from here.
+        self._inflight.alive(sent_at, REGISTRY_MISSES * self.interval_s)
         self._check_clock(sent_at, db_clock)
 
     async def run_once(self) -> int:

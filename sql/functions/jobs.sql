@@ -113,20 +113,36 @@ BEGIN
 END;
 $$;
 
--- The queue's current turn at a priority: the lowest turn waiting there (0 when none waits).
--- Chunks that join the queue get turns from here on, so a job enqueued now is served in the
--- same round as the jobs already waiting, never ahead of a turn they reached, never behind all
--- their chunks (start-time fair queuing: Goyal, Vin and Cheng, SIGCOMM 1996, with one unit per
--- chunk). Two probes of the claim's indexes.
+-- The queue's current turn at a priority: the lowest turn waiting there among chunks under no
+-- limit, or, when only jobs under flow control wait, the furthest turn one of them reached (0
+-- when none waits). Chunks that join the queue get turns from here on, so a job enqueued now
+-- is served in the same round as the jobs already waiting, never ahead of a turn they reached,
+-- never behind all their chunks (start-time fair queuing: Goyal, Vin and Cheng, SIGCOMM 1996,
+-- with one unit per chunk).
+--
+-- A job held back by its limit (its slot taken, its key full) falls behind the round and keeps
+-- its lower turns, so it goes first whenever its limit lets it run; it must not hold the round
+-- back: a job enqueued at its turn took every turn in between, ahead of all the jobs under way
+-- (334 claims in a row in the chaos soak). Hence the lowest turn of the chunks under no limit;
+-- and, when only limited jobs wait, the furthest of their next turns (one probe per such job,
+-- as the claim's first pass does), not the lowest: a new job went ahead of a
+-- max_concurrency = 1 job that had joined the round later than a held-back one (573 claims).
 CREATE OR REPLACE FUNCTION chunkd.current_turn(priority int) RETURNS bigint
 LANGUAGE sql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
-    SELECT coalesce(least(
+    SELECT coalesce(
         (SELECT r.turn FROM chunkd.ready r
          WHERE NOT r.limited AND r.priority = current_turn.priority ORDER BY r.turn LIMIT 1),
-        (SELECT r.turn FROM chunkd.ready r
-         WHERE r.limited AND r.priority = current_turn.priority ORDER BY r.turn LIMIT 1)), 0);
+        (SELECT max(n.turn)
+         FROM chunkd.jobs j
+         CROSS JOIN LATERAL (SELECT r.turn FROM chunkd.ready r
+                             WHERE r.job_id = j.id ORDER BY r.seq LIMIT 1) n
+         WHERE (j.max_concurrency IS NOT NULL OR j.max_per_second IS NOT NULL
+                OR j.concurrency_key IS NOT NULL OR j.paused_at IS NOT NULL)
+           AND j.finished_at IS NULL AND j.cancelled_at IS NULL
+           AND j.priority = current_turn.priority),
+        0);
 END;
 
 -- Requeued chunks (a retry, a reap, a release, an operator's retry) keep their job's flow

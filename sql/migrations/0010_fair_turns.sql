@@ -25,8 +25,6 @@ DROP INDEX chunkd.ready_claim;
 -- The fast path's order: priority, then turn, then first come first served within a turn
 -- (chunk ids grow with enqueue order, and with seq within a job).
 CREATE INDEX ready_claim ON chunkd.ready (priority DESC, turn, chunk_id) WHERE NOT limited;
--- The current turn among chunks under flow control (the slow path's).
-CREATE INDEX ready_limited_turn ON chunkd.ready (priority DESC, turn) WHERE limited;
 
 ALTER TABLE chunkd.workers ADD COLUMN heartbeat_s float8
     CHECK (heartbeat_s IS NULL OR heartbeat_s > 0);

@@ -37,6 +37,7 @@ __all__ = [
     "grants_snapshot",
     "restore_grants",
     "schema_objects",
+    "successors",
 ]
 
 
@@ -182,6 +183,19 @@ async def apply_definitions(
         # stays visible to `chunkd doctor`, and a current read-only database stays untouched.
         await _record(conn, todo, await catalog_state(conn))
     return tuple(d.path for d in todo)
+
+
+def successors() -> dict[str, str]:
+    """Old function -> the new one of the same name that a definitions file says inherits its
+    grants (``-- carry grants: chunkd.f(a) -> chunkd.f(a,b)``): the old one's arguments and more,
+    with defaults (``tests/test_sql_layout.py`` checks), so every call of the old one finds the
+    new one, and dropping the old one in the same transaction breaks no caller."""
+    return {
+        c.old: c.new
+        for d in definitions()
+        for c in d.carries
+        if c.old.split("(", 1)[0] == c.new.split("(", 1)[0]
+    }
 
 
 def _carries(applied: Iterable[Definition]) -> list[tuple[str, str]]:

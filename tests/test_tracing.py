@@ -7,6 +7,7 @@ that decodes the protobuf."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -381,3 +382,35 @@ def test_with_no_exporter_configured_the_daemon_never_imports_opentelemetry() ->
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
     )
     assert done.stdout.strip() == "[]"
+
+
+def test_an_exporter_that_is_not_installed_is_one_line_at_start(database) -> None:
+    done = run_chunkd(
+        "run", "--dsn", database.dsn, "--handler", "traced=trace_handlers:flaky",
+        env={"OTEL_TRACES_EXPORTER": "zipkin"},
+    )  # fmt: skip
+    assert done.code == 2, done.stderr
+    assert done.one_error_line() == (
+        "OTEL_TRACES_EXPORTER=zipkin: no such span exporter installed: install "
+        "the package that provides it, or use console or otlp"
+    )
+
+
+def test_the_console_exporter_writes_to_stderr_and_leaves_stdout_to_the_log() -> None:
+    script = (
+        "import uuid\n"
+        "from chunkd.observability.tracing import configure\n"
+        "tracing = configure({'OTEL_TRACES_EXPORTER': 'console'}, worker_id='w')\n"
+        "with tracing.chunk(job_id=uuid.uuid4(), kind='k', seq=0, attempt=1, claim_n=1,\n"
+        "                   traceparent=None, chunk_id=1) as span:\n"
+        "    span.outcome('completed')\n"
+        "tracing.shutdown()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
+    assert done.stdout == ""
+    span = json.loads(done.stderr)
+    assert span["name"] == "chunkd.chunk" and span["attributes"]["chunkd.outcome"] == "completed"
+    assert span["resource"]["attributes"]["service.name"] == "chunkd"

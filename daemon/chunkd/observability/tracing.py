@@ -154,6 +154,13 @@ def configure(env: Mapping[str, str] | None = None, *, worker_id: str = "") -> T
 def _exporter(name: str, env: Mapping[str, str]) -> Any:
     from importlib.metadata import entry_points
 
+    if name == "console":
+        import sys
+
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        # stderr: every line on stdout stays one JSON log line (chunkd.observability.logs).
+        return ConsoleSpanExporter(out=sys.stderr)
     entry = name
     if name == "otlp":
         protocol = (

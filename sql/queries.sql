@@ -318,8 +318,8 @@ SELECT id, queue_id, chunk_id, sync_job_id, seq, attempt, kind, payload::text,
 FROM chunkd.claim_batch($1, $2, $3, $4, $5, $6);
 
 -- name: job_finished_by
--- Tracing: the job $1 with its counts, if worker $2's claim of chunk $3 ended in the
--- transaction that finished it (this daemon announces it on the job's trace); else no row.
+-- Tracing: the job $1 with its counts, if worker $2's claim of one of the chunks $3 ended in
+-- the transaction that finished it (this daemon announces it on the job's trace); else no row.
 SELECT kind, overall_status, total_chunks, completed_chunks, failed_chunks, cancelled_chunks,
        traceparent
 FROM chunkd.job_finished_by($1, $2, $3);

@@ -7,6 +7,7 @@ that decodes the protobuf."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import subprocess
@@ -29,7 +30,7 @@ from chunkd.observability.tracing import Tracing
 from chunkd.runtime.supervisor import run_daemon
 from chunkd.settings import RunSettings
 from daemon_helpers import TESTS_DIR, run_chunkd, wait_until
-from trace_handlers import flaky
+from trace_handlers import flaky, napping
 
 FAST = {"retry_base_s": 0.05, "retry_cap_s": 0.1, "poll_interval_s": 1.0}
 
@@ -51,23 +52,27 @@ def _traceparent(span: ReadableSpan) -> str:
 
 
 async def _run_until(
-    dsn: str, registry: HandlerRegistry, tracing: Tracing, done: Any, what: str
+    dsn: str, registry: HandlerRegistry, tracing: Tracing | list[Tracing], done: Any, what: str
 ) -> None:
-    """An in-process daemon (as ``chunkd run`` runs it) until ``done()`` is true."""
+    """In-process daemons (as ``chunkd run`` runs them), one per Tracing, until ``done()``."""
     settings = RunSettings(
         dsn=dsn, concurrency=4, progress_interval_s=0, schedule_interval_s=0, **FAST
     )
     stop = asyncio.Event()
-    task = asyncio.create_task(run_daemon(settings, registry, stop, tracing=tracing))
+    tracings = tracing if isinstance(tracing, list) else [tracing]
+    tasks = [asyncio.create_task(run_daemon(settings, registry, stop, tracing=t)) for t in tracings]
 
     async def check() -> Any:
-        return done()
+        value = done()
+        return await value if inspect.isawaitable(value) else value
 
     try:
         await wait_until(check, timeout_s=30, what=what)
     finally:
         stop.set()
-        await asyncio.wait_for(task, 30)
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        for t in tracings:
+            t.shutdown()
 
 
 async def test_a_job_enqueued_in_a_span_is_one_trace_and_its_retry_is_linked(database, db):
@@ -128,6 +133,43 @@ async def test_a_job_enqueued_in_a_span_is_one_trace_and_its_retry_is_linked(dat
     assert event.attributes["chunkd.job.status"] == "completed"
     assert event.attributes["chunkd.job.completed_chunks"] == 3
     assert event.attributes["chunkd.job_id"] == str(job)
+
+
+async def test_job_finished_comes_once_from_the_daemon_whose_outcome_finished_the_job(database, db):
+    # Two daemons share the job; its first chunk is the slowest, so the chunk that finishes
+    # the job is not the one its daemon started last.
+    provider, exporter = _memory()
+    chunks = [{"sleep_s": 0.5}] + [{"sleep_s": 0.01}] * 11
+    with provider.get_tracer("app").start_as_current_span("enqueue") as enqueuing:
+        job = await chunkd.client.create_sync_job(db, "napping", chunks)
+    daemons = [Tracing(provider), Tracing(provider)]
+
+    async def finished() -> bool:
+        status = await db.fetchval(
+            "SELECT overall_status FROM chunkd.chunk_processing_status"
+            " WHERE parent_sync_job_id = $1",
+            job,
+        )
+        return status == "completed" and bool(_named(exporter, "chunkd.job_finished"))
+
+    await _run_until(
+        database.dsn,
+        HandlerRegistry({"napping": napping}),
+        daemons,
+        finished,
+        "the job and its job_finished span",
+    )
+    ran = {s.attributes["chunkd.worker_id"] for s in _named(exporter, "chunkd.chunk")}
+    assert ran == {d.worker_id for d in daemons}, "both daemons ran chunks of the job"
+    # Absence can only be waited for: the other daemon heard the same NOTIFY within
+    # milliseconds, and its probe found no row.
+    await asyncio.sleep(0.5)
+    (finished_span,) = _named(exporter, "chunkd.job_finished")
+    assert finished_span.context.trace_id == enqueuing.get_span_context().trace_id
+    slowest = next(
+        s for s in _named(exporter, "chunkd.chunk") if s.attributes["chunkd.chunk.seq"] == 0
+    )
+    assert finished_span.attributes["chunkd.worker_id"] == slowest.attributes["chunkd.worker_id"]
 
 
 async def test_a_job_enqueued_outside_a_span_gets_root_spans_and_no_job_event(database, db):

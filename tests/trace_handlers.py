@@ -10,3 +10,11 @@ async def flaky(chunk: Chunk) -> dict[str, object]:
     if chunk.payload.get("fail_until", 0) >= chunk.attempt:
         raise RuntimeError(f"seq {chunk.seq} fails on attempt {chunk.attempt}")
     return {"seq": chunk.seq}
+
+
+async def napping(chunk: Chunk) -> dict[str, object]:
+    """Sleeps ``sleep_s`` (in the payload), then succeeds."""
+    import asyncio
+
+    await asyncio.sleep(float(chunk.payload.get("sleep_s", 0)))
+    return {"seq": chunk.seq}

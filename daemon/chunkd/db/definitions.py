@@ -172,11 +172,14 @@ async def apply_definitions(
     await conn.execute(q["pin_search_path"])
     state = await catalog_state(conn)
     todo = [d for d in definitions() if d.path in state.to_apply]
+    # Also what the versioned migrations just granted (0005 carried create_sync_job's grants
+    # to its 12-argument form, which a definition now replaces in turn).
+    held = [*grants_before, *await grants_snapshot(conn)] if todo else []
     for definition in todo:
         await conn.execute(definition.sql)
     if todo:
         await conn.execute(q["revoke_public"])
-        await restore_grants(conn, grants_before, _carries(todo))
+        await restore_grants(conn, held, _carries(todo))
     if todo or migrated:
         # What the catalog holds now is what was shipped: record it (a versioned migration may
         # have changed how an untouched definition reads). Otherwise write nothing: a hand edit

@@ -265,12 +265,12 @@ class Queue:
         return due_in_s
 
     async def job_finished_by(
-        self, job: UUID, worker_id: str, chunk_id: int
+        self, job: UUID, worker_id: str, chunk_ids: Sequence[int]
     ) -> asyncpg.Record | None:
         """Finished job ``job`` (kind, overall_status, the chunk counts, traceparent) if
-        ``worker_id``'s claim of chunk ``chunk_id`` ended in the transaction that finished it;
+        ``worker_id``'s claim of one of ``chunk_ids`` ended in the transaction that finished it;
         else None (tracing's job_finished, sent once per job by the daemon that finished it)."""
         row: asyncpg.Record | None = await self._pool.fetchrow(
-            self._q["job_finished_by"], job, worker_id, chunk_id
+            self._q["job_finished_by"], job, worker_id, list(chunk_ids)
         )
         return row

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -46,8 +46,10 @@ __all__ = [
 
 log = structlog.get_logger("chunkd.observability.tracing")
 
-#: Traced jobs remembered per daemon (job id -> the last chunk it ran), for job_finished.
+#: Traced jobs remembered per daemon (job id -> the chunks it ran last), for job_finished.
 _REMEMBERED_JOBS = 10_000
+#: Chunks remembered per traced job: the outcome that finished it is among the last written.
+_REMEMBERED_CHUNKS = 64
 #: How long the daemon waits at exit for the last spans to be exported (OTLP: a request).
 FLUSH_TIMEOUT_S = 5.0
 
@@ -202,7 +204,7 @@ class Tracing:
         self._owned = owned
         self._tracer = provider.get_tracer("chunkd", __version__)
         self._w3c = TraceContextTextMapPropagator()
-        self._jobs: OrderedDict[UUID, tuple[str, int]] = OrderedDict()
+        self._jobs: OrderedDict[UUID, deque[int]] = OrderedDict()
 
     def parent(self, traceparent: str | None) -> Any:
         """The span context a W3C ``traceparent`` names, or None for None or a malformed one."""
@@ -239,7 +241,6 @@ class Tracing:
                 parent = trace.set_span_in_context(trace.NonRecordingSpan(job), parent)
             else:
                 links.append(Link(job, {"chunkd.link": "job"}))
-            self._remember(job_id, traceparent, chunk_id)
         span = self._tracer.start_span(
             "chunkd.chunk",
             context=parent,
@@ -258,6 +259,8 @@ class Tracing:
         told = ChunkSpan(span)
         try:
             yield told
+            if job is not None:
+                self._ran(job_id, chunk_id)
         except BaseException as exc:
             if not told.told:
                 span.set_attribute("chunkd.outcome", "interrupted")
@@ -267,19 +270,20 @@ class Tracing:
             otel_context.detach(token)
             span.end()
 
-    def _remember(self, job_id: UUID, traceparent: str | None, chunk_id: int) -> None:
-        if traceparent is None:
-            return
-        self._jobs[job_id] = (traceparent, chunk_id)
-        self._jobs.move_to_end(job_id)
-        if len(self._jobs) > _REMEMBERED_JOBS:
-            self._jobs.popitem(last=False)
+    def _ran(self, job_id: UUID, chunk_id: int) -> None:
+        chunks = self._jobs.get(job_id)
+        if chunks is None:
+            chunks = self._jobs[job_id] = deque(maxlen=_REMEMBERED_CHUNKS)
+            if len(self._jobs) > _REMEMBERED_JOBS:
+                self._jobs.popitem(last=False)
+        else:
+            self._jobs.move_to_end(job_id)
+        chunks.append(chunk_id)
 
-    def ran(self, job_id: UUID) -> int | None:
-        """The internal id of the last chunk of traced job ``job_id`` this daemon ran, if it
-        ran one lately (the last 10,000 traced jobs)."""
-        remembered = self._jobs.get(job_id)
-        return None if remembered is None else remembered[1]
+    def ran(self, job_id: UUID) -> list[int]:
+        """The internal ids of the chunks of traced job ``job_id`` whose handlers this daemon
+        ran last (at most 64; of the last 10,000 traced jobs), empty for any other job."""
+        return list(self._jobs.get(job_id, ()))
 
     def job_finished(self, job_id: UUID, info: Mapping[str, Any]) -> None:
         """Records that traced job ``job_id`` finished: a span ``chunkd.job_finished``, a child

@@ -3,8 +3,9 @@
 
 Runs only while the daemon traces. A job's end is announced by the transaction that finishes
 it (``NOTIFY chunkd_job_finished '<job id> <status>'``, heard on a LISTEN connection of its
-own); of the daemons that ran chunks of the job, the one whose claim ended in that transaction
-finds the job in ``chunkd.job_finished_by`` and records it, the others find no row. A job
+own); of the daemons that ran chunks of the job, the one whose claim of one of the chunks it
+ran last ended in that transaction finds the job in ``chunkd.job_finished_by`` and records it,
+the others find no row. A job
 ended by ``chunkd cancel`` or by the reaper (its last chunk's worker is gone) gets no event:
 its audit row and NOTIFY say it as always.
 """
@@ -36,7 +37,7 @@ class FinishedJobs:
         self._queue = queue
         self._tracing = tracing
         self._worker_id = worker_id
-        self._heard: asyncio.Queue[tuple[UUID, int]] = asyncio.Queue(_BACKLOG)
+        self._heard: asyncio.Queue[tuple[UUID, list[int]]] = asyncio.Queue(_BACKLOG)
 
     def on_notify(self, payload: str) -> None:
         """``'<job id> <status>'``: looked at only for a traced job this daemon ran a chunk
@@ -45,18 +46,18 @@ class FinishedJobs:
             job = UUID(payload.split(" ", 1)[0])
         except ValueError:
             return
-        chunk_id = self._tracing.ran(job)
-        if chunk_id is not None:
+        chunk_ids = self._tracing.ran(job)
+        if chunk_ids:
             try:
-                self._heard.put_nowait((job, chunk_id))
+                self._heard.put_nowait((job, chunk_ids))
             except asyncio.QueueFull:
                 pass
 
     async def run(self) -> None:
         while True:
-            job, chunk_id = await self._heard.get()
+            job, chunk_ids = await self._heard.get()
             try:
-                row = await self._queue.job_finished_by(job, self._worker_id, chunk_id)
+                row = await self._queue.job_finished_by(job, self._worker_id, chunk_ids)
             except DATABASE_ERRORS as exc:
                 log.warning("tracing.job_finished_failed", sync_job_id=str(job), error=str(exc))
                 continue

@@ -107,7 +107,8 @@ def exporter_names(env: Mapping[str, str]) -> list[str]:
 
 def configure(env: Mapping[str, str] | None = None, *, worker_id: str = "") -> Tracing | None:
     """The daemon's tracing as the ``OTEL_*`` variables of ``env`` (default ``os.environ``)
-    ask, or None when they ask for none. Also makes its provider the global one (handlers'
+    ask, or None when they ask for none (the SDK and the exporters read their own settings
+    from ``os.environ``). Also makes its provider the global one (handlers'
     spans join the chunk's trace) unless the application has set one already.
 
     The resource is ``OTEL_SERVICE_NAME`` and ``OTEL_RESOURCE_ATTRIBUTES`` (``service.name``

@@ -311,10 +311,18 @@ SELECT 1;
 -- carries only wait_s: rate limits held chunks back, come back in wait_s seconds; -1: work
 -- under flow control waits for a free slot, claim again when one frees. $5: seconds
 -- until this claimer comes back anyway (a turn it holds), or NULL. $6: how many of the $2 can
--- start now (the rest is prefetch: no work under flow control there).
+-- start now (the rest is prefetch: no work under flow control there). claim_n and traceparent
+-- are for tracing: the chunk's claim number (1: first delivery) and its job's trace context.
 SELECT id, queue_id, chunk_id, sync_job_id, seq, attempt, kind, payload::text,
-       job_payload::text, lease_expires_at, wait_s
+       job_payload::text, lease_expires_at, wait_s, claim_n, traceparent
 FROM chunkd.claim_batch($1, $2, $3, $4, $5, $6);
+
+-- name: job_finished_by
+-- Tracing: the job $1 with its counts, if worker $2's claim of one of the chunks $3 ended in
+-- the transaction that finished it (this daemon announces it on the job's trace); else no row.
+SELECT kind, overall_status, total_chunks, completed_chunks, failed_chunks, cancelled_chunks,
+       traceparent
+FROM chunkd.job_finished_by($1, $2, $3);
 
 -- name: complete_attempts
 SELECT id FROM chunkd.complete_attempts($1, $2, $3, $4) AS id;
@@ -544,7 +552,7 @@ FROM chunkd.flow_limits();
 SELECT chunkd.create_sync_job($1::text, $2::jsonb, $3::jsonb, $4::int, $5::int, $6::int,
                               $7::timestamptz, $8::text, open => $9::boolean,
                               on_finish_kind => $10::text, max_per_second => $11::numeric,
-                              concurrency_key => $12::text);
+                              concurrency_key => $12::text, traceparent => $13::text);
 
 -- name: client_create_sync_jobs
 -- Ids in input order.

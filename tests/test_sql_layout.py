@@ -13,7 +13,7 @@ import pytest
 
 from catalog import first_difference, released_migration_files, schema_dump
 from chunkd.db import connect
-from chunkd.db.definitions import apply_definitions, grants_snapshot
+from chunkd.db.definitions import apply_definitions, grants_snapshot, successors
 from chunkd.db.migrate import apply_migrations, check_version
 from chunkd.db.sql_files import definitions, migrations
 from chunkd.errors import SchemaVersionError
@@ -239,3 +239,25 @@ def test_every_carried_grant_names_functions_as_the_catalog_prints_them() -> Non
                 assert re.fullmatch(
                     r"chunkd\.[a-z_0-9]+\((?:[a-z ]+(?:\[\])?(?:,[a-z ]+(?:\[\])?)*)?\)", name
                 ), name
+
+
+async def test_a_function_carried_to_one_of_its_name_takes_every_call_of_the_old_one(conn) -> None:
+    # chunkd migrate lets the old one be dropped while older daemons run (it does not count
+    # as a drop) only because of this: the new one's arguments are the old one's, then more,
+    # each with a default, so every call of the old one, positional or named, finds it.
+    checked = 0
+    for old, new in successors().items():
+        old_args = old[old.index("(") + 1 : -1].split(",")
+        row = await conn.fetchrow(
+            "SELECT pg_get_function_identity_arguments(p.oid) AS args, p.pronargs,"
+            " p.pronargdefaults, pg_catalog.oidvectortypes(p.proargtypes) AS types"
+            " FROM pg_proc p WHERE p.oid = $1::regprocedure",
+            new,
+        )
+        assert row is not None, new
+        new_types = [t.strip() for t in row["types"].split(",")]
+        assert new_types[: len(old_args)] == old_args, (old, new)
+        assert row["pronargdefaults"] >= row["pronargs"] - len(old_args), new
+        assert await conn.fetchval("SELECT to_regprocedure($1)", old) is None, f"{old} kept"
+        checked += 1
+    assert checked >= 1  # create_sync_job gained traceparent

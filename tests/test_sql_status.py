@@ -216,7 +216,7 @@ async def test_schema_grants_nothing_to_public(conn) -> None:
                                            'SELECT') AS sel,
                        has_function_privilege('{role}',
                          'chunkd.create_sync_job(text,jsonb,jsonb,integer,integer,integer,'
-                         'timestamptz,text,boolean,text,numeric,text)',
+                         'timestamptz,text,boolean,text,numeric,text,text)',
                          'EXECUTE') AS exec"""
         )
         assert dict(checks) == {"usage": False, "sel": False, "exec": False}

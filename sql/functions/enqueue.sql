@@ -1,6 +1,41 @@
 -- Enqueue: checking job specs and chunk arrays, creating jobs (one or many in a call), and
 -- adding chunks to an existing job.
 
+-- What changed shape is dropped here, in the transaction that creates it again below, so no
+-- caller ever finds it missing: a function's result columns cannot change in place (CREATE OR
+-- REPLACE keeps them), and a longer argument list is another function. job_specs gained
+-- traceparent (version 14), and with it go the two functions whose bodies refer to it.
+-- create_sync_job gained traceparent as a trailing argument with a default: every call of the
+-- old one, positional or named, resolves to the new one, which inherits its grants (below), so
+-- chunkd migrate lets this drop through while daemons of an older chunkd run.
+DO $$
+BEGIN
+    IF to_regprocedure('chunkd.job_specs(jsonb)') IS NOT NULL AND NOT EXISTS (
+           SELECT 1 FROM pg_catalog.pg_proc p
+           WHERE p.oid = to_regprocedure('chunkd.job_specs(jsonb)')
+             AND 'traceparent' = ANY (p.proargnames)) THEN
+        DROP FUNCTION IF EXISTS chunkd.misshapen_job_specs(jsonb);
+        DROP FUNCTION IF EXISTS chunkd.invalid_job_spec(jsonb);
+        DROP FUNCTION chunkd.job_specs(jsonb);
+    END IF;
+    IF to_regprocedure('chunkd.create_sync_job(text,jsonb,jsonb,integer,integer,integer,'
+                       'timestamp with time zone,text,boolean,text,numeric,text)') IS NOT NULL THEN
+        DROP FUNCTION chunkd.create_sync_job(text, jsonb, jsonb, int, int, int, timestamptz, text,
+                                             boolean, text, numeric, text);
+    END IF;
+END;
+$$;
+
+-- Whether t is a W3C traceparent (https://www.w3.org/TR/trace-context/#traceparent-header) of
+-- the form chunkd stores: version-trace id-parent id-flags, lowercase hex, neither id all
+-- zeros, version not ff. The same test as the check jobs_traceparent_w3c (migration 14).
+CREATE OR REPLACE FUNCTION chunkd.is_traceparent(t text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN t ~ '^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$'
+       AND left(t, 2) <> 'ff'
+       AND substr(t, 4, 32) <> repeat('0', 32)
+       AND substr(t, 37, 16) <> repeat('0', 16);
+
 -- Checks a JSON array of chunk payloads against the enqueue limits; returns how many.
 CREATE OR REPLACE FUNCTION chunkd.check_chunks(chunks jsonb, allow_empty boolean) RETURNS int
 LANGUAGE plpgsql IMMUTABLE
@@ -63,7 +98,8 @@ RETURNS TABLE (
     open boolean,
     on_finish_kind text,
     max_per_second numeric,
-    concurrency_key text
+    concurrency_key text,
+    traceparent text
 )
 LANGUAGE sql STABLE
 BEGIN ATOMIC
@@ -77,12 +113,13 @@ BEGIN ATOMIC
            coalesce(x.open, false),
            x.on_finish_kind,
            x.max_per_second,
-           x.concurrency_key
+           x.concurrency_key,
+           x.traceparent
     FROM jsonb_array_elements(job_specs.jobs) WITH ORDINALITY AS e(spec, ord)
     CROSS JOIN LATERAL jsonb_to_record(e.spec) AS x(
         kind text, chunks jsonb, payload jsonb, max_concurrency int, max_attempts int,
         priority int, run_at timestamptz, dedupe_key text, open boolean, on_finish_kind text,
-        max_per_second numeric, concurrency_key text);
+        max_per_second numeric, concurrency_key text, traceparent text);
 END;
 
 CREATE OR REPLACE FUNCTION chunkd.invalid_job_spec(jobs jsonb) RETURNS TABLE (ord int)
@@ -105,6 +142,7 @@ BEGIN ATOMIC
            AND (s.max_per_second IS NULL
                 OR (s.max_per_second > 0 AND s.max_per_second < 'Infinity'))
            AND (s.concurrency_key IS NULL OR length(s.concurrency_key) BETWEEN 1 AND 200)
+           AND (s.traceparent IS NULL OR chunkd.is_traceparent(s.traceparent))
           ) IS NOT TRUE
     ORDER BY s.ord
     LIMIT 1;
@@ -285,6 +323,10 @@ BEGIN
         ELSIF length(bad.concurrency_key) = 0 OR length(bad.concurrency_key) > 200 THEN
             RAISE EXCEPTION 'chunkd: %concurrency_key must be a non-empty text of at most 200 '
                 'characters', where_ USING ERRCODE = '22023';
+        ELSIF NOT chunkd.is_traceparent(bad.traceparent) THEN
+            RAISE EXCEPTION 'chunkd: %traceparent must be a W3C traceparent '
+                '(00-<32 hex digits>-<16 hex digits>-<2 hex digits>, lowercase; NULL: none), '
+                'got %', where_, to_jsonb(left(bad.traceparent, 80)) USING ERRCODE = '22023';
         -- Documented limits: a queue is not a blob store, and one huge job must not bloat the
         -- tables every claim reads. (Sizes as stored, i.e. after jsonb encoding.)
         ELSIF pg_column_size(bad.chunks) > 16 * 1024 * 1024 THEN
@@ -313,10 +355,10 @@ BEGIN
             INSERT INTO chunkd.jobs AS j (public_id, kind, payload, max_concurrency,
                                           max_attempts, priority, total_chunks, run_at,
                                           dedupe_key, open, on_finish_kind, max_per_second,
-                                          concurrency_key)
+                                          concurrency_key, traceparent)
             SELECT i.public_id, i.kind, i.payload, i.max_concurrency, i.max_attempts,
                    i.priority, jsonb_array_length(i.chunks), i.run_at, i.dedupe_key, i.open,
-                   i.on_finish_kind, i.max_per_second, i.concurrency_key
+                   i.on_finish_kind, i.max_per_second, i.concurrency_key, i.traceparent
             FROM input i
             ORDER BY i.dedupe_key IS NULL, i.kind, i.dedupe_key, i.ord
             ON CONFLICT (kind, dedupe_key)
@@ -409,6 +451,8 @@ $$;
 
 -- The public enqueue (the seed's name and first six arguments; later ones are trailing, with
 -- defaults): returns the job's id, or the unfinished job's with the same kind and dedupe_key.
+-- traceparent: the W3C trace context of the caller's span (NULL: none).
+-- carry grants: chunkd.create_sync_job(text,jsonb,jsonb,integer,integer,integer,timestamp with time zone,text,boolean,text,numeric,text) -> chunkd.create_sync_job(text,jsonb,jsonb,integer,integer,integer,timestamp with time zone,text,boolean,text,numeric,text,text)
 CREATE OR REPLACE FUNCTION chunkd.create_sync_job(
     kind text,
     chunks jsonb,
@@ -421,7 +465,8 @@ CREATE OR REPLACE FUNCTION chunkd.create_sync_job(
     open boolean DEFAULT false,
     on_finish_kind text DEFAULT NULL,
     max_per_second numeric DEFAULT NULL,
-    concurrency_key text DEFAULT NULL
+    concurrency_key text DEFAULT NULL,
+    traceparent text DEFAULT NULL
 ) RETURNS uuid
 LANGUAGE sql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -440,7 +485,8 @@ BEGIN ATOMIC
             'open', create_sync_job.open,
             'on_finish_kind', create_sync_job.on_finish_kind,
             'max_per_second', create_sync_job.max_per_second,
-            'concurrency_key', create_sync_job.concurrency_key)),
+            'concurrency_key', create_sync_job.concurrency_key,
+            'traceparent', create_sync_job.traceparent)),
         true) j;
 END;
 

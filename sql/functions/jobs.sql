@@ -213,3 +213,33 @@ BEGIN
     RETURN n;
 END;
 $$;
+
+-- For tracing (docs/observability.md): job `job` as its job_finished audit row tells it, if it
+-- was finished by the transaction that ended worker_id's claim of one of `chunks` (internal
+-- chunk ids: the chunks of the job that daemon ran last), and no row otherwise. The daemon that
+-- wrote the outcome finishing a traced job, and only that one, so announces it on the job's
+-- trace once, however many daemons ran its chunks and heard NOTIFY chunkd_job_finished. One
+-- probe of the attempts' primary key per chunk given.
+-- carry grants: chunkd.worker_heartbeat(text) -> chunkd.job_finished_by(uuid,text,bigint[])
+CREATE OR REPLACE FUNCTION chunkd.job_finished_by(job uuid, worker_id text, chunks bigint[])
+RETURNS TABLE (
+    kind text,
+    overall_status text,
+    total_chunks int,
+    completed_chunks int,
+    failed_chunks int,
+    cancelled_chunks int,
+    traceparent text
+)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT j.kind, chunkd.overall_status(j), j.total_chunks, j.completed_chunks, j.failed_chunks,
+           j.cancelled_chunks, j.traceparent
+    FROM chunkd.jobs j
+    WHERE j.public_id = job_finished_by.job AND j.finished_at IS NOT NULL
+      AND EXISTS (SELECT 1 FROM chunkd.attempts a
+                  WHERE a.chunk_id = ANY (job_finished_by.chunks)
+                    AND a.worker_id = job_finished_by.worker_id
+                    AND a.ended_at = j.finished_at);
+END;

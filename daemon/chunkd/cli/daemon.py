@@ -19,6 +19,7 @@ from chunkd.errors import ChunkdError
 
 if TYPE_CHECKING:
     from chunkd.handlers import HandlerRegistry
+    from chunkd.observability.tracing import Tracing
     from chunkd.settings import RunSettings
 
 __all__ = ["migrate", "run"]
@@ -294,10 +295,16 @@ def run(
             "no handlers: pass an app (chunkd run myapp.tasks:app), --handler KIND=SPEC, or "
             "install a chunkd.handlers entry point"
         )
-    run_async(_run_until_signalled(settings, registry))
+    from chunkd.observability.tracing import configure
+
+    # After the app is imported: a tracer provider it set up itself is kept.
+    tracing = configure(os.environ)
+    run_async(_run_until_signalled(settings, registry, tracing))
 
 
-async def _run_until_signalled(settings: RunSettings, registry: HandlerRegistry) -> None:
+async def _run_until_signalled(
+    settings: RunSettings, registry: HandlerRegistry, tracing: Tracing | None
+) -> None:
     from chunkd.runtime.supervisor import run_daemon
 
     stop = asyncio.Event()
@@ -317,7 +324,9 @@ async def _run_until_signalled(settings: RunSettings, registry: HandlerRegistry)
         ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="chunkd-handler")
     )
     try:
-        await run_daemon(settings, registry, stop)
+        await run_daemon(settings, registry, stop, tracing=tracing)
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        if tracing is not None:
+            await asyncio.to_thread(tracing.shutdown)  # the last spans, at most 5 s

@@ -124,6 +124,13 @@ __all__ = ["cancel", "enqueue", "retry", "status"]
     help="When the job finishes, a one-chunk job of this kind is created (its chunk carries "
     "the job's id, status and counts).  [env: CHUNKD_ON_FINISH_KIND]",
 )
+@click.option(
+    "--traceparent",
+    default=None,
+    envvar="TRACEPARENT",
+    help="The W3C trace context whose trace the job's chunk spans join "
+    "(00-<trace id>-<span id>-<flags>), e.g. a traced script's own.  [env: TRACEPARENT]",
+)
 @click.argument("source", metavar="[FILE|-]", type=click.File("rb"), required=False)
 def enqueue(
     dsn: str,
@@ -139,6 +146,7 @@ def enqueue(
     on_finish_kind: str | None,
     max_per_second: str | None,
     concurrency_key: str | None,
+    traceparent: str | None,
     source: IO[bytes] | None,
 ) -> None:
     """Create a sync job from a JSON array of chunk payloads, or NDJSON (one payload per line),
@@ -178,6 +186,7 @@ def enqueue(
             on_finish_kind=on_finish_kind,
             max_per_second=rate,
             concurrency_key=concurrency_key,
+            traceparent=traceparent or None,
         ),
     )
     click.echo(str(done.job_id))

@@ -22,6 +22,7 @@ from chunkd.errors import (
     JobNotFoundError,
     SchemaVersionError,
 )
+from chunkd.observability.tracing import current_traceparent
 
 __all__ = [
     "Driver",
@@ -124,9 +125,11 @@ def job_params(
     on_finish_kind: object = None,
     max_per_second: object = None,
     concurrency_key: object = None,
+    traceparent: object = None,
 ) -> tuple[Any, ...]:
     """The bound values of ``client_create_sync_job``, checked for what the server could not
-    say clearly (types, time zones, NUL characters); the rest is the server's to refuse."""
+    say clearly (types, time zones, NUL characters); the rest is the server's to refuse.
+    ``traceparent`` None: the current OpenTelemetry span's, if any."""
     if not isinstance(open_job, bool):
         raise InvalidInputError(f"open must be True or False, got {type(open_job).__name__}")
     return (
@@ -142,7 +145,14 @@ def job_params(
         _text("on_finish_kind", on_finish_kind, optional=True),
         _rate("max_per_second", max_per_second),
         _text("concurrency_key", concurrency_key, optional=True),
+        _traceparent(traceparent),
     )
+
+
+def _traceparent(value: object) -> str | None:
+    """As given (the server checks its form), or the current OpenTelemetry span's for None."""
+    given = _text("traceparent", value, optional=True)
+    return current_traceparent() if given is None else given
 
 
 def _rate(name: str, value: object) -> Decimal | None:
@@ -156,7 +166,8 @@ def _rate(name: str, value: object) -> Decimal | None:
 
 def jobs_param(jobs: Iterable[Mapping[str, Any]]) -> str:
     """``create_sync_jobs``' one argument: the job objects as a JSON array, ``run_at``
-    datetimes as ISO 8601 text."""
+    datetimes as ISO 8601 text, the current OpenTelemetry span's ``traceparent`` in each job
+    that gives none."""
     encoded: list[dict[str, Any]] = []
     for index, job in enumerate(jobs):
         if not isinstance(job, Mapping):
@@ -165,6 +176,8 @@ def jobs_param(jobs: Iterable[Mapping[str, Any]]) -> str:
                 f"got {type(job).__name__}"
             )
         spec = dict(job)
+        if spec.get("traceparent") is None:
+            spec["traceparent"] = current_traceparent()  # the current span's, if any
         if "run_at" in spec:
             try:
                 at = _run_at(spec["run_at"])

@@ -37,6 +37,7 @@ __all__ = [
     "grants_snapshot",
     "restore_grants",
     "schema_objects",
+    "successors",
 ]
 
 
@@ -171,17 +172,33 @@ async def apply_definitions(
     await conn.execute(q["pin_search_path"])
     state = await catalog_state(conn)
     todo = [d for d in definitions() if d.path in state.to_apply]
+    # Also what the versioned migrations just granted (0005 carried create_sync_job's grants
+    # to its 12-argument form, which a definition now replaces in turn).
+    held = [*grants_before, *await grants_snapshot(conn)] if todo else []
     for definition in todo:
         await conn.execute(definition.sql)
     if todo:
         await conn.execute(q["revoke_public"])
-        await restore_grants(conn, grants_before, _carries(todo))
+        await restore_grants(conn, held, _carries(todo))
     if todo or migrated:
         # What the catalog holds now is what was shipped: record it (a versioned migration may
         # have changed how an untouched definition reads). Otherwise write nothing: a hand edit
         # stays visible to `chunkd doctor`, and a current read-only database stays untouched.
         await _record(conn, todo, await catalog_state(conn))
     return tuple(d.path for d in todo)
+
+
+def successors() -> dict[str, str]:
+    """Old function -> the new one of the same name that a definitions file says inherits its
+    grants (``-- carry grants: chunkd.f(a) -> chunkd.f(a,b)``): the old one's arguments and more,
+    with defaults (``tests/test_sql_layout.py`` checks), so every call of the old one finds the
+    new one, and dropping the old one in the same transaction breaks no caller."""
+    return {
+        c.old: c.new
+        for d in definitions()
+        for c in d.carries
+        if c.old.split("(", 1)[0] == c.new.split("(", 1)[0]
+    }
 
 
 def _carries(applied: Iterable[Definition]) -> list[tuple[str, str]]:

@@ -6,7 +6,10 @@ Each versioned migration (``sql/migrations/``) runs in its own transaction, with
 re-applied in one more (:mod:`chunkd.db.definitions`). All of it runs under one session
 advisory lock, so two ``chunkd migrate`` at once are safe: the second waits, then finds nothing
 to do. A step that drops a function or view while daemons of another chunkd version are alive
-is refused (a rolling upgrade: they may still call it). Before anything is written,
+is refused (a rolling upgrade: they may still call it), unless it is a function that the
+definitions replace in the same transaction by one of the same name that inherits its grants
+(``-- carry grants:``; a trailing argument with a default), which takes every call of the old
+one. Before anything is written,
 :func:`apply_migrations`
 checks what would make it fail half-way or run someone else's code: a read-only database, a
 ``chunkd`` schema (or an object in it) owned by another role, no right to create the schema,
@@ -37,6 +40,7 @@ from chunkd.db.definitions import (
     compare_versions,
     grants_snapshot,
     schema_objects,
+    successors,
 )
 from chunkd.db.locks import DEFAULT_LOCK_WAIT_S, Wanted, with_lock_retry
 from chunkd.db.server_errors import quote_role, read_only_message
@@ -218,7 +222,7 @@ async def _apply_definitions(
     async def apply() -> tuple[str, ...]:
         before = await schema_objects(conn)
         applied = await apply_definitions(conn, grants, migrated=migrated)
-        await _refuse_drops(conn, before, step)
+        await _refuse_drops(conn, before, step, successors=successors())
         return applied
 
     try:
@@ -234,10 +238,19 @@ async def _apply_definitions(
     return applied
 
 
-async def _refuse_drops(conn: asyncpg.Connection, before: set[tuple[str, str]], step: str) -> None:
+async def _refuse_drops(
+    conn: asyncpg.Connection,
+    before: set[tuple[str, str]],
+    step: str,
+    *,
+    successors: dict[str, str] | None = None,
+) -> None:
     """Raises (rolling the step back) when it dropped a function or view while daemons of
-    another chunkd version are alive: they may still call it."""
-    dropped = sorted(obj for _, obj in before - await schema_objects(conn))
+    another chunkd version are alive: they may still call it. A function whose successor of
+    the same name (``successors``) exists after the step is not counted: calls find that."""
+    after = {obj for _, obj in await schema_objects(conn)}
+    new = successors or {}
+    dropped = sorted(o for _, o in before if o not in after and new.get(o) not in after)
     if not dropped:
         return
     live = await conn.fetch(queries()["live_workers_of_other_versions"], __version__, LIVE_WORKER_S)

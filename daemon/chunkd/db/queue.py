@@ -20,7 +20,10 @@ __all__ = ["Claim", "ClaimedRow", "Queue"]
 class ClaimedRow:
     """One claimed chunk as the claim returns it; ``id`` is its internal key (outcomes use it),
     the uuids are its public identity. The payloads are JSON text as the database prints them
-    (decoded only if a handler reads them, so every number stays exactly as stored)."""
+    (decoded only if a handler reads them, so every number stays exactly as stored).
+    ``claim_n``: this claim's number among the chunk's claims (1: its first delivery; a retry,
+    a snooze, a release or a reap hands it out again); ``traceparent``: its job's W3C trace
+    context, or None (both for tracing)."""
 
     id: int
     queue_id: UUID
@@ -32,6 +35,8 @@ class ClaimedRow:
     payload_json: str
     job_payload_json: str
     lease_expires_at: datetime
+    claim_n: int = 1
+    traceparent: str | None = None
 
     def log_fields(self, worker_id: str) -> dict[str, object]:
         """The fields every per-chunk log line carries (ids as text), for ``worker_id``."""
@@ -97,7 +102,13 @@ class Queue:
             if record[0] is None:
                 wait_s = float(record[10])
             else:
-                rows.append(ClaimedRow(*record[:10]))
+                r = record
+                rows.append(
+                    ClaimedRow(
+                        r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9],
+                        claim_n=r[11], traceparent=r[12],
+                    )
+                )  # fmt: skip
         return Claim(rows, wait_s)
 
     async def complete(
@@ -270,3 +281,14 @@ class Queue:
             self._q["next_due_in"], list(kinds) if kinds is not None else None
         )
         return due_in_s
+
+    async def job_finished_by(
+        self, job: UUID, worker_id: str, chunk_ids: Sequence[int]
+    ) -> asyncpg.Record | None:
+        """Finished job ``job`` (kind, overall_status, the chunk counts, traceparent) if
+        ``worker_id``'s claim of one of ``chunk_ids`` ended in the transaction that finished it;
+        else None (tracing's job_finished, sent once per job by the daemon that finished it)."""
+        row: asyncpg.Record | None = await self._pool.fetchrow(
+            self._q["job_finished_by"], job, worker_id, list(chunk_ids)
+        )
+        return row

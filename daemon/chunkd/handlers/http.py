@@ -6,6 +6,8 @@ chunks, see :mod:`chunkd.handlers.reserved`), 408/429/5xx/timeouts/connection er
 chunk at once. Configured headers usually carry credentials (``Authorization: Bearer …``),
 so their values never appear in logs, reprs or error messages, and they live only inside the
 ``aiohttp`` session so that tracebacks rendered with local variables do not show them either.
+While the daemon traces, each request carries the chunk span's ``traceparent`` (and
+``tracestate``), so the endpoint's own tracing joins the trace.
 
 Response bodies are streamed and read with a cap, never whole: a 2xx body above
 :data:`MAX_BODY_BYTES` (the daemon's result limit) fails the chunk at once, and of an error
@@ -36,6 +38,7 @@ from yarl import URL
 from chunkd.chunk import MAX_RESULT_BYTES, Chunk, PermanentError, RetryLater, too_deep
 from chunkd.handlers import HandlerError
 from chunkd.handlers.reserved import continuation_of
+from chunkd.observability.tracing import propagation_headers
 from chunkd.version import __version__
 
 __all__ = [
@@ -274,16 +277,17 @@ class HttpHandler:
             body = chunk.to_json()
         except (TypeError, ValueError) as exc:
             raise PermanentError(f"chunk is not JSON-serialisable: {exc}") from None
+        headers = {"Content-Type": "application/json", "Idempotency-Key": chunk.idempotency_key}
+        traced = propagation_headers()  # None unless the daemon traces: the chunk's span
+        if traced is not None:
+            headers.update(traced)
         # `from None` everywhere below: aiohttp's exception chain carries the request (and so
         # the configured headers) in frames that some traceback renderers print.
         try:
             async with session.post(
                 self.url,
                 data=body.encode(),
-                headers={
-                    "Content-Type": "application/json",
-                    "Idempotency-Key": chunk.idempotency_key,
-                },
+                headers=headers,
                 allow_redirects=False,
                 proxy=self._proxy,
                 proxy_auth=self._proxy_auth,

@@ -69,6 +69,16 @@ class Outcome:
     # A continuation: a JSON array of chunks appended to the job with this completion.
     append_json: str | None = None
 
+    @property
+    def trace_name(self) -> str:
+        """The span attribute ``chunkd.outcome``: completed, error (retried while attempts
+        remain), failed (for good) or snoozed."""
+        if self.error is None:
+            return "completed"
+        if self.snooze:
+            return "snoozed"
+        return "error" if self.retryable else "failed"
+
 
 @dataclass(frozen=True, slots=True, eq=False)
 class _Queued:

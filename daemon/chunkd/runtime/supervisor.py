@@ -36,6 +36,7 @@ from chunkd.handlers import HandlerRegistry
 from chunkd.observability.metrics import Metrics
 from chunkd.observability.probes import Probes
 from chunkd.observability.sdnotify import Notifier
+from chunkd.observability.tracing import Tracing
 from chunkd.runtime.claimer import Claimer
 from chunkd.runtime.health import DatabaseHealth
 from chunkd.runtime.heartbeat import Heartbeat
@@ -118,15 +119,19 @@ async def run_daemon(
     *,
     notifier: Notifier | None = None,
     metrics: Metrics | None = None,
+    tracing: Tracing | None = None,
 ) -> None:
     """Runs until ``stop`` is set, then shuts down gracefully and returns.
 
     With ``settings.metrics_port``, ``/metrics``, ``/healthz`` and ``/readyz`` are served from
-    the start (``/readyz`` says "starting" while the database is waited for).
+    the start (``/readyz`` says "starting" while the database is waited for). ``tracing``: the
+    spans of chunks and jobs (None: off); the caller shuts it down.
     """
     notifier = notifier or Notifier()
     metrics = metrics or Metrics()
     worker_id = make_worker_id()
+    if tracing is not None:
+        tracing.worker_id = worker_id
     probes = Probes(
         stall_threshold_s=settings.stall_threshold_s,
         stale_after_s=STALE_AFTER_S,
@@ -148,7 +153,7 @@ async def run_daemon(
             deadline,
         )
         try:
-            outside = _Outside(notifier, metrics, probes)
+            outside = _Outside(notifier, metrics, probes, tracing)
             await _serve(settings, registry, stop, Queue(pool), outside, worker_id, deadline)
         finally:
             try:
@@ -164,11 +169,12 @@ async def run_daemon(
 
 @dataclass(frozen=True)
 class _Outside:
-    """What the daemon tells the outside world: systemd, the metrics, the probes."""
+    """What the daemon tells the outside world: systemd, the metrics, the probes, traces."""
 
     notifier: Notifier
     metrics: Metrics
     probes: Probes
+    tracing: Tracing | None
 
 
 async def _serve(
@@ -224,6 +230,7 @@ async def _serve(
         metrics,
         chunk_timeout_s=settings.chunk_timeout_s,
         on_slot_freed=lambda kind, handler_s: claimer.slot_freed(kind, handler_s),
+        tracing=outside.tracing,
     )
     claimer = Claimer(
         queue,
@@ -287,6 +294,13 @@ async def _serve(
     }
     if notifier.enabled:
         services["systemd"] = tell_systemd
+    if outside.tracing is not None:
+        from chunkd.runtime.finished import JOB_FINISHED_CHANNEL, FinishedJobs
+
+        finished = FinishedJobs(queue, outside.tracing, worker_id=worker_id)
+        heard = Listener(settings.dsn, finished.on_notify, finished.connected,
+                         channel=JOB_FINISHED_CHANNEL)  # fmt: skip
+        services.update(job_finished=finished.run, job_finished_listener=heard.run)
     if settings.progress_interval_s > 0:
         services["progress"] = progress.run
     if settings.schedule_interval_s > 0:

@@ -20,6 +20,7 @@ import structlog
 from chunkd.db import ClaimedRow
 from chunkd.handlers import Handler
 from chunkd.observability.metrics import Metrics
+from chunkd.observability.tracing import Tracing
 from chunkd.runtime.inflight import InFlight
 from chunkd.runtime.invoke import chunk_of, invoke
 from chunkd.runtime.outcomes import Outcome, Outcomes
@@ -39,6 +40,7 @@ class Worker:
         *,
         chunk_timeout_s: float,
         on_slot_freed: Callable[[str, float], None],
+        tracing: Tracing | None = None,
     ) -> None:
         self._handlers = handlers
         self._outcomes = outcomes
@@ -47,6 +49,7 @@ class Worker:
         self._timeout_s = chunk_timeout_s
         self._on_slot_freed = on_slot_freed
         self._handler_seconds: dict[str, Any] = {}
+        self._tracing = tracing  # None: tracing is off, and costs this one check per chunk
 
     async def run(self, row: ClaimedRow) -> None:
         """Runs the handler and queues its outcome; runs in a worker of the pool
@@ -81,10 +84,24 @@ class Worker:
 
     async def _call_handler(self, row: ClaimedRow) -> Outcome:
         # The chunk timeout is InFlight's: it cancels this task and marks the claim.
-        called = await invoke(
-            self._handlers[row.kind],
-            chunk_of(row),
-            timed_out=lambda: self._inflight.timed_out(row),
-            timeout_s=self._timeout_s,
-        )
-        return called.outcome
+        if self._tracing is None:
+            called = await invoke(
+                self._handlers[row.kind],
+                chunk_of(row),
+                timed_out=lambda: self._inflight.timed_out(row),
+                timeout_s=self._timeout_s,
+            )
+            return called.outcome
+        with self._tracing.chunk(
+            job_id=row.sync_job_id, kind=row.kind, seq=row.seq, attempt=row.attempt,
+            claim_n=row.claim_n, traceparent=row.traceparent, chunk_id=row.id,
+        ) as span:  # fmt: skip
+            called = await invoke(
+                self._handlers[row.kind],
+                chunk_of(row),
+                timed_out=lambda: self._inflight.timed_out(row),
+                timeout_s=self._timeout_s,
+            )
+            outcome = called.outcome
+            span.outcome(outcome.trace_name, error=outcome.error, raised=called.raised)
+        return outcome

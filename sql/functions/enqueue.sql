@@ -30,7 +30,7 @@ END;
 $$;
 
 -- Which key of one job object does not convert to its column's type, and why (NULL: none).
--- Only called after job_specs failed, to say where.
+-- Only called after job_spec_rows failed, to say where.
 CREATE OR REPLACE FUNCTION chunkd.job_spec_problem(spec jsonb) RETURNS text
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -40,7 +40,8 @@ DECLARE
 BEGIN
     FOR key IN SELECT k FROM jsonb_object_keys(spec) k ORDER BY k LOOP
         BEGIN
-            PERFORM FROM chunkd.job_specs(jsonb_build_array(jsonb_build_object(key, spec -> key)));
+            PERFORM FROM chunkd.job_spec_rows(
+                jsonb_build_array(jsonb_build_object(key, spec -> key)));
         EXCEPTION WHEN data_exception THEN
             RETURN format('%s: %s', key, SQLERRM);
         END;
@@ -49,6 +50,53 @@ BEGIN
 END;
 $$;
 
+-- The job objects of create_sync_jobs and create_jobs, one typed row each, with
+-- create_sync_job's defaults for absent keys. The columns after `ord` are the accepted keys
+-- (misshapen_job_specs reads them from here): a new option is a new column here, a check in
+-- invalid_job_spec and create_jobs, and a column in create_jobs' insert. Adding a column
+-- changes the result type, which CREATE OR REPLACE cannot: that is a new function beside this
+-- one, and the old one stays until a later release drops it.
+CREATE OR REPLACE FUNCTION chunkd.job_spec_rows(jobs jsonb)
+RETURNS TABLE (
+    ord int,
+    kind text,
+    chunks jsonb,
+    payload jsonb,
+    max_concurrency int,
+    max_attempts int,
+    priority int,
+    run_at timestamptz,
+    dedupe_key text,
+    open boolean,
+    on_finish_kind text,
+    max_per_second numeric,
+    concurrency_key text,
+    label text
+)
+LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT e.ord::int, x.kind, x.chunks,
+           coalesce(nullif(x.payload, 'null'::jsonb), '{}'::jsonb),
+           x.max_concurrency,
+           CASE WHEN e.spec ? 'max_attempts' THEN x.max_attempts ELSE 3 END,
+           coalesce(x.priority, 0),
+           x.run_at,
+           x.dedupe_key,
+           coalesce(x.open, false),
+           x.on_finish_kind,
+           x.max_per_second,
+           x.concurrency_key,
+           x.label
+    FROM jsonb_array_elements(job_spec_rows.jobs) WITH ORDINALITY AS e(spec, ord)
+    CROSS JOIN LATERAL jsonb_to_record(e.spec) AS x(
+        kind text, chunks jsonb, payload jsonb, max_concurrency int, max_attempts int,
+        priority int, run_at timestamptz, dedupe_key text, open boolean, on_finish_kind text,
+        max_per_second numeric, concurrency_key text, label text);
+END;
+
+-- The job objects as read before labels (schema versions 6 to 13). Nothing calls it any more;
+-- it stays because a migration that drops a function is refused while daemons of another
+-- chunkd version run (docs/migrations.md), and goes in a later release's migration.
 CREATE OR REPLACE FUNCTION chunkd.job_specs(jobs jsonb)
 RETURNS TABLE (
     ord int,
@@ -89,7 +137,7 @@ CREATE OR REPLACE FUNCTION chunkd.invalid_job_spec(jobs jsonb) RETURNS TABLE (or
 LANGUAGE sql STABLE
 BEGIN ATOMIC
     SELECT s.ord
-    FROM chunkd.job_specs(invalid_job_spec.jobs) s
+    FROM chunkd.job_spec_rows(invalid_job_spec.jobs) s
     WHERE (s.kind IS NOT NULL AND length(s.kind) BETWEEN 1 AND 200
            AND CASE WHEN jsonb_typeof(s.chunks) = 'array'
                     THEN jsonb_array_length(s.chunks)
@@ -105,6 +153,7 @@ BEGIN ATOMIC
            AND (s.max_per_second IS NULL
                 OR (s.max_per_second > 0 AND s.max_per_second < 'Infinity'))
            AND (s.concurrency_key IS NULL OR length(s.concurrency_key) BETWEEN 1 AND 200)
+           AND (s.label IS NULL OR length(s.label) BETWEEN 1 AND 200)
           ) IS NOT TRUE
     ORDER BY s.ord
     LIMIT 1;
@@ -118,7 +167,7 @@ BEGIN ATOMIC
         SELECT array_agg(a.name ORDER BY a.i) AS keys
         FROM pg_catalog.pg_proc p
         CROSS JOIN LATERAL unnest(p.proargnames, p.proargmodes) WITH ORDINALITY AS a(name, mode, i)
-        WHERE p.oid = 'chunkd.job_specs(jsonb)'::regprocedure AND a.mode = 't'
+        WHERE p.oid = 'chunkd.job_spec_rows(jsonb)'::regprocedure AND a.mode = 't'
           AND a.name <> 'ord'
     )
     SELECT s.ord, s.problem
@@ -250,7 +299,7 @@ BEGIN
         END;
     END IF;
     IF bad_ord IS NOT NULL THEN
-        SELECT s.* INTO bad FROM chunkd.job_specs(p_jobs) s WHERE s.ord = bad_ord;
+        SELECT s.* INTO bad FROM chunkd.job_spec_rows(p_jobs) s WHERE s.ord = bad_ord;
         where_ := CASE WHEN p_single THEN '' ELSE format('jobs[%s]: ', bad_ord - 1) END;
         IF bad.kind IS NULL OR length(bad.kind) = 0 OR length(bad.kind) > 200 THEN
             RAISE EXCEPTION 'chunkd: %kind must be a non-empty text of at most 200 characters',
@@ -285,6 +334,10 @@ BEGIN
         ELSIF length(bad.concurrency_key) = 0 OR length(bad.concurrency_key) > 200 THEN
             RAISE EXCEPTION 'chunkd: %concurrency_key must be a non-empty text of at most 200 '
                 'characters', where_ USING ERRCODE = '22023';
+        ELSIF length(bad.label) = 0 OR length(bad.label) > 200 THEN
+            RAISE EXCEPTION 'chunkd: %label must be NULL (no label) or a non-empty text of at '
+                'most 200 characters, got % characters', where_, length(bad.label)
+                USING ERRCODE = '22023';
         -- Documented limits: a queue is not a blob store, and one huge job must not bloat the
         -- tables every claim reads. (Sizes as stored, i.e. after jsonb encoding.)
         ELSIF pg_column_size(bad.chunks) > 16 * 1024 * 1024 THEN
@@ -307,16 +360,16 @@ BEGIN
         -- keys wait for each other instead of deadlocking.
         WITH input AS MATERIALIZED (
             SELECT s.*, gen_random_uuid() AS public_id
-            FROM chunkd.job_specs(p_jobs) s
+            FROM chunkd.job_spec_rows(p_jobs) s
             WHERE pending IS NULL OR pending[s.ord]
         ), ins AS (
             INSERT INTO chunkd.jobs AS j (public_id, kind, payload, max_concurrency,
                                           max_attempts, priority, total_chunks, run_at,
                                           dedupe_key, open, on_finish_kind, max_per_second,
-                                          concurrency_key)
+                                          concurrency_key, label)
             SELECT i.public_id, i.kind, i.payload, i.max_concurrency, i.max_attempts,
                    i.priority, jsonb_array_length(i.chunks), i.run_at, i.dedupe_key, i.open,
-                   i.on_finish_kind, i.max_per_second, i.concurrency_key
+                   i.on_finish_kind, i.max_per_second, i.concurrency_key, i.label
             FROM input i
             ORDER BY i.dedupe_key IS NULL, i.kind, i.dedupe_key, i.ord
             ON CONFLICT (kind, dedupe_key)
@@ -374,7 +427,7 @@ BEGIN
         -- by this call): return it. One that finished in between frees its key: try again.
         SELECT coalesce(array_agg(s.ord), '{}'), coalesce(array_agg(j.public_id), '{}')
         INTO new_ords, new_ids
-        FROM chunkd.job_specs(p_jobs) s
+        FROM chunkd.job_spec_rows(p_jobs) s
         JOIN chunkd.jobs j ON j.kind = s.kind AND j.dedupe_key = s.dedupe_key
                           AND j.finished_at IS NULL AND j.cancelled_at IS NULL
         WHERE pending[s.ord];
@@ -409,6 +462,14 @@ $$;
 
 -- The public enqueue (the seed's name and first six arguments; later ones are trailing, with
 -- defaults): returns the job's id, or the unfinished job's with the same kind and dedupe_key.
+--
+-- It has no `label` argument: a trailing argument with a default cannot be added beside this
+-- signature (every call that leaves it out would match both functions), so it would mean
+-- dropping this one, which producers and fire_schedule call: the drop is refused while daemons
+-- of another version run, and between the migration that drops it and the definitions that
+-- create it again enqueues would fail. A label goes through the job objects of
+-- create_sync_jobs and create_jobs ({"label": ...}), which is what the Python client,
+-- `chunkd enqueue --label` and chunkd.App.enqueue do.
 CREATE OR REPLACE FUNCTION chunkd.create_sync_job(
     kind text,
     chunks jsonb,

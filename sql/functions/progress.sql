@@ -33,7 +33,8 @@ BEGIN ATOMIC
         'total_is_final', j.finished_at IS NOT NULL OR j.cancelled_at IS NOT NULL
                           OR (NOT j.open AND j.appended_chunks = 0),
         'appended_chunks', j.appended_chunks,
-        'on_finish_kind', j.on_finish_kind)
+        'on_finish_kind', j.on_finish_kind,
+        'label', j.label)
     FROM chunkd.chunk_processing_status s
     JOIN chunkd.jobs j ON j.public_id = s.parent_sync_job_id
     CROSS JOIN LATERAL (

@@ -124,6 +124,13 @@ __all__ = ["cancel", "enqueue", "retry", "status"]
     help="When the job finishes, a one-chunk job of this kind is created (its chunk carries "
     "the job's id, status and counts).  [env: CHUNKD_ON_FINISH_KIND]",
 )
+@click.option(
+    "--label",
+    default=None,
+    envvar="CHUNKD_LABEL",
+    help="A short text to find the job by (1-200 characters): the dashboard shows it and "
+    "its search matches its start.  [env: CHUNKD_LABEL]",
+)
 @click.argument("source", metavar="[FILE|-]", type=click.File("rb"), required=False)
 def enqueue(
     dsn: str,
@@ -139,6 +146,7 @@ def enqueue(
     on_finish_kind: str | None,
     max_per_second: str | None,
     concurrency_key: str | None,
+    label: str | None,
     source: IO[bytes] | None,
 ) -> None:
     """Create a sync job from a JSON array of chunk payloads, or NDJSON (one payload per line),
@@ -153,6 +161,8 @@ def enqueue(
         raise ChunkdError("--at and --in both say when to start: give one of them")
     if dedupe_key is not None and not dedupe_key:
         raise ChunkdError("--dedupe-key must not be empty (leave it out for no key)")
+    if label is not None and not label:
+        raise ChunkdError("--label must not be empty (leave it out for no label)")
     if source is None:
         if sys.stdin.isatty() and not open_job:
             raise ChunkdError("no input: give FILE, or '-' and pipe the chunks to stdin")
@@ -178,6 +188,7 @@ def enqueue(
             on_finish_kind=on_finish_kind,
             max_per_second=rate,
             concurrency_key=concurrency_key,
+            label=label,
         ),
     )
     click.echo(str(done.job_id))

@@ -124,12 +124,15 @@ def job_params(
     on_finish_kind: object = None,
     max_per_second: object = None,
     concurrency_key: object = None,
-) -> tuple[Any, ...]:
-    """The bound values of ``client_create_sync_job``, checked for what the server could not
-    say clearly (types, time zones, NUL characters); the rest is the server's to refuse."""
+    label: object = None,
+) -> tuple[str, tuple[Any, ...]]:
+    """The named statement that creates the job and its bound values, checked for what the
+    server could not say clearly (types, time zones, NUL characters); the rest is the server's
+    to refuse. A job with a label goes through ``client_create_labeled_job``
+    (``create_sync_job`` has no label argument), any other through ``client_create_sync_job``."""
     if not isinstance(open_job, bool):
         raise InvalidInputError(f"open must be True or False, got {type(open_job).__name__}")
-    return (
+    values = (
         _text("kind", kind, optional=False),
         _json("chunks", chunks),
         _json("payload", {} if payload is None else payload),
@@ -143,6 +146,9 @@ def job_params(
         _rate("max_per_second", max_per_second),
         _text("concurrency_key", concurrency_key, optional=True),
     )
+    if label is None:
+        return "client_create_sync_job", values
+    return "client_create_labeled_job", (*values, _text("label", label, optional=False))
 
 
 def _rate(name: str, value: object) -> Decimal | None:

@@ -66,6 +66,7 @@ async def enqueue(
     on_finish_kind: str | None = None,
     max_per_second: Decimal | None = None,
     concurrency_key: str | None = None,
+    label: str | None = None,
 ) -> Enqueued:
     """One job through ``create_jobs``, the function behind ``create_sync_job``: job, chunks
     and queue rows in one transaction. ``run_in_s`` (seconds from now by the database clock)
@@ -73,7 +74,8 @@ async def enqueue(
     closed (``chunks`` may be empty); ``on_finish_kind``: the kind of the one-chunk job created
     when this one finishes; ``max_per_second``: the job's own rate limit (chunks per second);
     ``concurrency_key``: the key whose concurrency limit (``chunkd limit --key``) this job shares
-    with others. Numbers go as they were read (:class:`decimal.Decimal` written
+    with others; ``label``: a text to find the job by (the dashboard shows and searches it).
+    Numbers go as they were read (:class:`decimal.Decimal` written
     exactly, never through a float)."""
     spec = {
         "kind": kind,
@@ -88,6 +90,7 @@ async def enqueue(
         "on_finish_kind": on_finish_kind,
         "max_per_second": max_per_second,
         "concurrency_key": concurrency_key,
+        "label": label,
     }
     with database_errors(conn):
         (row,) = await conn.fetch(

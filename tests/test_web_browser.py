@@ -191,7 +191,7 @@ async def test_the_dashboard_in_a_real_browser(conn, database, start, start_web)
                 await tab.wait_for_url(f"{url}/jobs?q=*")
                 shown = [await r.get_attribute("data-job") for r in await _rows(tab)]
                 assert shown == [str(wanted)], (query, shown)
-            label = await tab.inner_text(f'tr[data-job="{limited}"] td.label')
+            label = await tab.inner_text(f'tr[data-job="{limited}"] [data-label]')
             assert label == "Customer 17 mailbox"
             await _shot(tab, "search")
 

@@ -69,7 +69,10 @@ async def test_one_box_finds_jobs_by_id_kind_label_or_dedupe_key(conn, database)
         assert await found(invoice[:4] + "-" + invoice[4:8]) == set(), "not an id: a text"
 
         page = (await http.get("/jobs", params={"q": "invoice"})).text
-        assert "<span data-label>Invoice run 2026-12</span>" in page, "the label is shown"
+        assert (
+            '<span class="label" data-label title="Invoice run 2026-12">Invoice run 2026-12</span>'
+            in page
+        ), "the label is shown"
         assert 'data-status="pending">pending <b>' not in page, "no counts of all jobs"
         assert "No jobs match this search" in (await http.get("/jobs?q=zzz")).text
         rows = await http.get("/jobs", params={"q": "tenant", "part": "rows"})
@@ -77,7 +80,10 @@ async def test_one_box_finds_jobs_by_id_kind_label_or_dedupe_key(conn, database)
         assert "Tenant-42" in rows.text, "the dedupe key a search matched is shown"
         everything = (await http.get("/jobs")).text
         assert _ids(everything) == {invoice, tenant, weekly, archive, other}
-        assert "<span data-label>nothing alike</span>" in everything
+        assert (
+            '<span class="label" data-label title="nothing alike">nothing alike</span>'
+            in everything
+        )
         assert 'data-status="pending">pending <b>5</b>' in everything
 
 
@@ -214,7 +220,10 @@ async def test_the_read_only_role_searches_but_may_not_pause_a_kind(
             response = await http.get(path)
             assert response.status_code == 200, (path, response.text[-300:])
             assert "permission denied" not in response.text
-        assert "<span data-label>labelled</span>" in (await http.get("/jobs?q=lab")).text
+        assert (
+            '<span class="label" data-label title="labelled">labelled</span>'
+            in (await http.get("/jobs?q=lab")).text
+        )
         confirm = await http.get("/kinds/pause?kind=test")
         refused = await http.post("/kinds/pause?kind=test", data={"csrf": csrf_of(confirm.text)})
         assert refused.status_code == 503

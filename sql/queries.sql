@@ -554,6 +554,19 @@ SELECT chunkd.create_sync_job($1::text, $2::jsonb, $3::jsonb, $4::int, $5::int, 
                               on_finish_kind => $10::text, max_per_second => $11::numeric,
                               concurrency_key => $12::text, traceparent => $13::text);
 
+-- name: client_create_labeled_job
+-- client_create_sync_job with a label ($14): through create_jobs, as create_sync_job itself
+-- goes, since create_sync_job has no label argument (sql/functions/enqueue.sql says why).
+SELECT j.sync_job_id
+FROM chunkd.create_jobs(
+    pg_catalog.jsonb_build_array(pg_catalog.jsonb_build_object(
+        'kind', $1::text, 'chunks', $2::jsonb, 'payload', $3::jsonb, 'max_concurrency', $4::int,
+        'max_attempts', $5::int, 'priority', $6::int, 'run_at', $7::timestamptz,
+        'dedupe_key', $8::text, 'open', $9::boolean, 'on_finish_kind', $10::text,
+        'max_per_second', $11::numeric, 'concurrency_key', $12::text,
+        'traceparent', $13::text, 'label', $14::text)),
+    true) j;
+
 -- name: client_create_sync_jobs
 -- Ids in input order.
 SELECT create_sync_jobs FROM chunkd.create_sync_jobs($1::jsonb) WITH ORDINALITY

@@ -1,20 +1,22 @@
 -- Statements of `chunkd web` only, one named block each ("-- name: NAME"), read by chunkd.web.
 -- They read through the public SQL contract (the views chunk_processing_queue, chunk_events,
 -- job_events, sync_jobs, chunked_sync_jobs, workers and the functions get_sync_job_progress,
--- queue_depth, and the read-only functions of 0004_web.sql and 0007_web_flow.sql:
--- sync_jobs_page, sync_job_status_counts, queue_depth_by_kind, in_flight_by_worker, job_flow),
--- so a role with SELECT on those views and EXECUTE on those functions runs every page; the
--- actions call retry_failed_chunks, cancel_sync_job, pause_sync_job and resume_sync_job.
--- Values are always bound parameters.
+-- queue_depth, and the read-only functions of sql/functions/progress.sql: search_sync_jobs,
+-- sync_job_status_counts, kind_state, queue_depth_by_kind, in_flight_by_worker, job_flow), so
+-- a role with SELECT on those views and EXECUTE on those functions runs every page; the
+-- actions call retry_failed_chunks, cancel_sync_job, pause_sync_job, resume_sync_job,
+-- pause_kind and resume_kind. Values are always bound parameters.
 
 -- name: web_jobs_page
--- One page of jobs, newest first, optionally of one kind ($1) and one overall status ($2);
--- $3 rows from offset $4 (the columns of chunk_processing_status). Throughput as
--- get_sync_job_progress computes it (terminal chunks that ran, per second since the start);
--- starts_in_s: how long until a delayed job's run_at.
-SELECT s.parent_sync_job_id AS id, s.kind, s.total_chunks, s.pending_chunks,
-       s.processing_chunks, s.completed_chunks, s.failed_chunks, s.cancelled_chunks,
-       s.overall_status, s.progress_percentage, s.created_at, s.started_at, s.finished_at,
+-- One page of jobs, newest first, matching the search $1 (NULL: all), optionally of one kind
+-- ($2) and one overall status ($3); $4 rows from offset $5 (the columns of
+-- chunk_processing_status, the label and the dedupe key). Throughput as get_sync_job_progress
+-- computes it (terminal chunks that ran, per second since the start); starts_in_s: how long
+-- until a delayed job's run_at.
+SELECT s.parent_sync_job_id AS id, s.kind, s.label, s.dedupe_key, s.total_chunks,
+       s.pending_chunks, s.processing_chunks, s.completed_chunks, s.failed_chunks,
+       s.cancelled_chunks, s.overall_status, s.progress_percentage, s.created_at, s.started_at,
+       s.finished_at,
        CASE WHEN s.started_at IS NULL THEN NULL
             ELSE round((s.completed_chunks + s.failed_chunks)::numeric
                        / greatest(extract(epoch FROM
@@ -22,11 +24,16 @@ SELECT s.parent_sync_job_id AS id, s.kind, s.total_chunks, s.pending_chunks,
        END::float8 AS chunks_per_second,
        CASE WHEN s.run_at > now() THEN extract(epoch FROM s.run_at - now())::float8
        END AS starts_in_s
-FROM chunkd.sync_jobs_page($1, $2, $3, $4) s;
+FROM chunkd.search_sync_jobs($1, $2, $3, $4, $5) s;
 
 -- name: web_job_facets
 -- How many jobs of kind $1 (NULL: any) are in each overall status.
 SELECT c.overall_status, c.jobs FROM chunkd.sync_job_status_counts($1) c;
+
+-- name: web_kind_state
+-- Kind $1's pause and rate, and its chunks processing and pending (one row).
+SELECT k.paused_at, k.per_second, k.burst, k.tokens, k.processing, k.pending, k.active_jobs
+FROM chunkd.kind_state($1) k;
 
 -- name: web_kinds
 -- Every job kind, for the filter.
@@ -39,7 +46,7 @@ SELECT chunkd.get_sync_job_progress($1);
 -- A job's settings, the size of its payload (the payload itself only on request), and how
 -- long until its run_at when that lies ahead.
 SELECT j.kind, j.priority, j.max_concurrency, j.max_attempts, j.total_chunks, j.cancelled_at,
-       j.created_at, j.run_at, j.dedupe_key, pg_column_size(j.payload) AS payload_bytes,
+       j.created_at, j.run_at, j.dedupe_key, j.label, pg_column_size(j.payload) AS payload_bytes,
        CASE WHEN j.run_at > now() THEN extract(epoch FROM j.run_at - now())::float8
        END AS starts_in_s
 FROM chunkd.sync_jobs j
@@ -152,3 +159,9 @@ SELECT chunkd.pause_sync_job($1);
 
 -- name: web_resume_sync_job
 SELECT chunkd.resume_sync_job($1);
+
+-- name: web_pause_kind
+SELECT chunkd.pause_kind($1);
+
+-- name: web_resume_kind
+SELECT chunkd.resume_kind($1);

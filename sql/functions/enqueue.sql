@@ -2,22 +2,12 @@
 -- adding chunks to an existing job.
 
 -- What changed shape is dropped here, in the transaction that creates it again below, so no
--- caller ever finds it missing: a function's result columns cannot change in place (CREATE OR
--- REPLACE keeps them), and a longer argument list is another function. job_specs gained
--- traceparent (version 14), and with it go the two functions whose bodies refer to it.
+-- caller ever finds it missing: a longer argument list is another function.
 -- create_sync_job gained traceparent as a trailing argument with a default: every call of the
 -- old one, positional or named, resolves to the new one, which inherits its grants (below), so
 -- chunkd migrate lets this drop through while daemons of an older chunkd run.
 DO $$
 BEGIN
-    IF to_regprocedure('chunkd.job_specs(jsonb)') IS NOT NULL AND NOT EXISTS (
-           SELECT 1 FROM pg_catalog.pg_proc p
-           WHERE p.oid = to_regprocedure('chunkd.job_specs(jsonb)')
-             AND 'traceparent' = ANY (p.proargnames)) THEN
-        DROP FUNCTION IF EXISTS chunkd.misshapen_job_specs(jsonb);
-        DROP FUNCTION IF EXISTS chunkd.invalid_job_spec(jsonb);
-        DROP FUNCTION chunkd.job_specs(jsonb);
-    END IF;
     IF to_regprocedure('chunkd.create_sync_job(text,jsonb,jsonb,integer,integer,integer,'
                        'timestamp with time zone,text,boolean,text,numeric,text)') IS NOT NULL THEN
         DROP FUNCTION chunkd.create_sync_job(text, jsonb, jsonb, int, int, int, timestamptz, text,
@@ -65,7 +55,7 @@ END;
 $$;
 
 -- Which key of one job object does not convert to its column's type, and why (NULL: none).
--- Only called after job_specs failed, to say where.
+-- Only called after job_spec_rows failed, to say where.
 CREATE OR REPLACE FUNCTION chunkd.job_spec_problem(spec jsonb) RETURNS text
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -75,7 +65,8 @@ DECLARE
 BEGIN
     FOR key IN SELECT k FROM jsonb_object_keys(spec) k ORDER BY k LOOP
         BEGIN
-            PERFORM FROM chunkd.job_specs(jsonb_build_array(jsonb_build_object(key, spec -> key)));
+            PERFORM FROM chunkd.job_spec_rows(
+                jsonb_build_array(jsonb_build_object(key, spec -> key)));
         EXCEPTION WHEN data_exception THEN
             RETURN format('%s: %s', key, SQLERRM);
         END;
@@ -84,7 +75,13 @@ BEGIN
 END;
 $$;
 
-CREATE OR REPLACE FUNCTION chunkd.job_specs(jobs jsonb)
+-- The job objects of create_sync_jobs and create_jobs, one typed row each, with
+-- create_sync_job's defaults for absent keys. The columns after `ord` are the accepted keys
+-- (misshapen_job_specs reads them from here): a new option is a new column here, a check in
+-- invalid_job_spec and create_jobs, and a column in create_jobs' insert. Adding a column
+-- changes the result type, which CREATE OR REPLACE cannot: that is a new function beside this
+-- one, and the old one stays until a later release drops it.
+CREATE OR REPLACE FUNCTION chunkd.job_spec_rows(jobs jsonb)
 RETURNS TABLE (
     ord int,
     kind text,
@@ -99,7 +96,8 @@ RETURNS TABLE (
     on_finish_kind text,
     max_per_second numeric,
     concurrency_key text,
-    traceparent text
+    traceparent text,
+    label text
 )
 LANGUAGE sql STABLE
 BEGIN ATOMIC
@@ -114,19 +112,60 @@ BEGIN ATOMIC
            x.on_finish_kind,
            x.max_per_second,
            x.concurrency_key,
-           x.traceparent
+           x.traceparent,
+           x.label
+    FROM jsonb_array_elements(job_spec_rows.jobs) WITH ORDINALITY AS e(spec, ord)
+    CROSS JOIN LATERAL jsonb_to_record(e.spec) AS x(
+        kind text, chunks jsonb, payload jsonb, max_concurrency int, max_attempts int,
+        priority int, run_at timestamptz, dedupe_key text, open boolean, on_finish_kind text,
+        max_per_second numeric, concurrency_key text, traceparent text, label text);
+END;
+
+-- The job objects as read before traceparents and labels (schema versions 6 to 13). Nothing
+-- calls it any more;
+-- it stays because a migration that drops a function is refused while daemons of another
+-- chunkd version run (docs/migrations.md), and goes in a later release's migration.
+CREATE OR REPLACE FUNCTION chunkd.job_specs(jobs jsonb)
+RETURNS TABLE (
+    ord int,
+    kind text,
+    chunks jsonb,
+    payload jsonb,
+    max_concurrency int,
+    max_attempts int,
+    priority int,
+    run_at timestamptz,
+    dedupe_key text,
+    open boolean,
+    on_finish_kind text,
+    max_per_second numeric,
+    concurrency_key text
+)
+LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT e.ord::int, x.kind, x.chunks,
+           coalesce(nullif(x.payload, 'null'::jsonb), '{}'::jsonb),
+           x.max_concurrency,
+           CASE WHEN e.spec ? 'max_attempts' THEN x.max_attempts ELSE 3 END,
+           coalesce(x.priority, 0),
+           x.run_at,
+           x.dedupe_key,
+           coalesce(x.open, false),
+           x.on_finish_kind,
+           x.max_per_second,
+           x.concurrency_key
     FROM jsonb_array_elements(job_specs.jobs) WITH ORDINALITY AS e(spec, ord)
     CROSS JOIN LATERAL jsonb_to_record(e.spec) AS x(
         kind text, chunks jsonb, payload jsonb, max_concurrency int, max_attempts int,
         priority int, run_at timestamptz, dedupe_key text, open boolean, on_finish_kind text,
-        max_per_second numeric, concurrency_key text, traceparent text);
+        max_per_second numeric, concurrency_key text);
 END;
 
 CREATE OR REPLACE FUNCTION chunkd.invalid_job_spec(jobs jsonb) RETURNS TABLE (ord int)
 LANGUAGE sql STABLE
 BEGIN ATOMIC
     SELECT s.ord
-    FROM chunkd.job_specs(invalid_job_spec.jobs) s
+    FROM chunkd.job_spec_rows(invalid_job_spec.jobs) s
     WHERE (s.kind IS NOT NULL AND length(s.kind) BETWEEN 1 AND 200
            AND CASE WHEN jsonb_typeof(s.chunks) = 'array'
                     THEN jsonb_array_length(s.chunks)
@@ -143,6 +182,7 @@ BEGIN ATOMIC
                 OR (s.max_per_second > 0 AND s.max_per_second < 'Infinity'))
            AND (s.concurrency_key IS NULL OR length(s.concurrency_key) BETWEEN 1 AND 200)
            AND (s.traceparent IS NULL OR chunkd.is_traceparent(s.traceparent))
+           AND (s.label IS NULL OR length(s.label) BETWEEN 1 AND 200)
           ) IS NOT TRUE
     ORDER BY s.ord
     LIMIT 1;
@@ -156,7 +196,7 @@ BEGIN ATOMIC
         SELECT array_agg(a.name ORDER BY a.i) AS keys
         FROM pg_catalog.pg_proc p
         CROSS JOIN LATERAL unnest(p.proargnames, p.proargmodes) WITH ORDINALITY AS a(name, mode, i)
-        WHERE p.oid = 'chunkd.job_specs(jsonb)'::regprocedure AND a.mode = 't'
+        WHERE p.oid = 'chunkd.job_spec_rows(jsonb)'::regprocedure AND a.mode = 't'
           AND a.name <> 'ord'
     )
     SELECT s.ord, s.problem
@@ -288,7 +328,7 @@ BEGIN
         END;
     END IF;
     IF bad_ord IS NOT NULL THEN
-        SELECT s.* INTO bad FROM chunkd.job_specs(p_jobs) s WHERE s.ord = bad_ord;
+        SELECT s.* INTO bad FROM chunkd.job_spec_rows(p_jobs) s WHERE s.ord = bad_ord;
         where_ := CASE WHEN p_single THEN '' ELSE format('jobs[%s]: ', bad_ord - 1) END;
         IF bad.kind IS NULL OR length(bad.kind) = 0 OR length(bad.kind) > 200 THEN
             RAISE EXCEPTION 'chunkd: %kind must be a non-empty text of at most 200 characters',
@@ -327,6 +367,10 @@ BEGIN
             RAISE EXCEPTION 'chunkd: %traceparent must be a W3C traceparent '
                 '(00-<32 hex digits>-<16 hex digits>-<2 hex digits>, lowercase; NULL: none), '
                 'got %', where_, to_jsonb(left(bad.traceparent, 80)) USING ERRCODE = '22023';
+        ELSIF length(bad.label) = 0 OR length(bad.label) > 200 THEN
+            RAISE EXCEPTION 'chunkd: %label must be NULL (no label) or a non-empty text of at '
+                'most 200 characters, got % characters', where_, length(bad.label)
+                USING ERRCODE = '22023';
         -- Documented limits: a queue is not a blob store, and one huge job must not bloat the
         -- tables every claim reads. (Sizes as stored, i.e. after jsonb encoding.)
         ELSIF pg_column_size(bad.chunks) > 16 * 1024 * 1024 THEN
@@ -349,16 +393,16 @@ BEGIN
         -- keys wait for each other instead of deadlocking.
         WITH input AS MATERIALIZED (
             SELECT s.*, gen_random_uuid() AS public_id
-            FROM chunkd.job_specs(p_jobs) s
+            FROM chunkd.job_spec_rows(p_jobs) s
             WHERE pending IS NULL OR pending[s.ord]
         ), ins AS (
             INSERT INTO chunkd.jobs AS j (public_id, kind, payload, max_concurrency,
                                           max_attempts, priority, total_chunks, run_at,
                                           dedupe_key, open, on_finish_kind, max_per_second,
-                                          concurrency_key, traceparent)
+                                          concurrency_key, traceparent, label)
             SELECT i.public_id, i.kind, i.payload, i.max_concurrency, i.max_attempts,
                    i.priority, jsonb_array_length(i.chunks), i.run_at, i.dedupe_key, i.open,
-                   i.on_finish_kind, i.max_per_second, i.concurrency_key, i.traceparent
+                   i.on_finish_kind, i.max_per_second, i.concurrency_key, i.traceparent, i.label
             FROM input i
             ORDER BY i.dedupe_key IS NULL, i.kind, i.dedupe_key, i.ord
             ON CONFLICT (kind, dedupe_key)
@@ -416,7 +460,7 @@ BEGIN
         -- by this call): return it. One that finished in between frees its key: try again.
         SELECT coalesce(array_agg(s.ord), '{}'), coalesce(array_agg(j.public_id), '{}')
         INTO new_ords, new_ids
-        FROM chunkd.job_specs(p_jobs) s
+        FROM chunkd.job_spec_rows(p_jobs) s
         JOIN chunkd.jobs j ON j.kind = s.kind AND j.dedupe_key = s.dedupe_key
                           AND j.finished_at IS NULL AND j.cancelled_at IS NULL
         WHERE pending[s.ord];
@@ -452,6 +496,11 @@ $$;
 -- The public enqueue (the seed's name and first six arguments; later ones are trailing, with
 -- defaults): returns the job's id, or the unfinished job's with the same kind and dedupe_key.
 -- traceparent: the W3C trace context of the caller's span (NULL: none).
+--
+-- It has no `label` argument: a label goes through the job objects of create_sync_jobs and
+-- create_jobs ({"label": ...}), which is what the Python client, `chunkd enqueue --label` and
+-- chunkd.App.enqueue do (each argument added here is a drop and re-create of this function,
+-- which producers and fire_schedule call).
 -- carry grants: chunkd.create_sync_job(text,jsonb,jsonb,integer,integer,integer,timestamp with time zone,text,boolean,text,numeric,text) -> chunkd.create_sync_job(text,jsonb,jsonb,integer,integer,integer,timestamp with time zone,text,boolean,text,numeric,text,text)
 CREATE OR REPLACE FUNCTION chunkd.create_sync_job(
     kind text,

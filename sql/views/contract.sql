@@ -4,7 +4,7 @@
 CREATE OR REPLACE VIEW chunkd.sync_jobs AS
 SELECT j.public_id AS id, j.kind, j.payload, j.max_concurrency, j.max_attempts, j.priority,
        j.total_chunks, j.cancelled_at, j.created_at, j.started_at, j.finished_at, j.run_at,
-       j.dedupe_key, j.paused_at, j.max_per_second, j.concurrency_key
+       j.dedupe_key, j.paused_at, j.max_per_second, j.concurrency_key, j.label
 FROM chunkd.jobs j;
 
 CREATE OR REPLACE VIEW chunkd.chunked_sync_jobs AS

@@ -131,6 +131,13 @@ __all__ = ["cancel", "enqueue", "retry", "status"]
     help="The W3C trace context whose trace the job's chunk spans join "
     "(00-<trace id>-<span id>-<flags>), e.g. a traced script's own.  [env: TRACEPARENT]",
 )
+@click.option(
+    "--label",
+    default=None,
+    envvar="CHUNKD_LABEL",
+    help="A short text to find the job by (1-200 characters): the dashboard shows it and "
+    "its search matches its start.  [env: CHUNKD_LABEL]",
+)
 @click.argument("source", metavar="[FILE|-]", type=click.File("rb"), required=False)
 def enqueue(
     dsn: str,
@@ -147,6 +154,7 @@ def enqueue(
     max_per_second: str | None,
     concurrency_key: str | None,
     traceparent: str | None,
+    label: str | None,
     source: IO[bytes] | None,
 ) -> None:
     """Create a sync job from a JSON array of chunk payloads, or NDJSON (one payload per line),
@@ -161,6 +169,8 @@ def enqueue(
         raise ChunkdError("--at and --in both say when to start: give one of them")
     if dedupe_key is not None and not dedupe_key:
         raise ChunkdError("--dedupe-key must not be empty (leave it out for no key)")
+    if label is not None and not label:
+        raise ChunkdError("--label must not be empty (leave it out for no label)")
     if source is None:
         if sys.stdin.isatty() and not open_job:
             raise ChunkdError("no input: give FILE, or '-' and pipe the chunks to stdin")
@@ -187,6 +197,7 @@ def enqueue(
             max_per_second=rate,
             concurrency_key=concurrency_key,
             traceparent=traceparent or None,
+            label=label,
         ),
     )
     click.echo(str(done.job_id))

@@ -196,6 +196,8 @@ def job_view(detail: ops.JobDetail) -> RenderableType:
     facts.add_column()
     facts.add_row("job", str(p["sync_job_id"]))
     facts.add_row("kind", detail.kind)
+    if p.get("label") is not None:
+        facts.add_row("label", Text(str(p["label"])))
     facts.add_row("status", _status(detail.overall_status))
     facts.add_row("progress", _bar(float(p["progress_percentage"] or 0), detail.overall_status))
     facts.add_row(

@@ -126,13 +126,16 @@ def job_params(
     max_per_second: object = None,
     concurrency_key: object = None,
     traceparent: object = None,
-) -> tuple[Any, ...]:
-    """The bound values of ``client_create_sync_job``, checked for what the server could not
-    say clearly (types, time zones, NUL characters); the rest is the server's to refuse.
-    ``traceparent`` None: the current OpenTelemetry span's, if any."""
+    label: object = None,
+) -> tuple[str, tuple[Any, ...]]:
+    """The named statement that creates the job and its bound values, checked for what the
+    server could not say clearly (types, time zones, NUL characters); the rest is the server's
+    to refuse. ``traceparent`` None: the current OpenTelemetry span's, if any. A job with a
+    label goes through ``client_create_labeled_job`` (``create_sync_job`` has no label
+    argument), any other through ``client_create_sync_job``."""
     if not isinstance(open_job, bool):
         raise InvalidInputError(f"open must be True or False, got {type(open_job).__name__}")
-    return (
+    values = (
         _text("kind", kind, optional=False),
         _json("chunks", chunks),
         _json("payload", {} if payload is None else payload),
@@ -147,6 +150,9 @@ def job_params(
         _text("concurrency_key", concurrency_key, optional=True),
         _traceparent(traceparent),
     )
+    if label is None:
+        return "client_create_sync_job", values
+    return "client_create_labeled_job", (*values, _text("label", label, optional=False))
 
 
 def _traceparent(value: object) -> str | None:

@@ -67,6 +67,7 @@ async def enqueue(
     max_per_second: Decimal | None = None,
     concurrency_key: str | None = None,
     traceparent: str | None = None,
+    label: str | None = None,
 ) -> Enqueued:
     """One job through ``create_jobs``, the function behind ``create_sync_job``: job, chunks
     and queue rows in one transaction. ``run_in_s`` (seconds from now by the database clock)
@@ -74,9 +75,9 @@ async def enqueue(
     closed (``chunks`` may be empty); ``on_finish_kind``: the kind of the one-chunk job created
     when this one finishes; ``max_per_second``: the job's own rate limit (chunks per second);
     ``concurrency_key``: the key whose concurrency limit (``chunkd limit --key``) this job shares
-    with others; ``traceparent``: the W3C trace context its chunks' spans join. Numbers go as
-    they were read (:class:`decimal.Decimal` written
-    exactly, never through a float)."""
+    with others; ``traceparent``: the W3C trace context its chunks' spans join; ``label``: a
+    text to find the job by (the dashboard shows and searches it). Numbers go as they were read
+    (:class:`decimal.Decimal` written exactly, never through a float)."""
     spec = {
         "kind": kind,
         "chunks": chunks,
@@ -91,6 +92,7 @@ async def enqueue(
         "max_per_second": max_per_second,
         "concurrency_key": concurrency_key,
         "traceparent": traceparent,
+        "label": label,
     }
     with database_errors(conn):
         (row,) = await conn.fetch(

@@ -42,6 +42,8 @@ _WEB_ACTIONS = (
     "web_cancel_sync_job",
     "web_pause_sync_job",
     "web_resume_sync_job",
+    "web_pause_kind",
+    "web_resume_kind",
 )
 # What tells a role the schema's versions and definitions (chunkd.db.migrate.check_version).
 _SCHEMA = ("schema_definitions", "schema_versions")

@@ -232,6 +232,15 @@ FROM wanted w
 LEFT JOIN defs d ON d.kind = w.kind AND d.name = w.name
 GROUP BY w.path;
 
+-- name: definitions_sql_bodies
+-- The catalog's text of the SQL-standard bodies (BEGIN ATOMIC, RETURN) of the functions named
+-- $1: PostgreSQL prints such a body back differently once re-read from its own print (a
+-- column alias `AS text` added in a UNION branch), so `chunkd migrate` re-applies each until
+-- it prints the same, as a dump and restore would leave it.
+SELECT p.oid::pg_catalog.regprocedure::text AS function, pg_catalog.pg_get_functiondef(p.oid) AS def
+FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname = 'chunkd' AND p.prosqlbody IS NOT NULL AND p.proname = ANY ($1::text[]);
+
 -- name: definitions_record
 -- $1 paths, $2 checksums, $3 fingerprints, $4 the chunkd version applying them.
 INSERT INTO chunkd.schema_definitions

@@ -241,7 +241,7 @@ async def test_definitions_changed_by_hand_or_missing(conn, database) -> None:
     assert finding(report, "definitions")["level"] == "ok", report
     # Someone "fixes" the queue depth in production with CREATE OR REPLACE.
     body = await conn.fetchval("SELECT pg_get_functiondef('chunkd.queue_depth()'::regprocedure)")
-    await conn.execute(body.replace("SELECT", "SELECT /* hot fix */", 1))
+    await conn.execute(body.replace("SELECT", "SELECT DISTINCT", 1))
     code, report = await doctor(database.dsn)
     edited = finding(report, "definitions")
     assert edited["level"] == "warning" and code >= 1, edited

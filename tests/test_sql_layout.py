@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from catalog import first_difference, released_migration_files, schema_dump
+from catalog import first_difference, released_migration_files, schema_dump, schema_script
 from chunkd.db import connect
-from chunkd.db.definitions import apply_definitions, grants_snapshot, successors
+from chunkd.db.definitions import apply_definitions, catalog_state, grants_snapshot, successors
 from chunkd.db.migrate import apply_migrations, check_version
 from chunkd.db.sql_files import definitions, migrations
 from chunkd.errors import SchemaVersionError
@@ -172,6 +172,31 @@ async def test_migrate_changes_nothing_when_current_and_applies_one_changed_file
     restored = _migrate(database.dsn)
     assert restored.stdout.strip() == "applied definition(s) functions/progress.sql"
     assert await conn.fetchval("SELECT to_regprocedure('chunkd.queue_depth()')") is not None
+
+
+async def test_a_restored_dump_or_another_search_path_is_no_hand_edit(
+    database, empty_database
+) -> None:
+    """The fingerprints survive what is not an edit: PostgreSQL prints a BEGIN ATOMIC body
+    back differently once it was re-read from its own print (pg_dump and restore), and
+    qualifies names as the session's search_path needs (`chunkd doctor`'s role may have
+    chunkd in its path)."""
+    restored = await connect(empty_database)
+    try:
+        await restored.execute(schema_script(database.dsn))
+        assert (await catalog_state(restored)).edited == ()
+        await restored.execute("SET search_path = chunkd, public")
+        assert (await catalog_state(restored)).edited == ()
+        assert (await catalog_state(restored, through_function=True)).edited == ()
+        # A real edit still shows.
+        await restored.execute(
+            "CREATE OR REPLACE FUNCTION chunkd.queue_depth() RETURNS TABLE"
+            " (status text, chunks bigint) LANGUAGE sql STABLE BEGIN ATOMIC"
+            " SELECT 'pending'::text, 0::bigint; END"
+        )
+        assert (await catalog_state(restored)).edited == ("functions/progress.sql",)
+    finally:
+        await restored.close()
 
 
 async def test_definitions_of_a_newer_chunkd_let_this_one_run_and_say_so(conn) -> None:

@@ -89,14 +89,18 @@ async def catalog_state(
     q = queries()
     files = definitions()
     recorded_query = "definitions_applied" if through_function else "definitions_recorded"
-    recorded = {r["path"]: r for r in await conn.fetch(q[recorded_query])}
     paths, kinds, names = [], [], []
     for d in files:
         for obj in d.objects:
             paths.append(d.path)
             kinds.append(obj.kind)
             names.append(obj.name)
-    rows = await conn.fetch(q["definitions_catalog"], paths, kinds, names)
+    async with conn.transaction():
+        # The catalog qualifies the names it prints as the search_path needs: one fixed path
+        # makes the fingerprint the same whatever the session's (a role may set chunkd in it).
+        await conn.execute(q["pin_search_path"])
+        recorded = {r["path"]: r for r in await conn.fetch(q[recorded_query])}
+        rows = await conn.fetch(q["definitions_catalog"], paths, kinds, names)
     catalog = {r["path"]: r for r in rows}
     changed = tuple(
         d.path
@@ -177,6 +181,7 @@ async def apply_definitions(
     held = [*grants_before, *await grants_snapshot(conn)] if todo else []
     for definition in todo:
         await conn.execute(definition.sql)
+    await _settle(conn, todo)
     if todo:
         await conn.execute(q["revoke_public"])
         await restore_grants(conn, held, _carries(todo))
@@ -199,6 +204,24 @@ def successors() -> dict[str, str]:
         for c in d.carries
         if c.old.split("(", 1)[0] == c.new.split("(", 1)[0]
     }
+
+
+async def _settle(conn: asyncpg.Connection, applied: Sequence[Definition], rounds: int = 4) -> None:
+    """Re-applies each SQL-standard function body of ``applied`` from the catalog's own print
+    until the print stops changing (one round suffices on PostgreSQL 15), so that the recorded
+    fingerprint is what a dump restored elsewhere prints too, not a hand edit."""
+    names = sorted({o.name for d in applied for o in d.objects if o.kind == "function"})
+    if not names:
+        return
+    query = queries()["definitions_sql_bodies"]
+    printed = {r["function"]: r["def"] for r in await conn.fetch(query, names)}
+    for _ in range(rounds):
+        for text in printed.values():
+            await conn.execute(text)
+        again = {r["function"]: r["def"] for r in await conn.fetch(query, names)}
+        printed = {f: text for f, text in again.items() if printed.get(f) != text}
+        if not printed:
+            return
 
 
 def _carries(applied: Iterable[Definition]) -> list[tuple[str, str]]:

@@ -30,7 +30,7 @@ from chunkd.observability.tracing import Tracing
 from chunkd.runtime.supervisor import run_daemon
 from chunkd.settings import RunSettings
 from daemon_helpers import TESTS_DIR, run_chunkd, wait_until
-from trace_handlers import flaky, napping
+from trace_handlers import flaky, rendezvous
 
 FAST = {"retry_base_s": 0.05, "retry_cap_s": 0.1, "poll_interval_s": 1.0}
 
@@ -52,11 +52,16 @@ def _traceparent(span: ReadableSpan) -> str:
 
 
 async def _run_until(
-    dsn: str, registry: HandlerRegistry, tracing: Tracing | list[Tracing], done: Any, what: str
+    dsn: str,
+    registry: HandlerRegistry,
+    tracing: Tracing | list[Tracing],
+    done: Any,
+    what: str,
+    concurrency: int = 4,
 ) -> None:
     """In-process daemons (as ``chunkd run`` runs them), one per Tracing, until ``done()``."""
     settings = RunSettings(
-        dsn=dsn, concurrency=4, progress_interval_s=0, schedule_interval_s=0, **FAST
+        dsn=dsn, concurrency=concurrency, progress_interval_s=0, schedule_interval_s=0, **FAST
     )
     stop = asyncio.Event()
     tracings = tracing if isinstance(tracing, list) else [tracing]
@@ -136,10 +141,11 @@ async def test_a_job_enqueued_in_a_span_is_one_trace_and_its_retry_is_linked(dat
 
 
 async def test_job_finished_comes_once_from_the_daemon_whose_outcome_finished_the_job(database, db):
-    # Two daemons share the job; its first chunk is the slowest, so the chunk that finishes
-    # the job is not the one its daemon started last.
+    # Two daemons of one slot each share the job: its first two chunks meet (so each daemon
+    # holds one), and the first finishes after all others, so the chunk that finishes the job
+    # is not the one its daemon started last.
     provider, exporter = _memory()
-    chunks = [{"sleep_s": 0.5}] + [{"sleep_s": 0.01}] * 11
+    chunks = [{"meet": 2, "after": 11}, {"meet": 2}] + [{}] * 10
     with provider.get_tracer("app").start_as_current_span("enqueue") as enqueuing:
         job = await chunkd.client.create_sync_job(db, "napping", chunks)
     daemons = [Tracing(provider), Tracing(provider)]
@@ -154,10 +160,11 @@ async def test_job_finished_comes_once_from_the_daemon_whose_outcome_finished_th
 
     await _run_until(
         database.dsn,
-        HandlerRegistry({"napping": napping}),
+        HandlerRegistry({"napping": rendezvous}),
         daemons,
         finished,
         "the job and its job_finished span",
+        concurrency=1,
     )
     ran = {s.attributes["chunkd.worker_id"] for s in _named(exporter, "chunkd.chunk")}
     assert ran == {d.worker_id for d in daemons}, "both daemons ran chunks of the job"

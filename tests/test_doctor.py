@@ -23,6 +23,7 @@ from chunkd.db.migrate import apply_migrations
 from chunkd.db.sql_files import migrations
 from chunkd.version import __version__
 from daemon_helpers import CliRun, run_chunkd, wait_until
+from delay_proxy import DelayProxy
 from doc_snippets import blocks
 from pgbouncer import pgbouncer
 from resources import faketime_library, pgbouncer_binary
@@ -234,6 +235,43 @@ async def test_a_pgbouncer_transaction_pooler(database, bouncers: dict[str, str]
     found = finding(report, "connection")
     assert found["level"] == "ok" and "in session mode" in found["message"]
     assert finding(report, "listen-notify")["level"] == "ok"
+
+
+async def test_told_session_through_a_transaction_pooler_every_time(
+    database, bouncers: dict[str, str]
+) -> None:
+    """The same wrong --pooler again and again: each run leaves nothing on the server
+    connections the pooler hands to the next (no named prepared statement), and each says
+    the same problem in one line per check, as JSON and as text."""
+    name = urlsplit(database.dsn).path.lstrip("/")
+    pooled = bouncers["transaction"].format(db=name)
+    for _ in range(2):
+        code, report = await doctor(pooled, "--pooler", "session")
+        found = finding(report, "connection")
+        assert code == 2 and found["level"] == "problem", report
+        assert "shares server connections between clients" in found["message"]
+        text = await asyncio.to_thread(run_chunkd, "doctor", "--dsn", pooled, "--pooler", "session")
+        assert text.code == 2 and text.stderr == "", text.stderr
+        lines = text.stdout.splitlines()
+        assert len(lines) == 10 and lines[0].startswith("problem  connection "), lines
+
+
+async def test_a_connection_cut_at_its_first_statement_is_one_finding(database) -> None:
+    """Whatever ends the doctor's first statement (here the connection cut as it is sent),
+    the doctor reports it as its one finding, never as an error without a report."""
+    proxy = await DelayProxy(database.dsn, delay_s=0.0, cut_on=b"pg_read_all_stats").start()
+    try:
+        code, report = await doctor(proxy.dsn())
+        text = await asyncio.to_thread(run_chunkd, "doctor", "--dsn", proxy.dsn())
+    finally:
+        await proxy.close()
+    (found,) = report["findings"]
+    assert code == 2 and found["check"] == "connection" and found["level"] == "problem"
+    assert found["message"].startswith("connected, but the first statement failed"), found
+    assert "the connection failed" in found["message"]
+    assert text.code == 2 and text.stderr == "", text.stderr
+    (line,) = text.stdout.splitlines()
+    assert line.startswith("problem  connection           connected, but the first statement")
 
 
 async def test_definitions_changed_by_hand_or_missing(conn, database) -> None:

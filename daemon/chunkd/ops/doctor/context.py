@@ -5,12 +5,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from chunkd.db import connect
 from chunkd.ops.doctor.findings import Level
 
 if TYPE_CHECKING:
     import asyncpg
 
-__all__ = ["Context", "DoctorOptions"]
+__all__ = ["Context", "DoctorOptions", "doctor_connection"]
+
+
+async def doctor_connection(dsn: str) -> asyncpg.Connection:
+    """A connection of the doctor's, routed as ``--pooler`` says but without named prepared
+    statements: through a transaction pooler the doctor was told is a session pooler, a named
+    statement would meet one of another client's on the server connection it lands on
+    (``prepared statement "__asyncpg_stmt_1__" already exists``) before the connection check
+    could say so. Raises :class:`~chunkd.errors.ConnectError`."""
+    return await connect(dsn, application_name="chunkd-doctor", prepared_statements=False)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import pytest
 from chunkd.db import connect, validate_identifier
 from chunkd.db.migrate import apply_migrations
 from chunkd.db.sql_files import migrations
+from chunkd.ops.doctor import Finding, Level
 from chunkd.version import __version__
 from daemon_helpers import CliRun, run_chunkd, wait_until
 from delay_proxy import DelayProxy
@@ -44,6 +45,23 @@ async def doctor(dsn: str, *args: str, env: dict[str, str] | None = None) -> tup
     return result.code, report
 
 
+CHECK_NAMES = (
+    "connection", "schema", "definitions", "privileges", "xmin-horizon",
+    "idle-in-transaction", "dead-tuples", "listen-notify", "clock", "workers",
+)  # fmt: skip
+
+
+async def doctor_lines(dsn: str, *args: str) -> list[str]:
+    """``chunkd doctor`` as text: exactly one line per check, each its level and its name
+    (nothing on stderr); a server's multi-line error (its DETAIL or HINT) would break that."""
+    result: CliRun = await asyncio.to_thread(run_chunkd, "doctor", "--dsn", dsn, *args)
+    assert result.stderr == "", result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split()[1] for line in lines] == list(CHECK_NAMES), result.stdout
+    assert all(line.split()[0] in ("ok", "warning", "problem") for line in lines), lines
+    return lines
+
+
 def finding(report: Report, check: str) -> dict[str, Any]:
     (found,) = [f for f in report["findings"] if f["check"] == check]
     return found
@@ -61,18 +79,13 @@ async def test_a_sound_database_with_a_live_daemon_is_all_ok(conn, database, sta
     await daemon.wait_for_event("daemon.ready")
     code, report = await doctor(database.dsn)
     assert code == 0, [f for f in report["findings"] if f["level"] != "ok"]
-    assert [f["check"] for f in report["findings"]] == [
-        "connection", "schema", "definitions", "privileges", "xmin-horizon",
-        "idle-in-transaction", "dead-tuples", "listen-notify", "clock", "workers",
-    ]  # fmt: skip
+    assert [f["check"] for f in report["findings"]] == list(CHECK_NAMES)
     assert finding(report, "connection")["details"]["route"] == "direct"
     assert finding(report, "listen-notify")["details"]["round_trip_ms"] < 5000
     assert finding(report, "workers")["details"]["versions"] == [__version__]
     # The text form: one line per check, level first.
-    text = await asyncio.to_thread(run_chunkd, "doctor", "--dsn", database.dsn)
-    assert text.code == 0
-    lines = text.stdout.splitlines()
-    assert len(lines) == 10 and all(line.startswith("ok ") for line in lines), lines
+    lines = await doctor_lines(database.dsn)
+    assert all(line.startswith("ok ") for line in lines), lines
 
 
 async def test_a_held_repeatable_read_snapshot(conn, database) -> None:
@@ -250,10 +263,8 @@ async def test_told_session_through_a_transaction_pooler_every_time(
         found = finding(report, "connection")
         assert code == 2 and found["level"] == "problem", report
         assert "shares server connections between clients" in found["message"]
-        text = await asyncio.to_thread(run_chunkd, "doctor", "--dsn", pooled, "--pooler", "session")
-        assert text.code == 2 and text.stderr == "", text.stderr
-        lines = text.stdout.splitlines()
-        assert len(lines) == 10 and lines[0].startswith("problem  connection "), lines
+        lines = await doctor_lines(pooled, "--pooler", "session")
+        assert lines[0].startswith("problem  connection "), lines
 
 
 async def test_a_connection_cut_at_its_first_statement_is_one_finding(database) -> None:
@@ -272,6 +283,28 @@ async def test_a_connection_cut_at_its_first_statement_is_one_finding(database) 
     assert text.code == 2 and text.stderr == "", text.stderr
     (line,) = text.stdout.splitlines()
     assert line.startswith("problem  connection           connected, but the first statement")
+
+
+async def test_definitions_unreadable_by_the_role_say_the_grant(conn, database, make_role) -> None:
+    """A role that may read the schema's version but not its recorded definitions: the
+    definitions finding names the GRANT, like the schema check does, in one line."""
+    role = await make_role(["schema_versions()"])
+    _, report = await doctor(dsn_as(database.dsn, role))
+    assert finding(report, "schema")["level"] == "ok"
+    found = finding(report, "definitions")
+    assert found["checked"] is False and found["level"] == "warning"
+    assert found["message"] == (
+        f"not checked: role {role} may not execute chunkd.schema_definitions: ask the schema's "
+        f"owner for GRANT EXECUTE ON FUNCTION chunkd.schema_definitions(...) TO {role}; "
+        "(docs/security.md lists the grants of each role)"
+    )
+    await doctor_lines(dsn_as(database.dsn, role))
+
+
+def test_a_finding_is_one_line_whatever_a_check_puts_in_it() -> None:
+    found = Finding("schema", Level.WARNING, "not checked: x\nHINT:  y\n", "do\n  this")
+    assert found.message == "not checked: x HINT:  y" and found.advice == "do this"
+    assert found.line() == "warning  schema               not checked: x HINT:  y; do this"
 
 
 async def test_definitions_changed_by_hand_or_missing(conn, database) -> None:
@@ -307,6 +340,15 @@ async def test_a_schema_behind_the_code(empty_database: str) -> None:
     missing = list(range(6, latest + 1))
     assert f"version 5 applied, {latest} expected (missing {missing})" in found["message"]
     assert found["advice"].startswith("run chunkd migrate")
+    # The definitions of a schema behind are not checked, and say why in their one line.
+    behind = finding(report, "definitions")
+    assert behind["checked"] is False and behind["level"] == "warning"
+    assert behind["message"] == (
+        f"not checked: the schema is behind this chunkd (version 5 applied, {latest} expected)"
+    )
+    assert behind["advice"].startswith("run chunkd migrate")
+    lines = await doctor_lines(empty_database)
+    assert lines[2].startswith("warning  definitions          not checked: the schema is behind")
 
 
 async def test_dead_rows_autovacuum_does_not_remove(conn, database) -> None:

@@ -135,6 +135,43 @@ async def test_a_job_enqueued_in_a_span_is_one_trace_and_its_retry_is_linked(dat
     assert event.attributes["chunkd.job_id"] == str(job)
 
 
+async def test_a_job_the_enqueuer_did_not_sample_records_no_span_not_even_its_retry(database, db):
+    """traceparent flags 00: the enqueuer's tracer decided not to sample. Neither the first
+    attempts (children) nor the retry (a new trace, linked) nor job_finished is recorded;
+    the retry's handler still runs in a context that says "not sampled", so what it calls
+    (http:, exec:, its own spans) does not sample either."""
+    provider, exporter = _memory()
+    trace_id = uuid.uuid4().hex
+    unsampled = f"00-{trace_id}-{uuid.uuid4().hex[:16]}-00"
+    job = await chunkd.client.create_sync_job(
+        db, "traced", [{}, {"fail_until": 1}, {}], max_attempts=3, traceparent=unsampled
+    )
+
+    async def completed() -> bool:
+        status = await db.fetchval(
+            "SELECT overall_status FROM chunkd.chunk_processing_status"
+            " WHERE parent_sync_job_id = $1",
+            job,
+        )
+        return bool(status == "completed")
+
+    await _run_until(
+        database.dsn, HandlerRegistry({"traced": flaky}), Tracing(provider), completed, "the job"
+    )  # _run_until shuts the provider's processors down: every span ended is exported
+    assert exporter.get_finished_spans() == ()
+    rows = await db.fetch(
+        "SELECT seq, attempts, result FROM chunkd.chunk_processing_queue"
+        " WHERE parent_sync_job_id = $1 ORDER BY seq",
+        job,
+    )
+    assert [r["attempts"] for r in rows] == [1, 2, 1]
+    for r in rows:
+        seen = r["result"]["traceparent"]
+        assert seen is not None and seen.endswith("-00"), r  # not sampled, passed on as such
+        # The first attempts in the job's trace; the retry in a trace of its own.
+        assert (seen.split("-")[1] == trace_id) == (r["attempts"] == 1), r
+
+
 async def test_job_finished_comes_once_from_the_daemon_whose_outcome_finished_the_job(database, db):
     # Two daemons share the job; its first chunk is the slowest, so the chunk that finishes
     # the job is not the one its daemon started last.

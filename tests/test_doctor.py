@@ -388,12 +388,49 @@ async def test_dead_workers_and_daemons_of_another_version(conn, database) -> No
     found = finding(report, "workers")
     assert code == 1 and found["level"] == "warning"
     assert found["details"]["dead"] == ["h:2:bbbb"]
-    assert "silent for more than 2m00s (e.g. h:2:bbbb" in found["message"]
+    # A row that does not say how often its daemon heartbeats (chunkd 0.2): 2 minutes.
+    assert "silent for more than 2m00s (e.g. h:2:bbbb, which does not say" in found["message"]
     assert "WHERE worker_id = 'h:2:bbbb';" in found["advice"]
     await conn.execute(register, "h:3:cccc", "0.0.1")
     code, report = await doctor(database.dsn)
     found = finding(report, "workers")
     assert code == 1 and "1 of 2 live daemon(s) run chunkd 0.0.1" in found["message"]
+
+
+async def test_a_killed_daemon_is_dead_after_three_of_its_own_heartbeats(
+    conn, database, start
+) -> None:
+    """Without --stale-after the doctor judges each worker as the reaper does: dead once it
+    missed three of the heartbeats its row says it sends (--lease 6s: one every 2 s)."""
+    daemon = start("--handler", "echo=bad_handlers:echo", "--lease", "6s")
+    await daemon.wait_for_event("daemon.ready")
+    (worker_id,) = [r["worker_id"] for r in await conn.fetch("SELECT * FROM chunkd.workers")]
+
+    async def heartbeat_s() -> float | None:
+        value = await conn.fetchval("SELECT heartbeat_s FROM chunkd.workers")
+        return None if value is None else float(value)
+
+    await wait_until(heartbeat_s, timeout_s=10, what="the daemon's first heartbeat")
+    assert await heartbeat_s() == 2.0
+    _, report = await doctor(database.dsn)
+    assert finding(report, "workers")["details"]["live"] == [worker_id]
+    daemon.kill()  # SIGKILL: no deregistration, its row stays
+    killed_at = asyncio.get_running_loop().time()
+
+    async def dead() -> dict[str, Any] | None:
+        _, report = await doctor(database.dsn)
+        found = finding(report, "workers")
+        return found if found["details"]["dead"] == [worker_id] else None
+
+    found = await wait_until(dead, timeout_s=30, what="the doctor to find the daemon dead")
+    # Three heartbeats (6 s) after its last one, plus a doctor run or two: not 2 minutes.
+    assert asyncio.get_running_loop().time() - killed_at < 20
+    assert found["level"] == "warning"
+    assert "silent for more than three of their heartbeats" in found["message"]
+    assert f"(e.g. {worker_id}, heartbeat every 2s, last heartbeat" in found["message"]
+    # --stale-after, given, is the bound for every worker.
+    _, report = await doctor(database.dsn, "--stale-after", "10m")
+    assert finding(report, "workers")["details"]["live"] == [worker_id]
 
 
 async def test_a_host_clock_ten_minutes_ahead(database) -> None:

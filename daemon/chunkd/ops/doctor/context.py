@@ -27,12 +27,13 @@ async def doctor_connection(dsn: str) -> asyncpg.Connection:
 class DoctorOptions:
     """``warn_age_s`` and ``problem_age_s``: a transaction, snapshot or idle-in-transaction
     session older than these is a warning, a problem (``--warn-age``, ``--problem-age``);
-    ``stale_after_s``: a worker silent this long is dead (``--stale-after``);
+    ``stale_after_s``: a worker silent this long is dead (``--stale-after``; None: three of
+    the heartbeats each worker's row says it sends, as the reaper judges it);
     ``notify_timeout_s``: how long the LISTEN/NOTIFY round trip may take."""
 
     warn_age_s: float = 60.0
     problem_age_s: float = 900.0
-    stale_after_s: float = 120.0
+    stale_after_s: float | None = None
     notify_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:

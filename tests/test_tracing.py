@@ -228,7 +228,10 @@ async def test_a_job_enqueued_outside_a_span_gets_root_spans_and_no_job_event(da
     assert not _named(exporter, "chunkd.job_finished")
 
 
-async def test_http_and_exec_handlers_get_the_chunk_spans_context(database, db):
+async def test_http_and_exec_handlers_get_the_chunk_spans_context(database, db, monkeypatch):
+    # What the daemon inherited names its parent's span: never passed on beside the chunk's.
+    monkeypatch.setenv("TRACEPARENT", "00-" + "1" * 32 + "-" + "2" * 16 + "-01")
+    monkeypatch.setenv("TRACESTATE", "vendor=inherited")
     seen: list[str | None] = []
 
     async def endpoint(request: web.Request) -> web.Response:
@@ -243,9 +246,9 @@ async def test_http_and_exec_handlers_get_the_chunk_spans_context(database, db):
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     http = HttpHandler(f"http://127.0.0.1:{port}/")
-    command = (
-        f"{sys.executable} -c \"import json, os; print(json.dumps(os.environ.get('TRACEPARENT')))\""
-    )
+    keys = ["TRACEPARENT", "TRACESTATE"]
+    show = f"import json, os; print(json.dumps([os.environ.get(k) for k in {keys!r}]))"
+    command = f'{sys.executable} -c "{show}"'
     registry = HandlerRegistry({"web": http, "cmd": ExecHandler(command)}, closables=[http])
     provider, exporter = _memory()
     try:
@@ -266,7 +269,7 @@ async def test_http_and_exec_handlers_get_the_chunk_spans_context(database, db):
     result = await db.fetchval(
         "SELECT result FROM chunkd.chunk_processing_queue WHERE parent_sync_job_id = $1", cmd_job
     )
-    assert result == _traceparent(spans["cmd"])  # db decodes jsonb
+    assert result == [_traceparent(spans["cmd"]), None]  # db decodes jsonb
 
 
 async def test_a_traceparent_chunkd_cannot_use_is_refused_in_one_line(db):

@@ -449,6 +449,52 @@ async def test_chunkd_runs_and_enqueues_without_opentelemetry(database, db, star
     assert "Traceback" not in daemon.log_text()
 
 
+@pytest.mark.parametrize(
+    ("env", "asker"),
+    [
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}, "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        (
+            {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:9/v1/traces"},
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        ),
+        ({"OTEL_TRACES_EXPORTER": "console,otlp"}, "OTEL_TRACES_EXPORTER"),
+    ],
+)
+def test_without_the_extra_the_warning_names_the_variable_that_asked(
+    tmp_path, env: dict[str, str], asker: str
+) -> None:
+    """Only an endpoint set: the endpoint asks for otlp, not OTEL_TRACES_EXPORTER."""
+    (tmp_path / "sitecustomize.py").write_text(_NO_OTEL)
+    script = (
+        "import os\n"
+        "from chunkd.observability.logs import configure_logging\n"
+        "from chunkd.observability.tracing import configure\n"
+        "configure_logging('json', 'info')\n"
+        "assert configure() is None\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}, **env,
+             "PYTHONPATH": str(tmp_path)},
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    (line,) = [json.loads(x) for x in run.stdout.splitlines() if "tracing.unavailable" in x]
+    wanted = "otlp" if asker != "OTEL_TRACES_EXPORTER" else "console,otlp"
+    assert line["reason"].startswith(f"{asker} asks for {wanted}, but opentelemetry is not"), line
+
+
+def test_a_protocol_refused_names_the_variable_that_set_it() -> None:
+    from chunkd.errors import ChunkdError
+    from chunkd.observability.tracing import configure
+
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}
+    for variable in ("OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"):
+        with pytest.raises(ChunkdError) as refused:
+            configure({**env, variable: "http/json"})
+        assert str(refused.value) == f"{variable}=http/json is not supported: use http/protobuf"
+
+
 def test_with_no_exporter_configured_the_daemon_never_imports_opentelemetry() -> None:
     # The zero-cost promise: installed but not configured, nothing of it is loaded.
     script = (

@@ -107,6 +107,16 @@ def exporter_names(env: Mapping[str, str]) -> list[str]:
     return [n for n in names if n != "none"]
 
 
+def _asker(env: Mapping[str, str]) -> str:
+    """The variable that turned tracing on: ``OTEL_TRACES_EXPORTER``, or the OTLP endpoint
+    that, set alone, asks for ``otlp`` (for messages that must name what the user set)."""
+    if any(n.strip() for n in env.get("OTEL_TRACES_EXPORTER", "").split(",")):
+        return "OTEL_TRACES_EXPORTER"
+    if env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        return "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    return "OTEL_EXPORTER_OTLP_ENDPOINT"
+
+
 def configure(env: Mapping[str, str] | None = None, *, worker_id: str = "") -> Tracing | None:
     """The daemon's tracing as the ``OTEL_*`` variables of ``env`` (default ``os.environ``)
     ask, or None when they ask for none (the SDK and the exporters read their own settings
@@ -134,7 +144,7 @@ def configure(env: Mapping[str, str] | None = None, *, worker_id: str = "") -> T
     except ImportError:
         log.warning(
             "tracing.unavailable",
-            reason=f"OTEL_TRACES_EXPORTER asks for {','.join(names)}, but opentelemetry is not "
+            reason=f"{_asker(env)} asks for {','.join(names)}, but opentelemetry is not "
             "installed: pip install 'chunkd[otel]'; chunkd runs without tracing",
         )
         return None
@@ -168,15 +178,12 @@ def _exporter(name: str, env: Mapping[str, str]) -> Any:
         return ConsoleSpanExporter(out=sys.stderr)
     entry = name
     if name == "otlp":
-        protocol = (
-            env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-            or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-            or "http/protobuf"
-        )
+        said = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+        if not env.get(said):
+            said = "OTEL_EXPORTER_OTLP_PROTOCOL"
+        protocol = env.get(said) or "http/protobuf"
         if protocol not in ("http/protobuf", "grpc"):
-            raise ChunkdError(
-                f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol} is not supported: use http/protobuf"
-            )
+            raise ChunkdError(f"{said}={protocol} is not supported: use http/protobuf")
         entry = "otlp_proto_http" if protocol == "http/protobuf" else "otlp_proto_grpc"
     found = entry_points(group="opentelemetry_traces_exporter", name=entry)
     if not found:
@@ -186,7 +193,8 @@ def _exporter(name: str, env: Mapping[str, str]) -> Any:
             if entry == "otlp_proto_grpc"
             else "install the package that provides it, or use console or otlp"
         )
-        raise ChunkdError(f"OTEL_TRACES_EXPORTER={name}: no such span exporter installed: {hint}")
+        asked = f"{_asker(env)}={name}" if _asker(env) == "OTEL_TRACES_EXPORTER" else _asker(env)
+        raise ChunkdError(f"{asked}: no such span exporter installed: {hint}")
     return next(iter(found)).load()()
 
 

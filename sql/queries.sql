@@ -521,10 +521,12 @@ SELECT chunkd.cancel_sync_job($1);
 SELECT chunkd.purge_finished_jobs($1);
 
 -- name: ops_workers
--- Heartbeat ages by the database clock, so the client's clock does not matter.
+-- Heartbeat ages by the database clock, so the client's clock does not matter; heartbeat_s:
+-- how often the worker says it heartbeats (NULL: it does not say).
 SELECT w.worker_id, w.host, w.pid, w.version, w.kinds, w.concurrency, w.started_at,
        w.last_heartbeat_at,
-       extract(epoch FROM pg_catalog.now() - w.last_heartbeat_at)::float8 AS heartbeat_age_s
+       extract(epoch FROM pg_catalog.now() - w.last_heartbeat_at)::float8 AS heartbeat_age_s,
+       w.heartbeat_s
 FROM chunkd.workers w
 ORDER BY w.host, w.started_at, w.worker_id;
 

@@ -140,6 +140,43 @@ async def test_a_job_enqueued_in_a_span_is_one_trace_and_its_retry_is_linked(dat
     assert event.attributes["chunkd.job_id"] == str(job)
 
 
+async def test_a_job_the_enqueuer_did_not_sample_records_no_span_not_even_its_retry(database, db):
+    """traceparent flags 00: the enqueuer's tracer decided not to sample. Neither the first
+    attempts (children) nor the retry (a new trace, linked) nor job_finished is recorded;
+    the retry's handler still runs in a context that says "not sampled", so what it calls
+    (http:, exec:, its own spans) does not sample either."""
+    provider, exporter = _memory()
+    trace_id = uuid.uuid4().hex
+    unsampled = f"00-{trace_id}-{uuid.uuid4().hex[:16]}-00"
+    job = await chunkd.client.create_sync_job(
+        db, "traced", [{}, {"fail_until": 1}, {}], max_attempts=3, traceparent=unsampled
+    )
+
+    async def completed() -> bool:
+        status = await db.fetchval(
+            "SELECT overall_status FROM chunkd.chunk_processing_status"
+            " WHERE parent_sync_job_id = $1",
+            job,
+        )
+        return bool(status == "completed")
+
+    await _run_until(
+        database.dsn, HandlerRegistry({"traced": flaky}), Tracing(provider), completed, "the job"
+    )  # _run_until shuts the provider's processors down: every span ended is exported
+    assert exporter.get_finished_spans() == ()
+    rows = await db.fetch(
+        "SELECT seq, attempts, result FROM chunkd.chunk_processing_queue"
+        " WHERE parent_sync_job_id = $1 ORDER BY seq",
+        job,
+    )
+    assert [r["attempts"] for r in rows] == [1, 2, 1]
+    for r in rows:
+        seen = r["result"]["traceparent"]
+        assert seen is not None and seen.endswith("-00"), r  # not sampled, passed on as such
+        # The first attempts in the job's trace; the retry in a trace of its own.
+        assert (seen.split("-")[1] == trace_id) == (r["attempts"] == 1), r
+
+
 async def test_job_finished_comes_once_from_the_daemon_whose_outcome_finished_the_job(database, db):
     # Two daemons of one slot each share the job: its first two chunks meet (so each daemon
     # holds one), and the first finishes after all others, so the chunk that finishes the job
@@ -198,7 +235,10 @@ async def test_a_job_enqueued_outside_a_span_gets_root_spans_and_no_job_event(da
     assert not _named(exporter, "chunkd.job_finished")
 
 
-async def test_http_and_exec_handlers_get_the_chunk_spans_context(database, db):
+async def test_http_and_exec_handlers_get_the_chunk_spans_context(database, db, monkeypatch):
+    # What the daemon inherited names its parent's span: never passed on beside the chunk's.
+    monkeypatch.setenv("TRACEPARENT", "00-" + "1" * 32 + "-" + "2" * 16 + "-01")
+    monkeypatch.setenv("TRACESTATE", "vendor=inherited")
     seen: list[str | None] = []
 
     async def endpoint(request: web.Request) -> web.Response:
@@ -213,9 +253,9 @@ async def test_http_and_exec_handlers_get_the_chunk_spans_context(database, db):
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     http = HttpHandler(f"http://127.0.0.1:{port}/")
-    command = (
-        f"{sys.executable} -c \"import json, os; print(json.dumps(os.environ.get('TRACEPARENT')))\""
-    )
+    keys = ["TRACEPARENT", "TRACESTATE"]
+    show = f"import json, os; print(json.dumps([os.environ.get(k) for k in {keys!r}]))"
+    command = f'{sys.executable} -c "{show}"'
     registry = HandlerRegistry({"web": http, "cmd": ExecHandler(command)}, closables=[http])
     provider, exporter = _memory()
     try:
@@ -236,7 +276,7 @@ async def test_http_and_exec_handlers_get_the_chunk_spans_context(database, db):
     result = await db.fetchval(
         "SELECT result FROM chunkd.chunk_processing_queue WHERE parent_sync_job_id = $1", cmd_job
     )
-    assert result == _traceparent(spans["cmd"])  # db decodes jsonb
+    assert result == [_traceparent(spans["cmd"]), None]  # db decodes jsonb
 
 
 async def test_a_traceparent_chunkd_cannot_use_is_refused_in_one_line(db):
@@ -414,6 +454,52 @@ async def test_chunkd_runs_and_enqueues_without_opentelemetry(database, db, star
     (warning,) = [e for e in daemon.events() if e.get("event") == "tracing.unavailable"]
     assert "pip install 'chunkd[otel]'" in warning["reason"]
     assert "Traceback" not in daemon.log_text()
+
+
+@pytest.mark.parametrize(
+    ("env", "asker"),
+    [
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}, "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        (
+            {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:9/v1/traces"},
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        ),
+        ({"OTEL_TRACES_EXPORTER": "console,otlp"}, "OTEL_TRACES_EXPORTER"),
+    ],
+)
+def test_without_the_extra_the_warning_names_the_variable_that_asked(
+    tmp_path, env: dict[str, str], asker: str
+) -> None:
+    """Only an endpoint set: the endpoint asks for otlp, not OTEL_TRACES_EXPORTER."""
+    (tmp_path / "sitecustomize.py").write_text(_NO_OTEL)
+    script = (
+        "import os\n"
+        "from chunkd.observability.logs import configure_logging\n"
+        "from chunkd.observability.tracing import configure\n"
+        "configure_logging('json', 'info')\n"
+        "assert configure() is None\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}, **env,
+             "PYTHONPATH": str(tmp_path)},
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    (line,) = [json.loads(x) for x in run.stdout.splitlines() if "tracing.unavailable" in x]
+    wanted = "otlp" if asker != "OTEL_TRACES_EXPORTER" else "console,otlp"
+    assert line["reason"].startswith(f"{asker} asks for {wanted}, but opentelemetry is not"), line
+
+
+def test_a_protocol_refused_names_the_variable_that_set_it() -> None:
+    from chunkd.errors import ChunkdError
+    from chunkd.observability.tracing import configure
+
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}
+    for variable in ("OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"):
+        with pytest.raises(ChunkdError) as refused:
+            configure({**env, variable: "http/json"})
+        assert str(refused.value) == f"{variable}=http/json is not supported: use http/protobuf"
 
 
 def test_with_no_exporter_configured_the_daemon_never_imports_opentelemetry() -> None:

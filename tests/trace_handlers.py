@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from chunkd import Chunk
+from chunkd.observability.tracing import current_traceparent
 
 
 async def flaky(chunk: Chunk) -> dict[str, object]:
-    """Fails while ``fail_until`` (in the payload) is at least the attempt, then succeeds."""
+    """Fails while ``fail_until`` (in the payload) is at least the attempt, then succeeds
+    with the ``traceparent`` of the span current while it ran (None: none)."""
     if chunk.payload.get("fail_until", 0) >= chunk.attempt:
         raise RuntimeError(f"seq {chunk.seq} fails on attempt {chunk.attempt}")
-    return {"seq": chunk.seq}
+    return {"seq": chunk.seq, "traceparent": current_traceparent()}
 
 
 async def napping(chunk: Chunk) -> dict[str, object]:

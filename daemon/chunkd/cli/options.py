@@ -169,10 +169,20 @@ INT32 = click.IntRange(min=-(2**31), max=2**31 - 1)
 STALE_AFTER_DEFAULT = "2m"
 
 
-def stale_after_option(meaning: str) -> Callable[[F], F]:
+def stale_after_option(meaning: str, *, own_heartbeats: bool = False) -> Callable[[F], F]:
     """``--stale-after DURATION`` (``CHUNKD_STALE_AFTER``, default 2m), the seconds without a
     heartbeat after which a worker counts as stale; ``meaning`` completes "A worker silent this
-    long ..." for the command's help."""
+    long ..." for the command's help. ``own_heartbeats``: no default (None), the command
+    judges each worker by three of its own heartbeats, as the reaper does."""
+    if own_heartbeats:
+        return click.option(
+            "--stale-after",
+            type=DURATION,
+            default=None,
+            envvar="CHUNKD_STALE_AFTER",
+            help=f"A worker silent this long {meaning}.  [default: three of the worker's own "
+            "heartbeats, as the reaper judges it]  [env: CHUNKD_STALE_AFTER]",
+        )
     return click.option(
         "--stale-after",
         type=DURATION,

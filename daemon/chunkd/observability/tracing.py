@@ -5,9 +5,11 @@ A job carries the W3C ``traceparent`` of whoever enqueued it (:func:`current_tra
 what the Python client stores). The daemon runs each chunk attempt in a span ``chunkd.chunk``
 (kind ``CONSUMER``): a child of the job's context on the chunk's first delivery, a new trace
 *linked* to it on a retry or a re-delivery, so a chunk retried many times never makes one
-trace grow without bound. While the handler runs its span is the current one: a Python
-handler's own spans are its children, ``http:`` sends ``traceparent`` (and ``tracestate``) to
-the endpoint, ``exec:`` gets ``TRACEPARENT`` in its environment (:func:`propagation_headers`).
+trace grow without bound; linked or not, a span of the job is recorded only when the sampler
+would record a child of the job's context (the enqueuer's "not sampled" holds for retries).
+While the handler runs its span is the current one: a Python handler's own spans are its
+children, ``http:`` sends ``traceparent`` (and ``tracestate``) to the endpoint, ``exec:``
+gets ``TRACEPARENT`` in its environment (:func:`propagation_headers`).
 When a traced job finishes, the daemon whose outcome finished it records a short span
 ``chunkd.job_finished`` in the job's trace with the event ``job_finished``.
 
@@ -105,6 +107,16 @@ def exporter_names(env: Mapping[str, str]) -> list[str]:
     return [n for n in names if n != "none"]
 
 
+def _asker(env: Mapping[str, str]) -> str:
+    """The variable that turned tracing on: ``OTEL_TRACES_EXPORTER``, or the OTLP endpoint
+    that, set alone, asks for ``otlp`` (for messages that must name what the user set)."""
+    if any(n.strip() for n in env.get("OTEL_TRACES_EXPORTER", "").split(",")):
+        return "OTEL_TRACES_EXPORTER"
+    if env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        return "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    return "OTEL_EXPORTER_OTLP_ENDPOINT"
+
+
 def configure(env: Mapping[str, str] | None = None, *, worker_id: str = "") -> Tracing | None:
     """The daemon's tracing as the ``OTEL_*`` variables of ``env`` (default ``os.environ``)
     ask, or None when they ask for none (the SDK and the exporters read their own settings
@@ -132,7 +144,7 @@ def configure(env: Mapping[str, str] | None = None, *, worker_id: str = "") -> T
     except ImportError:
         log.warning(
             "tracing.unavailable",
-            reason=f"OTEL_TRACES_EXPORTER asks for {','.join(names)}, but opentelemetry is not "
+            reason=f"{_asker(env)} asks for {','.join(names)}, but opentelemetry is not "
             "installed: pip install 'chunkd[otel]'; chunkd runs without tracing",
         )
         return None
@@ -166,15 +178,12 @@ def _exporter(name: str, env: Mapping[str, str]) -> Any:
         return ConsoleSpanExporter(out=sys.stderr)
     entry = name
     if name == "otlp":
-        protocol = (
-            env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-            or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-            or "http/protobuf"
-        )
+        said = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+        if not env.get(said):
+            said = "OTEL_EXPORTER_OTLP_PROTOCOL"
+        protocol = env.get(said) or "http/protobuf"
         if protocol not in ("http/protobuf", "grpc"):
-            raise ChunkdError(
-                f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol} is not supported: use http/protobuf"
-            )
+            raise ChunkdError(f"{said}={protocol} is not supported: use http/protobuf")
         entry = "otlp_proto_http" if protocol == "http/protobuf" else "otlp_proto_grpc"
     found = entry_points(group="opentelemetry_traces_exporter", name=entry)
     if not found:
@@ -184,7 +193,8 @@ def _exporter(name: str, env: Mapping[str, str]) -> Any:
             if entry == "otlp_proto_grpc"
             else "install the package that provides it, or use console or otlp"
         )
-        raise ChunkdError(f"OTEL_TRACES_EXPORTER={name}: no such span exporter installed: {hint}")
+        asked = f"{_asker(env)}={name}" if _asker(env) == "OTEL_TRACES_EXPORTER" else _asker(env)
+        raise ChunkdError(f"{asked}: no such span exporter installed: {hint}")
     return next(iter(found)).load()()
 
 
@@ -231,31 +241,19 @@ class Tracing:
         """
         from opentelemetry import context as otel_context
         from opentelemetry import trace
-        from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+        from opentelemetry.trace import SpanKind, Status, StatusCode
 
         job = self.parent(traceparent)
+        attributes: dict[str, str | int] = {
+            "chunkd.kind": kind,
+            "chunkd.job_id": str(job_id),
+            "chunkd.chunk.seq": seq,
+            "chunkd.chunk.attempt": attempt,
+            "chunkd.chunk.claim": claim_n,
+            "chunkd.worker_id": self.worker_id,
+        }
         first = attempt == 1 and claim_n == 1
-        parent = otel_context.Context()  # never the daemon's own context
-        links = []
-        if job is not None:
-            if first:
-                parent = trace.set_span_in_context(trace.NonRecordingSpan(job), parent)
-            else:
-                links.append(Link(job, {"chunkd.link": "job"}))
-        span = self._tracer.start_span(
-            "chunkd.chunk",
-            context=parent,
-            kind=SpanKind.CONSUMER,
-            links=links,
-            attributes={
-                "chunkd.kind": kind,
-                "chunkd.job_id": str(job_id),
-                "chunkd.chunk.seq": seq,
-                "chunkd.chunk.attempt": attempt,
-                "chunkd.chunk.claim": claim_n,
-                "chunkd.worker_id": self.worker_id,
-            },
-        )
+        span = self._start("chunkd.chunk", job, SpanKind.CONSUMER, attributes, linked=not first)
         token = otel_context.attach(trace.set_span_in_context(span))
         told = ChunkSpan(span)
         try:
@@ -270,6 +268,38 @@ class Tracing:
         finally:
             otel_context.detach(token)
             span.end()
+
+    def _start(
+        self, name: str, job: Any, kind: Any, attributes: dict[str, str | int], *, linked: bool
+    ) -> Span:
+        """A span for a job whose context is ``job`` (None: untraced, a root span): a child of
+        it, or (``linked``) the root of a new trace with a link to it. Whatever the link, the
+        job's sampling decision holds: a linked span is recorded only when the sampler would
+        record a child of the job's context (by default, when the enqueuer's ``traceparent``
+        says sampled, ``-01``). Not recorded, it is a span of a new trace flagged not sampled,
+        so whatever it passes on (``http:``, ``exec:``, a handler's spans) is not sampled
+        either. Never a child of the daemon's own context."""
+        from opentelemetry import context as otel_context
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace.sampling import Decision
+        from opentelemetry.trace import Link, SpanContext, TraceFlags
+
+        empty = otel_context.Context()
+        if job is None:
+            return self._tracer.start_span(name, context=empty, kind=kind, attributes=attributes)
+        as_child = trace.set_span_in_context(trace.NonRecordingSpan(job), empty)
+        if not linked:
+            return self._tracer.start_span(name, context=as_child, kind=kind, attributes=attributes)
+        links = [Link(job, {"chunkd.link": "job"})]
+        sampler, ids = self.provider.sampler, self.provider.id_generator
+        decided = sampler.should_sample(as_child, job.trace_id, name, kind, attributes, links)
+        if decided.decision is Decision.DROP:
+            unsampled = TraceFlags(TraceFlags.DEFAULT)
+            new = SpanContext(ids.generate_trace_id(), ids.generate_span_id(), False, unsampled)
+            return trace.NonRecordingSpan(new)
+        return self._tracer.start_span(
+            name, context=empty, kind=kind, links=links, attributes=attributes
+        )
 
     def _ran(self, job_id: UUID, chunk_id: int) -> None:
         chunks = self._jobs.get(job_id)

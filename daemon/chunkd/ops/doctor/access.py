@@ -18,7 +18,7 @@ from typing import Any
 from chunkd.db.connection import DatabaseError
 from chunkd.db.definitions import catalog_state
 from chunkd.db.migrate import daemon_functions, schema_state
-from chunkd.db.server_errors import quote_role
+from chunkd.db.server_errors import describe_server_error, quote_role
 from chunkd.db.sql_files import definitions, queries
 from chunkd.errors import ChunkdError
 from chunkd.ops.doctor.context import Context
@@ -134,9 +134,21 @@ async def definitions_changed_by_hand(ctx: Context) -> Finding:
     (:func:`chunkd.db.definitions.catalog_state`) against the fingerprint recorded when it was
     applied. A file this chunkd ships differently is the schema check's business (migrate)."""
     try:
+        schema = await schema_state(ctx.conn)
+    except ChunkdError:
+        schema = None  # the schema check says why; the definitions may still be readable
+    if schema is not None and (not schema.applied or schema.pending):
+        why = (
+            f"the schema is behind this chunkd (version {max(schema.applied)} applied, "
+            f"{max(schema.known)} expected)"
+            if schema.applied
+            else "no chunkd schema in this database"
+        )
+        return not_checked("definitions", why, "run chunkd migrate (as the schema's owner)")
+    try:
         state = await catalog_state(ctx.conn, through_function=True)
     except DatabaseError as exc:
-        return not_checked("definitions", f"cannot read the recorded definitions: {exc}")
+        return not_checked("definitions", describe_server_error(exc, role=ctx.role))
     details: dict[str, Any] = {
         "edited": list(state.edited),
         "missing": list(state.missing),

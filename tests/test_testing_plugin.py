@@ -235,3 +235,53 @@ def test_no_postgresql_is_one_line_a_skip_or_under_ci_a_failure(tmp_path: Path, 
     else:
         assert done.returncode == 0, done.stdout
         assert f"SKIPPED [1] test_db.py:1: {line}" in done.stdout, done.stdout
+
+
+def _no_traceback(output: str) -> None:
+    assert "Traceback" not in output and "connection.py" not in output, output
+    assert "server.py" not in output, output
+
+
+def test_an_unreachable_chunkd_test_dsn_is_one_line_and_a_failure(tmp_path: Path) -> None:
+    """A ``CHUNKD_TEST_DSN`` that answers nothing (a socket directory without a server): one
+    line with the reason, the password in none of it; a failure, not a skip, even outside CI,
+    since that server was asked for by name."""
+    (tmp_path / "test_db.py").write_text("def test_db(chunkd_dsn):\n    pass\n")
+    dsn = f"postgresql://postgres:Unseen-Pw-3@/postgres?host={tmp_path}&port=5499"
+    done = _pytest(tmp_path, env={"CHUNKD_TEST_DSN": dsn})
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "ERROR test_db.py::test_db - Failed: CHUNKD_TEST_DSN" in done.stdout, done.stdout
+    [line] = [line for line in done.stdout.splitlines() if line.startswith("CHUNKD_TEST_DSN")]
+    start = "CHUNKD_TEST_DSN cannot be used for the tests: cannot connect to postgresql://"
+    assert line.startswith(start) and "No such file or directory" in line, line
+    assert "Unseen-Pw-3" not in done.stdout + done.stderr
+    _no_traceback(done.stdout + done.stderr)
+
+
+def test_a_chunkd_test_dsn_role_that_cannot_create_databases_is_one_line(
+    pg_server: TestServer, tmp_path: Path
+) -> None:
+    role = f"chunkd_nocreate_{uuid.uuid4().hex[:8]}"
+
+    async def role_sql(statement: str) -> None:
+        conn = await connect(pg_server.admin_dsn)
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    (tmp_path / "test_db.py").write_text("def test_db(chunkd_dsn):\n    pass\n")
+    asyncio.run(role_sql(f"CREATE ROLE \"{role}\" LOGIN PASSWORD '{role}'"))
+    try:
+        dsn = _conninfo(pg_server.admin_dsn, user=role, password=role)
+        done = _pytest(tmp_path, env={"CHUNKD_TEST_DSN": dsn})
+    finally:
+        asyncio.run(role_sql(f'DROP ROLE "{role}"'))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "ERROR test_db.py::test_db - Failed: CHUNKD_TEST_DSN" in done.stdout, done.stdout
+    line = (
+        "CHUNKD_TEST_DSN cannot be used for the tests: "
+        "permission denied to create database (its role needs CREATEDB)"
+    )
+    assert line in done.stdout.splitlines(), done.stdout
+    _no_traceback(done.stdout + done.stderr)

@@ -461,7 +461,7 @@ async def test_chunkd_runs_and_enqueues_without_opentelemetry(database, db, star
     assert await daemon.stop() == 0
     (warning,) = [e for e in daemon.events() if e.get("event") == "tracing.unavailable"]
     assert "pip install 'chunkd[otel]'" in warning["reason"]
-    assert "Traceback" not in daemon.log_text()
+    assert not daemon.crash_lines()  # the flaky handler's traceback rides on its retry line
 
 
 @pytest.mark.parametrize(

@@ -79,6 +79,7 @@ def _fail_line(message: str, code: int) -> int:
 @dsn_option
 @click.option(
     "--app-dir",
+    type=click.Path(exists=True, file_okay=False),
     default=".",
     show_default=True,
     envvar="CHUNKD_APP_DIR",

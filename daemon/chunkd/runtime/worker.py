@@ -11,18 +11,21 @@ lease, so the chunk is released at the stop or returned by the reaper.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import structlog
 
 from chunkd.db import ClaimedRow
 from chunkd.handlers import Handler
+from chunkd.observability.logs import exception_text
 from chunkd.observability.metrics import Metrics
 from chunkd.observability.tracing import Tracing
 from chunkd.runtime.inflight import InFlight
-from chunkd.runtime.invoke import chunk_of, invoke
+from chunkd.runtime.invoke import Invocation, chunk_of, invoke
 from chunkd.runtime.outcomes import Outcome, Outcomes
 
 __all__ = ["Worker"]
@@ -91,7 +94,7 @@ class Worker:
                 timed_out=lambda: self._inflight.timed_out(row),
                 timeout_s=self._timeout_s,
             )
-            return called.outcome
+            return _with_traceback(called)
         with self._tracing.chunk(
             job_id=row.sync_job_id, kind=row.kind, seq=row.seq, attempt=row.attempt,
             claim_n=row.claim_n, traceparent=row.traceparent, chunk_id=row.id,
@@ -104,4 +107,14 @@ class Worker:
             )
             outcome = called.outcome
             span.outcome(outcome.trace_name, error=outcome.error, raised=called.raised)
-        return outcome
+        return _with_traceback(called)
+
+
+def _with_traceback(called: Invocation) -> Outcome:
+    """The outcome of the call; when the handler raised and debug lines are logged, with the
+    exception's traceback as text, which the outcome's log line (``chunk.retry_scheduled``,
+    ``chunk.failed``, ...) carries as ``exception``. At info the line keeps the one-line
+    ``error``, and nothing is rendered."""
+    if called.raised is None or not log.is_enabled_for(logging.DEBUG):
+        return called.outcome
+    return replace(called.outcome, traceback_text=exception_text(called.raised))

@@ -62,6 +62,13 @@ from chunkd.errors import ChunkdError  # noqa: E402
 from chunkd.settings import parse_duration  # noqa: E402
 
 RESULTS = BENCH_DIR / "results"
+# The default bound on dead tuples outside the held snapshot, in row versions per chunk offered
+# during one autovacuum_naptime (see docs/benchmarks.md, "Sustained load"): a chunk leaves
+# about 7.4 behind in the live tables with the stand-in purge (its ready row, its attempt's
+# first version, its job row's updates, the purge's deletes; measured in the 10-minute run
+# before its hold), and autovacuum visits each table about once a naptime; 10 leaves room for
+# the vacuum's own duration.
+DEAD_PER_CHUNK = 10
 # --short, tests/test_soak.py: every mechanism at least once in about 90 s in all. Samples every
 # 5 s (12 in the run), a 20 s hold (3-4 samples inside it), a 15 s retention that expires and
 # removes jobs from 15 s on (checked from 30 s on), a 5 s capacity measurement, 5 % of it.
@@ -129,7 +136,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add(
         "--dead-bound",
         type=int,
-        help="dead tuples allowed outside the hold (default: the offered chunks of 2 minutes x 4)",
+        help="dead tuples allowed outside the hold (default: 10 per chunk offered in one"
+        " autovacuum_naptime)",
     )
     add("--drain-timeout", type=_duration, default=120.0, help="after the producer stops")
     add("--short", action="store_true", help="60 s, mechanism only (the CI test)")
@@ -195,7 +203,9 @@ async def _rate(args: argparse.Namespace, cluster: PostgresCluster, work: Path) 
     return max(rate, float(args.chunks_per_job))
 
 
-def _plan(args: argparse.Namespace, rate: float, slack: float) -> Plan:
+def _plan(args: argparse.Namespace, rate: float, slack: float, naptime_s: float) -> Plan:
+    """The run's timeline and bounds. Dead tuples: DEAD_PER_CHUNK row versions per chunk
+    offered in one autovacuum_naptime, unless --dead-bound says otherwise."""
     return Plan(
         rate=rate,
         duration=args.duration,
@@ -207,7 +217,7 @@ def _plan(args: argparse.Namespace, rate: float, slack: float) -> Plan:
         interval=args.interval,
         span=args.span,
         recovery_span=min(60.0, args.span / 2),
-        dead_bound=args.dead_bound or int(4 * rate * 120),
+        dead_bound=args.dead_bound or int(DEAD_PER_CHUNK * rate * naptime_s),
         dead_settle_s=180.0,
     )
 
@@ -260,7 +270,7 @@ class Soak:
             ),
             held=held and self.holder.holding,
         )
-        behind = round(self.producer.behind_s(self.start), 3)
+        behind = round(self.producer.behind_s(self.start, plan.duration), 3)
         extra = {"kind": "sample", "low_water": ledger.low_water, "producer_behind_s": behind}
         line = sample_line(plan, sample, extra)
         self.out.write(json.dumps(line) + "\n")
@@ -330,16 +340,21 @@ async def run(args: argparse.Namespace, cluster: PostgresCluster, work: Path) ->
     rate = await _rate(args, cluster, work)
     dsn = await fresh_db(cluster, "soak")
     mode, note, slack, purger = await _retention(args, dsn)
-    plan = _plan(args, rate, slack if args.expiry_slack is None else args.expiry_slack)
+    if args.expiry_slack is not None:
+        slack = args.expiry_slack
     conn = await connect(dsn)
     try:
         history = await soak_db.has_history(conn)
         server = await conn.fetchrow(
             "SELECT current_setting('server_version') AS v, current_setting('fsync') AS fsync,"
-            " current_setting('autovacuum_naptime') AS naptime"
+            " current_setting('autovacuum_naptime') AS naptime,"
+            " (SELECT setting::float8 FROM pg_settings WHERE name = 'autovacuum_naptime')"
+            " AS naptime_s"
         )
     finally:
         await conn.close()
+    assert server is not None
+    plan = _plan(args, rate, slack, server["naptime_s"])
     header(args, plan, server, note)
 
     path = args.out or RESULTS / f"soak-{datetime.now():%Y%m%d-%H%M%S}.jsonl"

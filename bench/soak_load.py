@@ -163,9 +163,9 @@ class Producer:
         """Chunks the schedule calls for after ``elapsed_s`` (whole jobs)."""
         return int(elapsed_s * self.rate / self.per_job) * self.per_job
 
-    def behind_s(self, start: float) -> float:
+    def behind_s(self, start: float, duration_s: float) -> float:
         """How far behind its schedule the producer is now, in seconds of it."""
-        return max(0.0, time.monotonic() - start - self.chunks / self.rate)
+        return max(0.0, min(time.monotonic() - start, duration_s) - self.chunks / self.rate)
 
     async def run(self, start: float, duration_s: float, stop: asyncio.Event) -> None:
         """Until the schedule's end is enqueued (or ``stop``)."""

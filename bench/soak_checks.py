@@ -137,12 +137,14 @@ def mechanism(plan: Plan, samples: list[Sample], ledger: Ledger, facts: Facts) -
             and with_stats >= want,
         )
     )
-    measured = [s for s in _between(samples, plan.warmup, plan.duration) if s.latency.count]
+    latencies = sum(s.latency.count for s in samples)
+    claimed = ledger.count(facts.enqueued, CLAIMED)
+    with_latency = sum(1 for s in samples if s.latency.count)
     checks.append(
         Check(
-            "claim latency read in windows after warm-up",
-            f"{len(measured)} of {len(_between(samples, plan.warmup, plan.duration))}",
-            bool(measured) and len(measured) == len(_between(samples, plan.warmup, plan.duration)),
+            "claim latency read for every chunk claimed",
+            f"{latencies:,} latencies, {claimed:,} chunks claimed, in {with_latency} windows",
+            latencies == claimed and with_latency > 0,
         )
     )
     checks.append(

@@ -20,17 +20,20 @@ HISTORY_SQL = "SELECT to_regclass('chunkd.history_chunks') IS NOT NULL"
 
 
 # Lowest chunk id not yet terminal, or one past the newest chunk (least() skips NULLs;
-# unfinished chunks are always live).
+# unfinished chunks are always live). OFFSET 0 keeps min() over open attempts on their partial
+# index (a few rows) instead of a walk up the primary key past every finished attempt.
 LOW_WATER_SQL = """
 SELECT least((SELECT min(r.chunk_id) FROM chunkd.ready r),
              (SELECT min(s.chunk_id) FROM chunkd.scheduled s),
-             (SELECT min(a.chunk_id) FROM chunkd.attempts a WHERE a.ended_at IS NULL),
+             (SELECT min(o.chunk_id) FROM (SELECT a.chunk_id FROM chunkd.attempts a
+                                       WHERE a.ended_at IS NULL OFFSET 0) o),
              coalesce((SELECT max(c.id) FROM chunkd.chunks c), $1::bigint - 1) + 1)
 """
 LOW_WATER_HISTORY_SQL = """
 SELECT least((SELECT min(r.chunk_id) FROM chunkd.ready r),
              (SELECT min(s.chunk_id) FROM chunkd.scheduled s),
-             (SELECT min(a.chunk_id) FROM chunkd.attempts a WHERE a.ended_at IS NULL),
+             (SELECT min(o.chunk_id) FROM (SELECT a.chunk_id FROM chunkd.attempts a
+                                       WHERE a.ended_at IS NULL OFFSET 0) o),
              coalesce(greatest((SELECT max(c.id) FROM chunkd.chunks c),
                                (SELECT max(h.id) FROM chunkd.history_chunks h)),
                       $1::bigint - 1) + 1)

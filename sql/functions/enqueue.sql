@@ -426,8 +426,10 @@ BEGIN
             FROM made m
             CROSS JOIN LATERAL jsonb_array_elements(m.chunks) WITH ORDINALITY AS e(value, ordinality)
             RETURNING chunks.id, chunks.job_id, chunks.seq
-        ), turns AS (
-            -- A job's chunk n is served n turns after the current one (fair turns).
+        ), turns AS MATERIALIZED (
+            -- A job's chunk n is served n turns after the current one (fair turns). Computed
+            -- once per priority: inlined, the join could read current_turn once per chunk, and
+            -- while a snapshot is held each read walks the ready index's dead entries.
             SELECT p.priority, chunkd.current_turn(p.priority) AS turn
             FROM (SELECT DISTINCT m.priority FROM made m WHERE NOT m.later) p
         ), now_due AS (

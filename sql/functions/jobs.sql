@@ -166,12 +166,17 @@ BEGIN ATOMIC
              AS i(chunk_id, claims, attempt, run_in_s)
         JOIN chunkd.chunks c ON c.id = i.chunk_id
         JOIN chunkd.jobs j ON j.id = c.job_id
+    ), turns AS MATERIALIZED (
+        -- Once per priority, not per chunk (see create_jobs).
+        SELECT p.priority, chunkd.current_turn(p.priority) AS turn
+        FROM (SELECT DISTINCT i.priority FROM input i WHERE coalesce(i.run_in_s, 0) <= 0) p
     ), now_due AS (
         INSERT INTO chunkd.ready (chunk_id, job_id, seq, priority, kind, limited, claims, attempt,
                                   turn)
         SELECT i.chunk_id, i.job_id, i.seq, i.priority, i.kind, i.limited, i.claims, i.attempt,
-               chunkd.current_turn(i.priority) + i.offset_
-        FROM input i WHERE coalesce(i.run_in_s, 0) <= 0
+               t.turn + i.offset_
+        FROM input i JOIN turns t ON t.priority = i.priority
+        WHERE coalesce(i.run_in_s, 0) <= 0
     )
     INSERT INTO chunkd.scheduled (chunk_id, job_id, seq, priority, kind, limited, claims,
                                   attempt, run_at, turn)
@@ -198,7 +203,7 @@ BEGIN
             SELECT x.ctid FROM chunkd.scheduled x WHERE x.run_at <= now()
             ORDER BY x.run_at LIMIT 10000 FOR UPDATE SKIP LOCKED))
         RETURNING s.*
-    ), turns AS (
+    ), turns AS MATERIALIZED (
         SELECT p.priority, chunkd.current_turn(p.priority) AS turn
         FROM (SELECT DISTINCT d.priority FROM due d) p
     ), moved AS (

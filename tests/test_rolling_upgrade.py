@@ -13,12 +13,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from chunkd.db import connect
 from chunkd.db import migrate as migrate_module
 from chunkd.db.migrate import apply_migrations
-from chunkd.db.sql_files import Migration, migrations
+from chunkd.db.sql_files import Migration, definitions, migrations
 from chunkd.errors import ChunkdError
 from daemon_handlers import EXECUTIONS_DDL
 from daemon_helpers import TESTS_DIR, Daemon, run_chunkd, wait_until
@@ -153,3 +154,65 @@ async def test_migrate_refuses_to_drop_what_a_running_older_daemon_calls(
     # Once that daemon is gone (its heartbeat old), the same migration goes through.
     await conn.execute("UPDATE chunkd.workers SET last_heartbeat_at = now() - interval '1 hour'")
     assert (await apply_migrations(conn)).versions == [planted.version]
+
+
+async def test_migrate_gets_its_locks_while_old_daemons_claim_from_a_long_queue(
+    empty_database: str,
+) -> None:
+    """A 0.2 database (version 9) with 30,000 ready chunks, one session calling 0.2's claim
+    every 20 ms and three calling it back to back (a daemon with free slots): each claim locks
+    ``scheduled`` first, then ``chunks``, ``jobs``, ``ready``, ``attempts``. Every later
+    migration and the definitions must get their locks within a bounded wait (a step that took
+    ``ready`` before ``scheduled`` timed out on every try: docs/migrations.md, The lock order),
+    and the claims go on, without an error, through it and after it."""
+    conn = await connect(empty_database)
+    claimers = [await connect(empty_database, application_name="old-daemon") for _ in range(4)]
+    stop = asyncio.Event()
+    claimed: list[int] = []
+    errors: list[str] = []
+
+    async def claim(claimer: asyncpg.Connection, pause_s: float) -> None:
+        while not stop.is_set():
+            try:
+                rows = await claimer.fetch(
+                    "SELECT * FROM chunkd.claim_or_wait('old-host:7:abc', 1, NULL, 600, NULL)"
+                )
+            except asyncpg.PostgresError as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+            else:
+                claimed.extend(r["id"] for r in rows if r["id"] is not None)
+            await asyncio.sleep(pause_s)
+
+    tasks: list[asyncio.Future[None]] = []
+    try:
+        await apply_migrations(conn, up_to=9)
+        for _ in range(3):
+            await conn.fetchval(
+                "SELECT chunkd.create_sync_job('big', (SELECT jsonb_agg('{}'::jsonb)"
+                " FROM generate_series(1, 10000)), '{}')"
+            )
+        assert await conn.fetchval("SELECT count(*) FROM chunkd.ready") == 30_000
+        tasks = [
+            asyncio.ensure_future(claim(c, pause_s))
+            for c, pause_s in zip(claimers, (0.02, 0, 0, 0), strict=True)
+        ]
+        await wait_until(lambda: _true(len(claimed) >= 20), timeout_s=10, what="claims")
+        migrated = await apply_migrations(conn, lock_wait_s=10)
+        assert migrated.versions == [m.version for m in migrations() if m.version > 9]
+        assert migrated.definitions == tuple(d.path for d in definitions())
+        before = len(claimed)
+        await wait_until(lambda: _true(len(claimed) >= before + 20), timeout_s=10, what="claims")
+        stop.set()
+        await asyncio.gather(*tasks)
+        assert errors == []
+        assert len(set(claimed)) == len(claimed), "each chunk claimed once"
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for claimer in claimers:
+            await claimer.close()
+        await conn.close()
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -6,6 +6,9 @@
 -- to a number of snoozes per chunk (`chunkd run --max-snoozes`). The audit trail keeps each
 -- snooze with its delay and its reason (sql/functions/outcomes.sql: chunkd.snooze_attempt).
 
+-- The one table it alters, locked first (docs/migrations.md, The lock order).
+LOCK TABLE chunkd.attempts IN ACCESS EXCLUSIVE MODE;
+
 -- The new outcome. NOT VALID: every existing row holds one of the old values, which the new
 -- list contains, so there is nothing to check, and validating would read the whole table under
 -- this statement's exclusive lock. New and updated rows are checked as before.

@@ -132,11 +132,11 @@ async def test_migrate_refuses_to_drop_what_a_running_older_daemon_calls(
         "INSERT INTO chunkd.workers (worker_id, host, pid, version, kinds, concurrency)"
         " VALUES ('old-host:7:abc', 'old-host', 7, '0.2.0', '{k}', 4)"
     )
-    # A later release's migration that removes the claim of schema version 2.
+    # A later release's migration that removes a function 0.2's daemon calls.
     planted = Migration(
         migrations()[-1].version + 1,
-        "drop_old_claim",
-        "DROP FUNCTION chunkd.claim_next_chunk_job_safe(text, int, text[], interval);",
+        "drop_next_schedule_at",
+        "DROP FUNCTION chunkd.next_schedule_at();",
     )
     monkeypatch.setattr(migrate_module, "migrations", lambda: (*migrations(), planted))
     with pytest.raises(ChunkdError) as refused:
@@ -144,13 +144,11 @@ async def test_migrate_refuses_to_drop_what_a_running_older_daemon_calls(
     message = str(refused.value)
     assert "\n" not in message
     assert message == (
-        f"migration {planted.version} (drop_old_claim) drops chunkd.claim_next_chunk_job_safe"
-        "(text,integer,text[],interval), which running daemons of chunkd 0.2.0 may call: stop "
-        "them first (old-host:7:abc), then run chunkd migrate again; nothing of it was applied"
+        f"migration {planted.version} (drop_next_schedule_at) drops chunkd.next_schedule_at(),"
+        " which running daemons of chunkd 0.2.0 call: stop them first (old-host:7:abc), then run"
+        " chunkd migrate again; nothing of it was applied"
     )
-    assert await conn.fetchval(
-        "SELECT to_regprocedure('chunkd.claim_next_chunk_job_safe(text,int,text[],interval)')"
-    ), "rolled back"
+    assert await conn.fetchval("SELECT to_regprocedure('chunkd.next_schedule_at()')"), "rolled back"
     # Once that daemon is gone (its heartbeat old), the same migration goes through.
     await conn.execute("UPDATE chunkd.workers SET last_heartbeat_at = now() - interval '1 hour'")
     assert (await apply_migrations(conn)).versions == [planted.version]

@@ -5,11 +5,8 @@ Each versioned migration (``sql/migrations/``) runs in its own transaction, with
 ``search_path`` pinned to ``pg_catalog``; then the current definitions whose files changed are
 re-applied in one more (:mod:`chunkd.db.definitions`). All of it runs under one session
 advisory lock, so two ``chunkd migrate`` at once are safe: the second waits, then finds nothing
-to do. A step that drops a function or view while daemons of another chunkd version are alive
-is refused (a rolling upgrade: they may still call it), unless it is a function that the
-definitions replace in the same transaction by one of the same name that inherits its grants
-(``-- carry grants:``; a trailing argument with a default), which takes every call of the old
-one. Before anything is written,
+to do. A step that drops a function or view that running daemons of another chunkd release
+call is refused (a rolling upgrade: :mod:`chunkd.db.drops`). Before anything is written,
 :func:`apply_migrations`
 checks what would make it fail half-way or run someone else's code: a read-only database, a
 ``chunkd`` schema (or an object in it) owned by another role, no right to create the schema,
@@ -42,6 +39,7 @@ from chunkd.db.definitions import (
     schema_objects,
     successors,
 )
+from chunkd.db.drops import refuse_drops
 from chunkd.db.locks import DEFAULT_LOCK_WAIT_S, Wanted, with_lock_retry
 from chunkd.db.server_errors import quote_role, read_only_message
 from chunkd.db.sql_files import Migration, definitions, migrations, queries
@@ -53,7 +51,6 @@ if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
 
 __all__ = [
-    "LIVE_WORKER_S",
     "Migrated",
     "SchemaState",
     "apply_migrations",
@@ -65,10 +62,6 @@ __all__ = [
 #: What a migration step may lock: any relation of the schema, in any mode (to name who holds
 #: one when a step gives up).
 _ANY_LOCK = (Wanted("chunkd.*", "AccessExclusiveLock"),)
-
-#: A registered daemon whose last heartbeat is younger than this is taken to be running (it
-#: heartbeats every lease/3: 20 s at the default lease) when a migration would drop a function.
-LIVE_WORKER_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -193,7 +186,7 @@ async def apply_migrations(
                 await conn.execute(q["pin_search_path"])
                 await conn.execute(migration.sql)
                 await conn.execute(q["record_version"], migration.version, migration.name)
-                await _refuse_drops(conn, before, step)
+                await refuse_drops(conn, before, step)
 
             try:
                 await with_lock_retry(conn, apply, what=step, wanted=_ANY_LOCK, wait_s=lock_wait_s)
@@ -222,7 +215,7 @@ async def _apply_definitions(
     async def apply() -> tuple[str, ...]:
         before = await schema_objects(conn)
         applied = await apply_definitions(conn, grants, migrated=migrated)
-        await _refuse_drops(conn, before, step, successors=successors())
+        await refuse_drops(conn, before, step, successors=successors())
         return applied
 
     try:
@@ -236,34 +229,6 @@ async def _apply_definitions(
             f"applying the current definitions failed: {exc}; nothing of them was applied"
         ) from None
     return applied
-
-
-async def _refuse_drops(
-    conn: asyncpg.Connection,
-    before: set[tuple[str, str]],
-    step: str,
-    *,
-    successors: dict[str, str] | None = None,
-) -> None:
-    """Raises (rolling the step back) when it dropped a function or view while daemons of
-    another chunkd version are alive: they may still call it. A function whose successor of
-    the same name (``successors``) exists after the step is not counted: calls find that."""
-    after = {obj for _, obj in await schema_objects(conn)}
-    new = successors or {}
-    dropped = sorted(o for _, o in before if o not in after and new.get(o) not in after)
-    if not dropped:
-        return
-    live = await conn.fetch(queries()["live_workers_of_other_versions"], __version__, LIVE_WORKER_S)
-    if not live:
-        return
-    versions = ", ".join(sorted({r["version"] for r in live}))
-    workers = ", ".join(r["worker_id"] for r in live[:5]) + (" ..." if len(live) > 5 else "")
-    raise ChunkdError(
-        f"{step} drops {dropped[0]}"
-        + (f" and {len(dropped) - 1} more" if len(dropped) > 1 else "")
-        + f", which running daemons of chunkd {versions} may call: stop them first ({workers}), "
-        "then run chunkd migrate again; nothing of it was applied"
-    )
 
 
 async def _schema_exists(conn: asyncpg.Connection) -> bool:

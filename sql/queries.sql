@@ -303,11 +303,23 @@ SELECT pg_catalog.format('GRANT %s ON %s %s TO %I%s', $3::text, $1::text, $2::te
                          CASE WHEN $5::boolean THEN ' WITH GRANT OPTION' ELSE '' END);
 
 -- name: live_workers_of_other_versions
--- Daemons that heartbeat within the last $2 seconds and run another chunkd version than $1.
-SELECT w.worker_id, w.version
-FROM chunkd.workers w
+-- Daemons of another chunkd version than $1 that count as running: their last heartbeat is
+-- within three of their heartbeat intervals (heartbeat_s, the reaper's rule), or within $2
+-- seconds for a daemon that does not say how often it heartbeats (0.1, 0.2: NULL). heartbeat_s
+-- is read through to_jsonb: before schema version 10 the column does not exist. `heartbeat_s`:
+-- that interval (NULL: the $2 rule); `left_s`: how long it keeps counting as running.
+SELECT w.worker_id, w.version, w.heartbeat_s,
+       extract(epoch FROM w.last_heartbeat_at + pg_catalog.make_interval(secs => w.window_s)
+                          - pg_catalog.now())::float8 AS left_s
+FROM (
+    SELECT x.worker_id, x.version, x.last_heartbeat_at, h.heartbeat_s,
+           coalesce(3 * h.heartbeat_s, $2) AS window_s
+    FROM chunkd.workers x
+    CROSS JOIN LATERAL (SELECT (pg_catalog.to_jsonb(x) ->> 'heartbeat_s')::float8
+                               AS heartbeat_s) h
+) w
 WHERE w.version <> $1
-  AND w.last_heartbeat_at > pg_catalog.now() - pg_catalog.make_interval(secs => $2)
+  AND w.last_heartbeat_at > pg_catalog.now() - pg_catalog.make_interval(secs => w.window_s)
 ORDER BY w.version, w.worker_id;
 
 -- name: ping

@@ -27,8 +27,9 @@ if TYPE_CHECKING:
 
 __all__ = ["LIVE_WORKER_S", "refuse_drops"]
 
-#: A registered daemon whose last heartbeat is younger than this is taken to be running (it
-#: heartbeats every lease/3: 20 s at the default lease) when a migration would drop a function.
+#: A registered daemon that does not say how often it heartbeats (0.1, 0.2: ``heartbeat_s``
+#: NULL) is taken to be running while its last heartbeat is younger than this; one that does,
+#: while it has not missed three (the reaper's rule).
 LIVE_WORKER_S = 300.0
 
 _NAME = re.compile(r"^chunkd\.([a-z_][a-z0-9_]*)")
@@ -76,8 +77,20 @@ async def refuse_drops(
         whose = f"{versions} call"
     workers = [w for v in sorted(in_the_way) for w in in_the_way[v]]
     shown = ", ".join(workers[:5]) + (" ..." if len(workers) > 5 else "")
+    counting = _counting([r for r in live if r["worker_id"] in workers])
     raise ChunkdError(
         f"{step} drops {first}" + (f" and {len(more)} more" if more else "")
         + f", which running daemons of chunkd {whose}: stop them first ({shown}), "
-        "then run chunkd migrate again; nothing of it was applied"
+        f"then run chunkd migrate again ({counting}); nothing of it was applied"
     )  # fmt: skip
+
+
+def _counting(rows: list[asyncpg.Record]) -> str:
+    """How long the last of ``rows`` (live workers) keeps counting as running, and by what."""
+    last = max(rows, key=lambda r: r["left_s"])
+    if last["heartbeat_s"] is None:
+        rule = f"until {LIVE_WORKER_S / 60:g} minutes after its last heartbeat"
+    else:
+        rule = f"until it has missed three heartbeats of {last['heartbeat_s']:g} s"
+    left_s = max(1, round(last["left_s"]))
+    return f"a daemon killed without stopping counts as running for {left_s} s more: {rule}"

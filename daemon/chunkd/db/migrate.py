@@ -42,7 +42,7 @@ from chunkd.db.definitions import (
 from chunkd.db.drops import refuse_drops
 from chunkd.db.locks import DEFAULT_LOCK_WAIT_S, Wanted, with_lock_retry
 from chunkd.db.server_errors import quote_role, read_only_message
-from chunkd.db.sql_files import Migration, definitions, migrations, queries
+from chunkd.db.sql_files import Migration, SqlFilesError, definitions, migrations, queries
 from chunkd.errors import ChunkdError, SchemaVersionError
 from chunkd.version import __version__
 
@@ -146,11 +146,17 @@ async def apply_migrations(
 
     Raises :class:`~chunkd.errors.SchemaVersionError` for a schema newer than this chunkd, and
     :class:`~chunkd.errors.ChunkdError` for anything that stops it before it writes (see the
-    module docstring), a step the server refused (nothing of that step is applied), a step
+    module docstring; :class:`~chunkd.db.sql_files.SqlFilesError`: chunkd's own SQL files do
+    not fit together), a step the server refused (nothing of that step is applied), a step
     that would drop what running daemons of another version call, or a step that did not get
     its locks within ``lock_wait_s`` (:class:`~chunkd.db.locks.LockWaitError`, naming the
     session that holds them).
     """
+    try:  # chunkd's own files, read before anything is written
+        migrations()
+        definitions()
+    except SqlFilesError as exc:
+        raise SqlFilesError(f"{exc}; nothing was applied") from None
     if getattr(conn, "transaction_pooler", False):
         raise ChunkdError(
             "chunkd migrate needs a session connection (it holds an advisory lock across its "

@@ -199,3 +199,19 @@ async def test_definition_files_out_of_step_with_the_manifest_stop_migrate_befor
             await conn.close()
     finally:
         await _drop(pg_server, f"chunkd_migrate_{broken}")
+
+
+async def test_a_failing_definitions_file_is_named_with_its_line(database, tmp_path: Path) -> None:
+    copy = _copy_of_chunkd(tmp_path)
+    progress = copy / "sql" / "functions" / "progress.sql"
+    lines = progress.read_text().splitlines(keepends=True)
+    lines.insert(3, "SELEC 1;\n")  # line 4
+    progress.write_text("".join(lines))
+    result = await _chunkd(
+        "migrate", "--dsn", database.dsn, env={"PYTHONPATH": str(copy / "daemon")}
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "chunkd: error: applying the current definitions failed: sql/functions/progress.sql, "
+        'line 4: syntax error at or near "SELEC"; nothing of them was applied'
+    )

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from chunkd.db.connection import DatabaseError, sqlstate
 from chunkd.db.definitions import (
+    DefinitionFailed,
     Grant,
     apply_definitions,
     compare_versions,
@@ -228,7 +229,7 @@ async def _apply_definitions(
         applied = await with_lock_retry(
             conn, apply, what=step, wanted=_ANY_LOCK, wait_s=lock_wait_s
         )
-    except DatabaseError as exc:
+    except (DatabaseError, DefinitionFailed) as exc:
         if preflight["read_only"]:
             raise ChunkdError(read_only_message(in_recovery=preflight["in_recovery"])) from None
         raise ChunkdError(

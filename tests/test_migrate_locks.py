@@ -15,6 +15,7 @@ from chunkd.db import migrate as migrate_module
 from chunkd.db.locks import LockWaitError
 from chunkd.db.migrate import apply_migrations
 from chunkd.db.sql_files import Migration, migrations
+from lock_helpers import hold
 
 
 def _plant(monkeypatch: pytest.MonkeyPatch, name: str, sql: str) -> Migration:
@@ -69,3 +70,48 @@ async def test_a_step_in_a_cycle_with_short_claims_is_not_told_they_are_free(
     assert {int(p) for p in found[3].split(", ")} <= pids
     assert await conn.fetchval("SELECT count(*) FROM chunkd.schema_migrations WHERE version = $1",
                                planted.version) == 0  # fmt: skip
+
+
+HOLDS_TWO = "LOCK TABLE chunkd.events IN SHARE MODE; LOCK TABLE chunkd.ready IN ROW EXCLUSIVE MODE"
+
+
+async def test_the_line_names_the_relation_the_step_waited_for(
+    database, conn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session idle in a transaction holds SHARE on events and ROW EXCLUSIVE on ready; a step
+    that locks ready alone waited for ready, not for events (the stronger lock, which the line
+    named before)."""
+    planted = _plant(
+        monkeypatch,
+        "ready_probe",
+        "LOCK TABLE chunkd.ready IN ACCESS EXCLUSIVE MODE;"
+        " ALTER TABLE chunkd.ready ADD COLUMN probe int;",
+    )
+    holder = await hold(database.dsn, HOLDS_TWO)
+    try:
+        with pytest.raises(LockWaitError) as gave_up:
+            await apply_migrations(conn, lock_wait_s=1.5)
+    finally:
+        await holder.close()
+    line = str(gave_up.value)
+    assert line.startswith(f"migration {planted.version} (ready_probe) waited 1.5 s"), line
+    assert f"pid {holder.pid} (role " in line
+    assert re.search(r"\) holds RowExclusiveLock on chunkd\.ready; end that transaction", line)
+
+
+async def test_without_a_lock_table_first_the_line_names_every_lock_in_the_way(
+    database, conn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Which relation a step without a LOCK TABLE first waits for is not known before it runs:
+    the line names every lock the session holds on chunkd's relations."""
+    _plant(monkeypatch, "ready_index", "CREATE INDEX ready_probe ON chunkd.ready (kind);")
+    holder = await hold(database.dsn, HOLDS_TWO)
+    try:
+        with pytest.raises(LockWaitError) as gave_up:
+            await apply_migrations(conn, lock_wait_s=1.5)
+    finally:
+        await holder.close()
+    assert re.search(
+        r"\) holds ShareLock on chunkd\.events, RowExclusiveLock on chunkd\.ready; end that",
+        str(gave_up.value),
+    ), str(gave_up.value)

@@ -15,7 +15,7 @@ from catalog import first_difference, released_migration_files, schema_dump, sch
 from chunkd.db import connect
 from chunkd.db.definitions import apply_definitions, catalog_state, grants_snapshot, successors
 from chunkd.db.migrate import apply_migrations, check_version
-from chunkd.db.sql_files import definitions, migrations
+from chunkd.db.sql_files import definitions, lock_head, migrations
 from chunkd.errors import SchemaVersionError
 from lock_order import documented_order, lock_problems, locks_taken, split_head
 
@@ -98,13 +98,15 @@ async def test_each_step_takes_its_table_locks_at_once_in_the_documented_order(
     try:
         await apply_migrations(conn, up_to=8)
         for migration in migrations()[8:]:
-            _, body = split_head(migration.sql)
+            head, body = split_head(migration.sql)
+            _reads_the_same_head(head, migration.sql)
             taken = await locks_taken(conn, body)
             problems += lock_problems(f"migration {migration.version}", migration.sql, taken, order)
             await apply_migrations(conn, up_to=migration.version)
         await apply_migrations(conn)
         for definition in definitions():
-            _, body = split_head(definition.sql)
+            head, body = split_head(definition.sql)
+            _reads_the_same_head(head, definition.sql)
             taken = await locks_taken(conn, body)
             problems += lock_problems(definition.path, definition.sql, taken, order)
         assert await conn.fetchval(
@@ -134,6 +136,16 @@ async def test_each_step_takes_its_table_locks_at_once_in_the_documented_order(
     finally:
         await conn.close()
     assert problems == [], "\n".join(problems)
+
+
+def _reads_the_same_head(head: re.Match[str] | None, sql: str) -> None:
+    """chunkd migrate reads the head too, to name the session in the way of its first table."""
+    if head is None:
+        assert lock_head(sql) is None
+        return
+    tables = tuple(t.strip() for t in head["tables"].split(","))
+    mode = "".join(w.capitalize() for w in head["mode"].split()) + "Lock"
+    assert lock_head(sql) == (tables, mode)
 
 
 async def test_every_function_view_and_trigger_is_in_exactly_one_definition(conn) -> None:

@@ -75,7 +75,9 @@ class Wanted:
 class Blocker:
     """A session in the way: what ``pg_stat_activity`` shows of it to this role (``state``,
     ``state_s`` and ``xact_s``, in seconds, are None when it hides them), the lock it holds
-    (``granted``) or waits for ahead of us, and its transaction (virtual id)."""
+    (``granted``) or waits for ahead of us (on the relation wanted first), its transaction
+    (virtual id), and ``locks``: every lock of it in the way, that one first
+    (``RowExclusiveLock on chunkd.ready``)."""
 
     pid: int
     role: str | None
@@ -87,6 +89,10 @@ class Blocker:
     relation: str
     granted: bool
     transaction: str
+    locks: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "locks", tuple(self.locks or ()))
 
     def describe(self, viewer: str | None = None) -> str:
         """``pid 4242 (role app, application 'billing', idle in transaction for 12.3 s,
@@ -104,7 +110,9 @@ class Blocker:
             if self.xact_s is not None:
                 about.append(f"transaction open {self.xact_s:.1f} s")
         verb = "holds" if self.granted else "waits for"
-        return f"pid {self.pid} ({', '.join(about)}) {verb} {self.mode} on {self.relation}"
+        locks = list(self.locks) or [f"{self.mode} on {self.relation}"]
+        shown = ", ".join(locks[:4]) + (f" and {len(locks) - 4} more" if len(locks) > 4 else "")
+        return f"pid {self.pid} ({', '.join(about)}) {verb} {shown}"
 
 
 class LockWaitError(ChunkdError):

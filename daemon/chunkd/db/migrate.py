@@ -43,7 +43,14 @@ from chunkd.db.definitions import (
 from chunkd.db.drops import refuse_drops
 from chunkd.db.locks import DEFAULT_LOCK_WAIT_S, Wanted, with_lock_retry
 from chunkd.db.server_errors import quote_role, read_only_message
-from chunkd.db.sql_files import Migration, SqlFilesError, definitions, migrations, queries
+from chunkd.db.sql_files import (
+    Migration,
+    SqlFilesError,
+    definitions,
+    lock_head,
+    migrations,
+    queries,
+)
 from chunkd.errors import ChunkdError, SchemaVersionError
 from chunkd.version import __version__
 
@@ -60,9 +67,31 @@ __all__ = [
     "schema_state",
 ]
 
-#: What a migration step may lock: any relation of the schema, in any mode (to name who holds
-#: one when a step gives up).
+#: What a step without a LOCK TABLE first may lock: any relation of the schema, in any mode.
 _ANY_LOCK = (Wanted("chunkd.*", "AccessExclusiveLock"),)
+_ANY_READ = Wanted("chunkd.*", "AccessShareLock")
+
+
+def _wanted(migration: Migration) -> tuple[Wanted, ...]:
+    """The locks a migration takes, in order, to name the session in its way when it gives
+    up: its LOCK TABLE, then a read of any relation (in the way of ACCESS EXCLUSIVE only); any
+    lock on any relation when it does not begin with a LOCK TABLE."""
+    head = lock_head(migration.sql)
+    if head is None:
+        return _ANY_LOCK
+    return (*(Wanted(table, head[1]) for table in head[0]), _ANY_READ)
+
+
+def _definitions_wanted() -> tuple[Wanted, ...]:
+    """As :func:`_wanted`, for the definitions: in the manifest's order, each view (replaced:
+    ACCESS EXCLUSIVE) and each file's LOCK TABLE (functions take no table lock)."""
+    found: list[Wanted] = []
+    for d in definitions():
+        found += [Wanted(f"chunkd.{o.name}", "AccessExclusiveLock") for o in d.objects
+                  if o.kind == "view"]  # fmt: skip
+        head = lock_head(d.sql)
+        found += [Wanted(table, head[1]) for table in head[0]] if head else []
+    return (*found, _ANY_READ)
 
 
 @dataclass(frozen=True)
@@ -196,7 +225,8 @@ async def apply_migrations(
                 await refuse_drops(conn, before, step)
 
             try:
-                await with_lock_retry(conn, apply, what=step, wanted=_ANY_LOCK, wait_s=lock_wait_s)
+                wanted = _wanted(migration)
+                await with_lock_retry(conn, apply, what=step, wanted=wanted, wait_s=lock_wait_s)
             except DatabaseError as exc:
                 raise ChunkdError(f"{step} failed: {exc}; nothing of it was applied") from None
             applied.append(migration.version)
@@ -226,9 +256,8 @@ async def _apply_definitions(
         return applied
 
     try:
-        applied = await with_lock_retry(
-            conn, apply, what=step, wanted=_ANY_LOCK, wait_s=lock_wait_s
-        )
+        wanted = _definitions_wanted()
+        applied = await with_lock_retry(conn, apply, what=step, wanted=wanted, wait_s=lock_wait_s)
     except (DatabaseError, DefinitionFailed) as exc:
         if preflight["read_only"]:
             raise ChunkdError(read_only_message(in_recovery=preflight["in_recovery"])) from None

@@ -27,6 +27,7 @@ __all__ = [
     "Migration",
     "SqlFilesError",
     "definitions",
+    "lock_head",
     "migrations",
     "queries",
     "sql_dir",
@@ -45,6 +46,11 @@ _DEFINED = re.compile(
 # gets the EXECUTE grants the old one had when it is first created.
 _CARRY = re.compile(r"^-- carry grants: (chunkd\.\S+\(.*?\)) -> (chunkd\.\S+\(.*?\))\s*$", re.M)
 _QUERY_HEADER = re.compile(r"^-- name: ([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
+# The LOCK TABLE that opens a step (docs/migrations.md, The lock order), comments aside.
+_LOCK_HEAD = re.compile(
+    r"\s*LOCK\s+TABLE\s+(chunkd\.\w+(?:\s*,\s*chunkd\.\w+)*)\s+IN\s+([A-Z ]+?)\s+MODE\s*;",
+    re.IGNORECASE,
+)
 
 
 class SqlFilesError(ChunkdError):
@@ -174,6 +180,17 @@ def _differences(listed: list[str], on_disk: set[str]) -> str:
     if twice:
         found.append(some(twice, "listed twice"))
     return "; ".join(found)
+
+
+def lock_head(sql: str) -> tuple[tuple[str, ...], str] | None:
+    """The tables and the mode (as ``pg_locks`` spells it: ``AccessExclusiveLock``) of the
+    ``LOCK TABLE`` that opens ``sql``, comments aside; None when it does not open with one."""
+    found = _LOCK_HEAD.match(re.sub(r"--[^\n]*", "", sql))
+    if found is None:
+        return None
+    tables = tuple(t.strip() for t in found[1].split(","))
+    mode = "".join(word.capitalize() for word in found[2].split()) + "Lock"
+    return tables, mode
 
 
 @cache

@@ -125,6 +125,27 @@ async def test_a_previous_release_daemon_keeps_working_through_chunkd_migrate(
         await conn.close()
 
 
+async def test_a_previous_release_daemon_restarted_after_the_upgrade_exits_2(
+    empty_database: str, previous_release: Path
+) -> None:
+    """docs/migrations.md: an old daemon keeps running through the upgrade, but one that
+    starts (or restarts) on the upgraded schema refuses it with exit 2, which the systemd
+    units do not restart (RestartPreventExitStatus=2, tests/test_systemd_units.py): upgrade the
+    package first."""
+    upgraded = await asyncio.to_thread(run_chunkd, "migrate", "--dsn", empty_database)
+    assert upgraded.code == 0, upgraded.stderr
+    latest = migrations()[-1].version
+    old = await asyncio.to_thread(
+        run_chunkd, "run", "--dsn", empty_database, "--handler", "rolling=daemon_handlers:record",
+        env=_old_env(previous_release),
+    )  # fmt: skip
+    assert old.code == 2, old.stderr
+    assert old.stderr.strip() == (
+        f"chunkd: error: database schema has version(s) {list(range(9, latest + 1))} that this "
+        "chunkd does not know (it knows up to 8): upgrade chunkd"
+    )
+
+
 async def test_migrate_refuses_to_drop_what_a_running_older_daemon_calls(
     database, conn, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -73,7 +73,7 @@ _SETS_LOCK_TIMEOUT = re.compile(r"^[^-\n]*\block_timeout\b", re.IGNORECASE | re.
 def test_no_migration_after_0009_sets_its_own_lock_timeout() -> None:
     """`chunkd migrate` gives each step a lock_timeout of 50 ms and tries it again until
     --lock-wait has passed (docs/migrations.md): a migration's own would override it and queue
-    the fleet's claims behind the step. The released 2, 3 and 5 to 9 set 60 s, and stay."""
+    the fleet's claims behind the step. 2, 3 and 5 to 8 (released) and 9 set 60 s, and stay."""
     released = {m.version: m for m in migrations()}
     assert _SETS_LOCK_TIMEOUT.search(released[9].sql), "the pattern finds 0009's"
     for migration in migrations():

@@ -19,5 +19,5 @@ ALTER TABLE chunkd.attempts ADD CONSTRAINT attempts_outcome_check
 
 -- Seconds from the end of this claim until its chunk could run again: the delay a snooze asked
 -- for, or a retry's backoff (NULL for any other outcome, and for attempts ended before version
--- 10). A nullable column without a default: adding it rewrites nothing.
+-- 11). A nullable column without a default: adding it rewrites nothing.
 ALTER TABLE chunkd.attempts ADD COLUMN delay_s float8;

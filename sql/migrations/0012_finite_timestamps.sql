@@ -11,7 +11,7 @@
 -- daemon, the CLI, the dashboard, an application's own queries): a value that does not fit is
 -- refused where it is written, in one line that names the column.
 --
--- The checks are added NOT VALID here (a short lock per table, no scan); migration 11 validates
+-- The checks are added NOT VALID here (a short lock per table, no scan); migration 13 validates
 -- the rows already stored without blocking writes.
 
 -- Every table at once, in the lock order of docs/migrations.md (scheduled first, as every

@@ -18,7 +18,7 @@ ms while the sessions in its way come and go): a trigger's SHARE ROW EXCLUSIVE, 
 SHARE, a column's ACCESS EXCLUSIVE would otherwise queue every claim and enqueue behind it. A
 try that times out is rolled back and run again until
 ``lock_wait_s`` has passed; then one line names the session in the way
-(:func:`chunkd.db.locks.with_lock_retry`). Migrations 2, 3 and 5 to 9 were released with a
+(:func:`chunkd.db.locks.with_lock_retry`). Migrations 2, 3 and 5 to 8 (released) and 9 carry a
 ``SET LOCAL lock_timeout = '60s'`` of their own, which overrides it for their statements;
 migrations from version 10 on must not set one.
 """

@@ -23,16 +23,18 @@ SELECT pg_catalog.set_config('lock_timeout', $1, true),
 
 -- name: lock_blockers
 -- The sessions in the way of the locks an operator action or a migration step wants. $1: the
--- relations ('chunkd.ready'; 'chunkd.*': every table and view of schema chunkd); $2: the mode
--- wanted on each, as pg_locks spells it ('ShareLock', ...), or 'row' for rows of it (then:
--- every session holding a lock that row locks come with, RowShareLock and up); $3: only
--- sessions whose transaction has been open that many seconds (or whose age this role may not
--- see). One row per session (`transaction`: its virtual transaction id, which its next
--- transaction does not share), with the lock most surely in the way (one that conflicts with a
--- wanted mode before one that comes with row locks, then the first relation, the strongest);
--- held locks first, then requests queued ahead; the oldest transaction first. pg_stat_activity
--- shows state and times of another role's session only to members of pg_read_all_stats (NULL
--- otherwise); the query text is never read.
+-- relations, in the order the work takes them ('chunkd.ready'; 'chunkd.*': every table and
+-- view of schema chunkd); $2: the mode wanted on each, as pg_locks spells it ('ShareLock',
+-- ...), or 'row' for rows of it (then: every session holding a lock that row locks come with,
+-- RowShareLock and up); $3: only sessions whose transaction has been open that many seconds
+-- (or whose age this role may not see). One row per session (`transaction`: its virtual
+-- transaction id, which its next transaction does not share), with the lock most surely in the
+-- way (held before queued ahead, one that conflicts with a wanted mode before one that comes
+-- with row locks, then on the relation wanted first, the strongest) and, in `locks`, every lock
+-- of it in the way in that order ('RowExclusiveLock on chunkd.ready'). Sessions holding locks
+-- first, then those queued ahead; among them, the one in the way of the relation wanted first
+-- (row locks aside), then the oldest transaction. pg_stat_activity shows state and times of another role's
+-- session only to members of pg_read_all_stats (NULL otherwise); the query text is never read.
 WITH modes AS (
     -- (wanted, the modes held that conflict with it, weakest first)
     VALUES ('AccessShareLock', '{AccessExclusiveLock}'::text[]),
@@ -62,31 +64,44 @@ WITH modes AS (
          OR (($1::text[])[i] = 'chunkd.*' AND c.relkind IN ('r', 'p', 'v', 'm')
              AND c.relnamespace = (SELECT n.oid FROM pg_catalog.pg_namespace n
                                    WHERE n.nspname = 'chunkd'))
-), found AS (
-    SELECT DISTINCT ON (l.pid)
-           l.pid, l.virtualtransaction, l.mode, l.granted,
+), hits AS (
+    -- Each lock in the way, once (a relation may be wanted twice: by name and by 'chunkd.*').
+    SELECT l.pid, l.virtualtransaction, l.mode, l.granted,
            l.relation::pg_catalog.regclass::text AS relation,
-           a.usename, a.application_name, a.state, a.state_change, a.xact_start
+           pg_catalog.bool_and(w.mode = 'row') AS row_only, pg_catalog.min(w.ord) AS ord,
+           pg_catalog.max(pg_catalog.array_position(x.held, l.mode)) AS strength
     FROM wanted w
     JOIN conflicts x ON x.wanted = w.mode
     JOIN pg_catalog.pg_locks l
       ON l.locktype = 'relation' AND l.relation = w.relid AND l.mode = ANY (x.held)
          AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
                            WHERE d.datname = pg_catalog.current_database())
-    LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
     WHERE l.pid <> pg_catalog.pg_backend_pid()
       AND (w.mode <> 'row' OR l.granted)
-      AND (a.xact_start IS NULL
-           OR a.xact_start <= pg_catalog.clock_timestamp() - pg_catalog.make_interval(secs => $3))
-    ORDER BY l.pid, l.granted DESC, w.mode = 'row', w.ord,
-             pg_catalog.array_position(x.held, l.mode) DESC
+    GROUP BY l.pid, l.virtualtransaction, l.mode, l.granted, l.relation
+), found AS (
+    SELECT h.pid, h.virtualtransaction,
+           (pg_catalog.array_agg(h.mode ORDER BY h.granted DESC, h.row_only, h.ord,
+                                 h.strength DESC))[1] AS mode,
+           (pg_catalog.array_agg(h.relation ORDER BY h.granted DESC, h.row_only, h.ord,
+                                 h.strength DESC))[1] AS relation,
+           pg_catalog.bool_or(h.granted) AS granted,
+           pg_catalog.min(h.ord) FILTER (WHERE h.granted AND NOT h.row_only) AS held_ord,
+           pg_catalog.array_agg(h.mode || ' on ' || h.relation
+                                ORDER BY h.granted DESC, h.row_only, h.ord, h.strength DESC)
+               AS locks
+    FROM hits h
+    GROUP BY h.pid, h.virtualtransaction
 )
-SELECT f.pid, f.usename AS role, f.application_name, f.state,
-       extract(epoch FROM pg_catalog.clock_timestamp() - f.state_change)::float8 AS state_s,
-       extract(epoch FROM pg_catalog.clock_timestamp() - f.xact_start)::float8 AS xact_s,
-       f.mode, f.relation, f.granted, f.virtualtransaction AS transaction
+SELECT f.pid, a.usename AS role, a.application_name, a.state,
+       extract(epoch FROM pg_catalog.clock_timestamp() - a.state_change)::float8 AS state_s,
+       extract(epoch FROM pg_catalog.clock_timestamp() - a.xact_start)::float8 AS xact_s,
+       f.mode, f.relation, f.granted, f.virtualtransaction AS transaction, f.locks
 FROM found f
-ORDER BY f.granted DESC, f.xact_start NULLS LAST, f.pid;
+LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = f.pid
+WHERE a.xact_start IS NULL
+   OR a.xact_start <= pg_catalog.clock_timestamp() - pg_catalog.make_interval(secs => $3)
+ORDER BY f.granted DESC, f.held_ord, a.xact_start NULLS LAST, f.pid;
 
 -- name: pin_search_path
 -- First in every migration's transaction: whatever the connection's setting, built-ins and
@@ -303,11 +318,23 @@ SELECT pg_catalog.format('GRANT %s ON %s %s TO %I%s', $3::text, $1::text, $2::te
                          CASE WHEN $5::boolean THEN ' WITH GRANT OPTION' ELSE '' END);
 
 -- name: live_workers_of_other_versions
--- Daemons that heartbeat within the last $2 seconds and run another chunkd version than $1.
-SELECT w.worker_id, w.version
-FROM chunkd.workers w
+-- Daemons of another chunkd version than $1 that count as running: their last heartbeat is
+-- within three of their heartbeat intervals (heartbeat_s, the reaper's rule), or within $2
+-- seconds for a daemon that does not say how often it heartbeats (0.1, 0.2: NULL). heartbeat_s
+-- is read through to_jsonb: before schema version 10 the column does not exist. `heartbeat_s`:
+-- that interval (NULL: the $2 rule); `left_s`: how long it keeps counting as running.
+SELECT w.worker_id, w.version, w.heartbeat_s,
+       extract(epoch FROM w.last_heartbeat_at + pg_catalog.make_interval(secs => w.window_s)
+                          - pg_catalog.now())::float8 AS left_s
+FROM (
+    SELECT x.worker_id, x.version, x.last_heartbeat_at, h.heartbeat_s,
+           coalesce(3 * h.heartbeat_s, $2) AS window_s
+    FROM chunkd.workers x
+    CROSS JOIN LATERAL (SELECT (pg_catalog.to_jsonb(x) ->> 'heartbeat_s')::float8
+                               AS heartbeat_s) h
+) w
 WHERE w.version <> $1
-  AND w.last_heartbeat_at > pg_catalog.now() - pg_catalog.make_interval(secs => $2)
+  AND w.last_heartbeat_at > pg_catalog.now() - pg_catalog.make_interval(secs => w.window_s)
 ORDER BY w.version, w.worker_id;
 
 -- name: ping

@@ -1,7 +1,7 @@
 """No timestamp chunkd stores is ±infinity (issue #21, K17): asyncpg reads PostgreSQL's
 'infinity' as a naive datetime.max, which no real (aware) time can be compared with, and the
 JSON documents print it as the string "infinity". Every timestamp column of schema chunkd
-refuses both (migrations 10 and 11); a schedule the daemons cannot read is NULL with its error,
+refuses both (migrations 12 and 13); a schedule the daemons cannot read is NULL with its error,
 not parked at 'infinity'; an upgraded database has its parked schedules moved over."""
 
 from __future__ import annotations

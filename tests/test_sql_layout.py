@@ -15,8 +15,9 @@ from catalog import first_difference, released_migration_files, schema_dump, sch
 from chunkd.db import connect
 from chunkd.db.definitions import apply_definitions, catalog_state, grants_snapshot, successors
 from chunkd.db.migrate import apply_migrations, check_version
-from chunkd.db.sql_files import definitions, migrations
+from chunkd.db.sql_files import definitions, lock_head, migrations
 from chunkd.errors import SchemaVersionError
+from lock_order import documented_order, lock_problems, locks_taken, split_head
 
 # Databases in the field recorded these: the released files never change.
 RELEASED = {
@@ -72,7 +73,7 @@ _SETS_LOCK_TIMEOUT = re.compile(r"^[^-\n]*\block_timeout\b", re.IGNORECASE | re.
 def test_no_migration_after_0009_sets_its_own_lock_timeout() -> None:
     """`chunkd migrate` gives each step a lock_timeout of 50 ms and tries it again until
     --lock-wait has passed (docs/migrations.md): a migration's own would override it and queue
-    the fleet's claims behind the step. The released 2, 3 and 5 to 9 set 60 s, and stay."""
+    the fleet's claims behind the step. 2, 3 and 5 to 8 (released) and 9 set 60 s, and stay."""
     released = {m.version: m for m in migrations()}
     assert _SETS_LOCK_TIMEOUT.search(released[9].sql), "the pattern finds 0009's"
     for migration in migrations():
@@ -81,6 +82,70 @@ def test_no_migration_after_0009_sets_its_own_lock_timeout() -> None:
         assert not _SETS_LOCK_TIMEOUT.search(migration.sql), (
             f"migration {migration.version} sets a lock_timeout: leave it to chunkd migrate"
         )
+
+
+async def test_each_step_takes_its_table_locks_at_once_in_the_documented_order(
+    empty_database: str,
+) -> None:
+    """docs/migrations.md, The lock order: a migration after 0008 (run on a database of the
+    version before it) or a definitions file (on a current one) that locks a table more
+    strongly than SHARE UPDATE EXCLUSIVE begins with one LOCK TABLE of every table it locks
+    that way or writes, in the documented order, in its strongest mode. What each step locks
+    is read from pg_locks, its LOCK TABLE left out."""
+    order = documented_order()
+    problems: list[str] = []
+    conn = await connect(empty_database)
+    try:
+        await apply_migrations(conn, up_to=8)
+        for migration in migrations()[8:]:
+            head, body = split_head(migration.sql)
+            _reads_the_same_head(head, migration.sql)
+            taken = await locks_taken(conn, body)
+            problems += lock_problems(f"migration {migration.version}", migration.sql, taken, order)
+            await apply_migrations(conn, up_to=migration.version)
+        await apply_migrations(conn)
+        for definition in definitions():
+            head, body = split_head(definition.sql)
+            _reads_the_same_head(head, definition.sql)
+            taken = await locks_taken(conn, body)
+            problems += lock_problems(definition.path, definition.sql, taken, order)
+        assert await conn.fetchval(
+            "SELECT bool_and(to_regclass(t) IS NOT NULL) FROM unnest($1::text[]) t", list(order)
+        ), f"the documented order names a table that does not exist: {order}"
+
+        # The check fails a step that alters ready, then scheduled (0010 as it was), one
+        # that takes them in another order, and one whose mode is too weak.
+        body = (
+            "ALTER TABLE chunkd.ready ADD COLUMN x int; UPDATE chunkd.ready SET x = 1;"
+            " ALTER TABLE chunkd.scheduled ADD COLUMN x int;"
+        )
+        taken = await locks_taken(conn, body)
+        fix = "LOCK TABLE chunkd.scheduled, chunkd.ready IN ACCESS EXCLUSIVE MODE;"
+        assert lock_problems("planted", body, taken, order) == [
+            f"planted takes AccessExclusiveLock without a LOCK TABLE first: begin it with {fix}"
+        ]
+        for head in (
+            "LOCK TABLE chunkd.ready, chunkd.scheduled IN ACCESS EXCLUSIVE MODE;",
+            "LOCK TABLE chunkd.scheduled, chunkd.ready IN SHARE MODE;",
+            "LOCK TABLE chunkd.scheduled IN ACCESS EXCLUSIVE MODE;",
+        ):
+            assert lock_problems("planted", f"{head}\n{body}", taken, order) == [
+                f"planted begins with {head!r}: it should be {fix}"
+            ]
+        assert lock_problems("planted", f"-- a comment\n{fix}\n{body}", taken, order) == []
+    finally:
+        await conn.close()
+    assert problems == [], "\n".join(problems)
+
+
+def _reads_the_same_head(head: re.Match[str] | None, sql: str) -> None:
+    """chunkd migrate reads the head too, to name the session in the way of its first table."""
+    if head is None:
+        assert lock_head(sql) is None
+        return
+    tables = tuple(t.strip() for t in head["tables"].split(","))
+    mode = "".join(w.capitalize() for w in head["mode"].split()) + "Lock"
+    assert lock_head(sql) == (tables, mode)
 
 
 async def test_every_function_view_and_trigger_is_in_exactly_one_definition(conn) -> None:

@@ -246,7 +246,7 @@ async def test_the_read_only_role_searches_but_may_not_pause_a_kind(
 
 
 async def test_upgrading_gives_the_dashboard_role_the_search(empty_database) -> None:
-    """A read-only dashboard role of schema version 13 may call what the jobs page calls now."""
+    """A read-only dashboard role of schema version 14 may call what the jobs page calls now."""
     last = next(m.version for m in migrations() if m.name == "labels") - 1
     role = f"chunkd_websearch_{uuid.uuid4().hex[:8]}"
     conn = await connect(empty_database)

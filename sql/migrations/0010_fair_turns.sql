@@ -16,6 +16,8 @@
 -- daemon that does not say): the reaper returns the chunks of a daemon that missed three
 -- heartbeats without waiting for each lease, and rows of daemons gone for long are pruned.
 
+LOCK TABLE chunkd.scheduled, chunkd.workers, chunkd.ready IN ACCESS EXCLUSIVE MODE;
+
 ALTER TABLE chunkd.ready ADD COLUMN turn bigint NOT NULL DEFAULT 0;
 UPDATE chunkd.ready SET turn = seq;
 ALTER TABLE chunkd.scheduled ADD COLUMN turn bigint NOT NULL DEFAULT 0;

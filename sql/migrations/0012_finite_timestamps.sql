@@ -11,8 +11,15 @@
 -- daemon, the CLI, the dashboard, an application's own queries): a value that does not fit is
 -- refused where it is written, in one line that names the column.
 --
--- The checks are added NOT VALID here (a short lock per table, no scan); migration 11 validates
+-- The checks are added NOT VALID here (a short lock per table, no scan); migration 13 validates
 -- the rows already stored without blocking writes.
+
+-- Every table at once, in the lock order of docs/migrations.md (scheduled first, as every
+-- claim takes it): taken one by one in another order, they waited for claims waiting for them.
+LOCK TABLE chunkd.scheduled, chunkd.workers, chunkd.attempts, chunkd.jobs, chunkd.job_rates,
+    chunkd.chunks, chunkd.kind_flow, chunkd.concurrency_limits, chunkd.events, chunkd.events_v1,
+    chunkd.legacy_outcomes, chunkd.schedule_fires, chunkd.schedules, chunkd.schema_definitions,
+    chunkd.schema_migrations IN ACCESS EXCLUSIVE MODE;
 
 UPDATE chunkd.schedules SET next_fire_at = NULL WHERE NOT isfinite(next_fire_at);
 

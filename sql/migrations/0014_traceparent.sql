@@ -10,6 +10,7 @@
 -- every existing row holds NULL, so there is nothing to check, and validating would read the
 -- whole table under this statement's exclusive lock. New and updated rows are checked. The
 -- same form is checked by chunkd.is_traceparent, which says what is wrong before the insert.
+LOCK TABLE chunkd.jobs IN ACCESS EXCLUSIVE MODE;  -- first (docs/migrations.md, The lock order)
 ALTER TABLE chunkd.jobs
     ADD COLUMN traceparent text,
     ADD CONSTRAINT jobs_traceparent_w3c CHECK (

@@ -10,6 +10,7 @@
 -- The check is added NOT VALID: the column is new, so every existing row holds NULL and there
 -- is nothing to check, while validating would read the whole table under this statement's
 -- exclusive lock. New rows are checked as always.
+LOCK TABLE chunkd.jobs IN ACCESS EXCLUSIVE MODE;  -- first (docs/migrations.md, The lock order)
 ALTER TABLE chunkd.jobs ADD COLUMN label text;
 ALTER TABLE chunkd.jobs ADD CONSTRAINT jobs_label_length
     CHECK (label IS NULL OR length(label) BETWEEN 1 AND 200) NOT VALID;

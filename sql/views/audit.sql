@@ -6,7 +6,7 @@
 -- of a kind, with who did it) are in job_events. A claim that spent no attempt ('released',
 -- 'snoozed') shows the attempts spent after it; delay_s is the seconds until the chunk could
 -- run again that a 'snoozed' or 'retry_scheduled' row asked for (NULL otherwise, and for rows
--- written before schema version 10).
+-- written before schema version 11).
 CREATE OR REPLACE VIEW chunkd.chunk_events AS
 SELECT c.queue_id, j.public_id AS sync_job_id, 'enqueued'::text AS event, 'pending'::text AS status,
        0 AS attempt, NULL::text AS worker_id, NULL::text AS error, c.created_at AS at,

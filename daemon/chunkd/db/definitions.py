@@ -20,15 +20,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+import asyncpg
+
+from chunkd.db.connection import DatabaseError
 from chunkd.db.sql_files import Definition, definitions, queries
 from chunkd.version import __version__
 
-if TYPE_CHECKING:
-    import asyncpg
-
 __all__ = [
+    "DefinitionFailed",
     "DefinitionsState",
     "Grant",
     "apply_definitions",
@@ -39,6 +39,33 @@ __all__ = [
     "schema_objects",
     "successors",
 ]
+
+
+class DefinitionFailed(Exception):
+    """The server refused a definitions file: ``path`` (under ``sql/``), ``line`` (of the file,
+    where the server gave a position) and its ``error``."""
+
+    def __init__(self, path: str, line: int | None, error: DatabaseError):
+        where = f"sql/{path}" + (f", line {line}" if line is not None else "")
+        super().__init__(f"{where}: {error}")
+        self.path, self.line, self.error = path, line, error
+
+
+# A try that did not get its locks is tried again (chunkd.db.locks): not a failed file.
+_NOT_THE_FILE = (asyncpg.exceptions.LockNotAvailableError, asyncpg.exceptions.DeadlockDetectedError)
+
+
+async def _apply_file(conn: asyncpg.Connection, definition: Definition) -> None:
+    try:
+        await conn.execute(definition.sql)
+    except _NOT_THE_FILE:
+        raise
+    except DatabaseError as exc:
+        position = getattr(exc, "position", None)
+        line = None
+        if position is not None and str(position).isdigit():
+            line = definition.sql[: int(position) - 1].count("\n") + 1
+        raise DefinitionFailed(definition.path, line, exc) from exc
 
 
 @dataclass(frozen=True)
@@ -170,8 +197,9 @@ async def apply_definitions(
     """Re-applies the definition files that changed or lost an object, inside the caller's
     transaction (it holds the migrate lock; this pins ``search_path``); returns their paths, in
     the order applied. ``grants_before``: :func:`grants_snapshot` taken before the versioned
-    migrations ran; ``migrated``: whether versioned migrations ran just before. Raises what the
-    server raised."""
+    migrations ran; ``migrated``: whether versioned migrations ran just before. Raises
+    :class:`DefinitionFailed` for a file the server refused, what the server raised otherwise
+    (a lock not got, among others)."""
     q = queries()
     await conn.execute(q["pin_search_path"])
     state = await catalog_state(conn)
@@ -180,7 +208,7 @@ async def apply_definitions(
     # to its 12-argument form, which a definition now replaces in turn).
     held = [*grants_before, *await grants_snapshot(conn)] if todo else []
     for definition in todo:
-        await conn.execute(definition.sql)
+        await _apply_file(conn, definition)
     await _settle(conn, todo)
     if todo:
         await conn.execute(q["revoke_public"])

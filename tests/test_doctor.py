@@ -318,6 +318,17 @@ async def test_definitions_changed_by_hand_or_missing(conn, database) -> None:
     assert edited["level"] == "warning" and code >= 1, edited
     assert edited["message"].startswith("the definitions of sql/functions/progress.sql were")
     assert edited["details"]["edited"] == ["functions/progress.sql"]
+    assert "chunkd migrate --reapply puts the shipped ones back" in edited["advice"]
+    # A plain migrate leaves a hand edit alone (its file did not change); --reapply does not.
+    plain = await asyncio.to_thread(run_chunkd, "migrate", "--dsn", database.dsn)
+    assert plain.stdout.strip() == "chunkd schema already current: nothing changed", plain
+    reapplied = await asyncio.to_thread(run_chunkd, "migrate", "--reapply", "--dsn", database.dsn)
+    assert reapplied.stdout.strip() == "applied definition(s) functions/progress.sql", reapplied
+    code, report = await doctor(database.dsn)
+    assert finding(report, "definitions")["level"] == "ok", report
+    assert "DISTINCT" not in await conn.fetchval(
+        "SELECT pg_get_functiondef('chunkd.queue_depth()'::regprocedure)"
+    )
     await conn.execute("DROP FUNCTION chunkd.next_schedule_at()")
     code, report = await doctor(database.dsn)
     gone = finding(report, "definitions")

@@ -28,8 +28,13 @@ __all__ = ["migrate", "run"]
 @click.command()
 @dsn_option
 @click.option("--check", is_flag=True, help="Only check: exit 0 if current, 1 if behind or ahead.")
+@click.option(
+    "--reapply",
+    is_flag=True,
+    help="Also put back the definitions changed by hand since (what chunkd doctor reports).",
+)
 @lock_wait_option
-def migrate(dsn: str, check: bool, lock_wait: float) -> None:
+def migrate(dsn: str, check: bool, reapply: bool, lock_wait: float) -> None:
     """Install or upgrade the chunkd schema (safe to run concurrently and repeatedly)."""
     from chunkd.db import connect
     from chunkd.db.migrate import apply_migrations, check_version
@@ -47,7 +52,7 @@ def migrate(dsn: str, check: bool, lock_wait: float) -> None:
                         "than this one: upgrade this chunkd"
                     )
                 return
-            migrated = await apply_migrations(conn, lock_wait_s=lock_wait)
+            migrated = await apply_migrations(conn, lock_wait_s=lock_wait, reapply_edited=reapply)
             if migrated.versions:
                 click.echo(f"applied migration(s) {', '.join(map(str, migrated.versions))}")
             if len(migrated.definitions) == len(definitions()):

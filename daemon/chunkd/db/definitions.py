@@ -192,18 +192,24 @@ async def restore_grants(
 
 
 async def apply_definitions(
-    conn: asyncpg.Connection, grants_before: Sequence[Grant], *, migrated: bool = False
+    conn: asyncpg.Connection,
+    grants_before: Sequence[Grant],
+    *,
+    migrated: bool = False,
+    reapply_edited: bool = False,
 ) -> tuple[str, ...]:
     """Re-applies the definition files that changed or lost an object, inside the caller's
     transaction (it holds the migrate lock; this pins ``search_path``); returns their paths, in
     the order applied. ``grants_before``: :func:`grants_snapshot` taken before the versioned
-    migrations ran; ``migrated``: whether versioned migrations ran just before. Raises
+    migrations ran; ``migrated``: whether versioned migrations ran just before;
+    ``reapply_edited``: also the files whose objects were changed by hand since. Raises
     :class:`DefinitionFailed` for a file the server refused, what the server raised otherwise
     (a lock not got, among others)."""
     q = queries()
     await conn.execute(q["pin_search_path"])
     state = await catalog_state(conn)
-    todo = [d for d in definitions() if d.path in state.to_apply]
+    wanted = {*state.to_apply, *(state.edited if reapply_edited else ())}
+    todo = [d for d in definitions() if d.path in wanted]
     # Also what the versioned migrations just granted (0005 carried create_sync_job's grants
     # to its 12-argument form, which a definition now replaces in turn).
     held = [*grants_before, *await grants_snapshot(conn)] if todo else []

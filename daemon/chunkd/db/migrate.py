@@ -166,6 +166,7 @@ async def apply_migrations(
     *,
     up_to: int | None = None,
     lock_wait_s: float = DEFAULT_LOCK_WAIT_S,
+    reapply_edited: bool = False,
 ) -> Migrated:
     """Applies the versioned migrations that are missing, then the definition files that
     changed; returns what it applied.
@@ -173,6 +174,8 @@ async def apply_migrations(
     ``up_to`` (for tests that build an older release's schema) stops after that version and
     applies no definitions: the files hold the current release's, which may need later tables.
     ``lock_wait_s``: how long each step keeps trying for its locks (in tries of 50 to 200 ms).
+    ``reapply_edited``: also re-apply the definition files whose objects were changed by hand
+    since chunkd migrate applied them (what ``chunkd doctor`` reports).
 
     Raises :class:`~chunkd.errors.SchemaVersionError` for a schema newer than this chunkd, and
     :class:`~chunkd.errors.ChunkdError` for anything that stops it before it writes (see the
@@ -233,7 +236,7 @@ async def apply_migrations(
         if up_to is not None and up_to < migrations()[-1].version:
             return Migrated(applied)
         definitions_applied = await _apply_definitions(
-            conn, grants, preflight, bool(applied), lock_wait_s
+            conn, grants, preflight, bool(applied), lock_wait_s, reapply_edited
         )
         return Migrated(applied, definitions_applied)
     finally:
@@ -246,12 +249,15 @@ async def _apply_definitions(
     preflight: asyncpg.Record,
     migrated: bool,
     lock_wait_s: float,
+    reapply_edited: bool,
 ) -> tuple[str, ...]:
     step = "the current definitions"
 
     async def apply() -> tuple[str, ...]:
         before = await schema_objects(conn)
-        applied = await apply_definitions(conn, grants, migrated=migrated)
+        applied = await apply_definitions(
+            conn, grants, migrated=migrated, reapply_edited=reapply_edited
+        )
         await refuse_drops(conn, before, step, successors=successors())
         return applied
 

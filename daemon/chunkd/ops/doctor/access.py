@@ -170,8 +170,8 @@ async def definitions_changed_by_hand(ctx: Context) -> Finding:
             f"the definitions of sql/{state.edited[0]}"
             + (f" and {len(state.edited) - 1} more files" if len(state.edited) > 1 else "")
             + " were changed by hand since chunkd migrate applied them",
-            "compare them with the shipped files (pg_get_functiondef); chunkd migrate puts the "
-            "shipped ones back only when their file changes: reapply by hand or upgrade",
+            "compare them with the shipped files (pg_get_functiondef); chunkd migrate "
+            "--reapply puts the shipped ones back",
             details=details,
         )
     return Finding(

@@ -66,9 +66,13 @@ def header(args: argparse.Namespace, plan: Plan, server: Any, retention_note: st
         f"soak: PostgreSQL {server['v']}, fsync {server['fsync']}, autovacuum_naptime"
         f" {server['naptime']}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}"
     )
-    measured = "measured" if getattr(args, "capacity_measured", False) else "given"
+    if args.capacity is None:
+        capacity = "not measured (--rate given)"
+    else:
+        measured = "measured" if getattr(args, "capacity_measured", False) else "given"
+        capacity = f"{args.capacity:,.0f} chunks/s ({measured})"
     say(
-        f"soak: capacity {args.capacity:,.0f} chunks/s ({measured}); offered {plan.rate:,.0f}/s"
+        f"soak: capacity {capacity}; offered {plan.rate:,.0f}/s"
         f" for {span(plan.duration)}; {args.daemons} daemons x {args.concurrency}, handler"
         f" {args.handler}, {args.chunks_per_job} chunk(s) a job"
     )

@@ -37,6 +37,7 @@ from chunkd.observability.metrics import Metrics
 from chunkd.observability.probes import Probes
 from chunkd.observability.sdnotify import Notifier
 from chunkd.observability.tracing import Tracing
+from chunkd.runtime import loop_errors
 from chunkd.runtime.claimer import Claimer
 from chunkd.runtime.health import DatabaseHealth
 from chunkd.runtime.heartbeat import Heartbeat
@@ -127,6 +128,7 @@ async def run_daemon(
     the start (``/readyz`` says "starting" while the database is waited for). ``tracing``: the
     spans of chunks and jobs (None: off); the caller shuts it down.
     """
+    loop_errors.install()
     notifier = notifier or Notifier()
     metrics = metrics or Metrics()
     worker_id = make_worker_id()

@@ -366,10 +366,13 @@ SELECT chunkd.release_attempts($1, NULL) AS released, chunkd.deregister_worker($
 SELECT chunkd.cleanup_stuck_chunks();
 
 -- name: reap_expired
--- The reaper: attempts whose lease ran out end as reaped, their chunks go back to the queue (or
--- fail for good on their last attempt). One row per chunk returned, to log each.
-SELECT r.sync_job_id, r.chunk_id, r.queue_id, r.seq, r.attempt, r.kind, r.worker_id, r.final
-FROM chunkd.reap_expired() r;
+-- The reaper: attempts whose lease ran out, or that a dead worker made, end as reaped, their
+-- chunks go back to the queue (or fail for good on their last attempt). One row per chunk
+-- returned, to log each; rule: 'lease' (its lease ran out) or 'worker' (its worker missed
+-- three heartbeats).
+SELECT r.sync_job_id, r.chunk_id, r.queue_id, r.seq, r.attempt, r.kind, r.worker_id, r.final,
+       r.rule
+FROM chunkd.reap_attempts() r;
 
 -- name: register_worker
 SELECT chunkd.register_worker($1, $2, $3, $4, $5, $6);

@@ -236,9 +236,10 @@ class Queue:
         await self._pool.expire_connections()
 
     async def reap_expired(self) -> list[asyncpg.Record]:
-        """Returns the chunks whose lease ran out to the queue (or fails them for good, on
-        their last attempt): one record each (sync_job_id, chunk_id, queue_id, seq, attempt,
-        kind, worker_id, final)."""
+        """Returns the chunks whose lease ran out, or whose dead worker claimed them, to the
+        queue (or fails them for good, on their last attempt): one record each (sync_job_id,
+        chunk_id, queue_id, seq, attempt, kind, worker_id, final, rule: ``'lease'`` or
+        ``'worker'``, see ``chunkd.reap_attempts()``)."""
         return await self._pool.fetch(self._q["reap_expired"])
 
     async def register_worker(

@@ -15,6 +15,7 @@ import click
 
 from chunkd.dsn import to_uri
 from chunkd.settings import POOLER_MODES, Dsn, parse_duration
+from chunkd.times import RANGE, storable
 
 if TYPE_CHECKING:
     import asyncpg
@@ -91,6 +92,8 @@ class Timestamp(click.ParamType[datetime]):
                 param,
                 ctx,
             )
+        if not storable(when):
+            self.fail(f"{value!r} is not a time chunkd stores: give one {RANGE}", param, ctx)
         return when
 
 

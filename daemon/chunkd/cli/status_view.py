@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from chunkd import ops
+from chunkd.times import local_text
 
 if TYPE_CHECKING:
     import asyncpg
@@ -54,7 +55,7 @@ def _when(moment: datetime | str | None) -> str:
         return "-"
     if isinstance(moment, str):
         moment = datetime.fromisoformat(moment)
-    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    return local_text(moment)
 
 
 def _status(status: str) -> Text:

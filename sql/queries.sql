@@ -378,8 +378,9 @@ FROM chunkd.reap_attempts() r;
 SELECT chunkd.register_worker($1, $2, $3, $4, $5, $6);
 
 -- name: worker_alive
--- This daemon's heartbeat in the registry ($2: seconds between heartbeats); the database clock.
-SELECT chunkd.worker_alive($1, $2);
+-- This daemon's heartbeat in the registry ($2: seconds between heartbeats; $3 to $7 its
+-- registration, for a row pruned meanwhile); the database clock.
+SELECT chunkd.worker_alive($1, $2, $3, $4, $5, $6, $7);
 
 -- name: prune_workers
 -- Registry rows of daemons not heard from for $1 seconds, holding nothing: removed.

@@ -282,7 +282,7 @@ def workers_table(workers: Sequence[ops.WorkerRow]) -> RenderableType:
 
 
 async def _snapshot(
-    conn: asyncpg.Connection, job_id: UUID | None, *, limit: int | None, stale_after_s: float
+    conn: asyncpg.Connection, job_id: UUID | None, *, limit: int | None, stale_after_s: float | None
 ) -> tuple[Snapshot, bool]:
     """What one redraw shows, and whether every shown job is terminal."""
     if job_id is not None:
@@ -307,7 +307,7 @@ async def watch(
     job_id: UUID | None,
     *,
     limit: int | None,
-    stale_after_s: float,
+    stale_after_s: float | None,
     interval_s: float,
     as_json: bool,
     once: bool,

@@ -393,17 +393,21 @@ SELECT chunkd.release_attempts($1, NULL) AS released, chunkd.deregister_worker($
 SELECT chunkd.cleanup_stuck_chunks();
 
 -- name: reap_expired
--- The reaper: attempts whose lease ran out end as reaped, their chunks go back to the queue (or
--- fail for good on their last attempt). One row per chunk returned, to log each.
-SELECT r.sync_job_id, r.chunk_id, r.queue_id, r.seq, r.attempt, r.kind, r.worker_id, r.final
-FROM chunkd.reap_expired() r;
+-- The reaper: attempts whose lease ran out, or that a dead worker made, end as reaped, their
+-- chunks go back to the queue (or fail for good on their last attempt). One row per chunk
+-- returned, to log each; rule: 'lease' (its lease ran out) or 'worker' (its worker missed
+-- three heartbeats).
+SELECT r.sync_job_id, r.chunk_id, r.queue_id, r.seq, r.attempt, r.kind, r.worker_id, r.final,
+       r.rule
+FROM chunkd.reap_attempts() r;
 
 -- name: register_worker
 SELECT chunkd.register_worker($1, $2, $3, $4, $5, $6);
 
 -- name: worker_alive
--- This daemon's heartbeat in the registry ($2: seconds between heartbeats); the database clock.
-SELECT chunkd.worker_alive($1, $2);
+-- This daemon's heartbeat in the registry ($2: seconds between heartbeats; $3 to $7 its
+-- registration, for a row pruned meanwhile); the database clock.
+SELECT chunkd.worker_alive($1, $2, $3, $4, $5, $6, $7);
 
 -- name: prune_workers
 -- Registry rows of daemons not heard from for $1 seconds, holding nothing: removed.
@@ -533,10 +537,14 @@ ORDER BY e.at DESC
 LIMIT $2;
 
 -- name: ops_live_worker_for_kind
--- Is any worker that heartbeated within $2 able to run kind $1?
+-- Is any live worker able to run kind $1? Live: heard from within $2 seconds, or for $2 NULL
+-- within three of its own heartbeats (the reaper's rule, chunkd.reap_attempts), $3 seconds
+-- for a daemon that does not say how often it heartbeats.
 SELECT EXISTS (
     SELECT 1 FROM chunkd.workers w
-    WHERE $1 = ANY (w.kinds) AND w.last_heartbeat_at > pg_catalog.now() - $2::interval);
+    WHERE $1 = ANY (w.kinds)
+      AND w.last_heartbeat_at >= pg_catalog.now() - pg_catalog.make_interval(
+              secs => coalesce($2::float8, 3 * w.heartbeat_s, $3::float8)));
 
 -- name: ops_retry_failed_chunks
 SELECT chunkd.retry_failed_chunks($1);
@@ -548,12 +556,15 @@ SELECT chunkd.cancel_sync_job($1);
 SELECT chunkd.purge_finished_jobs($1);
 
 -- name: ops_workers
--- Heartbeat ages by the database clock, so the client's clock does not matter; heartbeat_s:
--- how often the worker says it heartbeats (NULL: it does not say).
+-- Heartbeat ages by the database clock, so the client's clock does not matter. stale_after_s:
+-- how long a silence makes it stale: $1 seconds, or for $1 NULL three of its own heartbeats
+-- (the reaper's rule, chunkd.reap_attempts), $2 for a daemon that does not say how often it
+-- heartbeats (heartbeat_s NULL: chunkd 0.2).
 SELECT w.worker_id, w.host, w.pid, w.version, w.kinds, w.concurrency, w.started_at,
        w.last_heartbeat_at,
        extract(epoch FROM pg_catalog.now() - w.last_heartbeat_at)::float8 AS heartbeat_age_s,
-       w.heartbeat_s
+       w.heartbeat_s,
+       coalesce($1::float8, 3 * w.heartbeat_s, $2::float8) AS stale_after_s
 FROM chunkd.workers w
 ORDER BY w.host, w.started_at, w.worker_id;
 

@@ -68,10 +68,13 @@ ORDER BY e.at DESC
 LIMIT $2;
 
 -- name: web_live_worker_for_kind
--- Is any worker that heartbeated within $2 seconds able to run kind $1?
+-- Is any live worker able to run kind $1? As ops_live_worker_for_kind: heard from within $2
+-- seconds, or for $2 NULL within three of its own heartbeats ($3 seconds without them).
 SELECT EXISTS (
     SELECT 1 FROM chunkd.workers w
-    WHERE $1 = ANY (w.kinds) AND w.last_heartbeat_at > now() - make_interval(secs => $2));
+    WHERE $1 = ANY (w.kinds)
+      AND w.last_heartbeat_at >= now() - make_interval(
+              secs => coalesce($2::float8, 3 * w.heartbeat_s, $3::float8)));
 
 -- name: web_job_payload
 -- As text: the page decodes it, and shows a placeholder for a payload too deep for Python.
@@ -132,10 +135,12 @@ ORDER BY e.at, e.attempt;
 SELECT c.payload::text FROM chunkd.chunked_sync_jobs c WHERE c.sync_job_id = $1 AND c.seq = $2;
 
 -- name: web_workers
--- Registered daemons with what each holds now; ages by the database clock.
+-- Registered daemons with what each holds now; ages by the database clock; stale_after_s as
+-- in ops_workers ($1 seconds, or three of its own heartbeats, $2 seconds without them).
 SELECT w.worker_id, w.host, w.pid, w.version, w.kinds, w.concurrency, w.started_at,
        w.last_heartbeat_at,
        extract(epoch FROM now() - w.last_heartbeat_at)::float8 AS heartbeat_age_s,
+       coalesce($1::float8, 3 * w.heartbeat_s, $2::float8) AS stale_after_s,
        coalesce(f.chunks, 0) AS in_flight
 FROM chunkd.workers w
 LEFT JOIN chunkd.in_flight_by_worker() f ON f.worker_id = w.worker_id

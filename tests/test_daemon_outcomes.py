@@ -96,6 +96,20 @@ async def test_a_retry_delay_the_database_refuses_still_retries(conn, start) -> 
     assert await daemon.stop() == 0
 
 
+async def test_a_retry_due_after_9999_still_retries(conn, start) -> None:
+    """RetryLater(3e11): its due time is refused as a data error (chunkd stores no time past
+    9999), so the report goes again with the default backoff, as for a NaN delay; it was
+    stored 9,500 years ahead (a time no reader could read)."""
+    job = await create_job(conn, 1, max_attempts=2)
+    daemon = start("--handler", "test=fault_handlers:retry_later_far", *FAST)
+    await wait_until(lambda: _terminal(conn, job), timeout_s=20, what="both attempts")
+    (row,) = await _rows(conn, job)
+    assert (row["status"], row["attempts"]) == ("failed", 2)
+    assert row["error_message"] == "RetryLater: come back in 9,500 years"
+    _no_crash(daemon)
+    assert await daemon.stop() == 0
+
+
 async def _set_read_only(admin: asyncpg.Connection, on: bool) -> None:
     if on:
         await admin.execute("ALTER SYSTEM SET default_transaction_read_only = on")

@@ -206,13 +206,13 @@ async def test_a_role_missing_a_grant(conn, database, make_role) -> None:
         f"role {producer} can: enqueue, client; not granted: run,"
     )
 
-    missing = next(s for s in WORKER_FUNCTIONS if s.startswith("reap_expired"))
+    missing = next(s for s in WORKER_FUNCTIONS if s.startswith("reap_attempts"))
     lacking = await make_role([s for s in WORKER_FUNCTIONS if s != missing])
     code, report = await doctor(dsn_as(database.dsn, lacking))
     found = finding(report, "privileges")
     assert code == 2 and found["level"] == "problem"
-    assert "'run' but lacks 1: chunkd.reap_expired()" in found["message"]
-    assert found["advice"] == f"GRANT EXECUTE ON FUNCTION chunkd.reap_expired() TO {lacking};"
+    assert "'run' but lacks 1: chunkd.reap_attempts()" in found["message"]
+    assert found["advice"] == f"GRANT EXECUTE ON FUNCTION chunkd.reap_attempts() TO {lacking};"
     # The advice is the fix: granted, the role is sound for chunkd run.
     await conn.execute(found["advice"])
     code, report = await doctor(dsn_as(database.dsn, lacking))

@@ -68,7 +68,7 @@ async def test_the_daemons_statements_lock_in_the_documented_order(database, con
         ),
         "an enqueue": ("SELECT chunkd.create_sync_job('k', '[{}, {}]'::jsonb)", ()),
         "the reaper": (q["reap_expired"], ()),
-        "a heartbeat": (q["worker_alive"], ("w1", 20.0)),
+        "a heartbeat": (q["worker_alive"], ("w1", 20.0, "h", 1, "0.3.0", [], 4)),
     }  # fmt: skip
     tables = [r[0] for r in await conn.fetch(_TABLES)]
     measured = {

@@ -250,6 +250,7 @@ async def test_a_fresh_role_can_see_and_change_nothing(conn, database, make_role
             "SELECT * FROM chunkd.claim_next_chunk_job_safe('me', 10)",
             "SELECT chunkd.cleanup_stuck_chunks()",
             "SELECT * FROM chunkd.reap_expired()",
+            "SELECT * FROM chunkd.reap_attempts()",
             "SELECT chunkd.schema_versions()",
             "SELECT * FROM chunkd.schema_migrations",
         ):
@@ -308,6 +309,7 @@ async def test_enqueue_only_role_can_create_jobs_and_nothing_else(
             ("SELECT chunkd.purge_finished_jobs('0s')", ()),
             ("SELECT chunkd.cleanup_stuck_chunks()", ()),
             ("SELECT * FROM chunkd.reap_expired()", ()),
+            ("SELECT * FROM chunkd.reap_attempts()", ()),
             ("SELECT * FROM chunkd.sync_jobs", ()),
             ("SELECT * FROM chunkd.chunk_processing_queue", ()),
             ("SELECT * FROM chunkd.chunk_processing_status", ()),

@@ -39,15 +39,20 @@ RETURN least(burst, tokens + per_second
 -- When a throttled claimer should come back: once the bucket holds a quantum (half its burst,
 -- at least one token), and not before one quantum after the turn handed out last, so that
 -- claimers are spread over the refill instead of all waking at the same instant. A claim every
--- half burst leaves room for a late one before the bucket overflows.
+-- half burst leaves room for a late one before the bucket overflows. At most 100 years ahead
+-- (a rate of a chunk per millennium): the turn is stored, and a time past 9999 is not.
 CREATE OR REPLACE FUNCTION chunkd.bucket_turn(level float8, wake_at timestamptz, per_second float8,
                                    burst float8, at timestamptz)
 RETURNS timestamptz
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
-RETURN greatest(
-    at + chunkd.seconds(greatest(0, greatest(1, burst / 2) - level) / per_second),
-    coalesce(wake_at, '-infinity') + chunkd.seconds(greatest(1, burst / 2) / per_second));
+RETURN least(
+    at + chunkd.seconds(3155760000),
+    greatest(
+        at + chunkd.seconds(least(3155760000,
+                                  greatest(0, greatest(1, burst / 2) - level) / per_second)),
+        coalesce(wake_at, '-infinity')
+            + chunkd.seconds(least(3155760000, greatest(1, burst / 2) / per_second))));
 
 -- The slow path, taken while flow control is in use for the claimer's kinds.
 --

@@ -175,7 +175,7 @@ BEGIN ATOMIC
            AND pg_column_size(s.payload) <= 1024 * 1024
            AND (s.max_concurrency IS NULL OR s.max_concurrency >= 1)
            AND s.max_attempts >= 1
-           AND (s.run_at IS NULL OR isfinite(s.run_at))
+           AND (s.run_at IS NULL OR chunkd.is_storable_time(s.run_at))
            AND (s.dedupe_key IS NULL OR length(s.dedupe_key) BETWEEN 1 AND 256)
            AND (s.on_finish_kind IS NULL OR length(s.on_finish_kind) BETWEEN 1 AND 200)
            AND (s.max_per_second IS NULL
@@ -344,9 +344,10 @@ BEGIN
         ELSIF bad.max_attempts IS NULL OR bad.max_attempts < 1 THEN
             RAISE EXCEPTION 'chunkd: %max_attempts must be >= 1, got %', where_,
                 bad.max_attempts USING ERRCODE = '22023';
-        ELSIF NOT isfinite(bad.run_at) THEN
-            RAISE EXCEPTION 'chunkd: %run_at must be a finite timestamp (NULL: at once), got %',
-                where_, bad.run_at USING ERRCODE = '22023';
+        ELSIF NOT chunkd.is_storable_time(bad.run_at) THEN
+            RAISE EXCEPTION 'chunkd: %run_at must be a finite timestamp from 0001-01-01 to '
+                '9999-12-31 UTC (NULL: at once), got %', where_, bad.run_at
+                USING ERRCODE = '22023';
         ELSIF length(bad.dedupe_key) = 0 THEN
             RAISE EXCEPTION 'chunkd: %dedupe_key must not be empty (NULL: no key)', where_
                 USING ERRCODE = '22023';

@@ -181,7 +181,7 @@ BEGIN ATOMIC
     INSERT INTO chunkd.scheduled (chunk_id, job_id, seq, priority, kind, limited, claims,
                                   attempt, run_at, turn)
     SELECT i.chunk_id, i.job_id, i.seq, i.priority, i.kind, i.limited, i.claims, i.attempt,
-           now() + chunkd.seconds(i.run_in_s), i.offset_
+           chunkd.due_in(i.run_in_s), i.offset_
     FROM input i WHERE i.run_in_s > 0;
 END;
 

@@ -4,9 +4,12 @@
 -- The seed's progress report of one job, as JSON (docs/sql-api.md lists its keys).
 -- total_is_final: false while the job is open, or while it grows by continuations and is not
 -- finished (any running chunk may append more); eta_seconds then covers the chunks known so far.
+-- Times in UTC, whatever the session's TimeZone: printed in another zone, a time near either
+-- end of what chunkd stores would read as year 10000 or BC, which no datetime can parse.
 CREATE OR REPLACE FUNCTION chunkd.get_sync_job_progress(sync_job_id uuid) RETURNS jsonb
 LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET TimeZone = 'UTC'
 BEGIN ATOMIC
     SELECT jsonb_build_object(
         'sync_job_id', s.parent_sync_job_id,

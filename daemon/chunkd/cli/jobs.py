@@ -20,9 +20,9 @@ from chunkd.cli.options import (
     TIMESTAMP,
     console,
     dsn_option,
+    heartbeats_or_stale_after_option,
     lock_wait_option,
     plural,
-    stale_after_option,
     with_connection,
 )
 from chunkd.errors import ChunkdError
@@ -241,7 +241,7 @@ def enqueue(
     envvar="CHUNKD_LIMIT",
     help="Newest jobs shown without JOB; 0 = all.  [env: CHUNKD_LIMIT]",
 )
-@stale_after_option("is not counted as live")
+@heartbeats_or_stale_after_option("is not counted as live")
 def status(
     dsn: str,
     job: UUID | None,
@@ -249,7 +249,7 @@ def status(
     as_json: bool,
     interval: float,
     limit: int,
-    stale_after: float,
+    stale_after: float | None,
 ) -> None:
     """Progress of all jobs (newest first), or of one JOB with its recent errors."""
     from chunkd.cli.status_view import watch as show

@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from chunkd import ops
+from chunkd.times import local_text
 
 if TYPE_CHECKING:
     import asyncpg
@@ -54,7 +55,7 @@ def _when(moment: datetime | str | None) -> str:
         return "-"
     if isinstance(moment, str):
         moment = datetime.fromisoformat(moment)
-    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    return local_text(moment)
 
 
 def _status(status: str) -> Text:
@@ -281,7 +282,7 @@ def workers_table(workers: Sequence[ops.WorkerRow]) -> RenderableType:
 
 
 async def _snapshot(
-    conn: asyncpg.Connection, job_id: UUID | None, *, limit: int | None, stale_after_s: float
+    conn: asyncpg.Connection, job_id: UUID | None, *, limit: int | None, stale_after_s: float | None
 ) -> tuple[Snapshot, bool]:
     """What one redraw shows, and whether every shown job is terminal."""
     if job_id is not None:
@@ -306,7 +307,7 @@ async def watch(
     job_id: UUID | None,
     *,
     limit: int | None,
-    stale_after_s: float,
+    stale_after_s: float | None,
     interval_s: float,
     as_json: bool,
     once: bool,

@@ -23,6 +23,7 @@ from chunkd.errors import (
     SchemaVersionError,
 )
 from chunkd.observability.tracing import current_traceparent
+from chunkd.times import RANGE, storable
 
 __all__ = [
     "Driver",
@@ -108,6 +109,10 @@ def _run_at(value: object) -> datetime | None:
         raise InvalidInputError(
             f"run_at {value.isoformat()} has no time zone: give an aware datetime "
             "(e.g. datetime.now(UTC) + timedelta(minutes=15))"
+        )
+    if not storable(value):
+        raise InvalidInputError(
+            f"run_at must be a finite timestamp {RANGE} (None: at once), got {value.isoformat()}"
         )
     return value
 

@@ -13,7 +13,20 @@ from chunkd.db.migrate import SchemaState, schema_state
 from chunkd.db.schedules import ScheduleStore
 from chunkd.db.sql_files import queries
 
-__all__ = ["Claim", "ClaimedRow", "Queue"]
+__all__ = ["Claim", "ClaimedRow", "Queue", "WorkerRegistration"]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRegistration:
+    """A daemon's row in the workers registry, as it registers: its id, host, pid, chunkd
+    version, handler kinds and ``--concurrency``."""
+
+    worker_id: str
+    host: str
+    pid: int
+    version: str
+    kinds: tuple[str, ...]
+    concurrency: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,9 +249,10 @@ class Queue:
         await self._pool.expire_connections()
 
     async def reap_expired(self) -> list[asyncpg.Record]:
-        """Returns the chunks whose lease ran out to the queue (or fails them for good, on
-        their last attempt): one record each (sync_job_id, chunk_id, queue_id, seq, attempt,
-        kind, worker_id, final)."""
+        """Returns the chunks whose lease ran out, or whose dead worker claimed them, to the
+        queue (or fails them for good, on their last attempt): one record each (sync_job_id,
+        chunk_id, queue_id, seq, attempt, kind, worker_id, final, rule: ``'lease'`` or
+        ``'worker'``, see ``chunkd.reap_attempts()``)."""
         return await self._pool.fetch(self._q["reap_expired"])
 
     async def register_worker(
@@ -254,10 +268,19 @@ class Queue:
             self._q["register_worker"], worker_id, host, pid, version, list(kinds), concurrency
         )
 
-    async def worker_alive(self, worker_id: str, heartbeat_s: float) -> datetime:
+    async def worker_alive(self, worker: WorkerRegistration, heartbeat_s: float) -> datetime:
         """This daemon's heartbeat in the workers registry (``heartbeat_s``: seconds between
-        two); returns the database clock."""
-        clock: datetime = await self._pool.fetchval(self._q["worker_alive"], worker_id, heartbeat_s)
+        two), registering it again if its row was pruned; returns the database clock."""
+        clock: datetime = await self._pool.fetchval(
+            self._q["worker_alive"],
+            worker.worker_id,
+            heartbeat_s,
+            worker.host,
+            worker.pid,
+            worker.version,
+            list(worker.kinds),
+            worker.concurrency,
+        )
         return clock
 
     async def prune_workers(self, older_than_s: float) -> int:

@@ -313,11 +313,7 @@ class HttpHandler:
                 content, more = await _read_capped(response, MAX_BODY_BYTES)
             if more:
                 response.close()  # not drained back into the pool: the rest is never read
-                of = f"of {size} bytes " if size is not None else ""
-                raise PermanentError(
-                    f"{prefix}: response body {of}is above the {MAX_BODY_BYTES}-byte result "
-                    "limit (store big results elsewhere)"
-                )
+                raise PermanentError(f"{prefix}: {_too_big(size)}")
             if not content.strip():
                 return None
             try:
@@ -359,6 +355,21 @@ class HttpHandler:
         for secret in self._secrets:
             text = text.replace(secret, "[redacted]")
         return text
+
+
+def _too_big(announced: int | None) -> str:
+    """Why a 2xx body is refused: it announced more than the cap (``announced`` bytes, its
+    Content-Length), or it announced nothing (chunked), or it announced less and outgrew the
+    cap as it was decoded (a compressed body: what was sent is not what was too big)."""
+    limit = f"the {MAX_BODY_BYTES}-byte result limit"
+    if announced is None:
+        return f"response body is above {limit} (store big results elsewhere)"
+    if announced > MAX_BODY_BYTES:
+        return f"response body of {announced} bytes is above {limit} (store big results elsewhere)"
+    return (
+        f"response body is above {limit} once decoded ({announced} bytes as sent; store big "
+        "results elsewhere)"
+    )
 
 
 async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:

@@ -20,6 +20,7 @@ from chunkd.db.sql_files import queries
 from chunkd.errors import ChunkdError
 from chunkd.ops.errors import database_errors, rows_of, run_locked
 from chunkd.ops.flow import JobFlow
+from chunkd.ops.workers import LEGACY_STALE_AFTER_S
 
 if TYPE_CHECKING:
     import asyncpg
@@ -235,8 +236,15 @@ class JobDetail:
 
 
 async def job_detail(
-    conn: asyncpg.Connection, job_id: UUID, *, stale_after_s: float, errors_limit: int = 10
+    conn: asyncpg.Connection,
+    job_id: UUID,
+    *,
+    stale_after_s: float | None = None,
+    errors_limit: int = 10,
 ) -> JobDetail:
+    """The job's progress, settings, latest errors, and whether a live worker can run its kind
+    (heard from within ``stale_after_s`` seconds; None: within three of its own heartbeats, as
+    the reaper counts)."""
     q = queries()
     with database_errors(conn):
         progress = await conn.fetchval(q["ops_job_progress"], job_id)
@@ -245,7 +253,7 @@ async def job_detail(
             raise ChunkdError(f"no sync job {job_id}")
         errors = await conn.fetch(q["ops_recent_errors"], job_id, errors_limit)
         live = await conn.fetchval(
-            q["ops_live_worker_for_kind"], progress["kind"], timedelta(seconds=stale_after_s)
+            q["ops_live_worker_for_kind"], progress["kind"], stale_after_s, LEGACY_STALE_AFTER_S
         )
     return JobDetail(
         progress=progress,

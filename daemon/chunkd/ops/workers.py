@@ -12,13 +12,12 @@ from chunkd.ops.errors import database_errors
 if TYPE_CHECKING:
     import asyncpg
 
-__all__ = ["MISSED_HEARTBEATS", "UNSAID_HEARTBEAT_STALE_AFTER_S", "WorkerRow", "list_workers"]
+__all__ = ["LEGACY_STALE_AFTER_S", "WorkerRow", "list_workers"]
 
-#: A worker that missed this many of its heartbeats is dead: the reaper's rule
-#: (sql/functions/reaper.sql, chunkd.runtime.heartbeat.REGISTRY_MISSES).
-MISSED_HEARTBEATS = 3
-#: The bound for a worker whose row does not say how often it heartbeats (chunkd 0.2).
-UNSAID_HEARTBEAT_STALE_AFTER_S = 120.0
+#: How long a silence makes a daemon stale when it does not say how often it heartbeats
+#: (chunkd 0.2 daemons; seconds). Any other is stale after three of its heartbeats, when the
+#: reaper takes it for dead.
+LEGACY_STALE_AFTER_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -33,10 +32,8 @@ class WorkerRow:
     last_heartbeat_at: datetime
     heartbeat_age_s: float
     live: bool
-    #: how often it says it heartbeats (seconds; None: it does not say), and the silence
-    #: after which it counts as stale (seconds)
-    heartbeat_s: float | None = None
-    stale_after_s: float = UNSAID_HEARTBEAT_STALE_AFTER_S
+    stale_after_s: float  # the silence that makes it stale (seconds)
+    heartbeat_s: float | None = None  # how often it says it heartbeats (None: it does not say)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -49,44 +46,34 @@ class WorkerRow:
             "started_at": self.started_at.isoformat(),
             "last_heartbeat_at": self.last_heartbeat_at.isoformat(),
             "heartbeat_age_s": round(self.heartbeat_age_s, 1),
+            "stale_after_s": self.stale_after_s,
             "state": "live" if self.live else "stale",
         }
 
 
-def _stale_after_s(heartbeat_s: float | None, given: float | None) -> float:
-    if given is not None:
-        return given
-    if heartbeat_s is None:
-        return UNSAID_HEARTBEAT_STALE_AFTER_S
-    return MISSED_HEARTBEATS * heartbeat_s
-
-
-async def list_workers(conn: asyncpg.Connection, *, stale_after_s: float | None) -> list[WorkerRow]:
-    """Registered daemons, each live or stale: silent for longer than ``stale_after_s``
-    seconds, or, when it is None, than three of the heartbeats its row says it sends (as the
-    reaper judges it; :data:`UNSAID_HEARTBEAT_STALE_AFTER_S` for a row that does not say).
-    Ages come from the database clock, so a skewed client cannot make a live worker look
-    stale."""
+async def list_workers(
+    conn: asyncpg.Connection, *, stale_after_s: float | None = None
+) -> list[WorkerRow]:
+    """Registered daemons; ages come from the database clock, so a skewed client cannot make a
+    live worker look stale. A daemon is stale once silent for ``stale_after_s`` seconds, or
+    with None for three of its own heartbeats, as the reaper counts
+    (:data:`LEGACY_STALE_AFTER_S` for a daemon that does not say how often it heartbeats)."""
     with database_errors(conn):
-        rows = await conn.fetch(queries()["ops_workers"])
-    found = []
-    for r in rows:
-        heartbeat_s = None if r["heartbeat_s"] is None else float(r["heartbeat_s"])
-        bound_s = _stale_after_s(heartbeat_s, stale_after_s)
-        found.append(
-            WorkerRow(
-                worker_id=r["worker_id"],
-                host=r["host"],
-                pid=r["pid"],
-                version=r["version"],
-                kinds=list(r["kinds"]),
-                concurrency=r["concurrency"],
-                started_at=r["started_at"],
-                last_heartbeat_at=r["last_heartbeat_at"],
-                heartbeat_age_s=float(r["heartbeat_age_s"]),
-                live=float(r["heartbeat_age_s"]) <= bound_s,
-                heartbeat_s=heartbeat_s,
-                stale_after_s=bound_s,
-            )
+        rows = await conn.fetch(queries()["ops_workers"], stale_after_s, LEGACY_STALE_AFTER_S)
+    return [
+        WorkerRow(
+            worker_id=r["worker_id"],
+            host=r["host"],
+            pid=r["pid"],
+            version=r["version"],
+            kinds=list(r["kinds"]),
+            concurrency=r["concurrency"],
+            started_at=r["started_at"],
+            last_heartbeat_at=r["last_heartbeat_at"],
+            heartbeat_age_s=float(r["heartbeat_age_s"]),
+            live=float(r["heartbeat_age_s"]) <= r["stale_after_s"],
+            stale_after_s=r["stale_after_s"],
+            heartbeat_s=r["heartbeat_s"],
         )
-    return found
+        for r in rows
+    ]

@@ -27,6 +27,7 @@ from chunkd.db import (
     TRANSIENT_ERRORS,
     Listener,
     Queue,
+    WorkerRegistration,
     connect,
     create_pool,
 )
@@ -197,10 +198,18 @@ async def _serve(
         kinds=kinds,
         settings=settings.public_dict(),
     )
+    me = WorkerRegistration(
+        worker_id,
+        socket.gethostname(),
+        os.getpid(),
+        __version__,
+        tuple(kinds),
+        settings.concurrency,
+    )
     await _when_ready(
         "register worker",
         lambda: queue.register_worker(
-            worker_id, socket.gethostname(), os.getpid(), __version__, kinds, settings.concurrency
+            me.worker_id, me.host, me.pid, me.version, me.kinds, me.concurrency
         ),
         startup_deadline,
     )
@@ -245,7 +254,7 @@ async def _serve(
         wake_workers=lambda chunks: pool.wake(chunks),
     )
     pool = WorkerPool(worker, inflight, claimer.take, claimer.work_signalled)
-    heartbeat = Heartbeat(queue, inflight, health, worker_id=worker_id, lease_s=settings.lease_s)
+    heartbeat = Heartbeat(queue, inflight, health, worker=me, lease_s=settings.lease_s)
     reaper = Reaper(
         queue,
         metrics,

@@ -12,6 +12,7 @@ from uuid import UUID
 
 from chunkd.db.sql_files import queries
 from chunkd.ops import TERMINAL_STATUSES, database_errors
+from chunkd.ops.workers import LEGACY_STALE_AFTER_S
 
 if TYPE_CHECKING:
     import asyncpg
@@ -215,7 +216,7 @@ def _bucket_s(started_at: datetime, until: datetime) -> float:
 
 
 async def job_page(
-    pool: asyncpg.Pool, job_id: UUID, *, stale_after_s: float, errors_limit: int = 10
+    pool: asyncpg.Pool, job_id: UUID, *, stale_after_s: float | None, errors_limit: int = 10
 ) -> JobPage | None:
     q = _sql()
     with database_errors():
@@ -242,7 +243,7 @@ async def job_page(
             errors = await conn.fetch(q["web_job_errors"], job_id, errors_limit)
             events = await conn.fetch(q["web_job_events"], job_id, JOB_EVENTS_LIMIT)
             live = await conn.fetchval(
-                q["web_live_worker_for_kind"], progress["kind"], stale_after_s
+                q["web_live_worker_for_kind"], progress["kind"], stale_after_s, LEGACY_STALE_AFTER_S
             )
     return JobPage(
         progress=progress,
@@ -316,12 +317,13 @@ async def chunk_payload(pool: asyncpg.Pool, job_id: UUID, seq: int) -> str | Non
     return text
 
 
-async def workers(pool: asyncpg.Pool, *, stale_after_s: float) -> list[dict[str, Any]]:
-    """Registered daemons, each with ``live`` (heartbeat within ``stale_after_s``) and
-    ``in_flight`` (chunks it holds now)."""
+async def workers(pool: asyncpg.Pool, *, stale_after_s: float | None) -> list[dict[str, Any]]:
+    """Registered daemons, each with ``live`` (a heartbeat within ``stale_after_s`` seconds;
+    None: within three of its own heartbeats, as the reaper counts), the silence that makes
+    it stale (``stale_after_s``) and ``in_flight`` (chunks it holds now)."""
     with database_errors():
-        rows = await pool.fetch(_sql()["web_workers"])
-    return [{**dict(r), "live": float(r["heartbeat_age_s"]) <= stale_after_s} for r in rows]
+        rows = await pool.fetch(_sql()["web_workers"], stale_after_s, LEGACY_STALE_AFTER_S)
+    return [{**dict(r), "live": r["heartbeat_age_s"] <= r["stale_after_s"]} for r in rows]
 
 
 async def queue_totals(pool: asyncpg.Pool) -> dict[str, int]:

@@ -23,3 +23,8 @@ async def sleep_payload(chunk: Chunk) -> None:
 async def sleep20(chunk: Chunk) -> None:
     """The Python side of bench/io_bench.py: as long as its HTTP endpoint takes to answer."""
     await asyncio.sleep(0.020)
+
+
+async def sleep1(chunk: Chunk) -> None:
+    """The soak's short handler (bench/soak.py)."""
+    await asyncio.sleep(0.001)

@@ -11,9 +11,12 @@ cut with ``pg_terminate_backend``; the database turns read-only for a few second
 restarts once; one daemon is frozen with SIGSTOP for longer than its lease, then resumed with
 SIGCONT; one daemon is stopped with SIGTERM and replaced. Beside the 20 jobs: a continuation
 chain (a ``max_concurrency = 1`` job that starts with one page and appends the next from each
-completion) and a schedule firing every 5 s (every daemon fires schedules). Then the chaos
-stops and the run must converge. The figures printed at the end are checked, and the exit code
-is 1 unless every check holds (2 for a setup error).
+completion) and a schedule firing every 5 s (every daemon fires schedules); and the mixed
+workload of ``chaos_mix``: two long jobs, a stream of small new jobs throughout, two jobs under
+one concurrency key, whose claims are checked for order, limits and fair turns (the bound of
+docs/guarantees.md, ``chaos_fairness``). Then the chaos stops and the run must converge. The
+figures printed at the end are checked, and the exit code is 1 unless every check holds (2 for
+a setup error).
 
 All times compared come from the database host's clock: the database's ``clock_timestamp()``,
 and the handler's, taken on the same host when things happen (see ``chaos_handler``).
@@ -50,7 +53,9 @@ from chunkd.demo.cluster import ClusterError, PostgresCluster
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
+from chaos_fairness import Life  # noqa: E402
 from chaos_handler import EXECUTIONS_DDL  # noqa: E402
+from chaos_mix import KEY, KEY_LIMIT, Mix, mixed_checks, most_at_once  # noqa: E402
 
 __all__ = ["main"]
 
@@ -150,6 +155,8 @@ class DaemonProcess:
     number: int
     process: subprocess.Popen[bytes]
     log_path: Path
+    # The host's clock, which is the database's (the cluster runs on this host).
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     ended_at: datetime | None = None
     ended_by: str | None = None
 
@@ -264,14 +271,16 @@ class Stall:
     resumed_at: datetime | None = None  # database clock, just after SIGCONT
 
 
-def plan_jobs(total_chunks: int, duration_s: float) -> list[tuple[int, int | None]]:
-    """(chunks, max_concurrency) for each job: LIMITED_JOBS limited ones, the rest unlimited.
+def limited_job_size(total_chunks: int, duration_s: float) -> int:
+    """A max_concurrency = 1 job runs one chunk at a time (~40 ms each here, plus a lease of
+    stall whenever its daemon is killed), so its size follows the duration."""
+    return max(20, min(int(duration_s * 4), total_chunks // 40))
 
-    A max_concurrency = 1 job runs one chunk at a time (~40 ms each here, plus a lease of
-    stall whenever its daemon is killed), so its size follows the duration; the unlimited
-    jobs share the rest.
-    """
-    limited_size = max(20, min(int(duration_s * 4), total_chunks // 40))
+
+def plan_jobs(total_chunks: int, duration_s: float) -> list[tuple[int, int | None]]:
+    """(chunks, max_concurrency) for each job: LIMITED_JOBS limited ones (limited_job_size),
+    the unlimited ones share the rest."""
+    limited_size = limited_job_size(total_chunks, duration_s)
     rest = total_chunks - LIMITED_JOBS * limited_size
     unlimited = JOBS - LIMITED_JOBS
     sizes = [rest // unlimited + (1 if i < rest % unlimited else 0) for i in range(unlimited)]
@@ -281,18 +290,10 @@ def plan_jobs(total_chunks: int, duration_s: float) -> list[tuple[int, int | Non
     return jobs
 
 
-async def enqueue(db: Db, n: int, max_concurrency: int | None, job_no: int) -> UUID:
-    chunks = json.dumps([{"job": job_no, "i": i} for i in range(n)])
-    return await db.run(
-        lambda c: c.fetchval(
-            "SELECT chunkd.create_sync_job($1, $2::jsonb, $3::jsonb, $4, $5)",
-            KIND,
-            chunks,
-            json.dumps({"job": job_no}),
-            max_concurrency,
-            MAX_ATTEMPTS,
-        )
-    )
+async def enqueue(db: Db, mix: Mix, n: int, max_concurrency: int | None, job_no: int) -> UUID:
+    label = f"job {job_no}" + (" (max_concurrency = 1)" if max_concurrency == 1 else "")
+    chunks = [{"job": job_no, "i": i} for i in range(n)]
+    return await mix.enqueue(db, chunks, label, max_concurrency=max_concurrency)
 
 
 async def unfinished(db: Db) -> int:
@@ -305,7 +306,7 @@ async def unfinished(db: Db) -> int:
 
 
 async def run_chaos(
-    args: argparse.Namespace, cluster: PostgresCluster, dsn: str, db: Db, fleet: Fleet
+    args: argparse.Namespace, cluster: PostgresCluster, dsn: str, db: Db, fleet: Fleet, mix: Mix
 ) -> Chaos:
     chaos = Chaos()
     rng = random.Random(args.seed)
@@ -339,6 +340,7 @@ async def run_chaos(
             MAX_ATTEMPTS,
         )
     )
+    await mix.start(db, args.chunks, limited_job_size(args.chunks, args.duration))
     started = time.monotonic()
     next_kill = rng.uniform(lo, hi)
     next_cut = rng.uniform(1.0, 4.0)
@@ -355,8 +357,9 @@ async def run_chaos(
         t = elapsed()
         while job_no < JOBS and enqueue_at[job_no] <= t:
             n, limit = jobs[job_no]
-            await enqueue(db, n, limit, job_no)
+            await enqueue(db, mix, n, limit, job_no)
             job_no += 1
+        await mix.stream(db, t, args.duration * 0.9)
         await replace_dead(fleet, chaos, db)
         frozen = chaos.stalled.daemon if chaos.stalled and not chaos.stalled.resumed_at else None
         if t >= next_sample:
@@ -435,7 +438,7 @@ async def run_chaos(
         chaos.stalled.resumed_at = await db.now()
     while job_no < JOBS:  # a very short --duration still enqueues every job
         n, limit = jobs[job_no]
-        await enqueue(db, n, limit, job_no)
+        await enqueue(db, mix, n, limit, job_no)
         job_no += 1
     # The schedule stops with the chaos, so the run can converge (paused: its fires stay).
     await db.run(lambda c: c.execute("SELECT chunkd.pause_schedule($1)", SCHEDULE))
@@ -589,7 +592,7 @@ def _ran_on_after_resuming(
     return count
 
 
-async def analyse(db: Db, chaos: Chaos, fleet: Fleet, converged: bool) -> list[Check]:
+async def analyse(db: Db, chaos: Chaos, fleet: Fleet, converged: bool, mix: Mix) -> list[Check]:
     q = await db.run(
         lambda c: c.fetch(
             "SELECT q.id, q.status, q.attempts, q.error_message, j.max_concurrency,"
@@ -646,6 +649,24 @@ async def analyse(db: Db, chaos: Chaos, fleet: Fleet, converged: bool) -> list[C
     overlap_examples: list[str] = []
     overlaps = sum(_overlaps(v, overlap_examples) for v in limited_jobs.values())
     ran_on = _ran_on_after_resuming(executions, claim_end, chaos.stalled)
+    keyed = {
+        r["public_id"]
+        for r in await db.run(
+            lambda c: c.fetch("SELECT public_id FROM chunkd.jobs WHERE concurrency_key = $1", KEY)
+        )
+    }
+    key_spans = [
+        (span.start, span.end)
+        for e in executions
+        if e["job_id"] in keyed
+        for span in _spans(e, claim_end, chaos.stalled)
+    ]
+    key_running = most_at_once(key_spans)
+    lives = [
+        Life(d.pid, d.started_at, d.ended_at, 3 * CONCURRENCY)  # a claim takes <= 3 x slots
+        for d in fleet.all
+    ]
+    mixed = await mixed_checks(db, mix, lives)
 
     crashed = sum(e.get("event") == "task.crashed" for e in logs)
     fenced_logs = [e for e in logs if e.get("event") == "chunk.fenced"]
@@ -722,6 +743,12 @@ async def analyse(db: Db, chaos: Chaos, fleet: Fleet, converged: bool) -> list[C
         Check("max_concurrency = 1 chunks that overlapped in time", str(overlaps), overlaps == 0),
         *growing,
         *(Check(f"  e.g. {text}", "", None) for text in overlap_examples),
+        Check(
+            f"concurrency key '{KEY}': most handlers running at once",
+            f"{key_running} ({len(key_spans)} executions)",
+            0 < key_running <= KEY_LIMIT,
+        ),
+        *(Check(name, value, ok) for name, value, ok in mixed),
         Check(
             f"chunks stuck processing under a renewed lease (claimed > {STUCK_AFTER_S:g} s ago)",
             str(len(chaos.stuck)),
@@ -974,11 +1001,12 @@ async def soak(args: argparse.Namespace, cluster: PostgresCluster, work_dir: Pat
 
     db = Db(dsn)
     fleet = Fleet(dsn, work_dir)
+    mix = Mix(KIND, MAX_ATTEMPTS, random.Random(args.seed + 1))
     try:
         for _ in range(DAEMONS):
             fleet.start()
         began = time.monotonic()
-        chaos = await run_chaos(args, cluster, dsn, db, fleet)
+        chaos = await run_chaos(args, cluster, dsn, db, fleet, mix)
         say(
             f"chaos over after {time.monotonic() - began:.1f}s; converging "
             f"(bound {args.converge_timeout:g}s)"
@@ -1004,7 +1032,7 @@ async def soak(args: argparse.Namespace, cluster: PostgresCluster, work_dir: Pat
             code = await fleet.sigterm(daemon, db)
             if code != 0:
                 chaos.daemon_exits.append((daemon.pid, code))
-        checks = await analyse(db, chaos, fleet, converged)
+        checks = await analyse(db, chaos, fleet, converged, mix)
     finally:
         fleet.kill_all()
         await db.close()
@@ -1016,6 +1044,7 @@ async def soak(args: argparse.Namespace, cluster: PostgresCluster, work_dir: Pat
         f"{args.kill_every[1]:g}s, {DAEMONS} daemons x {CONCURRENCY}, {args.chunks} chunks in "
         f"{JOBS} jobs ({LIMITED_JOBS} with max_concurrency = 1), fsync on, seed {args.seed}"
     )
+    say(f"beside them: {mix.describe()}")
     for c in checks:
         mark = "" if c.ok is None else ("  OK" if c.ok else "  FAILED")
         say(f"{c.name.ljust(width, '.')} {c.value}{mark}")

@@ -28,6 +28,7 @@ from chunkd.db import connect
 from chunkd.db.migrate import apply_migrations
 from chunkd.handlers import HandlerRegistry
 from chunkd.observability.logs import configure_logging
+from chunkd.observability.tracing import configure as configure_tracing
 from chunkd.runtime.supervisor import run_daemon
 from chunkd.settings import RunSettings
 
@@ -44,6 +45,16 @@ DEFAULT_JOBS = {
 BENCH_DIR = Path(__file__).resolve().parent
 # Finished chunks in the tables for claim_cost (the spec's 1,000,000; smaller for --quick).
 HISTORY_CHUNKS = int(os.environ.get("CHUNKD_BENCH_HISTORY", "1000000"))
+# --no-otel: as if the [otel] extra were not installed (opentelemetry cannot be imported; chunkd
+# imports it only when tracing is configured or a client looks for the current span), to set
+# beside a run with it installed and no exporter configured (bench/run.py prints both).
+NO_OTEL = "--no-otel" in sys.argv
+
+
+class _NoOpenTelemetry:
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name == "opentelemetry" or name.startswith("opentelemetry."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
 
 def daemon_settings(scenario: str, dsn: str) -> RunSettings:
@@ -61,7 +72,27 @@ def daemon_settings(scenario: str, dsn: str) -> RunSettings:
 def _settings_dict(settings: RunSettings) -> dict[str, Any]:
     public = settings.public_dict()
     public.pop("dsn")
-    return {**public, "durable": "fsync=on, synchronous_commit=on", "audit": "on"}
+    return {
+        **public,
+        "durable": "fsync=on, synchronous_commit=on",
+        "audit": "on",
+        "opentelemetry": _otel_state(),
+    }
+
+
+def _otel_state() -> str:
+    if NO_OTEL:
+        return "not importable (--no-otel: as without the [otel] extra)"
+    try:
+        import opentelemetry.sdk.trace  # noqa: F401
+    except ImportError:
+        return "not installed"
+    exporters = os.environ.get("OTEL_TRACES_EXPORTER", "")
+    return (
+        f"installed, OTEL_TRACES_EXPORTER={exporters!r}"
+        if exporters
+        else ("installed, no exporter configured (tracing off)")
+    )
 
 
 async def _enqueue(conn: Any, count: int, kind: str = KIND) -> None:
@@ -89,7 +120,9 @@ async def _run_daemon_until(
 ) -> None:
     stop = asyncio.Event()
     registry = HandlerRegistry(handlers={KIND: handler})
-    daemon = asyncio.create_task(run_daemon(settings, registry, stop))
+    # As `chunkd run` does: tracing only when the OTEL_* variables ask for it.
+    tracing = configure_tracing(os.environ)
+    daemon = asyncio.create_task(run_daemon(settings, registry, stop, tracing=tracing))
     try:
         waiter = asyncio.create_task(done())
         finished, _ = await asyncio.wait({daemon, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -377,4 +410,7 @@ if __name__ == "__main__":
     real_stdout, sys.stdout = sys.stdout, sys.stderr
     configure_logging("json", os.environ.get("CHUNKD_BENCH_LOG_LEVEL", "info"))
     sys.stdout = real_stdout
+    if NO_OTEL:
+        sys.argv.remove("--no-otel")
+        sys.meta_path.insert(0, _NoOpenTelemetry())  # type: ignore[arg-type]
     sys.exit(common.main(CONTENDER, DEFAULT_JOBS, run))

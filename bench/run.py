@@ -17,6 +17,9 @@ Rows:
   can be vacuumed. chunkd and PGQueuer (best settings), each as a ratio of its own clean run;
   the clean and held runs are interleaved (order rotated each rep) and the ratio is taken
   within each rep, median over reps;
+- tracing off: chunkd's no-op throughput with the ``[otel]`` extra installed and no exporter
+  configured (the run above) beside a run as if it were not installed (``chunkd_bench.py
+  --no-otel``), interleaved with it;
 - the daemon on another host: bench/remote_bench.py as a sub-step (its own cluster), chunkd's
   no-op and latency scenarios with the daemon's connections through bench/delay_proxy.py at
   1 ms each way and at 0 ms, and over plain loopback TCP, each beside the direct figure;
@@ -361,7 +364,8 @@ async def main(args: argparse.Namespace) -> int:
         print("no-op throughput, clean and with a held snapshot, interleaved", file=sys.stderr)
         noop_args = ["--scenario", "noop", "--jobs", str(jobs["noop"])]
         pgq_args = [*noop_args, "--settings", "best"]
-        chunkd_noop, chunkd_held, pgq_best, pgq_held = await b.measure_interleaved(
+        no_otel_args = [*noop_args, "--no-otel"]
+        chunkd_noop, chunkd_held, pgq_best, pgq_held, chunkd_no_otel = await b.measure_interleaved(
             [
                 ("chunkd no-op", "chunkd_bench.py", me, noop_args, False),
                 ("chunkd no-op, held snapshot", "chunkd_bench.py", me, noop_args, True),
@@ -373,6 +377,9 @@ async def main(args: argparse.Namespace) -> int:
                     pgq_args,
                     True,
                 ),
+                # The [otel] extra's cost when tracing is off: the run above has it installed
+                # and no exporter configured; this one runs as if it were not installed.
+                ("chunkd no-op, without opentelemetry", "chunkd_bench.py", me, no_otel_args, False),
             ],
             noop_repeats,
         )
@@ -503,6 +510,13 @@ async def main(args: argparse.Namespace) -> int:
             f"{_median(chunkd_noop, 'per_second') / _median(ceiling, 'per_second'):.0%}",
         ),
         ("  chunkd daemon CPU, µs per chunk", _min_med(chunkd_noop, "daemon_cpu_us_per_chunk")),
+        ("tracing off: chunkd no-op jobs/s (min / median)", ""),
+        ("  [otel] extra installed, no exporter configured", _min_med(chunkd_noop, "per_second")),
+        ("  without opentelemetry", _min_med(chunkd_no_otel, "per_second")),
+        (
+            "  installed / without, per rep",
+            " ".join(f"{x:.2f}" for x in _paired_ratios(chunkd_noop, chunkd_no_otel)),
+        ),
         ("held snapshot: no-op jobs/s (min / median)", ""),
         ("  chunkd", _min_med(chunkd_held, "per_second")),
         ("  PGQueuer, best settings", _min_med(pgq_held, "per_second")),

@@ -2,9 +2,10 @@
 100,000 chunks, in every state (issue 15: jobs page <= 1 s to first paint, job page <= 2 s).
 
 A throwaway PostgreSQL cluster (chunkd.demo.cluster), the schema, then the data through the
-public functions only: 10,000 jobs of 10 chunks (mail-sync, import, export) and one job of
-100,000 chunks, driven with claim_chunks / complete_attempts / fail_attempt into a mix of
-completed, failed, waiting for a retry, processing and pending; two registered workers.
+public functions only: 10,000 jobs of 10 chunks (mail-sync, import, export), 1,000 labeled
+one-chunk jobs with a dedupe key (for the search) and one job of 100,000 chunks, driven with
+claim_chunks / complete_attempts / fail_attempt into a mix of completed, failed, waiting for a
+retry, processing and pending; two registered workers.
 Then ``chunkd web`` (a real subprocess) and Debian's headless Chromium (Playwright, a fresh
 browser context per load, so nothing is cached) load each page ``--reps`` times and read the
 browser's own timings:
@@ -69,6 +70,16 @@ async def populate(dsn: str, jobs: int, big: int) -> dict[str, str]:
             FROM generate_series(1, $1::int - 1) i
             """,
             jobs,
+        )
+        # 1,000 of them labeled, with a dedupe key: what the search reads by index.
+        await conn.execute(
+            """
+            SELECT count(*) FROM chunkd.create_sync_jobs((
+                SELECT jsonb_agg(jsonb_build_object(
+                    'kind', 'export', 'chunks', '[{"page": 1}]'::jsonb,
+                    'label', 'invoice run ' || i, 'dedupe_key', 'account-' || i))
+                FROM generate_series(1, 1000) i))
+            """
         )
         big_job = await conn.fetchval(
             "SELECT chunkd.create_sync_job('mail-sync', (SELECT jsonb_agg(jsonb_build_object("
@@ -265,6 +276,10 @@ def main() -> None:
             "jobs (newest 50)": "/jobs",
             "jobs ?status=processing": "/jobs?status=processing",
             "jobs ?kind=import&page=50": "/jobs?kind=import&page=50",
+            "jobs ?q= a label's start": "/jobs?q=invoice+run+42",
+            "jobs ?q= a kind's start": "/jobs?q=imp",
+            "jobs ?q= an id's start": f"/jobs?q={ids['big'][:8]}",
+            "kind page ?kind=mail-sync": "/jobs?kind=mail-sync",
             f"job of {args.big:,} chunks + map": f"/jobs/{ids['big']}",
             "job of 10 chunks + map": f"/jobs/{ids['small']}",
             "workers": "/workers",

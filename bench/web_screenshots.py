@@ -1,7 +1,7 @@
 """Regenerates the dashboard screenshots of docs/web.md (docs/img/web-*.png).
 
 Everything is real: a throwaway PostgreSQL cluster, ``chunkd run`` with the demo's simulated
-mailbox handler (chunkd.demo.handler) on three mailbox syncs (one of them sharing the
+mailbox handler (chunkd.demo.handler) on three labeled mailbox syncs (one of them sharing the
 concurrency key of its customer), a fourth one paused, a fifth one due in two hours, under a
 rate limit of the kind, and an export nobody handles, ``chunkd web``, and Debian's headless
 Chromium driven by Playwright. Takes about a minute:
@@ -37,22 +37,25 @@ async def enqueue(dsn: str) -> dict[str, Any]:
         await conn.execute("SELECT chunkd.set_rate_limit($1, 200)", KIND)
         await conn.execute("SELECT chunkd.set_concurrency_limit('acme', 8)")
         jobs = {}
-        for name, pages, broken, key, delay_s in (
-            ("bob", 150, 42, None, None),
-            ("carol", 60, None, None, None),
-            ("dave", 300, None, None, None),
-            ("erin", 400, None, None, 7200),
-            ("alice", 1500, 7, "acme", None),
+        for name, pages, broken, key, delay_s, label in (
+            ("bob", 150, 42, None, None, "Initial import · bob@example.com"),
+            ("carol", 60, None, None, None, "Daily sync · carol@example.com"),
+            ("dave", 300, None, None, None, "Initial import · dave@example.com"),
+            ("erin", 400, None, None, 7200, "Nightly sync · erin@example.com"),
+            ("alice", 1500, 7, "acme", None, "Acme · alice@example.com"),
         ):
             mailbox = f"{name}@example.com"
             jobs[name] = await conn.fetchval(
-                "SELECT chunkd.create_sync_job($1, $2::jsonb, $3::jsonb, concurrency_key => $4,"
-                " run_at => now() + make_interval(secs => $5))",
+                "SELECT * FROM chunkd.create_sync_jobs(jsonb_build_array(jsonb_build_object("
+                "'kind', $1::text, 'chunks', $2::jsonb, 'payload', $3::jsonb,"
+                " 'concurrency_key', $4::text, 'run_at', now() + make_interval(secs => $5),"
+                " 'label', $6::text)))",
                 KIND,
                 json.dumps(mailbox_chunks(mailbox, pages)),
                 json.dumps(mailbox_payload(mailbox, pages, broken)),
                 key,
                 delay_s or 0,
+                label,
             )
         jobs["export"] = await conn.fetchval(
             "SELECT chunkd.create_sync_job('report-export', $1::jsonb)",
@@ -99,6 +102,8 @@ async def shoot(url: str, guarded_url: str, jobs: dict[str, Any], dsn: str, out:
             print(f"wrote {out / f'web-{name}.png'}")
 
         await save("jobs", "/jobs")
+        await save("search", "/jobs?q=initial", settle_s=0.3)
+        await save("kind", f"/jobs?kind={KIND}", settle_s=0.3)
         await page.set_viewport_size({"width": 1280, "height": 1100})
         await save("job", f"/jobs/{jobs['alice']}", settle_s=1.5)
         await page.set_viewport_size({"width": 1280, "height": 800})

@@ -23,16 +23,18 @@ SELECT pg_catalog.set_config('lock_timeout', $1, true),
 
 -- name: lock_blockers
 -- The sessions in the way of the locks an operator action or a migration step wants. $1: the
--- relations ('chunkd.ready'; 'chunkd.*': every table and view of schema chunkd); $2: the mode
--- wanted on each, as pg_locks spells it ('ShareLock', ...), or 'row' for rows of it (then:
--- every session holding a lock that row locks come with, RowShareLock and up); $3: only
--- sessions whose transaction has been open that many seconds (or whose age this role may not
--- see). One row per session (`transaction`: its virtual transaction id, which its next
--- transaction does not share), with the lock most surely in the way (one that conflicts with a
--- wanted mode before one that comes with row locks, then the first relation, the strongest);
--- held locks first, then requests queued ahead; the oldest transaction first. pg_stat_activity
--- shows state and times of another role's session only to members of pg_read_all_stats (NULL
--- otherwise); the query text is never read.
+-- relations, in the order the work takes them ('chunkd.ready'; 'chunkd.*': every table and
+-- view of schema chunkd); $2: the mode wanted on each, as pg_locks spells it ('ShareLock',
+-- ...), or 'row' for rows of it (then: every session holding a lock that row locks come with,
+-- RowShareLock and up); $3: only sessions whose transaction has been open that many seconds
+-- (or whose age this role may not see). One row per session (`transaction`: its virtual
+-- transaction id, which its next transaction does not share), with the lock most surely in the
+-- way (held before queued ahead, one that conflicts with a wanted mode before one that comes
+-- with row locks, then on the relation wanted first, the strongest) and, in `locks`, every lock
+-- of it in the way in that order ('RowExclusiveLock on chunkd.ready'). Sessions holding locks
+-- first, then those queued ahead; among them, the one in the way of the relation wanted first
+-- (row locks aside), then the oldest transaction. pg_stat_activity shows state and times of another role's
+-- session only to members of pg_read_all_stats (NULL otherwise); the query text is never read.
 WITH modes AS (
     -- (wanted, the modes held that conflict with it, weakest first)
     VALUES ('AccessShareLock', '{AccessExclusiveLock}'::text[]),
@@ -62,31 +64,44 @@ WITH modes AS (
          OR (($1::text[])[i] = 'chunkd.*' AND c.relkind IN ('r', 'p', 'v', 'm')
              AND c.relnamespace = (SELECT n.oid FROM pg_catalog.pg_namespace n
                                    WHERE n.nspname = 'chunkd'))
-), found AS (
-    SELECT DISTINCT ON (l.pid)
-           l.pid, l.virtualtransaction, l.mode, l.granted,
+), hits AS (
+    -- Each lock in the way, once (a relation may be wanted twice: by name and by 'chunkd.*').
+    SELECT l.pid, l.virtualtransaction, l.mode, l.granted,
            l.relation::pg_catalog.regclass::text AS relation,
-           a.usename, a.application_name, a.state, a.state_change, a.xact_start
+           pg_catalog.bool_and(w.mode = 'row') AS row_only, pg_catalog.min(w.ord) AS ord,
+           pg_catalog.max(pg_catalog.array_position(x.held, l.mode)) AS strength
     FROM wanted w
     JOIN conflicts x ON x.wanted = w.mode
     JOIN pg_catalog.pg_locks l
       ON l.locktype = 'relation' AND l.relation = w.relid AND l.mode = ANY (x.held)
          AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
                            WHERE d.datname = pg_catalog.current_database())
-    LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
     WHERE l.pid <> pg_catalog.pg_backend_pid()
       AND (w.mode <> 'row' OR l.granted)
-      AND (a.xact_start IS NULL
-           OR a.xact_start <= pg_catalog.clock_timestamp() - pg_catalog.make_interval(secs => $3))
-    ORDER BY l.pid, l.granted DESC, w.mode = 'row', w.ord,
-             pg_catalog.array_position(x.held, l.mode) DESC
+    GROUP BY l.pid, l.virtualtransaction, l.mode, l.granted, l.relation
+), found AS (
+    SELECT h.pid, h.virtualtransaction,
+           (pg_catalog.array_agg(h.mode ORDER BY h.granted DESC, h.row_only, h.ord,
+                                 h.strength DESC))[1] AS mode,
+           (pg_catalog.array_agg(h.relation ORDER BY h.granted DESC, h.row_only, h.ord,
+                                 h.strength DESC))[1] AS relation,
+           pg_catalog.bool_or(h.granted) AS granted,
+           pg_catalog.min(h.ord) FILTER (WHERE h.granted AND NOT h.row_only) AS held_ord,
+           pg_catalog.array_agg(h.mode || ' on ' || h.relation
+                                ORDER BY h.granted DESC, h.row_only, h.ord, h.strength DESC)
+               AS locks
+    FROM hits h
+    GROUP BY h.pid, h.virtualtransaction
 )
-SELECT f.pid, f.usename AS role, f.application_name, f.state,
-       extract(epoch FROM pg_catalog.clock_timestamp() - f.state_change)::float8 AS state_s,
-       extract(epoch FROM pg_catalog.clock_timestamp() - f.xact_start)::float8 AS xact_s,
-       f.mode, f.relation, f.granted, f.virtualtransaction AS transaction
+SELECT f.pid, a.usename AS role, a.application_name, a.state,
+       extract(epoch FROM pg_catalog.clock_timestamp() - a.state_change)::float8 AS state_s,
+       extract(epoch FROM pg_catalog.clock_timestamp() - a.xact_start)::float8 AS xact_s,
+       f.mode, f.relation, f.granted, f.virtualtransaction AS transaction, f.locks
 FROM found f
-ORDER BY f.granted DESC, f.xact_start NULLS LAST, f.pid;
+LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = f.pid
+WHERE a.xact_start IS NULL
+   OR a.xact_start <= pg_catalog.clock_timestamp() - pg_catalog.make_interval(secs => $3)
+ORDER BY f.granted DESC, f.held_ord, a.xact_start NULLS LAST, f.pid;
 
 -- name: pin_search_path
 -- First in every migration's transaction: whatever the connection's setting, built-ins and
@@ -232,6 +247,15 @@ FROM wanted w
 LEFT JOIN defs d ON d.kind = w.kind AND d.name = w.name
 GROUP BY w.path;
 
+-- name: definitions_sql_bodies
+-- The catalog's text of the SQL-standard bodies (BEGIN ATOMIC, RETURN) of the functions named
+-- $1: PostgreSQL prints such a body back differently once re-read from its own print (a
+-- column alias `AS text` added in a UNION branch), so `chunkd migrate` re-applies each until
+-- it prints the same, as a dump and restore would leave it.
+SELECT p.oid::pg_catalog.regprocedure::text AS function, pg_catalog.pg_get_functiondef(p.oid) AS def
+FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname = 'chunkd' AND p.prosqlbody IS NOT NULL AND p.proname = ANY ($1::text[]);
+
 -- name: definitions_record
 -- $1 paths, $2 checksums, $3 fingerprints, $4 the chunkd version applying them.
 INSERT INTO chunkd.schema_definitions
@@ -294,11 +318,23 @@ SELECT pg_catalog.format('GRANT %s ON %s %s TO %I%s', $3::text, $1::text, $2::te
                          CASE WHEN $5::boolean THEN ' WITH GRANT OPTION' ELSE '' END);
 
 -- name: live_workers_of_other_versions
--- Daemons that heartbeat within the last $2 seconds and run another chunkd version than $1.
-SELECT w.worker_id, w.version
-FROM chunkd.workers w
+-- Daemons of another chunkd version than $1 that count as running: their last heartbeat is
+-- within three of their heartbeat intervals (heartbeat_s, the reaper's rule), or within $2
+-- seconds for a daemon that does not say how often it heartbeats (0.1, 0.2: NULL). heartbeat_s
+-- is read through to_jsonb: before schema version 10 the column does not exist. `heartbeat_s`:
+-- that interval (NULL: the $2 rule); `left_s`: how long it keeps counting as running.
+SELECT w.worker_id, w.version, w.heartbeat_s,
+       extract(epoch FROM w.last_heartbeat_at + pg_catalog.make_interval(secs => w.window_s)
+                          - pg_catalog.now())::float8 AS left_s
+FROM (
+    SELECT x.worker_id, x.version, x.last_heartbeat_at, h.heartbeat_s,
+           coalesce(3 * h.heartbeat_s, $2) AS window_s
+    FROM chunkd.workers x
+    CROSS JOIN LATERAL (SELECT (pg_catalog.to_jsonb(x) ->> 'heartbeat_s')::float8
+                               AS heartbeat_s) h
+) w
 WHERE w.version <> $1
-  AND w.last_heartbeat_at > pg_catalog.now() - pg_catalog.make_interval(secs => $2)
+  AND w.last_heartbeat_at > pg_catalog.now() - pg_catalog.make_interval(secs => w.window_s)
 ORDER BY w.version, w.worker_id;
 
 -- name: ping
@@ -311,10 +347,18 @@ SELECT 1;
 -- carries only wait_s: rate limits held chunks back, come back in wait_s seconds; -1: work
 -- under flow control waits for a free slot, claim again when one frees. $5: seconds
 -- until this claimer comes back anyway (a turn it holds), or NULL. $6: how many of the $2 can
--- start now (the rest is prefetch: no work under flow control there).
+-- start now (the rest is prefetch: no work under flow control there). claim_n and traceparent
+-- are for tracing: the chunk's claim number (1: first delivery) and its job's trace context.
 SELECT id, queue_id, chunk_id, sync_job_id, seq, attempt, kind, payload::text,
-       job_payload::text, lease_expires_at, wait_s
+       job_payload::text, lease_expires_at, wait_s, claim_n, traceparent
 FROM chunkd.claim_batch($1, $2, $3, $4, $5, $6);
+
+-- name: job_finished_by
+-- Tracing: the job $1 with its counts, if worker $2's claim of one of the chunks $3 ended in
+-- the transaction that finished it (this daemon announces it on the job's trace); else no row.
+SELECT kind, overall_status, total_chunks, completed_chunks, failed_chunks, cancelled_chunks,
+       traceparent
+FROM chunkd.job_finished_by($1, $2, $3);
 
 -- name: complete_attempts
 SELECT id FROM chunkd.complete_attempts($1, $2, $3, $4) AS id;
@@ -349,10 +393,13 @@ SELECT chunkd.release_attempts($1, NULL) AS released, chunkd.deregister_worker($
 SELECT chunkd.cleanup_stuck_chunks();
 
 -- name: reap_expired
--- The reaper: attempts whose lease ran out end as reaped, their chunks go back to the queue (or
--- fail for good on their last attempt). One row per chunk returned, to log each.
-SELECT r.sync_job_id, r.chunk_id, r.queue_id, r.seq, r.attempt, r.kind, r.worker_id, r.final
-FROM chunkd.reap_expired() r;
+-- The reaper: attempts whose lease ran out, or that a dead worker made, end as reaped, their
+-- chunks go back to the queue (or fail for good on their last attempt). One row per chunk
+-- returned, to log each; rule: 'lease' (its lease ran out) or 'worker' (its worker missed
+-- three heartbeats).
+SELECT r.sync_job_id, r.chunk_id, r.queue_id, r.seq, r.attempt, r.kind, r.worker_id, r.final,
+       r.rule
+FROM chunkd.reap_attempts() r;
 
 -- name: retention_round
 -- The maintenance: finished jobs (up to $1 chunks) to the history, expired partitions dropped;
@@ -365,8 +412,9 @@ FROM chunkd.retention_round($1) r;
 SELECT chunkd.register_worker($1, $2, $3, $4, $5, $6);
 
 -- name: worker_alive
--- This daemon's heartbeat in the registry ($2: seconds between heartbeats); the database clock.
-SELECT chunkd.worker_alive($1, $2);
+-- This daemon's heartbeat in the registry ($2: seconds between heartbeats; $3 to $7 its
+-- registration, for a row pruned meanwhile); the database clock.
+SELECT chunkd.worker_alive($1, $2, $3, $4, $5, $6, $7);
 
 -- name: prune_workers
 -- Registry rows of daemons not heard from for $1 seconds, holding nothing: removed.
@@ -510,10 +558,14 @@ ORDER BY e.at DESC
 LIMIT $2;
 
 -- name: ops_live_worker_for_kind
--- Is any worker that heartbeated within $2 able to run kind $1?
+-- Is any live worker able to run kind $1? Live: heard from within $2 seconds, or for $2 NULL
+-- within three of its own heartbeats (the reaper's rule, chunkd.reap_attempts), $3 seconds
+-- for a daemon that does not say how often it heartbeats.
 SELECT EXISTS (
     SELECT 1 FROM chunkd.workers w
-    WHERE $1 = ANY (w.kinds) AND w.last_heartbeat_at > pg_catalog.now() - $2::interval);
+    WHERE $1 = ANY (w.kinds)
+      AND w.last_heartbeat_at >= pg_catalog.now() - pg_catalog.make_interval(
+              secs => coalesce($2::float8, 3 * w.heartbeat_s, $3::float8)));
 
 -- name: ops_retry_failed_chunks
 SELECT chunkd.retry_failed_chunks($1);
@@ -531,10 +583,15 @@ SELECT r.state, r.keep_s, r.changed_at FROM chunkd.retention_policies() r;
 SELECT chunkd.set_retention($1, $2);
 
 -- name: ops_workers
--- Heartbeat ages by the database clock, so the client's clock does not matter.
+-- Heartbeat ages by the database clock, so the client's clock does not matter. stale_after_s:
+-- how long a silence makes it stale: $1 seconds, or for $1 NULL three of its own heartbeats
+-- (the reaper's rule, chunkd.reap_attempts), $2 for a daemon that does not say how often it
+-- heartbeats (heartbeat_s NULL: chunkd 0.2).
 SELECT w.worker_id, w.host, w.pid, w.version, w.kinds, w.concurrency, w.started_at,
        w.last_heartbeat_at,
-       extract(epoch FROM pg_catalog.now() - w.last_heartbeat_at)::float8 AS heartbeat_age_s
+       extract(epoch FROM pg_catalog.now() - w.last_heartbeat_at)::float8 AS heartbeat_age_s,
+       w.heartbeat_s,
+       coalesce($1::float8, 3 * w.heartbeat_s, $2::float8) AS stale_after_s
 FROM chunkd.workers w
 ORDER BY w.host, w.started_at, w.worker_id;
 
@@ -571,7 +628,20 @@ FROM chunkd.flow_limits();
 SELECT chunkd.create_sync_job($1::text, $2::jsonb, $3::jsonb, $4::int, $5::int, $6::int,
                               $7::timestamptz, $8::text, open => $9::boolean,
                               on_finish_kind => $10::text, max_per_second => $11::numeric,
-                              concurrency_key => $12::text);
+                              concurrency_key => $12::text, traceparent => $13::text);
+
+-- name: client_create_labeled_job
+-- client_create_sync_job with a label ($14): through create_jobs, as create_sync_job itself
+-- goes, since create_sync_job has no label argument (sql/functions/enqueue.sql says why).
+SELECT j.sync_job_id
+FROM chunkd.create_jobs(
+    pg_catalog.jsonb_build_array(pg_catalog.jsonb_build_object(
+        'kind', $1::text, 'chunks', $2::jsonb, 'payload', $3::jsonb, 'max_concurrency', $4::int,
+        'max_attempts', $5::int, 'priority', $6::int, 'run_at', $7::timestamptz,
+        'dedupe_key', $8::text, 'open', $9::boolean, 'on_finish_kind', $10::text,
+        'max_per_second', $11::numeric, 'concurrency_key', $12::text,
+        'traceparent', $13::text, 'label', $14::text)),
+    true) j;
 
 -- name: client_create_sync_jobs
 -- Ids in input order.

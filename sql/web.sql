@@ -1,20 +1,22 @@
 -- Statements of `chunkd web` only, one named block each ("-- name: NAME"), read by chunkd.web.
 -- They read through the public SQL contract (the views chunk_processing_queue, chunk_events,
 -- job_events, sync_jobs, chunked_sync_jobs, workers and the functions get_sync_job_progress,
--- queue_depth, and the read-only functions of sql/functions/progress.sql: sync_jobs_page,
--- sync_job_status_counts, sync_job_kinds, queue_depth_by_kind, in_flight_by_worker, job_flow),
--- so a role with SELECT on those views and EXECUTE on those functions runs every page; the
--- actions call retry_failed_chunks, cancel_sync_job, pause_sync_job and resume_sync_job.
--- Values are always bound parameters.
+-- queue_depth, and the read-only functions of sql/functions/progress.sql: search_sync_jobs,
+-- sync_job_status_counts, kind_state, queue_depth_by_kind, in_flight_by_worker, job_flow), so
+-- a role with SELECT on those views and EXECUTE on those functions runs every page; the
+-- actions call retry_failed_chunks, cancel_sync_job, pause_sync_job, resume_sync_job,
+-- pause_kind and resume_kind. Values are always bound parameters.
 
 -- name: web_jobs_page
--- One page of jobs, newest first, optionally of one kind ($1) and one overall status ($2);
--- $3 rows from offset $4 (the columns of chunk_processing_status). Throughput as
--- get_sync_job_progress computes it (terminal chunks that ran, per second since the start);
--- starts_in_s: how long until a delayed job's run_at.
-SELECT s.parent_sync_job_id AS id, s.kind, s.total_chunks, s.pending_chunks,
-       s.processing_chunks, s.completed_chunks, s.failed_chunks, s.cancelled_chunks,
-       s.overall_status, s.progress_percentage, s.created_at, s.started_at, s.finished_at,
+-- One page of jobs, newest first, matching the search $1 (NULL: all), optionally of one kind
+-- ($2) and one overall status ($3); $4 rows from offset $5 (the columns of
+-- chunk_processing_status, the label and the dedupe key). Throughput as get_sync_job_progress
+-- computes it (terminal chunks that ran, per second since the start); starts_in_s: how long
+-- until a delayed job's run_at.
+SELECT s.parent_sync_job_id AS id, s.kind, s.label, s.dedupe_key, s.total_chunks,
+       s.pending_chunks, s.processing_chunks, s.completed_chunks, s.failed_chunks,
+       s.cancelled_chunks, s.overall_status, s.progress_percentage, s.created_at, s.started_at,
+       s.finished_at,
        CASE WHEN s.started_at IS NULL THEN NULL
             ELSE round((s.completed_chunks + s.failed_chunks)::numeric
                        / greatest(extract(epoch FROM
@@ -22,11 +24,16 @@ SELECT s.parent_sync_job_id AS id, s.kind, s.total_chunks, s.pending_chunks,
        END::float8 AS chunks_per_second,
        CASE WHEN s.run_at > now() THEN extract(epoch FROM s.run_at - now())::float8
        END AS starts_in_s
-FROM chunkd.sync_jobs_page($1, $2, $3, $4) s;
+FROM chunkd.search_sync_jobs($1, $2, $3, $4, $5) s;
 
 -- name: web_job_facets
 -- How many jobs of kind $1 (NULL: any) are in each overall status.
 SELECT c.overall_status, c.jobs FROM chunkd.sync_job_status_counts($1) c;
+
+-- name: web_kind_state
+-- Kind $1's pause and rate, and its chunks processing and pending (one row).
+SELECT k.paused_at, k.per_second, k.burst, k.tokens, k.processing, k.pending, k.active_jobs
+FROM chunkd.kind_state($1) k;
 
 -- name: web_kinds
 -- Every job kind, for the filter (the history's from its counts: never a scan of it).
@@ -39,7 +46,7 @@ SELECT chunkd.get_sync_job_progress($1);
 -- A job's settings, the size of its payload (the payload itself only on request), and how
 -- long until its run_at when that lies ahead.
 SELECT j.kind, j.priority, j.max_concurrency, j.max_attempts, j.total_chunks, j.cancelled_at,
-       j.created_at, j.run_at, j.dedupe_key, pg_column_size(j.payload) AS payload_bytes,
+       j.created_at, j.run_at, j.dedupe_key, j.label, pg_column_size(j.payload) AS payload_bytes,
        CASE WHEN j.run_at > now() THEN extract(epoch FROM j.run_at - now())::float8
        END AS starts_in_s
 FROM chunkd.sync_jobs j
@@ -61,10 +68,13 @@ ORDER BY e.at DESC
 LIMIT $2;
 
 -- name: web_live_worker_for_kind
--- Is any worker that heartbeated within $2 seconds able to run kind $1?
+-- Is any live worker able to run kind $1? As ops_live_worker_for_kind: heard from within $2
+-- seconds, or for $2 NULL within three of its own heartbeats ($3 seconds without them).
 SELECT EXISTS (
     SELECT 1 FROM chunkd.workers w
-    WHERE $1 = ANY (w.kinds) AND w.last_heartbeat_at > now() - make_interval(secs => $2));
+    WHERE $1 = ANY (w.kinds)
+      AND w.last_heartbeat_at >= now() - make_interval(
+              secs => coalesce($2::float8, 3 * w.heartbeat_s, $3::float8)));
 
 -- name: web_job_payload
 -- As text: the page decodes it, and shows a placeholder for a payload too deep for Python.
@@ -124,10 +134,12 @@ ORDER BY e.at, e.attempt;
 SELECT c.payload::text FROM chunkd.chunked_sync_jobs c WHERE c.sync_job_id = $1 AND c.seq = $2;
 
 -- name: web_workers
--- Registered daemons with what each holds now; ages by the database clock.
+-- Registered daemons with what each holds now; ages by the database clock; stale_after_s as
+-- in ops_workers ($1 seconds, or three of its own heartbeats, $2 seconds without them).
 SELECT w.worker_id, w.host, w.pid, w.version, w.kinds, w.concurrency, w.started_at,
        w.last_heartbeat_at,
        extract(epoch FROM now() - w.last_heartbeat_at)::float8 AS heartbeat_age_s,
+       coalesce($1::float8, 3 * w.heartbeat_s, $2::float8) AS stale_after_s,
        coalesce(f.chunks, 0) AS in_flight
 FROM chunkd.workers w
 LEFT JOIN chunkd.in_flight_by_worker() f ON f.worker_id = w.worker_id
@@ -151,3 +163,9 @@ SELECT chunkd.pause_sync_job($1);
 
 -- name: web_resume_sync_job
 SELECT chunkd.resume_sync_job($1);
+
+-- name: web_pause_kind
+SELECT chunkd.pause_kind($1);
+
+-- name: web_resume_kind
+SELECT chunkd.resume_kind($1);

@@ -25,6 +25,18 @@ def _pg_dump() -> str:
     return found
 
 
+def schema_script(dsn: str) -> str:
+    """Schema chunkd and its rows as one SQL script (``pg_dump --inserts``, no owners or
+    grants), as an operator's dump for a restore into another database (psql's meta-commands,
+    such as pg_dump's ``\\restrict``, left out: the script runs through asyncpg)."""
+    script = subprocess.run(
+        [_pg_dump(), "--schema=chunkd", "--inserts", "--no-owner", "--no-privileges",
+         "--dbname", dsn],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return "\n".join(line for line in script.splitlines() if not line.startswith("\\"))
+
+
 def schema_dump(dsn: str) -> list[str]:
     """The schema's DDL, grants and owners, one entry per object (pg_dump's own sections),
     sorted; pg_dump's per-run restrict key and version banner left out."""

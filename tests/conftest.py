@@ -126,9 +126,13 @@ def start(database: TestDatabase, tmp_path):  # type: ignore[no-untyped-def]
         dsn: str | None = None,
         env: dict[str, str] | None = None,
         log_level: str = "debug",
+        log_format: str = "json",
     ) -> Daemon:
         log_path = tmp_path / f"daemon{len(daemons)}.log"
-        daemon = Daemon(dsn or database.dsn, log_path, *args, env=env, log_level=log_level)
+        daemon = Daemon(
+            dsn or database.dsn, log_path, *args, env=env, log_level=log_level,
+            log_format=log_format,
+        )  # fmt: skip
         daemons.append(daemon)
         return daemon
 

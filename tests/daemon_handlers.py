@@ -121,3 +121,17 @@ async def wrapping(chunk: Chunk) -> dict[str, object]:
         return {"keys": len(chunk.payload) + len(chunk.job_payload)}
     except Exception as exc:
         raise RuntimeError(f"could not read chunk {chunk.seq}") from exc
+
+
+def _open_mailbox(token: str) -> None:
+    raise ValueError("no mailbox \udcff here")  # a lone surrogate: the log line must stay JSON
+
+
+async def chained(chunk: Chunk) -> None:
+    """Fails with an exception raised from another (a chained cause), in frames whose locals
+    hold the payload's ``token``: a log line may show the traceback, never a local's value."""
+    token = chunk.payload["token"]
+    try:
+        _open_mailbox(token)
+    except ValueError as exc:
+        raise RuntimeError("handler failed") from exc

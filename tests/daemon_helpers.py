@@ -51,6 +51,13 @@ def run_chunkd(*args: str, stdin: bytes = b"", env: dict[str, str] | None = None
     return CliRun(proc.returncode, proc.stdout.decode(), proc.stderr.decode(errors="replace"))
 
 
+# The lines of a chunk's outcome that carry its handler's exception at --log-level debug.
+OUTCOME_EVENTS = frozenset(
+    {"chunk.retry_scheduled", "chunk.failed", "chunk.snoozed", "chunk.fenced",
+     "chunk.outcome_unstorable"}
+)  # fmt: skip
+
+
 class Daemon:
     """One ``chunkd run`` process with its JSON log captured to a file (never a pipe: a full
     pipe would block the daemon's logging and stall it)."""
@@ -62,6 +69,7 @@ class Daemon:
         *args: str,
         env: dict[str, str] | None = None,
         log_level: str = "debug",
+        log_format: str = "json",
     ):
         # Debug by default: tests follow chunks through their success lines (chunk.completed),
         # which production logs only at debug (chunkd.runtime.progress).
@@ -81,7 +89,7 @@ class Daemon:
                 "-m",
                 "chunkd.cli",
                 "--log-format",
-                "json",
+                log_format,
                 "--log-level",
                 log_level,
                 "run",
@@ -126,6 +134,13 @@ class Daemon:
     def events(self) -> list[dict[str, Any]]:
         """Every log line parsed as JSON: a line that is not JSON fails the test here."""
         return [json.loads(line) for line in self.log_text().splitlines() if line.strip()]
+
+    def crash_lines(self) -> list[dict[str, Any]]:
+        """Log lines with a traceback that is not a handler's: at ``--log-level debug`` an
+        outcome line (``chunk.retry_scheduled``, ``chunk.failed``, ...) carries its handler's
+        exception, any other traceback is a crash of chunkd's. Every line must be JSON (a
+        traceback printed bare fails :meth:`events`)."""
+        return [e for e in self.events() if "exception" in e and e["event"] not in OUTCOME_EVENTS]
 
     async def wait_for_event(self, event: str, timeout_s: float = 15.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s

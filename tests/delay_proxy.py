@@ -5,6 +5,9 @@ TCP address when the tests run against ``CHUNKD_TEST_DSN``). Bytes from the clie
 once; bytes from the server are held for ``delay_s`` seconds (order kept), so a statement
 commits on the server while its reply is still on its way: the window in which a daemon can
 be told to stop between a claim's commit and its reply.
+
+With ``cut_on`` set, a connection whose client sends those bytes (a statement's text) is cut
+instead: neither the statement nor anything after it reaches the server.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ def upstream_of(dsn: str) -> str | tuple[str, int]:
 
 
 class DelayProxy:
-    def __init__(self, dsn: str, *, delay_s: float) -> None:
+    def __init__(self, dsn: str, *, delay_s: float, cut_on: bytes | None = None) -> None:
         self._dsn = dsn
+        self.cut_on = cut_on
         self._upstream = upstream_of(dsn)
         self.delay_s = delay_s  # may be changed while connections are open
         self._server: asyncio.Server | None = None
@@ -98,9 +102,13 @@ class DelayProxy:
                 await writer.drain()
 
         sender = asyncio.create_task(deliver())
+        seen = b""
         try:
             while True:
                 data = await reader.read(65536)
+                seen = seen[-4096:] + data
+                if not delayed and self.cut_on is not None and self.cut_on in seen:
+                    data = b""  # cut: the server sees the end of the connection instead
                 held.put_nowait((loop.time() + (self.delay_s if delayed else 0.0), data))
                 if not data:
                     break

@@ -21,6 +21,7 @@ __all__ = [
     "EXECUTIONS_DDL",
     "cancels_inner_task",
     "raises_cancelled",
+    "retry_later_far",
     "retry_later_nan",
     "steps",
     "str_raises",
@@ -71,6 +72,11 @@ async def str_raises(chunk: Chunk) -> None:
 async def retry_later_nan(chunk: Chunk) -> None:
     """A delay the database cannot turn into a time ("interval out of range")."""
     raise RetryLater(float("nan"), "come back at NaN")
+
+
+async def retry_later_far(chunk: Chunk) -> None:
+    """A delay whose due time lies past 9999-12-31, where chunkd stores no time."""
+    raise RetryLater(3e11, "come back in 9,500 years")
 
 
 async def _get_pool() -> asyncpg.Pool:

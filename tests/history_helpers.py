@@ -37,6 +37,11 @@ async def job_reads(conn: asyncpg.Connection, job: UUID) -> dict[str, Any]:
     statements of ``chunkd status`` and of the dashboard's job page."""
     q = queries()
     web = queries("web.sql")
+    job_kind, job_status = await conn.fetchrow(
+        "SELECT kind, overall_status FROM chunkd.chunk_processing_status"
+        " WHERE parent_sync_job_id = $1",
+        job,
+    )
     reads: dict[str, Any] = {
         "sync_jobs": _rows(await conn.fetch("SELECT * FROM chunkd.sync_jobs WHERE id = $1", job)),
         "chunked_sync_jobs": _rows(
@@ -68,6 +73,24 @@ async def job_reads(conn: asyncpg.Connection, job: UUID) -> dict[str, Any]:
                 if r["parent_sync_job_id"] == job
             ]
         ),
+        # The dashboard's jobs page: with no search, its id's start, its kind's, of its status.
+        "search": [
+            _rows(
+                [
+                    r
+                    for r in await conn.fetch(
+                        "SELECT * FROM chunkd.search_sync_jobs($1, $2, $3, 10000, 0)", *args
+                    )
+                    if r["parent_sync_job_id"] == job
+                ]
+            )
+            for args in (
+                (None, None, None),
+                (str(job)[:8], None, None),
+                (str(job).replace("-", "")[:13], None, None),
+                (job_kind.upper(), job_kind, job_status),
+            )
+        ],
         "recent_errors": _rows(await conn.fetch(q["ops_recent_errors"], job, 100)),
         "status_rows": _rows(await conn.fetch(q["ops_job_status_rows"], [job])),
     }

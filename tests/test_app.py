@@ -126,6 +126,20 @@ def test_a_kind_is_registered_once_and_generators_are_refused() -> None:
     assert app.registered("mail").function is first  # the decorator returns it unchanged
 
 
+def test_app_handler_without_its_kind_says_how_to_write_it() -> None:
+    app = chunkd.App()
+    with pytest.raises(TypeError) as info:
+
+        @app.handler  # type: ignore[arg-type]
+        async def sync_page(chunk: Chunk) -> None: ...
+
+    assert str(info.value) == (
+        '@app.handler needs the kind it handles: write @app.handler("kind") above sync_page, '
+        "not @app.handler"
+    )
+    assert app.kinds == []
+
+
 # --- handlers as the daemon calls them ----------------------------------------------------
 
 app = chunkd.App()

@@ -129,6 +129,25 @@ def project(tmp_path: Path) -> Path:
             async def handle(chunk):
                 return None
         """,
+        "plain.py": """
+            async def handle(chunk):
+                return None
+        """,
+        "empty.py": """
+            import chunkd
+            app = chunkd.App()
+        """,
+        "bare.py": """
+            import chunkd
+            app = chunkd.App()
+
+            @app.handler
+            async def handle(chunk):
+                return None
+        """,
+        "number.py": """
+            app = 42
+        """,
         "twice.py": """
             import chunkd
             app = chunkd.App()
@@ -152,7 +171,24 @@ def project(tmp_path: Path) -> Path:
          "cannot import app module 'nosuch.module': ModuleNotFoundError: No module named "
          "'nosuch' (looked in {dir} and the installed packages; see --app-dir)"),
         (["good"], "app 'good' is not module:attribute (e.g. myapp.tasks:app)"),
-        (["good:apps"], "module 'good' has no attribute 'apps'"),
+        (["good:ap"], "module 'good' has no app 'ap' (the chunkd.App objects in it: app)"),
+        (["good:apps.mail"],
+         "module 'good' has no app 'apps.mail' (the chunkd.App objects in it: app)"),
+        (["plain:app"],
+         "module 'plain' has no app 'app' (it has no chunkd.App: app = chunkd.App() in plain)"),
+        (["empty:app"],
+         "app 'empty:app' has no handlers: register them with @app.handler(\"kind\") in empty "
+         "or in a module it imports"),
+        (["empty:app", "--handler", "k=plain:handle"],
+         "app 'empty:app' has no handlers: register them with @app.handler(\"kind\") in empty "
+         "or in a module it imports"),
+        (["bare:app"],
+         "cannot import app module 'bare': TypeError: @app.handler needs the kind it handles: "
+         "write @app.handler(\"kind\") above handle, not @app.handler"),
+        (["number:app"],
+         "app 'number:app' is an int, not a chunkd.App (app = chunkd.App() in number)"),
+        (["good:app", "--app-dir", "{dir}/missing"],
+         "Invalid value for '--app-dir': Directory '{dir}/missing' does not exist."),
         (["good:not_an_app"],
          "app 'good:not_an_app' is a builtin_function_or_method, not a chunkd.App "
          "(app = chunkd.App() in good)"),
@@ -170,6 +206,7 @@ def project(tmp_path: Path) -> Path:
 def test_a_bad_app_is_one_line_and_exit_2(
     database, project: Path, args: list[str], line: str
 ) -> None:  # type: ignore[no-untyped-def]
+    args = [arg.format(dir=project) for arg in args]
     done = _chunkd("run", *args, "--dsn", database.dsn, cwd=project)
     assert done.returncode == 2, done.stderr
     assert done.stderr == f"chunkd: error: {line.format(dir=project)}\n"

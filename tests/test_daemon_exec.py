@@ -3,6 +3,7 @@ prints cannot grow the daemon's memory, and what it leaves behind cannot hold it
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -104,3 +105,24 @@ async def test_a_backgrounded_child_does_not_hold_the_chunk(db, start) -> None:
 
 async def _all_completed(db: asyncpg.Connection, job: Any, n: int) -> bool:
     return await status_counts(db, job) == {"completed": n}
+
+
+async def test_a_command_never_gets_the_daemons_inherited_trace_context(db, start) -> None:
+    """A daemon started by a traced parent inherits TRACEPARENT (and TRACESTATE, BAGGAGE):
+    those name the parent's span, not the chunk's. Tracing off (no span is current), a
+    command gets none of them."""
+    keys = ["TRACEPARENT", "TRACESTATE", "BAGGAGE"]
+    show = f"import json, os; print(json.dumps([os.environ.get(k) for k in {keys!r}]))"
+    inherited = {
+        "TRACEPARENT": "00-" + "1" * 32 + "-" + "2" * 16 + "-01",
+        "TRACESTATE": "vendor=inherited",
+        "BAGGAGE": "user=inherited",
+    }
+    daemon = start("--handler", f'envk=exec:{sys.executable} -c "{show}"', env=inherited)
+    await daemon.wait_for_event("daemon.ready", timeout_s=30)
+    job = await create_job(db, 1, kind="envk")
+    await wait_until(lambda: _all_completed(db, job, 1), timeout_s=15, what="the chunk")
+    result = await db.fetchval(
+        "SELECT result FROM chunkd.chunk_processing_queue WHERE parent_sync_job_id = $1", job
+    )
+    assert result == [None, None, None]

@@ -118,7 +118,11 @@ async def test_a_handler_is_cancelled_by_its_lease_end_when_renewals_go_unanswer
         assert (first["ended_at"] - silenced_at).total_seconds() < 2.0 + 0.5
         lost = [e for e in daemon.events() if e["event"] == "chunk.lease_lost"]
         assert lost and lost[0]["action"] == "handler cancelled"
-        assert "lease ran out" in lost[0]["reason"]
+        # Whichever ran out first: the claim's lease, or the registry's three heartbeats (the
+        # reaper takes a silent daemon for dead then): both from the last answer that came back.
+        assert (
+            "lease ran out" in lost[0]["reason"] or "no heartbeat reached" in lost[0]["reason"]
+        ), lost[0]
         proxy.delay_s = 0.0
         # Back to normal: the chunk is reaped and runs again, to its end this time.
         await wait_until(lambda: _completed(db, job, 1), timeout_s=40, what="the chunk")

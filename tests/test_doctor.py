@@ -21,8 +21,10 @@ import pytest
 from chunkd.db import connect, validate_identifier
 from chunkd.db.migrate import apply_migrations
 from chunkd.db.sql_files import migrations
+from chunkd.ops.doctor import Finding, Level
 from chunkd.version import __version__
 from daemon_helpers import CliRun, run_chunkd, wait_until
+from delay_proxy import DelayProxy
 from doc_snippets import blocks
 from pgbouncer import pgbouncer
 from resources import faketime_library, pgbouncer_binary
@@ -43,6 +45,23 @@ async def doctor(dsn: str, *args: str, env: dict[str, str] | None = None) -> tup
     return result.code, report
 
 
+CHECK_NAMES = (
+    "connection", "schema", "definitions", "privileges", "xmin-horizon",
+    "idle-in-transaction", "dead-tuples", "listen-notify", "clock", "workers",
+)  # fmt: skip
+
+
+async def doctor_lines(dsn: str, *args: str) -> list[str]:
+    """``chunkd doctor`` as text: exactly one line per check, each its level and its name
+    (nothing on stderr); a server's multi-line error (its DETAIL or HINT) would break that."""
+    result: CliRun = await asyncio.to_thread(run_chunkd, "doctor", "--dsn", dsn, *args)
+    assert result.stderr == "", result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split()[1] for line in lines] == list(CHECK_NAMES), result.stdout
+    assert all(line.split()[0] in ("ok", "warning", "problem") for line in lines), lines
+    return lines
+
+
 def finding(report: Report, check: str) -> dict[str, Any]:
     (found,) = [f for f in report["findings"] if f["check"] == check]
     return found
@@ -60,18 +79,13 @@ async def test_a_sound_database_with_a_live_daemon_is_all_ok(conn, database, sta
     await daemon.wait_for_event("daemon.ready")
     code, report = await doctor(database.dsn)
     assert code == 0, [f for f in report["findings"] if f["level"] != "ok"]
-    assert [f["check"] for f in report["findings"]] == [
-        "connection", "schema", "definitions", "privileges", "xmin-horizon",
-        "idle-in-transaction", "dead-tuples", "listen-notify", "clock", "workers",
-    ]  # fmt: skip
+    assert [f["check"] for f in report["findings"]] == list(CHECK_NAMES)
     assert finding(report, "connection")["details"]["route"] == "direct"
     assert finding(report, "listen-notify")["details"]["round_trip_ms"] < 5000
     assert finding(report, "workers")["details"]["versions"] == [__version__]
     # The text form: one line per check, level first.
-    text = await asyncio.to_thread(run_chunkd, "doctor", "--dsn", database.dsn)
-    assert text.code == 0
-    lines = text.stdout.splitlines()
-    assert len(lines) == 10 and all(line.startswith("ok ") for line in lines), lines
+    lines = await doctor_lines(database.dsn)
+    assert all(line.startswith("ok ") for line in lines), lines
 
 
 async def test_a_held_repeatable_read_snapshot(conn, database) -> None:
@@ -192,13 +206,13 @@ async def test_a_role_missing_a_grant(conn, database, make_role) -> None:
         f"role {producer} can: enqueue, client; not granted: run,"
     )
 
-    missing = next(s for s in WORKER_FUNCTIONS if s.startswith("reap_expired"))
+    missing = next(s for s in WORKER_FUNCTIONS if s.startswith("reap_attempts"))
     lacking = await make_role([s for s in WORKER_FUNCTIONS if s != missing])
     code, report = await doctor(dsn_as(database.dsn, lacking))
     found = finding(report, "privileges")
     assert code == 2 and found["level"] == "problem"
-    assert "'run' but lacks 1: chunkd.reap_expired()" in found["message"]
-    assert found["advice"] == f"GRANT EXECUTE ON FUNCTION chunkd.reap_expired() TO {lacking};"
+    assert "'run' but lacks 1: chunkd.reap_attempts()" in found["message"]
+    assert found["advice"] == f"GRANT EXECUTE ON FUNCTION chunkd.reap_attempts() TO {lacking};"
     # The advice is the fix: granted, the role is sound for chunkd run.
     await conn.execute(found["advice"])
     code, report = await doctor(dsn_as(database.dsn, lacking))
@@ -236,17 +250,85 @@ async def test_a_pgbouncer_transaction_pooler(database, bouncers: dict[str, str]
     assert finding(report, "listen-notify")["level"] == "ok"
 
 
+async def test_told_session_through_a_transaction_pooler_every_time(
+    database, bouncers: dict[str, str]
+) -> None:
+    """The same wrong --pooler again and again: each run leaves nothing on the server
+    connections the pooler hands to the next (no named prepared statement), and each says
+    the same problem in one line per check, as JSON and as text."""
+    name = urlsplit(database.dsn).path.lstrip("/")
+    pooled = bouncers["transaction"].format(db=name)
+    for _ in range(2):
+        code, report = await doctor(pooled, "--pooler", "session")
+        found = finding(report, "connection")
+        assert code == 2 and found["level"] == "problem", report
+        assert "shares server connections between clients" in found["message"]
+        lines = await doctor_lines(pooled, "--pooler", "session")
+        assert lines[0].startswith("problem  connection "), lines
+
+
+async def test_a_connection_cut_at_its_first_statement_is_one_finding(database) -> None:
+    """Whatever ends the doctor's first statement (here the connection cut as it is sent),
+    the doctor reports it as its one finding, never as an error without a report."""
+    proxy = await DelayProxy(database.dsn, delay_s=0.0, cut_on=b"pg_read_all_stats").start()
+    try:
+        code, report = await doctor(proxy.dsn())
+        text = await asyncio.to_thread(run_chunkd, "doctor", "--dsn", proxy.dsn())
+    finally:
+        await proxy.close()
+    (found,) = report["findings"]
+    assert code == 2 and found["check"] == "connection" and found["level"] == "problem"
+    assert found["message"].startswith("connected, but the first statement failed"), found
+    assert "the connection failed" in found["message"]
+    assert text.code == 2 and text.stderr == "", text.stderr
+    (line,) = text.stdout.splitlines()
+    assert line.startswith("problem  connection           connected, but the first statement")
+
+
+async def test_definitions_unreadable_by_the_role_say_the_grant(conn, database, make_role) -> None:
+    """A role that may read the schema's version but not its recorded definitions: the
+    definitions finding names the GRANT, like the schema check does, in one line."""
+    role = await make_role(["schema_versions()"])
+    _, report = await doctor(dsn_as(database.dsn, role))
+    assert finding(report, "schema")["level"] == "ok"
+    found = finding(report, "definitions")
+    assert found["checked"] is False and found["level"] == "warning"
+    assert found["message"] == (
+        f"not checked: role {role} may not execute chunkd.schema_definitions: ask the schema's "
+        f"owner for GRANT EXECUTE ON FUNCTION chunkd.schema_definitions(...) TO {role}; "
+        "(docs/security.md lists the grants of each role)"
+    )
+    await doctor_lines(dsn_as(database.dsn, role))
+
+
+def test_a_finding_is_one_line_whatever_a_check_puts_in_it() -> None:
+    found = Finding("schema", Level.WARNING, "not checked: x\nHINT:  y\n", "do\n  this")
+    assert found.message == "not checked: x HINT:  y" and found.advice == "do this"
+    assert found.line() == "warning  schema               not checked: x HINT:  y; do this"
+
+
 async def test_definitions_changed_by_hand_or_missing(conn, database) -> None:
     code, report = await doctor(database.dsn)
     assert finding(report, "definitions")["level"] == "ok", report
     # Someone "fixes" the queue depth in production with CREATE OR REPLACE.
     body = await conn.fetchval("SELECT pg_get_functiondef('chunkd.queue_depth()'::regprocedure)")
-    await conn.execute(body.replace("SELECT", "SELECT /* hot fix */", 1))
+    await conn.execute(body.replace("SELECT", "SELECT DISTINCT", 1))
     code, report = await doctor(database.dsn)
     edited = finding(report, "definitions")
     assert edited["level"] == "warning" and code >= 1, edited
     assert edited["message"].startswith("the definitions of sql/functions/progress.sql were")
     assert edited["details"]["edited"] == ["functions/progress.sql"]
+    assert "chunkd migrate --reapply puts the shipped ones back" in edited["advice"]
+    # A plain migrate leaves a hand edit alone (its file did not change); --reapply does not.
+    plain = await asyncio.to_thread(run_chunkd, "migrate", "--dsn", database.dsn)
+    assert plain.stdout.strip() == "chunkd schema already current: nothing changed", plain
+    reapplied = await asyncio.to_thread(run_chunkd, "migrate", "--reapply", "--dsn", database.dsn)
+    assert reapplied.stdout.strip() == "applied definition(s) functions/progress.sql", reapplied
+    code, report = await doctor(database.dsn)
+    assert finding(report, "definitions")["level"] == "ok", report
+    assert "DISTINCT" not in await conn.fetchval(
+        "SELECT pg_get_functiondef('chunkd.queue_depth()'::regprocedure)"
+    )
     await conn.execute("DROP FUNCTION chunkd.next_schedule_at()")
     code, report = await doctor(database.dsn)
     gone = finding(report, "definitions")
@@ -269,6 +351,15 @@ async def test_a_schema_behind_the_code(empty_database: str) -> None:
     missing = list(range(6, latest + 1))
     assert f"version 5 applied, {latest} expected (missing {missing})" in found["message"]
     assert found["advice"].startswith("run chunkd migrate")
+    # The definitions of a schema behind are not checked, and say why in their one line.
+    behind = finding(report, "definitions")
+    assert behind["checked"] is False and behind["level"] == "warning"
+    assert behind["message"] == (
+        f"not checked: the schema is behind this chunkd (version 5 applied, {latest} expected)"
+    )
+    assert behind["advice"].startswith("run chunkd migrate")
+    lines = await doctor_lines(empty_database)
+    assert lines[2].startswith("warning  definitions          not checked: the schema is behind")
 
 
 async def test_dead_rows_autovacuum_does_not_remove(conn, database) -> None:
@@ -308,12 +399,49 @@ async def test_dead_workers_and_daemons_of_another_version(conn, database) -> No
     found = finding(report, "workers")
     assert code == 1 and found["level"] == "warning"
     assert found["details"]["dead"] == ["h:2:bbbb"]
-    assert "silent for more than 2m00s (e.g. h:2:bbbb" in found["message"]
+    # A row that does not say how often its daemon heartbeats (chunkd 0.2): 2 minutes.
+    assert "silent for more than 2m00s (e.g. h:2:bbbb, which does not say" in found["message"]
     assert "WHERE worker_id = 'h:2:bbbb';" in found["advice"]
     await conn.execute(register, "h:3:cccc", "0.0.1")
     code, report = await doctor(database.dsn)
     found = finding(report, "workers")
     assert code == 1 and "1 of 2 live daemon(s) run chunkd 0.0.1" in found["message"]
+
+
+async def test_a_killed_daemon_is_dead_after_three_of_its_own_heartbeats(
+    conn, database, start
+) -> None:
+    """Without --stale-after the doctor judges each worker as the reaper does: dead once it
+    missed three of the heartbeats its row says it sends (--lease 6s: one every 2 s)."""
+    daemon = start("--handler", "echo=bad_handlers:echo", "--lease", "6s")
+    await daemon.wait_for_event("daemon.ready")
+    (worker_id,) = [r["worker_id"] for r in await conn.fetch("SELECT * FROM chunkd.workers")]
+
+    async def heartbeat_s() -> float | None:
+        value = await conn.fetchval("SELECT heartbeat_s FROM chunkd.workers")
+        return None if value is None else float(value)
+
+    await wait_until(heartbeat_s, timeout_s=10, what="the daemon's first heartbeat")
+    assert await heartbeat_s() == 2.0
+    _, report = await doctor(database.dsn)
+    assert finding(report, "workers")["details"]["live"] == [worker_id]
+    daemon.kill()  # SIGKILL: no deregistration, its row stays
+    killed_at = asyncio.get_running_loop().time()
+
+    async def dead() -> dict[str, Any] | None:
+        _, report = await doctor(database.dsn)
+        found = finding(report, "workers")
+        return found if found["details"]["dead"] == [worker_id] else None
+
+    found = await wait_until(dead, timeout_s=30, what="the doctor to find the daemon dead")
+    # Three heartbeats (6 s) after its last one, plus a doctor run or two: not 2 minutes.
+    assert asyncio.get_running_loop().time() - killed_at < 20
+    assert found["level"] == "warning"
+    assert "silent for more than three of their heartbeats" in found["message"]
+    assert f"(e.g. {worker_id}, heartbeat every 2s, last heartbeat" in found["message"]
+    # --stale-after, given, is the bound for every worker.
+    _, report = await doctor(database.dsn, "--stale-after", "10m")
+    assert finding(report, "workers")["details"]["live"] == [worker_id]
 
 
 async def test_a_host_clock_ten_minutes_ahead(database) -> None:

@@ -16,7 +16,7 @@ import pytest
 
 from chunkd.db import connect
 from chunkd.demo.cluster import PostgresCluster
-from chunkd.dsn import parse_conninfo, to_uri
+from chunkd.dsn import parse_conninfo, to_uri, with_dbname
 from daemon_helpers import TESTS_DIR, Daemon
 from web_helpers import WebProcess
 
@@ -105,6 +105,23 @@ def test_libpq_key_value_grammar() -> None:
 )
 def test_key_value_becomes_the_uri_that_means_the_same(dsn: str, uri: str) -> None:
     assert to_uri(dsn) == uri
+
+
+@pytest.mark.parametrize(
+    ("dsn", "uri"),
+    [
+        ("host=/run/pg port=5433 user=postgres dbname=postgres",
+         "postgresql://postgres@/other?host=%2Frun%2Fpg&port=5433"),
+        ("postgresql://postgres@/postgres?host=/run/pg&port=5433",
+         "postgresql://postgres@/other?host=%2Frun%2Fpg&port=5433"),
+        ("postgresql://u:p%40w@h:5432/db?sslmode=require", "postgresql://u:p%40w@h:5432/other?sslmode=require"),
+        ("postgres://u@h?dbname=db&database=db", "postgres://u@h/other"),
+        ("host=h user=u", "postgresql://u@h/other"),
+    ],
+    ids=["key-value-socket", "uri-socket", "uri-tcp", "uri-query-dbname", "no-dbname"],
+)  # fmt: skip
+def test_with_dbname_names_another_database_on_the_same_server(dsn: str, uri: str) -> None:
+    assert with_dbname(dsn, "other") == uri
 
 
 # --------------------------------------------------------------------------------------------

@@ -171,3 +171,41 @@ async def test_limited_jobs_and_retried_chunks_take_turns_too(conn) -> None:
         await asyncio.sleep(0.002)
 
     _check_turns(await _serve_rounds(conn, 40, retry_arrives, kinds=["s", "s2"]), long_job)
+
+
+async def test_a_job_held_back_by_its_limit_does_not_hold_back_the_current_turn(conn) -> None:
+    """A job under a limit falls behind in turns while its slot is taken; a job enqueued then
+    joins the round of the jobs under way, not the turn the held job waits at. (It joined
+    there: in the chaos soak's mixed workload a new job of 587 chunks took 334 claims in a row
+    ahead of every job under way, J = 18.)"""
+    long_job = await create_job(conn, 400, kind="t")
+    held = await create_job(conn, 10, kind="t", max_concurrency=1)
+    first = await claim(conn, "w", 2, kinds=["t"])  # both jobs' chunk 0; held's stays claimed
+    assert {r["parent_sync_job_id"] for r in first} == {long_job, held}
+    for _ in range(50):
+        rows = await claim(conn, "w", 4, kinds=["t"])
+        assert {r["parent_sync_job_id"] for r in rows} == {long_job}
+    new = await create_job(conn, 50, kind="t")
+    served = Counter(r["parent_sync_job_id"] for r in await claim(conn, "w", 20, kinds=["t"]))
+    assert served[long_job] >= 9 and served[new] >= 9, served
+
+
+async def test_a_job_enqueued_while_only_limited_work_waits_does_not_go_ahead_of_it(conn) -> None:
+    """When no chunk under no limit waits, a new job takes its turns after the limited work
+    waiting, not from the lowest turn a held-back job waits at: a max_concurrency = 1 job
+    that joined the round later would wait for every chunk of the new job up to its own turn
+    (573 claims in a row in the chaos soak)."""
+    long_job = await create_job(conn, 60, kind="t")
+    held = await create_job(conn, 10, kind="t", max_concurrency=1)  # stays behind at turn 1
+    await claim(conn, "w", 2, kinds=["t"])  # chunk 0 of each; held's stays in flight
+    await claim(conn, "w", 49, kinds=["t"])
+    later = await create_job(conn, 10, kind="t", max_concurrency=1)  # joins at the round
+    rows = await claim(conn, "w", 20, kinds=["t"])  # the rest of the long job, later's chunk 0
+    assert Counter(r["parent_sync_job_id"] for r in rows) == {long_job: 10, later: 1}
+    (first,) = [r for r in rows if r["parent_sync_job_id"] == later]
+    assert await conn.fetchval(
+        "SELECT chunkd.complete_chunk_job_safe($1, 'w', $2)", first["queue_id"], first["attempt"]
+    )
+    new = await create_job(conn, 50, kind="t")
+    served = [r["parent_sync_job_id"] for r in await claim(conn, "w", 4, kinds=["t"])]
+    assert later in served and new in served, (served, held)

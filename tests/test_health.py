@@ -179,6 +179,28 @@ async def test_probe_endpoints_answer_get_and_head_only(conn, start) -> None:
     assert post.status_code == 405
 
 
+async def test_the_metrics_port_answers_its_four_paths_and_404_for_any_other(conn, start) -> None:
+    """A mistyped probe path must fail the probe, not pass with the metrics text."""
+    port = _free_port()
+    _daemon(start, port)
+    await _until(port, "/readyz", 200, timeout_s=15, what="ready")
+    base = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient(timeout=2) as client:
+        for path in ("/", "/metrics"):
+            got = await client.get(base + path)
+            assert got.status_code == 200 and "chunkd_chunks_claimed_total" in got.text, path
+        # prometheus-client's query parameters still work: name[] selects metric families.
+        got = await client.get(base + "/metrics", params={"name[]": "chunkd_chunks_in_flight"})
+        assert got.status_code == 200 and "chunkd_chunks_in_flight " in got.text
+        assert "chunkd_chunks_claimed" not in got.text
+        for path in ("/healthz/", "/readyz/", "/nope", "/metrics/", "/favicon.ico", "/health"):
+            for method in ("GET", "HEAD"):
+                got = await client.request(method, base + path)
+                assert got.status_code == 404, (method, path, got.status_code)
+        got = await client.get(base + "/healthz/")
+    assert "/metrics, /healthz, /readyz" in got.text
+
+
 def test_probes_rules_on_a_controlled_clock() -> None:
     """The rules themselves, on a clock the test moves: an ended task is unhealthy except
     while stopping; a round of readiness checks goes stale; a stop is not ready."""

@@ -145,6 +145,125 @@ async def test_a_clock_step_on_the_database_host_never_runs_a_chunk_twice_at_onc
         await conn.close()
 
 
+async def _attempts(conn: asyncpg.Connection) -> list[tuple[int, int, str | None, str | None]]:
+    """(seq, attempt, outcome, error) of every attempt, in order."""
+    rows = await conn.fetch(
+        "SELECT c.seq, a.attempt, a.outcome, a.error FROM chunkd.attempts a"
+        " JOIN chunkd.chunks c ON c.id = a.chunk_id ORDER BY c.seq, a.n"
+    )
+    return [(r["seq"], r["attempt"], r["outcome"], r["error"]) for r in rows]
+
+
+async def test_a_clock_step_spends_one_attempt_of_the_chunk_in_flight_and_no_more(
+    stepped_server: tuple[str, Path], tmp_path: Path
+) -> None:
+    """Issue #21, F1, the walkthrough's input: a +20 s step of the database clock against a
+    15 s lease (registry heartbeat every 5 s), the reaper every 300 ms, a `max_concurrency = 1`
+    job of two 10 s chunks. The daemon, taken for dead until its next heartbeat, had every
+    claim it made after the step reaped on the next pass: both chunks failed after three
+    attempts within 1.8 s ("worker stopped heartbeating"). Now only the attempt in flight at
+    the step is reaped; the job completes."""
+    dsn, offset = stepped_server
+    conn = await connect(dsn)
+    daemon = None
+    try:
+        job = await create_job(conn, [{"steps": 100, "step_s": 0.1}] * 2, max_concurrency=1)
+        daemon = Daemon(
+            dsn, tmp_path / "daemon.log", "--handler", STEPS, "--lease", "15s",
+            "--reap-interval", "300ms", env={"FAULT_DSN": dsn},
+        )  # fmt: skip
+        await wait_until(
+            lambda: conn.fetchrow("SELECT * FROM public.fault_executions"),
+            timeout_s=20,
+            what="chunk 0 to start",
+        )
+        await asyncio.sleep(1)  # the input: the step comes 1 s into chunk 0
+        await asyncio.to_thread(offset.write_text, "+20s\n")
+        await wait_until(
+            lambda: conn.fetchval(
+                "SELECT finished_at IS NOT NULL FROM chunkd.sync_jobs WHERE id = $1", job
+            ),
+            timeout_s=60,
+            what="the job to finish",
+        )
+        assert await _attempts(conn) == [
+            (0, 1, "reaped", "lease expired"),
+            (0, 2, "completed", None),
+            (1, 1, "completed", None),
+        ]
+        reaped = [e for e in daemon.events() if e["event"] == "chunk.reaped"]
+        assert [(e["seq"], e["attempt"], e["reason"]) for e in reaped] == [
+            (0, 1, "its lease had run out")
+        ]
+        # Its handler stopped once, for the reap or for the claim that followed it, whichever
+        # of the two reached it first.
+        lost = [e for e in daemon.events() if e["event"] == "chunk.lease_lost"]
+        assert [e["attempt"] for e in lost] == [1], lost
+        assert lost[0]["reason"] in (
+            "the reaper returned the chunk (its lease had run out)",
+            "this daemon claimed the chunk again (attempt 2)",
+        )
+        assert await daemon.stop() == 0
+    finally:
+        if daemon is not None:
+            daemon.kill()
+        await conn.close()
+
+
+async def test_a_claim_reaped_for_missed_heartbeats_says_so_and_the_claims_after_it_run(
+    conn, database, start
+) -> None:
+    """The registry rule, through a real daemon: its heartbeat and its claim moved 20 s into
+    the past, as a +20 s step of the database clock leaves them (its 60 s lease still runs).
+    Its reaper reaps the claim for the missed heartbeats and says so (not "its lease had run
+    out"); the claim it makes next, after the step, is not reaped before its next heartbeat.
+    The job is paused meanwhile, so that the handler learns of the reap from the reaper, not
+    from a claim of the chunk again."""
+    await conn.execute(EXECUTIONS_DDL)
+    job = await create_job(conn, [{"steps": 70, "step_s": 0.1}])  # outlasts the heartbeat wait
+    daemon = start(
+        "--handler", STEPS, "--lease", "60s", "--reap-interval", "200ms",
+        env={"FAULT_DSN": database.dsn},
+    )  # fmt: skip
+    await wait_until(
+        lambda: conn.fetchrow("SELECT * FROM public.fault_executions"),
+        timeout_s=20,
+        what="the handler to start",
+    )
+    await conn.execute("SELECT chunkd.pause_sync_job($1)", job)  # the running chunk runs on
+    beat = await conn.fetchval("SELECT last_heartbeat_at FROM chunkd.workers")
+    await wait_until(  # right after a heartbeat: the next is 5 s away
+        lambda: conn.fetchval("SELECT last_heartbeat_at > $1 FROM chunkd.workers", beat),
+        timeout_s=10,
+        what="a heartbeat",
+    )
+    async with conn.transaction():
+        await conn.execute(
+            "UPDATE chunkd.workers SET last_heartbeat_at = last_heartbeat_at - interval '20 s'"
+        )
+        await conn.execute(
+            "UPDATE chunkd.attempts SET claimed_at = claimed_at - interval '20 s',"
+            " lease_expires_at = lease_expires_at - interval '20 s' WHERE ended_at IS NULL"
+        )
+    lost = await daemon.wait_for_event("chunk.lease_lost", timeout_s=10)
+    assert lost["reason"] == "the reaper returned the chunk (its worker missed 3 heartbeats)"
+    await conn.execute("SELECT chunkd.resume_sync_job($1)", job)
+    await wait_until(
+        lambda: conn.fetchval(
+            "SELECT finished_at IS NOT NULL FROM chunkd.sync_jobs WHERE id = $1", job
+        ),
+        timeout_s=20,
+        what="attempt 2 to run to its end",
+    )
+    assert await _attempts(conn) == [
+        (0, 1, "reaped", "worker stopped heartbeating"),
+        (0, 2, "completed", None),
+    ]
+    reaped = [e for e in daemon.events() if e["event"] == "chunk.reaped"]
+    assert [e["reason"] for e in reaped] == ["its worker missed 3 heartbeats"]
+    assert await daemon.stop() == 0
+
+
 async def test_a_claim_reaped_under_its_daemon_is_cancelled_and_renewals_name_the_attempt(
     conn, database, start
 ) -> None:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from chunkd.db import connect
 from chunkd.db.sql_files import definitions, migrations
@@ -153,3 +157,61 @@ async def test_migrations_run_in_one_transaction_each(pg_server) -> None:
             await conn.close()
     finally:
         await _drop(pg_server, "chunkd_migrate_tx")
+
+
+def _copy_of_chunkd(tmp_path: Path) -> Path:
+    """This checkout's package and SQL files, copied (to break the copy's SQL)."""
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "daemon", tmp_path / "daemon", ignore=shutil.ignore_patterns("*.pyc"))
+    shutil.copytree(root / "sql", tmp_path / "sql")
+    return tmp_path
+
+
+@pytest.mark.parametrize("broken", ["unlisted", "missing"])
+async def test_definition_files_out_of_step_with_the_manifest_stop_migrate_before_it_writes(
+    pg_server, tmp_path: Path, broken: str
+) -> None:
+    """A definitions file not in sql/definitions.txt, or a listed one missing: one line, and
+    nothing applied (it was a RuntimeError's traceback after the versioned migrations ran)."""
+    copy = _copy_of_chunkd(tmp_path)
+    if broken == "unlisted":
+        (copy / "sql" / "functions" / "extra.sql").write_text("-- not in the manifest\n")
+        expected = (
+            "chunkd: error: chunkd's SQL files do not match sql/definitions.txt: functions/"
+            "extra.sql is not listed there (list it, after the files it uses); nothing was applied"
+        )
+    else:
+        (copy / "sql" / "functions" / "claim.sql").unlink()
+        expected = (
+            "chunkd: error: chunkd's SQL files do not match sql/definitions.txt: functions/"
+            "claim.sql is listed there but missing; nothing was applied"
+        )
+    dsn = await _empty_database(pg_server, f"chunkd_migrate_{broken}")
+    try:
+        env = {"PYTHONPATH": str(copy / "daemon")}
+        result = await _chunkd("migrate", "--dsn", dsn, env=env)
+        assert result.stderr.strip() == expected
+        assert result.returncode == 2 and result.stdout == ""
+        conn = await connect(dsn)
+        try:
+            assert await conn.fetchval("SELECT to_regnamespace('chunkd')") is None
+        finally:
+            await conn.close()
+    finally:
+        await _drop(pg_server, f"chunkd_migrate_{broken}")
+
+
+async def test_a_failing_definitions_file_is_named_with_its_line(database, tmp_path: Path) -> None:
+    copy = _copy_of_chunkd(tmp_path)
+    progress = copy / "sql" / "functions" / "progress.sql"
+    lines = progress.read_text().splitlines(keepends=True)
+    lines.insert(3, "SELEC 1;\n")  # line 4
+    progress.write_text("".join(lines))
+    result = await _chunkd(
+        "migrate", "--dsn", database.dsn, env={"PYTHONPATH": str(copy / "daemon")}
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "chunkd: error: applying the current definitions failed: sql/functions/progress.sql, "
+        'line 4: syntax error at or near "SELEC"; nothing of them was applied'
+    )

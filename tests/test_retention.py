@@ -91,6 +91,7 @@ async def test_a_finished_job_reads_the_same_before_and_after_it_moved(conn) -> 
         moved = await history_rows(conn, job)
         assert moved["jobs"] == 1 and moved["chunks"] > 0 and moved["attempts"] > 0
         after = await job_reads(conn, job)
+        assert [len(found) for found in after["search"]] == [1, 1, 1, 1], "the search finds it"
         for name, rows in before[job].items():
             assert after[name] == rows, (job, name)
         assert after == before[job]

@@ -1,4 +1,4 @@
-"""Each history table holds every column of its live table (schema version 14 made them with
+"""Each history table holds every column of its live table (schema version 16 made them with
 LIKE): a later migration that adds a column to a live table must add it to the history table
 too, or the move would fail (or, worse, drop the value). The move and the restore copy column by
 column, so a column added to both travels without a change to the SQL functions."""

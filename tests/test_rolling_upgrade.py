@@ -13,12 +13,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from chunkd.db import connect
 from chunkd.db import migrate as migrate_module
 from chunkd.db.migrate import apply_migrations
-from chunkd.db.sql_files import Migration, migrations
+from chunkd.db.sql_files import Migration, definitions, migrations
 from chunkd.errors import ChunkdError
 from daemon_handlers import EXECUTIONS_DDL
 from daemon_helpers import TESTS_DIR, Daemon, run_chunkd, wait_until
@@ -124,6 +125,27 @@ async def test_a_previous_release_daemon_keeps_working_through_chunkd_migrate(
         await conn.close()
 
 
+async def test_a_previous_release_daemon_restarted_after_the_upgrade_exits_2(
+    empty_database: str, previous_release: Path
+) -> None:
+    """docs/migrations.md: an old daemon keeps running through the upgrade, but one that
+    starts (or restarts) on the upgraded schema refuses it with exit 2, which the systemd
+    units do not restart (RestartPreventExitStatus=2, tests/test_systemd_units.py): upgrade the
+    package first."""
+    upgraded = await asyncio.to_thread(run_chunkd, "migrate", "--dsn", empty_database)
+    assert upgraded.code == 0, upgraded.stderr
+    latest = migrations()[-1].version
+    old = await asyncio.to_thread(
+        run_chunkd, "run", "--dsn", empty_database, "--handler", "rolling=daemon_handlers:record",
+        env=_old_env(previous_release),
+    )  # fmt: skip
+    assert old.code == 2, old.stderr
+    assert old.stderr.strip() == (
+        f"chunkd: error: database schema has version(s) {list(range(9, latest + 1))} that this "
+        "chunkd does not know (it knows up to 8): upgrade chunkd"
+    )
+
+
 async def test_migrate_refuses_to_drop_what_a_running_older_daemon_calls(
     database, conn, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -131,25 +153,85 @@ async def test_migrate_refuses_to_drop_what_a_running_older_daemon_calls(
         "INSERT INTO chunkd.workers (worker_id, host, pid, version, kinds, concurrency)"
         " VALUES ('old-host:7:abc', 'old-host', 7, '0.2.0', '{k}', 4)"
     )
-    # A later release's migration that removes the claim of schema version 2.
+    # A later release's migration that removes a function 0.2's daemon calls.
     planted = Migration(
         migrations()[-1].version + 1,
-        "drop_old_claim",
-        "DROP FUNCTION chunkd.claim_next_chunk_job_safe(text, int, text[], interval);",
+        "drop_next_schedule_at",
+        "DROP FUNCTION chunkd.next_schedule_at();",
     )
     monkeypatch.setattr(migrate_module, "migrations", lambda: (*migrations(), planted))
     with pytest.raises(ChunkdError) as refused:
         await apply_migrations(conn)
     message = str(refused.value)
     assert "\n" not in message
-    assert message == (
-        f"migration {planted.version} (drop_old_claim) drops chunkd.claim_next_chunk_job_safe"
-        "(text,integer,text[],interval), which running daemons of chunkd 0.2.0 may call: stop "
-        "them first (old-host:7:abc), then run chunkd migrate again; nothing of it was applied"
-    )
-    assert await conn.fetchval(
-        "SELECT to_regprocedure('chunkd.claim_next_chunk_job_safe(text,int,text[],interval)')"
-    ), "rolled back"
+    assert message.startswith(
+        f"migration {planted.version} (drop_next_schedule_at) drops chunkd.next_schedule_at(),"
+        " which running daemons of chunkd 0.2.0 call: stop them first (old-host:7:abc), then run"
+        " chunkd migrate again (a daemon killed without stopping counts as running for "
+    ) and message.endswith("); nothing of it was applied")
+    assert await conn.fetchval("SELECT to_regprocedure('chunkd.next_schedule_at()')"), "rolled back"
     # Once that daemon is gone (its heartbeat old), the same migration goes through.
     await conn.execute("UPDATE chunkd.workers SET last_heartbeat_at = now() - interval '1 hour'")
     assert (await apply_migrations(conn)).versions == [planted.version]
+
+
+async def test_migrate_gets_its_locks_while_old_daemons_claim_from_a_long_queue(
+    empty_database: str,
+) -> None:
+    """A 0.2 database (version 9) with 30,000 ready chunks, one session calling 0.2's claim
+    every 20 ms and three calling it back to back (a daemon with free slots): each claim locks
+    ``scheduled`` first, then ``chunks``, ``jobs``, ``ready``, ``attempts``. Every later
+    migration and the definitions must get their locks within a bounded wait (a step that took
+    ``ready`` before ``scheduled`` timed out on every try: docs/migrations.md, The lock order),
+    and the claims go on, without an error, through it and after it."""
+    conn = await connect(empty_database)
+    claimers = [await connect(empty_database, application_name="old-daemon") for _ in range(4)]
+    stop = asyncio.Event()
+    claimed: list[int] = []
+    errors: list[str] = []
+
+    async def claim(claimer: asyncpg.Connection, pause_s: float) -> None:
+        while not stop.is_set():
+            try:
+                rows = await claimer.fetch(
+                    "SELECT * FROM chunkd.claim_or_wait('old-host:7:abc', 1, NULL, 600, NULL)"
+                )
+            except asyncpg.PostgresError as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+            else:
+                claimed.extend(r["id"] for r in rows if r["id"] is not None)
+            await asyncio.sleep(pause_s)
+
+    tasks: list[asyncio.Future[None]] = []
+    try:
+        await apply_migrations(conn, up_to=9)
+        for _ in range(3):
+            await conn.fetchval(
+                "SELECT chunkd.create_sync_job('big', (SELECT jsonb_agg('{}'::jsonb)"
+                " FROM generate_series(1, 10000)), '{}')"
+            )
+        assert await conn.fetchval("SELECT count(*) FROM chunkd.ready") == 30_000
+        tasks = [
+            asyncio.ensure_future(claim(c, pause_s))
+            for c, pause_s in zip(claimers, (0.02, 0, 0, 0), strict=True)
+        ]
+        await wait_until(lambda: _true(len(claimed) >= 20), timeout_s=10, what="claims")
+        migrated = await apply_migrations(conn, lock_wait_s=10)
+        assert migrated.versions == [m.version for m in migrations() if m.version > 9]
+        assert migrated.definitions == tuple(d.path for d in definitions())
+        before = len(claimed)
+        await wait_until(lambda: _true(len(claimed) >= before + 20), timeout_s=10, what="claims")
+        stop.set()
+        await asyncio.gather(*tasks)
+        assert errors == []
+        assert len(set(claimed)) == len(claimed), "each chunk claimed once"
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for claimer in claimers:
+            await claimer.close()
+        await conn.close()
+
+
+async def _true(value: bool) -> bool:
+    return value

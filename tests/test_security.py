@@ -250,6 +250,7 @@ async def test_a_fresh_role_can_see_and_change_nothing(conn, database, make_role
             "SELECT * FROM chunkd.claim_next_chunk_job_safe('me', 10)",
             "SELECT chunkd.cleanup_stuck_chunks()",
             "SELECT * FROM chunkd.reap_expired()",
+            "SELECT * FROM chunkd.reap_attempts()",
             "SELECT chunkd.schema_versions()",
             "SELECT * FROM chunkd.schema_migrations",
         ):
@@ -308,13 +309,14 @@ async def test_enqueue_only_role_can_create_jobs_and_nothing_else(
             ("SELECT chunkd.purge_finished_jobs('0s')", ()),
             ("SELECT chunkd.cleanup_stuck_chunks()", ()),
             ("SELECT * FROM chunkd.reap_expired()", ()),
+            ("SELECT * FROM chunkd.reap_attempts()", ()),
             ("SELECT * FROM chunkd.sync_jobs", ()),
             ("SELECT * FROM chunkd.chunk_processing_queue", ()),
             ("SELECT * FROM chunkd.chunk_processing_status", ()),
             ("SELECT * FROM chunkd.chunk_events", ()),
             ("UPDATE chunkd.attempts SET outcome = 'completed'", ()),
             ("DELETE FROM chunkd.ready", ()),
-            # sync_jobs shows the history too since schema version 14: no longer insertable by
+            # sync_jobs shows the history too since schema version 16: no longer insertable by
             # anyone; the tables under it are refused to this role.
             ("INSERT INTO chunkd.jobs (kind, total_chunks) VALUES ('k', 1)", ()),
             ("DELETE FROM chunkd.history_jobs", ()),
@@ -334,8 +336,8 @@ async def test_enqueue_only_role_can_create_jobs_and_nothing_else(
 async def test_enqueue_only_role_uses_every_enqueue_option_everywhere(
     conn, database, make_role
 ) -> None:
-    """Delayed start, dedupe keys and bulk enqueue need no grant beyond the documented ones:
-    through SQL, the Python client on asyncpg and on psycopg, and `chunkd enqueue`."""
+    """Delayed start, dedupe keys, labels and bulk enqueue need no grant beyond the documented
+    ones: through SQL, the Python client on asyncpg and on psycopg, and `chunkd enqueue`."""
     import psycopg
 
     import chunkd
@@ -359,14 +361,16 @@ async def test_enqueue_only_role_uses_every_enqueue_option_everywhere(
             "SELECT created FROM chunkd.create_jobs($1::jsonb)",
             json.dumps([{"kind": "mail", "chunks": [3], "dedupe_key": "ada"}]),
         )
+        await chunkd.create_sync_job(enqueuer, "mail", [4], label="asyncpg label")
     finally:
         await enqueuer.close()
     assert again == delayed and created is False and len(bulk) == 2
     with psycopg.connect(dsn, autocommit=True) as blocking:
         assert sync.create_sync_job(blocking, "mail", [9], dedupe_key="ada") == delayed
         assert len(sync.create_sync_jobs(blocking, [{"kind": "y", "chunks": [1]}])) == 1
+        sync.create_sync_job(blocking, "mail", [5], label="psycopg label")
     cli = [sys.executable, "-m", "chunkd", "enqueue", "--kind", "mail", "--dedupe-key", "bob",
-           "--in", "15m", "-"]  # fmt: skip
+           "--in", "15m", "--label", "cli label", "-"]  # fmt: skip
     env = {**_env_with_tests(), "CHUNKD_DSN": dsn}
     run = functools.partial(
         subprocess.run, cli, input="[1]", capture_output=True, text=True, timeout=60, env=env
@@ -379,7 +383,9 @@ async def test_enqueue_only_role_uses_every_enqueue_option_everywhere(
         "SELECT s.overall_status, count(*) AS n FROM chunkd.chunk_processing_status s"
         " GROUP BY 1 ORDER BY 1"
     )
-    assert [(r["overall_status"], r["n"]) for r in statuses] == [("pending", 2), ("scheduled", 3)]
+    assert [(r["overall_status"], r["n"]) for r in statuses] == [("pending", 4), ("scheduled", 3)]
+    labels = await conn.fetch("SELECT label FROM chunkd.sync_jobs WHERE label IS NOT NULL")
+    assert sorted(r["label"] for r in labels) == ["asyncpg label", "cli label", "psycopg label"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ async def test_an_empty_array_creates_nothing(conn) -> None:
             '[{"kind": "k", "chunks": [1]}, {"kind": "k", "chunk": [1]}]',
             'jobs[1]: unknown key "chunk" (keys: kind, chunks, payload, max_concurrency,'
             " max_attempts, priority, run_at, dedupe_key, open, on_finish_kind, max_per_second,"
-            " concurrency_key)",
+            " concurrency_key, traceparent, label)",
         ),
         (
             '[{"kind": "k", "chunks": {"a": 1}}]',

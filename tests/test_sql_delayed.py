@@ -151,7 +151,11 @@ async def test_an_immediate_job_sends_no_delayed_wakeup(database, conn) -> None:
     ("run_at", "message"),
     [
         ("soon", 'invalid input syntax for type timestamp with time zone: "soon"'),
-        ("infinity", "run_at must be a finite timestamp (NULL: at once), got infinity"),
+        (
+            "infinity",
+            "run_at must be a finite timestamp from 0001-01-01 to 9999-12-31 UTC (NULL: at once),"
+            " got infinity",
+        ),
     ],
 )
 async def test_a_run_at_that_is_not_a_time_is_refused_and_writes_nothing(

@@ -163,6 +163,29 @@ async def test_paused_kind_holds_present_and_future_jobs_of_that_kind_only(conn)
     assert [tuple(e) for e in events] == [("paused", None, "a"), ("resumed", None, "a")]
 
 
+async def _seq_scans_of_ready(conn: asyncpg.Connection) -> int:
+    await conn.execute("SELECT pg_stat_force_next_flush()")
+    await conn.execute("SELECT pg_stat_clear_snapshot()")
+    scans: int = await conn.fetchval(
+        "SELECT seq_scan FROM pg_stat_user_tables WHERE schemaname = 'chunkd' AND relname = 'ready'"
+    )
+    return scans
+
+
+async def test_a_kind_pause_counts_its_pending_chunks_in_one_pass_over_the_queue(conn) -> None:
+    """pause_kind holds `ready` in SHARE mode (no claim gets through) while it counts the kind's
+    pending chunks: one pass over the queue, also when one big job makes the planner expect
+    many rows per job (counting job by job then read the whole of `ready` once per job)."""
+    await create_job(conn, 20_000, kind="big")
+    await conn.execute("ANALYZE chunkd.ready")  # as if the queue held nothing but the big job
+    for _ in range(6):
+        await create_job(conn, 2, kind="mail")
+    before = await _seq_scans_of_ready(conn)
+    assert await conn.fetchval("SELECT chunkd.pause_kind('mail')") == 12
+    assert await _seq_scans_of_ready(conn) - before <= 1
+    assert await conn.fetchval("SELECT chunkd.resume_kind('mail')") == 12
+
+
 async def test_a_pause_waits_for_a_claim_under_way_and_claims_after_it_see_it(database) -> None:
     """SHARE on the ready table, tried 50 ms at a time (issue 21, K12): a claim that holds
     chunks in an open transaction finishes before the pause commits; a claim started while the

@@ -11,12 +11,13 @@ import sys
 
 import pytest
 
-from catalog import first_difference, released_migration_files, schema_dump
+from catalog import first_difference, released_migration_files, schema_dump, schema_script
 from chunkd.db import connect
-from chunkd.db.definitions import apply_definitions, grants_snapshot
+from chunkd.db.definitions import apply_definitions, catalog_state, grants_snapshot, successors
 from chunkd.db.migrate import apply_migrations, check_version
-from chunkd.db.sql_files import definitions, migrations
+from chunkd.db.sql_files import definitions, lock_head, migrations
 from chunkd.errors import SchemaVersionError
+from lock_order import documented_order, lock_problems, locks_taken, split_head
 
 # Databases in the field recorded these: the released files never change.
 RELEASED = {
@@ -72,7 +73,7 @@ _SETS_LOCK_TIMEOUT = re.compile(r"^[^-\n]*\block_timeout\b", re.IGNORECASE | re.
 def test_no_migration_after_0009_sets_its_own_lock_timeout() -> None:
     """`chunkd migrate` gives each step a lock_timeout of 50 ms and tries it again until
     --lock-wait has passed (docs/migrations.md): a migration's own would override it and queue
-    the fleet's claims behind the step. The released 2, 3 and 5 to 9 set 60 s, and stay."""
+    the fleet's claims behind the step. 2, 3 and 5 to 8 (released) and 9 set 60 s, and stay."""
     released = {m.version: m for m in migrations()}
     assert _SETS_LOCK_TIMEOUT.search(released[9].sql), "the pattern finds 0009's"
     for migration in migrations():
@@ -81,6 +82,70 @@ def test_no_migration_after_0009_sets_its_own_lock_timeout() -> None:
         assert not _SETS_LOCK_TIMEOUT.search(migration.sql), (
             f"migration {migration.version} sets a lock_timeout: leave it to chunkd migrate"
         )
+
+
+async def test_each_step_takes_its_table_locks_at_once_in_the_documented_order(
+    empty_database: str,
+) -> None:
+    """docs/migrations.md, The lock order: a migration after 0008 (run on a database of the
+    version before it) or a definitions file (on a current one) that locks a table more
+    strongly than SHARE UPDATE EXCLUSIVE begins with one LOCK TABLE of every table it locks
+    that way or writes, in the documented order, in its strongest mode. What each step locks
+    is read from pg_locks, its LOCK TABLE left out."""
+    order = documented_order()
+    problems: list[str] = []
+    conn = await connect(empty_database)
+    try:
+        await apply_migrations(conn, up_to=8)
+        for migration in migrations()[8:]:
+            head, body = split_head(migration.sql)
+            _reads_the_same_head(head, migration.sql)
+            taken = await locks_taken(conn, body)
+            problems += lock_problems(f"migration {migration.version}", migration.sql, taken, order)
+            await apply_migrations(conn, up_to=migration.version)
+        await apply_migrations(conn)
+        for definition in definitions():
+            head, body = split_head(definition.sql)
+            _reads_the_same_head(head, definition.sql)
+            taken = await locks_taken(conn, body)
+            problems += lock_problems(definition.path, definition.sql, taken, order)
+        assert await conn.fetchval(
+            "SELECT bool_and(to_regclass(t) IS NOT NULL) FROM unnest($1::text[]) t", list(order)
+        ), f"the documented order names a table that does not exist: {order}"
+
+        # The check fails a step that alters ready, then scheduled (0010 as it was), one
+        # that takes them in another order, and one whose mode is too weak.
+        body = (
+            "ALTER TABLE chunkd.ready ADD COLUMN x int; UPDATE chunkd.ready SET x = 1;"
+            " ALTER TABLE chunkd.scheduled ADD COLUMN x int;"
+        )
+        taken = await locks_taken(conn, body)
+        fix = "LOCK TABLE chunkd.scheduled, chunkd.ready IN ACCESS EXCLUSIVE MODE;"
+        assert lock_problems("planted", body, taken, order) == [
+            f"planted takes AccessExclusiveLock without a LOCK TABLE first: begin it with {fix}"
+        ]
+        for head in (
+            "LOCK TABLE chunkd.ready, chunkd.scheduled IN ACCESS EXCLUSIVE MODE;",
+            "LOCK TABLE chunkd.scheduled, chunkd.ready IN SHARE MODE;",
+            "LOCK TABLE chunkd.scheduled IN ACCESS EXCLUSIVE MODE;",
+        ):
+            assert lock_problems("planted", f"{head}\n{body}", taken, order) == [
+                f"planted begins with {head!r}: it should be {fix}"
+            ]
+        assert lock_problems("planted", f"-- a comment\n{fix}\n{body}", taken, order) == []
+    finally:
+        await conn.close()
+    assert problems == [], "\n".join(problems)
+
+
+def _reads_the_same_head(head: re.Match[str] | None, sql: str) -> None:
+    """chunkd migrate reads the head too, to name the session in the way of its first table."""
+    if head is None:
+        assert lock_head(sql) is None
+        return
+    tables = tuple(t.strip() for t in head["tables"].split(","))
+    mode = "".join(w.capitalize() for w in head["mode"].split()) + "Lock"
+    assert lock_head(sql) == (tables, mode)
 
 
 async def test_every_function_view_and_trigger_is_in_exactly_one_definition(conn) -> None:
@@ -174,6 +239,31 @@ async def test_migrate_changes_nothing_when_current_and_applies_one_changed_file
     assert await conn.fetchval("SELECT to_regprocedure('chunkd.queue_depth()')") is not None
 
 
+async def test_a_restored_dump_or_another_search_path_is_no_hand_edit(
+    database, empty_database
+) -> None:
+    """The fingerprints survive what is not an edit: PostgreSQL prints a BEGIN ATOMIC body
+    back differently once it was re-read from its own print (pg_dump and restore), and
+    qualifies names as the session's search_path needs (`chunkd doctor`'s role may have
+    chunkd in its path)."""
+    restored = await connect(empty_database)
+    try:
+        await restored.execute(schema_script(database.dsn))
+        assert (await catalog_state(restored)).edited == ()
+        await restored.execute("SET search_path = chunkd, public")
+        assert (await catalog_state(restored)).edited == ()
+        assert (await catalog_state(restored, through_function=True)).edited == ()
+        # A real edit still shows.
+        await restored.execute(
+            "CREATE OR REPLACE FUNCTION chunkd.queue_depth() RETURNS TABLE"
+            " (status text, chunks bigint) LANGUAGE sql STABLE BEGIN ATOMIC"
+            " SELECT 'pending'::text, 0::bigint; END"
+        )
+        assert (await catalog_state(restored)).edited == ("functions/progress.sql",)
+    finally:
+        await restored.close()
+
+
 async def test_definitions_of_a_newer_chunkd_let_this_one_run_and_say_so(conn) -> None:
     """A rolling upgrade: a newer chunkd migrated; this (older) daemon keeps running."""
     await conn.execute(
@@ -208,7 +298,7 @@ async def test_a_role_with_only_the_worker_grants_can_check_the_definitions(conn
 
 async def test_a_view_dropped_and_created_again_gets_its_grants_back(conn) -> None:
     """The view's file is applied again and the view keeps its grants. The function that reads
-    it (PL/pgSQL since schema version 14, so no longer dropped with it) keeps its grant and
+    it (PL/pgSQL since schema version 16, so no longer dropped with it) keeps its grant and
     reads the new view."""
     role = "chunkd_layout_reader"
     await conn.execute(f"DROP ROLE IF EXISTS {role}; CREATE ROLE {role}")
@@ -243,3 +333,25 @@ def test_every_carried_grant_names_functions_as_the_catalog_prints_them() -> Non
                 assert re.fullmatch(
                     r"chunkd\.[a-z_0-9]+\((?:[a-z ]+(?:\[\])?(?:,[a-z ]+(?:\[\])?)*)?\)", name
                 ), name
+
+
+async def test_a_function_carried_to_one_of_its_name_takes_every_call_of_the_old_one(conn) -> None:
+    # chunkd migrate lets the old one be dropped while older daemons run (it does not count
+    # as a drop) only because of this: the new one's arguments are the old one's, then more,
+    # each with a default, so every call of the old one, positional or named, finds it.
+    checked = 0
+    for old, new in successors().items():
+        old_args = old[old.index("(") + 1 : -1].split(",")
+        row = await conn.fetchrow(
+            "SELECT pg_get_function_identity_arguments(p.oid) AS args, p.pronargs,"
+            " p.pronargdefaults, pg_catalog.oidvectortypes(p.proargtypes) AS types"
+            " FROM pg_proc p WHERE p.oid = $1::regprocedure",
+            new,
+        )
+        assert row is not None, new
+        new_types = [t.strip() for t in row["types"].split(",")]
+        assert new_types[: len(old_args)] == old_args, (old, new)
+        assert row["pronargdefaults"] >= row["pronargs"] - len(old_args), new
+        assert await conn.fetchval("SELECT to_regprocedure($1)", old) is None, f"{old} kept"
+        checked += 1
+    assert checked >= 1  # create_sync_job gained traceparent

@@ -78,6 +78,8 @@ async def test_get_sync_job_progress_keys_counts_and_eta(conn) -> None:
         "chunks_per_second", "eta_seconds",
         # Schema version 3: growing jobs.
         "open", "total_is_final", "appended_chunks", "on_finish_kind",
+        # Schema version 15: job labels.
+        "label",
     }  # fmt: skip
     assert p["sync_job_id"] == str(job) and p["kind"] == "mail"
     assert p["run_at"] is None  # not delayed
@@ -216,7 +218,7 @@ async def test_schema_grants_nothing_to_public(conn) -> None:
                                            'SELECT') AS sel,
                        has_function_privilege('{role}',
                          'chunkd.create_sync_job(text,jsonb,jsonb,integer,integer,integer,'
-                         'timestamptz,text,boolean,text,numeric,text)',
+                         'timestamptz,text,boolean,text,numeric,text,text)',
                          'EXECUTE') AS exec"""
         )
         assert dict(checks) == {"usage": False, "sel": False, "exec": False}

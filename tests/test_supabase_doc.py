@@ -253,7 +253,7 @@ async def _check_sql(
             (
                 "service_role",
                 "chunkd.create_sync_job(text,jsonb,jsonb,integer,integer,integer,"
-                "timestamp with time zone,text,boolean,text,numeric,text)",
+                "timestamp with time zone,text,boolean,text,numeric,text,text)",
             ),
             ("service_role", "chunkd.create_sync_jobs(jsonb)"),
             ("service_role", "chunkd.get_sync_job_progress(uuid)"),

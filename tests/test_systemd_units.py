@@ -188,6 +188,21 @@ def test_the_web_unit_has_the_daemons_hardening_and_its_own_settings() -> None:
     assert int(web["TimeoutStopSec"]) >= graceful_s + 10
 
 
+def test_the_daemon_units_work_in_the_virtualenv_not_in_the_root() -> None:
+    """CHUNKD_APP_DIR defaults to the working directory, which ``chunkd run`` puts first on
+    the import path: without ``WorkingDirectory=`` that is ``/``. The units set it to the
+    virtualenv of docs/deploy.md (its ExecStart's), and the env example and the docs say so."""
+    venv = CHUNKD.removesuffix("/bin/chunkd")
+    for unit in UNITS:
+        assert _service(unit).get("WorkingDirectory") == venv, unit
+    example = (SYSTEMD_DIR / "chunkd.env.example").read_text()
+    assert f"WorkingDirectory={venv}" in example
+    assert re.search(r"^#CHUNKD_APP_DIR=/opt/myapp$", example, flags=re.MULTILINE), example
+    deploy = (TESTS_DIR.parent / "docs" / "deploy.md").read_text()
+    assert f"`WorkingDirectory={venv}`" in deploy
+    assert "looked in / and" not in deploy and "which is `/` under" not in deploy
+
+
 def _exit_code(*args: str, dsn: str) -> int:
     result = subprocess.run(
         [sys.executable, "-m", "chunkd.cli", *args],

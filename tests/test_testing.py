@@ -226,5 +226,5 @@ async def test_a_child_process_needs_an_app_it_can_import(conn, database) -> Non
     await _create(conn, "quick", "[{}]")
     with pytest.raises(SimulationError, match="pass app_spec='module:attribute'"):
         await chunkd.testing.kill_mid_chunk(local, database.dsn, at=0.1)
-    with pytest.raises(SimulationError, match=r"could not start the handler: .*no attribute 'x'"):
+    with pytest.raises(SimulationError, match=r"could not start the handler: .*has no app 'x'"):
         await chunkd.testing.kill_mid_chunk(local, database.dsn, at=0.1, app_spec="chunkd:x")

@@ -4,7 +4,9 @@
 It watches a running job's progress advance on the jobs page without a reload, pauses and
 resumes that job through the confirmation pages of a second tab and sees its status badge
 change on the first without a reload, reads the flow controls of a rate-limited job and what
-a delayed and an open job say, finds one chunk-map cell per chunk on the running job's detail
+a delayed and an open job say, finds jobs by the start of a label and of an id in the search
+box, pauses and resumes a kind from its page with clicks, finds one chunk-map cell per chunk
+on the running job's detail
 page (read back from the canvas' pixels), retries a failed job through the confirmation page
 and sees its chunks run again, and is refused without the token by a server bound beyond
 localhost. Screenshots of each page go to
@@ -87,8 +89,10 @@ async def test_the_dashboard_in_a_real_browser(conn, database, start, start_web)
     flaky = await create_job(conn, [{"fail": "first_run"} for _ in range(6)], kind="test")
     # Jobs no daemon here runs: under flow control, delayed, open.
     await conn.execute("SELECT chunkd.set_rate_limit('gmail-sync', 350, burst => 100)")
-    limited = await create_job(
-        conn, 2, kind="gmail-sync", max_per_second=4, concurrency_key="customer-17"
+    limited = await conn.fetchval(
+        "SELECT * FROM chunkd.create_sync_jobs($1::jsonb)",
+        '[{"kind": "gmail-sync", "chunks": [1, 2], "max_per_second": 4,'
+        ' "concurrency_key": "customer-17", "label": "Customer 17 mailbox"}]',
     )
     delayed = await conn.fetchval(
         "SELECT chunkd.create_sync_job('report', '[1]', run_at => now() + interval '2 hours')"
@@ -178,6 +182,37 @@ async def test_the_dashboard_in_a_real_browser(conn, database, start, start_web)
             assert "Starts at" in await tab.inner_text('#summary [data-note="scheduled"]')
             await tab.goto(f"{url}/jobs/{opened}")
             assert "Open:" in await tab.inner_text('#summary [data-note="open"]')
+
+            # The search box: the start of a label, then of a job id.
+            for query, wanted in ((str(delayed)[:8], delayed), ("customer 17", limited)):
+                await tab.goto(f"{url}/jobs")
+                await tab.fill('input[name="q"]', query)
+                await tab.press('input[name="q"]', "Enter")
+                await tab.wait_for_url(f"{url}/jobs?q=*")
+                shown = [await r.get_attribute("data-job") for r in await _rows(tab)]
+                assert shown == [str(wanted)], (query, shown)
+            label = await tab.inner_text(f'tr[data-job="{limited}"] [data-label]')
+            assert label == "Customer 17 mailbox"
+            await _shot(tab, "search")
+
+            # Pause the job's kind from the kind's page, then resume it, with clicks.
+            await tab.click(f'tr[data-job="{limited}"] a.kind')
+            await tab.wait_for_url(f"{url}/jobs?kind=gmail-sync")
+            for action, badge in (("pause", "paused"), ("resume", "pending")):
+                await tab.click(f'a[data-action="kind-{action}"]')
+                await tab.wait_for_url(f"{url}/kinds/{action}?kind=gmail-sync")
+                assert "gmail-sync" in await tab.inner_text(".question")
+                await tab.click("#confirm")
+                await tab.wait_for_url(f"{url}/jobs?kind=gmail-sync&done={action}&n=2")
+                assert f"kind {action}d: 2 pending chunk(s)" in await tab.inner_text(".notice")
+                assert await tab.inner_text(f'tr[data-job="{limited}"] .badge') == badge
+                paused_at = await conn.fetchval(
+                    "SELECT paused_at FROM chunkd.kind_flow WHERE kind = 'gmail-sync'"
+                )
+                assert (paused_at is not None) == (action == "pause")
+                if action == "pause":
+                    assert await tab.locator('[data-note="kind-paused"]').count() == 1
+                    await _shot(tab, "kind-paused")
             await tab.close()
 
             # Job detail: one chunk-map cell per chunk, coloured by state.
@@ -262,6 +297,10 @@ async def test_the_dashboard_in_a_real_browser(conn, database, start, start_web)
             assert (await stranger.request.get(f"{other}/api/jobs/{flaky}")).status == 200
         finally:
             await browser.close()
+
+
+async def _rows(page: Page) -> list[Any]:
+    return list(await page.locator("tr[data-job]").all())
 
 
 async def _finished(conn: Any, job: Any) -> bool:

@@ -146,7 +146,8 @@ async def web_roles(conn):  # type: ignore[no-untyped-def]
     await conn.execute(f"CREATE ROLE {operator} LOGIN IN ROLE {reader}")
     await conn.execute(f"GRANT USAGE ON SCHEMA chunkd TO {reader}")
     tables, functions = _documented("chunkd_web")
-    assert "chunk_events" in tables and "sync_jobs_page(text, text, int, int)" in functions
+    assert "chunk_events" in tables
+    assert "search_sync_jobs(text, text, text, int, int)" in functions
     for table in tables:
         await conn.execute(f"GRANT SELECT ON chunkd.{table} TO {reader}")
     for signature in functions:
@@ -154,7 +155,7 @@ async def web_roles(conn):  # type: ignore[no-untyped-def]
     _, actions = _documented("chunkd_web_operator")
     assert actions == [
         "retry_failed_chunks(uuid)", "cancel_sync_job(uuid)", "pause_sync_job(uuid)",
-        "resume_sync_job(uuid)",
+        "resume_sync_job(uuid)", "pause_kind(text)", "resume_kind(text)",
     ]  # fmt: skip
     for signature in actions:
         await conn.execute(f"GRANT EXECUTE ON FUNCTION chunkd.{signature} TO {operator}")

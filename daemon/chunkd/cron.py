@@ -37,10 +37,12 @@ def next_fire(cron: str, timezone: str, after: datetime) -> datetime:
     try:
         it = CronSim(cron.strip(), after.astimezone(tz))
         due = next(it)
+        if due.tzinfo is None:  # cronsim returns aware times for aware input; never trust it
+            due = due.replace(tzinfo=tz)
+        return due.astimezone(UTC)
     except CronSimError as exc:
         raise ValueError(f"{cron!r} is not a cron expression: {exc}") from None
     except StopIteration:
         raise ValueError(f"{cron!r} never fires") from None
-    if due.tzinfo is None:  # cronsim returns aware times for aware input; never trust blindly
-        due = due.replace(tzinfo=tz)
-    return due.astimezone(UTC)
+    except OverflowError:  # stepped (or converted) past 9999-12-31
+        raise ValueError(f"{cron!r} never fires before 10000-01-01") from None

@@ -13,9 +13,9 @@ No error message here quotes the string: it may hold a password.
 
 from __future__ import annotations
 
-from urllib.parse import quote, urlencode
+from urllib.parse import parse_qsl, quote, urlencode
 
-__all__ = ["is_uri", "parse_conninfo", "to_uri"]
+__all__ = ["is_uri", "parse_conninfo", "to_uri", "with_dbname"]
 
 URI_SCHEMES = ("postgresql://", "postgres://")
 
@@ -112,3 +112,22 @@ def to_uri(dsn: str) -> str:
     path = "" if dbname is None else "/" + quote(dbname, safe="")
     query = f"?{urlencode(pairs)}" if pairs else ""
     return f"postgresql://{netloc}{path}{query}"
+
+
+def with_dbname(dsn: str, dbname: str) -> str:
+    """``dsn`` (either form) as a ``postgresql://`` URI naming database ``dbname`` instead:
+    the same server, role and options, the path replaced and any ``dbname``/``database``
+    query parameter dropped (a unix socket URI, ``postgresql://user@/db?host=/run/pg``, keeps
+    its empty host).
+
+    Raises:
+        ValueError: neither a URI nor key=value pairs (the message never holds the DSN).
+    """
+    uri = to_uri(dsn) or "postgresql://"
+    scheme, _, rest = uri.strip().partition("://")
+    rest, _, query = rest.partition("?")
+    netloc = rest.partition("/")[0]
+    kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True)
+            if k not in ("dbname", "database")]  # fmt: skip
+    tail = f"?{urlencode(kept)}" if kept else ""
+    return f"{scheme}://{netloc}/{quote(dbname, safe='')}{tail}"

@@ -55,6 +55,10 @@ def parse_duration(text: str | float | int) -> float:
     return seconds
 
 
+#: The longest lease and retry delay ``chunkd run`` takes (seconds): a year.
+MAX_DELAY_S = 365 * 86400.0
+
+
 @dataclass(frozen=True)
 class RunSettings:
     dsn: str
@@ -102,6 +106,11 @@ class RunSettings:
             raise ValueError("--maintenance-interval must not be negative (0 turns it off)")
         if self.retry_cap_s < self.retry_base_s:
             raise ValueError("--retry-cap must not be below --retry-base")
+        for name in ("lease_s", "retry_cap_s"):
+            # Stored as a time from now (a lease's end, a retry's due time), which must stay a
+            # time chunkd stores (before 10000-01-01: chunkd.is_storable_time).
+            if getattr(self, name) > MAX_DELAY_S:
+                raise ValueError(f"--{name[:-2].replace('_', '-')} must be at most 365d")
         if self.max_snoozes < 0:
             raise ValueError("--max-snoozes must not be negative (0: RetryLater spends attempts)")
 

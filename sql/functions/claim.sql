@@ -2,6 +2,29 @@
 -- LOCKED, insert their attempts), the slow path under flow control (claim_flow), the token
 -- buckets' arithmetic, and when the next chunk is due.
 
+-- claim_batch and the six-argument claim_flow gained two result columns (claim_n, traceparent)
+-- before their first release. A result type cannot change in place (CREATE OR REPLACE keeps
+-- it): a database that holds their earlier form drops them here, with the two functions whose
+-- bodies refer to them, and the transaction that applies this file creates all four again
+-- below, so no caller ever finds one missing. A database of chunkd 0.2 has neither: nothing is
+-- dropped.
+DO $$
+BEGIN
+    IF EXISTS (
+           SELECT 1 FROM pg_catalog.pg_proc p
+           WHERE p.oid IN (to_regprocedure('chunkd.claim_batch(text,integer,text[],'
+                                           'double precision,double precision,integer)'),
+                           to_regprocedure('chunkd.claim_flow(text,integer,text[],'
+                                           'timestamp with time zone,double precision,integer)'))
+             AND NOT 'traceparent' = ANY (p.proargnames)) THEN
+        DROP FUNCTION IF EXISTS chunkd.claim_or_wait(text, int, text[], float8, float8);
+        DROP FUNCTION IF EXISTS chunkd.claim_batch(text, int, text[], float8, float8, int);
+        DROP FUNCTION IF EXISTS chunkd.claim_flow(text, int, text[], timestamptz, float8);
+        DROP FUNCTION IF EXISTS chunkd.claim_flow(text, int, text[], timestamptz, float8, int);
+    END IF;
+END;
+$$;
+
 -- A bucket's level at a moment, at most burst. Claims use one clock reading taken after their
 -- locks and their snapshot: it is also their attempts' claimed_at, so the audit trail shows
 -- exactly what the buckets and the slot counts saw.
@@ -16,15 +39,20 @@ RETURN least(burst, tokens + per_second
 -- When a throttled claimer should come back: once the bucket holds a quantum (half its burst,
 -- at least one token), and not before one quantum after the turn handed out last, so that
 -- claimers are spread over the refill instead of all waking at the same instant. A claim every
--- half burst leaves room for a late one before the bucket overflows.
+-- half burst leaves room for a late one before the bucket overflows. At most 100 years ahead
+-- (a rate of a chunk per millennium): the turn is stored, and a time past 9999 is not.
 CREATE OR REPLACE FUNCTION chunkd.bucket_turn(level float8, wake_at timestamptz, per_second float8,
                                    burst float8, at timestamptz)
 RETURNS timestamptz
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
-RETURN greatest(
-    at + chunkd.seconds(greatest(0, greatest(1, burst / 2) - level) / per_second),
-    coalesce(wake_at, '-infinity') + chunkd.seconds(greatest(1, burst / 2) / per_second));
+RETURN least(
+    at + chunkd.seconds(3155760000),
+    greatest(
+        at + chunkd.seconds(least(3155760000,
+                                  greatest(0, greatest(1, burst / 2) - level) / per_second)),
+        coalesce(wake_at, '-infinity')
+            + chunkd.seconds(least(3155760000, greatest(1, burst / 2) / per_second))));
 
 -- The slow path, taken while flow control is in use for the claimer's kinds.
 --
@@ -71,6 +99,9 @@ CREATE OR REPLACE FUNCTION chunkd.claim_flow(
     job_payload jsonb,
     lease_expires_at timestamptz,
     wait_s float8
+,
+    claim_n int,
+    traceparent text
 )
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
@@ -438,7 +469,7 @@ BEGIN
         WHERE r.job_id = b.job_id
     )
     SELECT d.chunk_id, c.queue_id, c.chunk_id, j.public_id, d.seq, d.attempt + 1, d.kind,
-           c.payload, j.payload, p_until, NULL::float8
+           c.payload, j.payload, p_until, NULL::float8, d.claims + 1, j.traceparent
     FROM del d
     JOIN chunkd.chunks c ON c.id = d.chunk_id
     JOIN chunkd.jobs j ON j.id = d.job_id
@@ -450,7 +481,7 @@ BEGIN
     IF n_declined > 0 OR front IS NOT NULL THEN
         RETURN QUERY SELECT NULL::bigint, NULL::uuid, NULL::uuid, NULL::uuid, NULL::int,
                             NULL::int, NULL::text, NULL::jsonb, NULL::jsonb, NULL::timestamptz,
-                            -1::float8;
+                            -1::float8, NULL::int, NULL::text;
         RETURN;
     END IF;
     -- Short of a full batch because a bucket ran dry: say when to come back. The earliest of
@@ -509,7 +540,8 @@ BEGIN
     END IF;
     RETURN QUERY SELECT NULL::bigint, NULL::uuid, NULL::uuid, NULL::uuid, NULL::int, NULL::int,
                         NULL::text, NULL::jsonb, NULL::jsonb, NULL::timestamptz,
-                        greatest(0, extract(epoch FROM turn.at - clock_timestamp()))::float8;
+                        greatest(0, extract(epoch FROM turn.at - clock_timestamp()))::float8,
+                        NULL::int, NULL::text;
 END;
 $$;
 
@@ -536,7 +568,9 @@ CREATE OR REPLACE FUNCTION chunkd.claim_flow(
 LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
-    SELECT * FROM chunkd.claim_flow(p_worker, p_batch, p_kinds, p_until, p_waiting_s, p_batch);
+    SELECT f.id, f.queue_id, f.chunk_id, f.sync_job_id, f.seq, f.attempt, f.kind, f.payload,
+           f.job_payload, f.lease_expires_at, f.wait_s
+    FROM chunkd.claim_flow(p_worker, p_batch, p_kinds, p_until, p_waiting_s, p_batch) f;
 END;
 
 -- The daemon's claim. Claimed chunks as claim_chunks returns them (wait_s NULL); and when the
@@ -547,7 +581,10 @@ END;
 -- (woken by a NOTIFY) do not push every other claimer's turn back. slots: how many of the
 -- batch can start at once (the rest is prefetch, kept ready behind running handlers): chunks
 -- under flow control are claimed only within those, so a prefetched chunk never holds a job's
--- max_concurrency slot, a concurrency key's slot or a rate token while it waits.
+-- max_concurrency slot, a concurrency key's slot or a rate token while it waits. claim_n: this
+-- claim's number among the chunk's claims (1: its first delivery; a retry, a snooze, a release
+-- or a reap hands it out again); traceparent: its job's W3C trace context (NULL: none). Both
+-- for the daemon's tracing (docs/observability.md).
 --
 -- Fast path: one statement, taken while flow control is not in use for
 -- these kinds. That check (flow_in_use) sits inside the statement as a one-time filter, so it
@@ -573,6 +610,9 @@ CREATE OR REPLACE FUNCTION chunkd.claim_batch(
     job_payload jsonb,
     lease_expires_at timestamptz,
     wait_s float8
+,
+    claim_n int,
+    traceparent text
 )
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -619,7 +659,7 @@ BEGIN
         WHERE j.id IN (SELECT d.job_id FROM del d) AND j.started_at IS NULL
     )
     SELECT d.chunk_id, c.queue_id, c.chunk_id, j.public_id, d.seq, d.attempt + 1, d.kind,
-           c.payload, j.payload, p_until, NULL::float8
+           c.payload, j.payload, p_until, NULL::float8, d.claims + 1, j.traceparent
     FROM del d
     JOIN chunkd.chunks c ON c.id = d.chunk_id
     JOIN chunkd.jobs j ON j.id = d.job_id
@@ -661,9 +701,11 @@ CREATE OR REPLACE FUNCTION chunkd.claim_or_wait(
 LANGUAGE sql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
-    SELECT * FROM chunkd.claim_batch(claim_or_wait.worker_id, claim_or_wait.batch_size,
-                                     claim_or_wait.kinds, claim_or_wait.lease_s,
-                                     claim_or_wait.waiting_s, claim_or_wait.batch_size);
+    SELECT b.id, b.queue_id, b.chunk_id, b.sync_job_id, b.seq, b.attempt, b.kind, b.payload,
+           b.job_payload, b.lease_expires_at, b.wait_s
+    FROM chunkd.claim_batch(claim_or_wait.worker_id, claim_or_wait.batch_size,
+                            claim_or_wait.kinds, claim_or_wait.lease_s,
+                            claim_or_wait.waiting_s, claim_or_wait.batch_size) b;
 END;
 
 -- The claim without the wait row, kept (with its grants) for daemons built for schema version

@@ -13,6 +13,32 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 RETURN extract(epoch FROM i)::float8;
 
+-- Whether chunkd may store the time `at`: from 0001-01-01 to before 10000-01-01 UTC, the times
+-- Python's datetime holds (asyncpg reads a timestamptz as one, in UTC), so the daemon, the CLI,
+-- the dashboard and the client can read every time chunkd stores; ±infinity is out. Every
+-- timestamp column checks the same range (migration 12: <table>_<column>_finite).
+CREATE OR REPLACE FUNCTION chunkd.is_storable_time(at timestamptz) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN at >= '0001-01-01 00:00+00' AND at < '10000-01-01 00:00+00';
+
+-- When a chunk put back for `run_in_s` seconds is due: now() plus that, refused as a data
+-- error (SQLSTATE 22008) when it falls outside the times chunkd stores. The daemon then sends
+-- its failure again with the default backoff.
+CREATE OR REPLACE FUNCTION chunkd.due_in(run_in_s float8) RETURNS timestamptz
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    due timestamptz := now() + chunkd.seconds(run_in_s);
+BEGIN
+    IF NOT chunkd.is_storable_time(due) THEN
+        RAISE EXCEPTION 'chunkd: a retry in % seconds would be due at %, after 9999-12-31 UTC, '
+            'the last time chunkd stores', run_in_s, due USING ERRCODE = '22008';
+    END IF;
+    RETURN due;
+END;
+$$;
+
 -- Error messages are stored for operators, not as a dump: keep rows small. (Text cannot hold
 -- NUL bytes at all; the daemon strips them before it sends an error.)
 CREATE OR REPLACE FUNCTION chunkd.clip_error(error text) RETURNS text

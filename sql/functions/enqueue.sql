@@ -1,6 +1,31 @@
 -- Enqueue: checking job specs and chunk arrays, creating jobs (one or many in a call), and
 -- adding chunks to an existing job.
 
+-- What changed shape is dropped here, in the transaction that creates it again below, so no
+-- caller ever finds it missing: a longer argument list is another function.
+-- create_sync_job gained traceparent as a trailing argument with a default: every call of the
+-- old one, positional or named, resolves to the new one, which inherits its grants (below), so
+-- chunkd migrate lets this drop through while daemons of an older chunkd run.
+DO $$
+BEGIN
+    IF to_regprocedure('chunkd.create_sync_job(text,jsonb,jsonb,integer,integer,integer,'
+                       'timestamp with time zone,text,boolean,text,numeric,text)') IS NOT NULL THEN
+        DROP FUNCTION chunkd.create_sync_job(text, jsonb, jsonb, int, int, int, timestamptz, text,
+                                             boolean, text, numeric, text);
+    END IF;
+END;
+$$;
+
+-- Whether t is a W3C traceparent (https://www.w3.org/TR/trace-context/#traceparent-header) of
+-- the form chunkd stores: version-trace id-parent id-flags, lowercase hex, neither id all
+-- zeros, version not ff. The same test as the check jobs_traceparent_w3c (migration 14).
+CREATE OR REPLACE FUNCTION chunkd.is_traceparent(t text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN t ~ '^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$'
+       AND left(t, 2) <> 'ff'
+       AND substr(t, 4, 32) <> repeat('0', 32)
+       AND substr(t, 37, 16) <> repeat('0', 16);
+
 -- Checks a JSON array of chunk payloads against the enqueue limits; returns how many.
 CREATE OR REPLACE FUNCTION chunkd.check_chunks(chunks jsonb, allow_empty boolean) RETURNS int
 LANGUAGE plpgsql IMMUTABLE
@@ -30,7 +55,7 @@ END;
 $$;
 
 -- Which key of one job object does not convert to its column's type, and why (NULL: none).
--- Only called after job_specs failed, to say where.
+-- Only called after job_spec_rows failed, to say where.
 CREATE OR REPLACE FUNCTION chunkd.job_spec_problem(spec jsonb) RETURNS text
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -40,7 +65,8 @@ DECLARE
 BEGIN
     FOR key IN SELECT k FROM jsonb_object_keys(spec) k ORDER BY k LOOP
         BEGIN
-            PERFORM FROM chunkd.job_specs(jsonb_build_array(jsonb_build_object(key, spec -> key)));
+            PERFORM FROM chunkd.job_spec_rows(
+                jsonb_build_array(jsonb_build_object(key, spec -> key)));
         EXCEPTION WHEN data_exception THEN
             RETURN format('%s: %s', key, SQLERRM);
         END;
@@ -49,6 +75,56 @@ BEGIN
 END;
 $$;
 
+-- The job objects of create_sync_jobs and create_jobs, one typed row each, with
+-- create_sync_job's defaults for absent keys. The columns after `ord` are the accepted keys
+-- (misshapen_job_specs reads them from here): a new option is a new column here, a check in
+-- invalid_job_spec and create_jobs, and a column in create_jobs' insert. Adding a column
+-- changes the result type, which CREATE OR REPLACE cannot: that is a new function beside this
+-- one, and the old one stays until a later release drops it.
+CREATE OR REPLACE FUNCTION chunkd.job_spec_rows(jobs jsonb)
+RETURNS TABLE (
+    ord int,
+    kind text,
+    chunks jsonb,
+    payload jsonb,
+    max_concurrency int,
+    max_attempts int,
+    priority int,
+    run_at timestamptz,
+    dedupe_key text,
+    open boolean,
+    on_finish_kind text,
+    max_per_second numeric,
+    concurrency_key text,
+    traceparent text,
+    label text
+)
+LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT e.ord::int, x.kind, x.chunks,
+           coalesce(nullif(x.payload, 'null'::jsonb), '{}'::jsonb),
+           x.max_concurrency,
+           CASE WHEN e.spec ? 'max_attempts' THEN x.max_attempts ELSE 3 END,
+           coalesce(x.priority, 0),
+           x.run_at,
+           x.dedupe_key,
+           coalesce(x.open, false),
+           x.on_finish_kind,
+           x.max_per_second,
+           x.concurrency_key,
+           x.traceparent,
+           x.label
+    FROM jsonb_array_elements(job_spec_rows.jobs) WITH ORDINALITY AS e(spec, ord)
+    CROSS JOIN LATERAL jsonb_to_record(e.spec) AS x(
+        kind text, chunks jsonb, payload jsonb, max_concurrency int, max_attempts int,
+        priority int, run_at timestamptz, dedupe_key text, open boolean, on_finish_kind text,
+        max_per_second numeric, concurrency_key text, traceparent text, label text);
+END;
+
+-- The job objects as read before traceparents and labels (schema versions 6 to 13). Nothing
+-- calls it any more;
+-- it stays because a migration that drops a function is refused while daemons of another
+-- chunkd version run (docs/migrations.md), and goes in a later release's migration.
 CREATE OR REPLACE FUNCTION chunkd.job_specs(jobs jsonb)
 RETURNS TABLE (
     ord int,
@@ -89,7 +165,7 @@ CREATE OR REPLACE FUNCTION chunkd.invalid_job_spec(jobs jsonb) RETURNS TABLE (or
 LANGUAGE sql STABLE
 BEGIN ATOMIC
     SELECT s.ord
-    FROM chunkd.job_specs(invalid_job_spec.jobs) s
+    FROM chunkd.job_spec_rows(invalid_job_spec.jobs) s
     WHERE (s.kind IS NOT NULL AND length(s.kind) BETWEEN 1 AND 200
            AND CASE WHEN jsonb_typeof(s.chunks) = 'array'
                     THEN jsonb_array_length(s.chunks)
@@ -99,12 +175,14 @@ BEGIN ATOMIC
            AND pg_column_size(s.payload) <= 1024 * 1024
            AND (s.max_concurrency IS NULL OR s.max_concurrency >= 1)
            AND s.max_attempts >= 1
-           AND (s.run_at IS NULL OR isfinite(s.run_at))
+           AND (s.run_at IS NULL OR chunkd.is_storable_time(s.run_at))
            AND (s.dedupe_key IS NULL OR length(s.dedupe_key) BETWEEN 1 AND 256)
            AND (s.on_finish_kind IS NULL OR length(s.on_finish_kind) BETWEEN 1 AND 200)
            AND (s.max_per_second IS NULL
                 OR (s.max_per_second > 0 AND s.max_per_second < 'Infinity'))
            AND (s.concurrency_key IS NULL OR length(s.concurrency_key) BETWEEN 1 AND 200)
+           AND (s.traceparent IS NULL OR chunkd.is_traceparent(s.traceparent))
+           AND (s.label IS NULL OR length(s.label) BETWEEN 1 AND 200)
           ) IS NOT TRUE
     ORDER BY s.ord
     LIMIT 1;
@@ -118,7 +196,7 @@ BEGIN ATOMIC
         SELECT array_agg(a.name ORDER BY a.i) AS keys
         FROM pg_catalog.pg_proc p
         CROSS JOIN LATERAL unnest(p.proargnames, p.proargmodes) WITH ORDINALITY AS a(name, mode, i)
-        WHERE p.oid = 'chunkd.job_specs(jsonb)'::regprocedure AND a.mode = 't'
+        WHERE p.oid = 'chunkd.job_spec_rows(jsonb)'::regprocedure AND a.mode = 't'
           AND a.name <> 'ord'
     )
     SELECT s.ord, s.problem
@@ -250,7 +328,7 @@ BEGIN
         END;
     END IF;
     IF bad_ord IS NOT NULL THEN
-        SELECT s.* INTO bad FROM chunkd.job_specs(p_jobs) s WHERE s.ord = bad_ord;
+        SELECT s.* INTO bad FROM chunkd.job_spec_rows(p_jobs) s WHERE s.ord = bad_ord;
         where_ := CASE WHEN p_single THEN '' ELSE format('jobs[%s]: ', bad_ord - 1) END;
         IF bad.kind IS NULL OR length(bad.kind) = 0 OR length(bad.kind) > 200 THEN
             RAISE EXCEPTION 'chunkd: %kind must be a non-empty text of at most 200 characters',
@@ -266,9 +344,10 @@ BEGIN
         ELSIF bad.max_attempts IS NULL OR bad.max_attempts < 1 THEN
             RAISE EXCEPTION 'chunkd: %max_attempts must be >= 1, got %', where_,
                 bad.max_attempts USING ERRCODE = '22023';
-        ELSIF NOT isfinite(bad.run_at) THEN
-            RAISE EXCEPTION 'chunkd: %run_at must be a finite timestamp (NULL: at once), got %',
-                where_, bad.run_at USING ERRCODE = '22023';
+        ELSIF NOT chunkd.is_storable_time(bad.run_at) THEN
+            RAISE EXCEPTION 'chunkd: %run_at must be a finite timestamp from 0001-01-01 to '
+                '9999-12-31 UTC (NULL: at once), got %', where_, bad.run_at
+                USING ERRCODE = '22023';
         ELSIF length(bad.dedupe_key) = 0 THEN
             RAISE EXCEPTION 'chunkd: %dedupe_key must not be empty (NULL: no key)', where_
                 USING ERRCODE = '22023';
@@ -285,6 +364,14 @@ BEGIN
         ELSIF length(bad.concurrency_key) = 0 OR length(bad.concurrency_key) > 200 THEN
             RAISE EXCEPTION 'chunkd: %concurrency_key must be a non-empty text of at most 200 '
                 'characters', where_ USING ERRCODE = '22023';
+        ELSIF NOT chunkd.is_traceparent(bad.traceparent) THEN
+            RAISE EXCEPTION 'chunkd: %traceparent must be a W3C traceparent '
+                '(00-<32 hex digits>-<16 hex digits>-<2 hex digits>, lowercase; NULL: none), '
+                'got %', where_, to_jsonb(left(bad.traceparent, 80)) USING ERRCODE = '22023';
+        ELSIF length(bad.label) = 0 OR length(bad.label) > 200 THEN
+            RAISE EXCEPTION 'chunkd: %label must be NULL (no label) or a non-empty text of at '
+                'most 200 characters, got % characters', where_, length(bad.label)
+                USING ERRCODE = '22023';
         -- Documented limits: a queue is not a blob store, and one huge job must not bloat the
         -- tables every claim reads. (Sizes as stored, i.e. after jsonb encoding.)
         ELSIF pg_column_size(bad.chunks) > 16 * 1024 * 1024 THEN
@@ -307,16 +394,16 @@ BEGIN
         -- keys wait for each other instead of deadlocking.
         WITH input AS MATERIALIZED (
             SELECT s.*, gen_random_uuid() AS public_id
-            FROM chunkd.job_specs(p_jobs) s
+            FROM chunkd.job_spec_rows(p_jobs) s
             WHERE pending IS NULL OR pending[s.ord]
         ), ins AS (
             INSERT INTO chunkd.jobs AS j (public_id, kind, payload, max_concurrency,
                                           max_attempts, priority, total_chunks, run_at,
                                           dedupe_key, open, on_finish_kind, max_per_second,
-                                          concurrency_key)
+                                          concurrency_key, traceparent, label)
             SELECT i.public_id, i.kind, i.payload, i.max_concurrency, i.max_attempts,
                    i.priority, jsonb_array_length(i.chunks), i.run_at, i.dedupe_key, i.open,
-                   i.on_finish_kind, i.max_per_second, i.concurrency_key
+                   i.on_finish_kind, i.max_per_second, i.concurrency_key, i.traceparent, i.label
             FROM input i
             ORDER BY i.dedupe_key IS NULL, i.kind, i.dedupe_key, i.ord
             ON CONFLICT (kind, dedupe_key)
@@ -340,8 +427,10 @@ BEGIN
             FROM made m
             CROSS JOIN LATERAL jsonb_array_elements(m.chunks) WITH ORDINALITY AS e(value, ordinality)
             RETURNING chunks.id, chunks.job_id, chunks.seq
-        ), turns AS (
-            -- A job's chunk n is served n turns after the current one (fair turns).
+        ), turns AS MATERIALIZED (
+            -- A job's chunk n is served n turns after the current one (fair turns). Computed
+            -- once per priority: inlined, the join could read current_turn once per chunk, and
+            -- while a snapshot is held each read walks the ready index's dead entries.
             SELECT p.priority, chunkd.current_turn(p.priority) AS turn
             FROM (SELECT DISTINCT m.priority FROM made m WHERE NOT m.later) p
         ), now_due AS (
@@ -374,7 +463,7 @@ BEGIN
         -- by this call): return it. One that finished in between frees its key: try again.
         SELECT coalesce(array_agg(s.ord), '{}'), coalesce(array_agg(j.public_id), '{}')
         INTO new_ords, new_ids
-        FROM chunkd.job_specs(p_jobs) s
+        FROM chunkd.job_spec_rows(p_jobs) s
         JOIN chunkd.jobs j ON j.kind = s.kind AND j.dedupe_key = s.dedupe_key
                           AND j.finished_at IS NULL AND j.cancelled_at IS NULL
         WHERE pending[s.ord];
@@ -409,6 +498,13 @@ $$;
 
 -- The public enqueue (the seed's name and first six arguments; later ones are trailing, with
 -- defaults): returns the job's id, or the unfinished job's with the same kind and dedupe_key.
+-- traceparent: the W3C trace context of the caller's span (NULL: none).
+--
+-- It has no `label` argument: a label goes through the job objects of create_sync_jobs and
+-- create_jobs ({"label": ...}), which is what the Python client, `chunkd enqueue --label` and
+-- chunkd.App.enqueue do (each argument added here is a drop and re-create of this function,
+-- which producers and fire_schedule call).
+-- carry grants: chunkd.create_sync_job(text,jsonb,jsonb,integer,integer,integer,timestamp with time zone,text,boolean,text,numeric,text) -> chunkd.create_sync_job(text,jsonb,jsonb,integer,integer,integer,timestamp with time zone,text,boolean,text,numeric,text,text)
 CREATE OR REPLACE FUNCTION chunkd.create_sync_job(
     kind text,
     chunks jsonb,
@@ -421,7 +517,8 @@ CREATE OR REPLACE FUNCTION chunkd.create_sync_job(
     open boolean DEFAULT false,
     on_finish_kind text DEFAULT NULL,
     max_per_second numeric DEFAULT NULL,
-    concurrency_key text DEFAULT NULL
+    concurrency_key text DEFAULT NULL,
+    traceparent text DEFAULT NULL
 ) RETURNS uuid
 LANGUAGE sql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -440,7 +537,8 @@ BEGIN ATOMIC
             'open', create_sync_job.open,
             'on_finish_kind', create_sync_job.on_finish_kind,
             'max_per_second', create_sync_job.max_per_second,
-            'concurrency_key', create_sync_job.concurrency_key)),
+            'concurrency_key', create_sync_job.concurrency_key,
+            'traceparent', create_sync_job.traceparent)),
         true) j;
 END;
 

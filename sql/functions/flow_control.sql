@@ -1,15 +1,17 @@
 -- Flow control, enforced by the claim: pausing jobs and kinds, rate limits per kind and per
 -- job (token buckets), concurrency limits per key, and what is in effect now.
 
--- Pending chunks of the unfinished jobs of a kind.
+-- Pending chunks of the unfinished jobs of a kind: its rows of `ready` and `scheduled` (only
+-- unfinished, uncancelled jobs have any), in one pass over each. Counting them job by job was
+-- a scan of `ready` per job whenever the planner's statistics (a queue once filled by one big
+-- job) made it expect a job to have most of the queue; pause_kind holds `ready` in SHARE mode
+-- meanwhile, so every claim waits for it.
 CREATE OR REPLACE FUNCTION chunkd.pending_of_kind(kind text) RETURNS int
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
-    SELECT coalesce(sum((SELECT count(*) FROM chunkd.ready r WHERE r.job_id = j.id)
-                        + (SELECT count(*) FROM chunkd.scheduled s WHERE s.job_id = j.id)), 0)::int
-    FROM chunkd.jobs j
-    WHERE j.kind = pending_of_kind.kind AND j.finished_at IS NULL AND j.cancelled_at IS NULL;
+    SELECT ((SELECT count(*) FROM chunkd.ready r WHERE r.kind = pending_of_kind.kind)
+            + (SELECT count(*) FROM chunkd.scheduled s WHERE s.kind = pending_of_kind.kind))::int;
 END;
 
 -- Is flow control in use for these kinds (NULL: all kinds)? Any unfinished job of them paused,

@@ -113,20 +113,36 @@ BEGIN
 END;
 $$;
 
--- The queue's current turn at a priority: the lowest turn waiting there (0 when none waits).
--- Chunks that join the queue get turns from here on, so a job enqueued now is served in the
--- same round as the jobs already waiting, never ahead of a turn they reached, never behind all
--- their chunks (start-time fair queuing: Goyal, Vin and Cheng, SIGCOMM 1996, with one unit per
--- chunk). Two probes of the claim's indexes.
+-- The queue's current turn at a priority: the lowest turn waiting there among chunks under no
+-- limit, or, when only jobs under flow control wait, the furthest turn one of them reached (0
+-- when none waits). Chunks that join the queue get turns from here on, so a job enqueued now
+-- is served in the same round as the jobs already waiting, never ahead of a turn they reached,
+-- never behind all their chunks (start-time fair queuing: Goyal, Vin and Cheng, SIGCOMM 1996,
+-- with one unit per chunk).
+--
+-- A job held back by its limit (its slot taken, its key full) falls behind the round and keeps
+-- its lower turns, so it goes first whenever its limit lets it run; it must not hold the round
+-- back: a job enqueued at its turn took every turn in between, ahead of all the jobs under way
+-- (334 claims in a row in the chaos soak). Hence the lowest turn of the chunks under no limit;
+-- and, when only limited jobs wait, the furthest of their next turns (one probe per such job,
+-- as the claim's first pass does), not the lowest: a new job went ahead of a
+-- max_concurrency = 1 job that had joined the round later than a held-back one (573 claims).
 CREATE OR REPLACE FUNCTION chunkd.current_turn(priority int) RETURNS bigint
 LANGUAGE sql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
-    SELECT coalesce(least(
+    SELECT coalesce(
         (SELECT r.turn FROM chunkd.ready r
          WHERE NOT r.limited AND r.priority = current_turn.priority ORDER BY r.turn LIMIT 1),
-        (SELECT r.turn FROM chunkd.ready r
-         WHERE r.limited AND r.priority = current_turn.priority ORDER BY r.turn LIMIT 1)), 0);
+        (SELECT max(n.turn)
+         FROM chunkd.jobs j
+         CROSS JOIN LATERAL (SELECT r.turn FROM chunkd.ready r
+                             WHERE r.job_id = j.id ORDER BY r.seq LIMIT 1) n
+         WHERE (j.max_concurrency IS NOT NULL OR j.max_per_second IS NOT NULL
+                OR j.concurrency_key IS NOT NULL OR j.paused_at IS NOT NULL)
+           AND j.finished_at IS NULL AND j.cancelled_at IS NULL
+           AND j.priority = current_turn.priority),
+        0);
 END;
 
 -- Requeued chunks (a retry, a reap, a release, an operator's retry) keep their job's flow
@@ -150,17 +166,22 @@ BEGIN ATOMIC
              AS i(chunk_id, claims, attempt, run_in_s)
         JOIN chunkd.chunks c ON c.id = i.chunk_id
         JOIN chunkd.jobs j ON j.id = c.job_id
+    ), turns AS MATERIALIZED (
+        -- Once per priority, not per chunk (see create_jobs).
+        SELECT p.priority, chunkd.current_turn(p.priority) AS turn
+        FROM (SELECT DISTINCT i.priority FROM input i WHERE coalesce(i.run_in_s, 0) <= 0) p
     ), now_due AS (
         INSERT INTO chunkd.ready (chunk_id, job_id, seq, priority, kind, limited, claims, attempt,
                                   turn)
         SELECT i.chunk_id, i.job_id, i.seq, i.priority, i.kind, i.limited, i.claims, i.attempt,
-               chunkd.current_turn(i.priority) + i.offset_
-        FROM input i WHERE coalesce(i.run_in_s, 0) <= 0
+               t.turn + i.offset_
+        FROM input i JOIN turns t ON t.priority = i.priority
+        WHERE coalesce(i.run_in_s, 0) <= 0
     )
     INSERT INTO chunkd.scheduled (chunk_id, job_id, seq, priority, kind, limited, claims,
                                   attempt, run_at, turn)
     SELECT i.chunk_id, i.job_id, i.seq, i.priority, i.kind, i.limited, i.claims, i.attempt,
-           now() + chunkd.seconds(i.run_in_s), i.offset_
+           chunkd.due_in(i.run_in_s), i.offset_
     FROM input i WHERE i.run_in_s > 0;
 END;
 
@@ -186,7 +207,7 @@ BEGIN
             SELECT x.ctid FROM chunkd.scheduled x WHERE x.run_at <= now()
             ORDER BY x.run_at LIMIT 10000 FOR UPDATE SKIP LOCKED))
         RETURNING s.*
-    ), turns AS (
+    ), turns AS MATERIALIZED (
         SELECT p.priority, chunkd.current_turn(p.priority) AS turn
         FROM (SELECT DISTINCT d.priority FROM due d) p
     ), moved AS (
@@ -201,3 +222,33 @@ BEGIN
     RETURN n;
 END;
 $$;
+
+-- For tracing (docs/observability.md): job `job` as its job_finished audit row tells it, if it
+-- was finished by the transaction that ended worker_id's claim of one of `chunks` (internal
+-- chunk ids: the chunks of the job that daemon ran last), and no row otherwise. The daemon that
+-- wrote the outcome finishing a traced job, and only that one, so announces it on the job's
+-- trace once, however many daemons ran its chunks and heard NOTIFY chunkd_job_finished. One
+-- probe of the attempts' primary key per chunk given.
+-- carry grants: chunkd.worker_heartbeat(text) -> chunkd.job_finished_by(uuid,text,bigint[])
+CREATE OR REPLACE FUNCTION chunkd.job_finished_by(job uuid, worker_id text, chunks bigint[])
+RETURNS TABLE (
+    kind text,
+    overall_status text,
+    total_chunks int,
+    completed_chunks int,
+    failed_chunks int,
+    cancelled_chunks int,
+    traceparent text
+)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT j.kind, chunkd.overall_status(j), j.total_chunks, j.completed_chunks, j.failed_chunks,
+           j.cancelled_chunks, j.traceparent
+    FROM chunkd.jobs j
+    WHERE j.public_id = job_finished_by.job AND j.finished_at IS NOT NULL
+      AND EXISTS (SELECT 1 FROM chunkd.attempts a
+                  WHERE a.chunk_id = ANY (job_finished_by.chunks)
+                    AND a.worker_id = job_finished_by.worker_id
+                    AND a.ended_at = j.finished_at);
+END;

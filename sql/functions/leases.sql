@@ -1,6 +1,18 @@
 -- Leases and the workers registry: renewing what a worker still holds, handing chunks back on
 -- a graceful stop, registering, heartbeating and deregistering a daemon.
 
+-- worker_alive gained the daemon's registration (host, pid, version, kinds, concurrency) as
+-- trailing arguments with defaults before its first release: every call of the two-argument
+-- form resolves to the new one, which inherits its grants (below), so it is dropped here, in
+-- the transaction that creates the new one.
+DO $$
+BEGIN
+    IF to_regprocedure('chunkd.worker_alive(text,double precision)') IS NOT NULL THEN
+        DROP FUNCTION chunkd.worker_alive(text, float8);
+    END IF;
+END;
+$$;
+
 -- The renewal of chunkd 0.2 (by chunk and worker, not attempt), kept for its daemons and for
 -- callers in other languages; returns the ids renewed.
 CREATE OR REPLACE FUNCTION chunkd.renew_leases(
@@ -127,15 +139,36 @@ END;
 -- seconds): a daemon silent for three heartbeats is dead, and the reaper returns its chunks
 -- without waiting for each lease. Returns the database clock, so the daemon sees the clock step
 -- (its own or the database's) between two heartbeats.
--- carry grants: chunkd.worker_heartbeat(text) -> chunkd.worker_alive(text,double precision)
-CREATE OR REPLACE FUNCTION chunkd.worker_alive(worker_id text, heartbeat_s float8)
-RETURNS timestamptz
+-- A daemon whose row is gone registers again with what it passes (as register_worker; its
+-- started_at is then this heartbeat): prune_workers removes the row of a daemon silent for 15
+-- minutes that holds nothing (a SIGSTOP, a frozen VM, a forward clock step), and one that comes
+-- back would otherwise work on unseen by `chunkd workers`, the dashboard and the registry's
+-- checks. Nothing else changes: it held no attempt when its row went, and its claims since
+-- are fenced and leased as any. Without the registration (host NULL) it only heartbeats.
+-- carry grants: chunkd.worker_heartbeat(text) -> chunkd.worker_alive(text,double precision,text,integer,text,text[],integer)
+-- carry grants: chunkd.worker_alive(text,double precision) -> chunkd.worker_alive(text,double precision,text,integer,text,text[],integer)
+CREATE OR REPLACE FUNCTION chunkd.worker_alive(
+    worker_id text,
+    heartbeat_s float8,
+    host text DEFAULT NULL,
+    pid int DEFAULT NULL,
+    version text DEFAULT NULL,
+    kinds text[] DEFAULT NULL,
+    concurrency int DEFAULT NULL
+) RETURNS timestamptz
 LANGUAGE sql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
+    INSERT INTO chunkd.workers AS w (worker_id, host, pid, version, kinds, concurrency,
+                                     heartbeat_s)
+    SELECT worker_alive.worker_id, worker_alive.host, worker_alive.pid, worker_alive.version,
+           worker_alive.kinds, worker_alive.concurrency, worker_alive.heartbeat_s
+    WHERE worker_alive.host IS NOT NULL
+    ON CONFLICT (worker_id) DO UPDATE
+    SET last_heartbeat_at = now(), heartbeat_s = excluded.heartbeat_s;
     UPDATE chunkd.workers w
     SET last_heartbeat_at = now(), heartbeat_s = worker_alive.heartbeat_s
-    WHERE w.worker_id = worker_alive.worker_id;
+    WHERE w.worker_id = worker_alive.worker_id AND worker_alive.host IS NULL;
     SELECT clock_timestamp();
 END;
 

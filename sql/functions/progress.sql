@@ -12,10 +12,13 @@
 -- most of its cost (a SQL function's body is planned again at every call).
 -- total_is_final: false while the job is open, or while it grows by continuations and is not
 -- finished (any running chunk may append more); eta_seconds then covers the chunks known so far.
+-- Times in UTC, whatever the session's TimeZone: printed in another zone, a time near either
+-- end of what chunkd stores would read as year 10000 or BC, which no datetime can parse.
 CREATE OR REPLACE FUNCTION chunkd.get_sync_job_progress(sync_job_id uuid) RETURNS jsonb
 LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET jit = off
+SET TimeZone = 'UTC'
 AS $$
 BEGIN
     RETURN (SELECT jsonb_build_object(
@@ -43,7 +46,8 @@ BEGIN
         'total_is_final', j.finished_at IS NOT NULL OR j.cancelled_at IS NOT NULL
                           OR (NOT j.open AND j.appended_chunks = 0),
         'appended_chunks', j.appended_chunks,
-        'on_finish_kind', j.on_finish_kind)
+        'on_finish_kind', j.on_finish_kind,
+        'label', j.label)
     FROM chunkd.chunk_processing_status s
     JOIN chunkd.all_jobs j ON j.public_id = s.parent_sync_job_id
     CROSS JOIN LATERAL (
@@ -283,6 +287,229 @@ SET jit = off
 BEGIN ATOMIC
     SELECT * FROM chunkd.jobs_page(sync_jobs_page.kind, sync_jobs_page.status,
                                    sync_jobs_page.page_size, sync_jobs_page.skip);
+END;
+
+-- The least text above every text that starts with `prefix`, in byte order (COLLATE "C"):
+-- the upper end of the range of a prefix search. NULL when there is none (every character of
+-- the prefix is the encoding's last one), or for an empty prefix.
+CREATE OR REPLACE FUNCTION chunkd.text_after_prefix(prefix text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE STRICT
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    head text := prefix;
+    c int;
+BEGIN
+    WHILE head <> '' LOOP
+        c := ascii(right(head, 1)) + 1;
+        IF c = 55296 THEN
+            c := 57344;  -- after U+D7FF comes U+E000: the surrogates are no characters
+        END IF;
+        BEGIN
+            RETURN left(head, -1) || chr(c);
+        EXCEPTION WHEN program_limit_exceeded THEN
+            head := left(head, -1);  -- the encoding's last character: carry to the one before
+        END;
+    END LOOP;
+    RETURN NULL;
+END;
+$$;
+
+-- One page of jobs, newest first, as sync_jobs_page gives them (the same columns, then the
+-- job's label and dedupe key), live or in the history, of kind `only_kind` and overall_status
+-- `only_status` (NULL: any), and matching `search` (NULL or blank: every job). A search
+-- matches the start of a job's kind, label or dedupe key, ignoring case, and, when it can
+-- begin a job id (hex digits, with dashes where an id has them), the start of the id. At most
+-- 256 characters (22023 beyond). The dashboard's jobs page; its read-only role, which could
+-- call sync_jobs_page before, may call this one after the upgrade.
+--
+-- Every match is a range of an index, the live jobs' (migration 15) and the history's
+-- (migration 16): public_id between the prefix padded with 0s and with fs; lower(kind),
+-- lower(label), lower(dedupe_key) in byte order from the prefix to text_after_prefix(prefix).
+-- Each field of each table gives at most skip + page_size jobs, newest first, then the page is
+-- cut from their union. The statement runs through EXECUTE, so it is planned with the values
+-- at hand: a prefix that matches few jobs reads them from its index, one that matches most (a
+-- busy kind) walks the table's created_at index from the newest instead, as the planner's
+-- statistics say.
+-- carry grants: chunkd.sync_jobs_page(text,text,integer,integer) -> chunkd.search_sync_jobs(text,text,text,integer,integer)
+CREATE OR REPLACE FUNCTION chunkd.search_sync_jobs(search text DEFAULT NULL,
+                                                   only_kind text DEFAULT NULL,
+                                                   only_status text DEFAULT NULL,
+                                                   page_size int DEFAULT 50, skip int DEFAULT 0)
+RETURNS TABLE (parent_sync_job_id uuid, kind text, total_chunks int, pending_chunks int,
+               processing_chunks int, completed_chunks int, failed_chunks int,
+               cancelled_chunks int, overall_status text, progress_percentage numeric,
+               created_at timestamptz, started_at timestamptz, finished_at timestamptz,
+               run_at timestamptz, label text, dedupe_key text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    term text := nullif(btrim(search_sync_jobs.search), '');
+    hex text;
+    by_id boolean := false;
+    id_low uuid;
+    id_high uuid;
+    low text;
+    high text;
+    lim bigint := greatest(coalesce(page_size, 50), 0);
+    off bigint := greatest(coalesce(skip, 0), 0);
+BEGIN
+    IF length(term) > 256 THEN
+        RAISE EXCEPTION 'chunkd: a search is at most 256 characters (the start of a kind, a '
+            'label, a dedupe key or a job id), got %', length(term) USING ERRCODE = '22023';
+    END IF;
+    IF term IS NOT NULL THEN
+        low := lower(term);
+        high := chunkd.text_after_prefix(low);
+        hex := replace(low, '-', '');
+        -- 3fa85f64, 3fa85f64-5717-4562, 3fa85f645717: the start of an id, as printed or without
+        -- its dashes.
+        by_id := hex ~ '^[0-9a-f]{1,32}$'
+                 AND (hex = low OR left(rpad(hex, 32, '0')::uuid::text, length(low)) = low);
+        IF by_id THEN
+            id_low := rpad(hex, 32, '0')::uuid;
+            id_high := rpad(hex, 32, 'f')::uuid;
+        END IF;
+    END IF;
+    RETURN QUERY EXECUTE $q$
+        WITH hits AS (
+            (SELECT j.id FROM chunkd.jobs j
+             WHERE $1 IS NULL
+               AND ($2::text IS NULL OR j.kind = $2)
+               AND ($3::text IS NULL OR chunkd.overall_status(j) = $3)
+             ORDER BY j.created_at DESC, j.public_id LIMIT $4)
+            UNION
+            (SELECT j.id FROM chunkd.jobs j
+             WHERE $5 AND j.public_id BETWEEN $6 AND $7
+               AND ($2::text IS NULL OR j.kind = $2)
+               AND ($3::text IS NULL OR chunkd.overall_status(j) = $3)
+             ORDER BY j.created_at DESC, j.public_id LIMIT $4)
+            UNION
+            (SELECT j.id FROM chunkd.jobs j
+             WHERE lower(j.kind) COLLATE "C" >= $8
+               AND ($9::text IS NULL OR lower(j.kind) COLLATE "C" < $9)
+               AND starts_with(lower(j.kind), $8)
+               AND ($2::text IS NULL OR j.kind = $2)
+               AND ($3::text IS NULL OR chunkd.overall_status(j) = $3)
+             ORDER BY j.created_at DESC, j.public_id LIMIT $4)
+            UNION
+            (SELECT j.id FROM chunkd.jobs j
+             WHERE j.label IS NOT NULL AND lower(j.label) COLLATE "C" >= $8
+               AND ($9::text IS NULL OR lower(j.label) COLLATE "C" < $9)
+               AND starts_with(lower(j.label), $8)
+               AND ($2::text IS NULL OR j.kind = $2)
+               AND ($3::text IS NULL OR chunkd.overall_status(j) = $3)
+             ORDER BY j.created_at DESC, j.public_id LIMIT $4)
+            UNION
+            (SELECT j.id FROM chunkd.jobs j
+             WHERE j.dedupe_key IS NOT NULL AND lower(j.dedupe_key) COLLATE "C" >= $8
+               AND ($9::text IS NULL OR lower(j.dedupe_key) COLLATE "C" < $9)
+               AND starts_with(lower(j.dedupe_key), $8)
+               AND ($2::text IS NULL OR j.kind = $2)
+               AND ($3::text IS NULL OR chunkd.overall_status(j) = $3)
+             ORDER BY j.created_at DESC, j.public_id LIMIT $4)
+        ), old_hits AS (
+            (SELECT h.id FROM chunkd.history_jobs h
+             WHERE $1 IS NULL
+               AND ($2::text IS NULL OR h.kind = $2)
+               AND ($3::text IS NULL OR h.status = $3)
+             ORDER BY h.created_at DESC, h.public_id LIMIT $4)
+            UNION
+            (SELECT h.id FROM chunkd.history_jobs h
+             WHERE $5 AND h.public_id BETWEEN $6 AND $7
+               AND ($2::text IS NULL OR h.kind = $2)
+               AND ($3::text IS NULL OR h.status = $3)
+             ORDER BY h.created_at DESC, h.public_id LIMIT $4)
+            UNION
+            (SELECT h.id FROM chunkd.history_jobs h
+             WHERE lower(h.kind) COLLATE "C" >= $8
+               AND ($9::text IS NULL OR lower(h.kind) COLLATE "C" < $9)
+               AND starts_with(lower(h.kind), $8)
+               AND ($2::text IS NULL OR h.kind = $2)
+               AND ($3::text IS NULL OR h.status = $3)
+             ORDER BY h.created_at DESC, h.public_id LIMIT $4)
+            UNION
+            (SELECT h.id FROM chunkd.history_jobs h
+             WHERE h.label IS NOT NULL AND lower(h.label) COLLATE "C" >= $8
+               AND ($9::text IS NULL OR lower(h.label) COLLATE "C" < $9)
+               AND starts_with(lower(h.label), $8)
+               AND ($2::text IS NULL OR h.kind = $2)
+               AND ($3::text IS NULL OR h.status = $3)
+             ORDER BY h.created_at DESC, h.public_id LIMIT $4)
+            UNION
+            (SELECT h.id FROM chunkd.history_jobs h
+             WHERE h.dedupe_key IS NOT NULL AND lower(h.dedupe_key) COLLATE "C" >= $8
+               AND ($9::text IS NULL OR lower(h.dedupe_key) COLLATE "C" < $9)
+               AND starts_with(lower(h.dedupe_key), $8)
+               AND ($2::text IS NULL OR h.kind = $2)
+               AND ($3::text IS NULL OR h.status = $3)
+             ORDER BY h.created_at DESC, h.public_id LIMIT $4)
+        ), page AS (
+            (SELECT j.id, j.public_id, j.kind, j.total_chunks, j.completed_chunks,
+                    j.failed_chunks, j.cancelled_chunks, j.created_at, j.started_at,
+                    j.finished_at, j.run_at, j.label, j.dedupe_key,
+                    chunkd.overall_status(j) AS overall_status
+             FROM hits x JOIN chunkd.jobs j ON j.id = x.id)
+            UNION ALL
+            (SELECT h.id, h.public_id, h.kind, h.total_chunks, h.completed_chunks,
+                    h.failed_chunks, h.cancelled_chunks, h.created_at, h.started_at,
+                    h.finished_at, h.run_at, h.label, h.dedupe_key, h.status
+             FROM old_hits x JOIN chunkd.history_jobs h ON h.id = x.id)
+            ORDER BY created_at DESC, public_id
+            LIMIT $10 OFFSET $11
+        ), running AS (
+            SELECT a.job_id, count(*)::int AS n
+            FROM chunkd.attempts a
+            WHERE a.ended_at IS NULL AND a.job_id IN (SELECT p.id FROM page p)
+            GROUP BY a.job_id
+        )
+        SELECT p.public_id, p.kind, p.total_chunks,
+               p.total_chunks - p.completed_chunks - p.failed_chunks - p.cancelled_chunks
+                   - coalesce(r.n, 0),
+               coalesce(r.n, 0), p.completed_chunks, p.failed_chunks, p.cancelled_chunks,
+               p.overall_status,
+               coalesce(round((p.completed_chunks + p.failed_chunks + p.cancelled_chunks)
+                              * 100.0 / nullif(p.total_chunks, 0), 2), 0),
+               p.created_at, p.started_at, p.finished_at, p.run_at, p.label, p.dedupe_key
+        FROM page p LEFT JOIN running r ON r.job_id = p.id
+        ORDER BY p.created_at DESC, p.public_id
+    $q$ USING term, only_kind, only_status, lim + off, by_id, id_low, id_high, low, high, lim,
+              off;
+END;
+$$;
+
+-- A kind's flow controls and what it has now: its pause (NULL: not paused) and rate (NULL:
+-- none; tokens as flow_limits() reads them), its chunks processing and pending (due or
+-- waiting) and its unfinished jobs. Always one row: a kind nothing is known of has no
+-- controls and nothing in flight.
+-- carry grants: chunkd.sync_jobs_page(text,text,integer,integer) -> chunkd.kind_state(text)
+CREATE OR REPLACE FUNCTION chunkd.kind_state(kind text)
+RETURNS TABLE (
+    paused_at timestamptz,
+    per_second numeric,
+    burst int,
+    tokens float8,
+    processing bigint,
+    pending bigint,
+    active_jobs bigint
+)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT k.paused_at, k.per_second, k.burst,
+           CASE WHEN k.per_second IS NOT NULL
+                THEN chunkd.bucket_level(k.tokens, k.refilled_at, k.per_second::float8, k.burst,
+                                         clock_timestamp())
+           END,
+           (SELECT count(*) FROM chunkd.jobs j JOIN chunkd.attempts a ON a.job_id = j.id
+            WHERE j.kind = kind_state.kind AND j.finished_at IS NULL AND j.cancelled_at IS NULL
+              AND a.ended_at IS NULL),
+           chunkd.pending_of_kind(kind_state.kind)::bigint,
+           (SELECT count(*) FROM chunkd.jobs j
+            WHERE j.kind = kind_state.kind AND j.finished_at IS NULL AND j.cancelled_at IS NULL)
+    FROM (SELECT) x
+    LEFT JOIN chunkd.kind_flow k ON k.kind = kind_state.kind;
 END;
 
 -- Chunks each worker holds now (open attempts), by worker id. Workers holding none are absent.

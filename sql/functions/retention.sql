@@ -1,6 +1,6 @@
 -- Retention: the policies, and the daemons' maintenance round that moves finished jobs out of
 -- the live tables into the history (tables partitioned by when their rows expire, schema
--- version 14) and drops the partitions whose range is past. An operator's retry brings a job
+-- version 16) and drops the partitions whose range is past. An operator's retry brings a job
 -- back (restore_job). docs/storage.md, "Retention and history".
 
 -- The policies: how long a finished job is kept, per terminal state (partial_failure jobs are

@@ -4,7 +4,7 @@
 -- A schedule's next_fire_at is its next due time, or NULL: not planned yet (last_error NULL:
 -- the first daemon that sees it plans it), or not plannable (last_error says why: its cron
 -- expression has the right shape but the daemons cannot read it; it waits until
--- create_schedule replaces it). Never 'infinity': a CHECK refuses it (migration 10), as in
+-- create_schedule replaces it). Never 'infinity': a CHECK refuses it (migration 12), as in
 -- every timestamp column of chunkd, so nothing that reads the schedules gets a sentinel.
 
 -- The earliest planned due time of an active schedule (the daemons' timer), or NULL.

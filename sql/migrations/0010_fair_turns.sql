@@ -16,6 +16,8 @@
 -- daemon that does not say): the reaper returns the chunks of a daemon that missed three
 -- heartbeats without waiting for each lease, and rows of daemons gone for long are pruned.
 
+LOCK TABLE chunkd.scheduled, chunkd.workers, chunkd.ready IN ACCESS EXCLUSIVE MODE;
+
 ALTER TABLE chunkd.ready ADD COLUMN turn bigint NOT NULL DEFAULT 0;
 UPDATE chunkd.ready SET turn = seq;
 ALTER TABLE chunkd.scheduled ADD COLUMN turn bigint NOT NULL DEFAULT 0;
@@ -25,8 +27,6 @@ DROP INDEX chunkd.ready_claim;
 -- The fast path's order: priority, then turn, then first come first served within a turn
 -- (chunk ids grow with enqueue order, and with seq within a job).
 CREATE INDEX ready_claim ON chunkd.ready (priority DESC, turn, chunk_id) WHERE NOT limited;
--- The current turn among chunks under flow control (the slow path's).
-CREATE INDEX ready_limited_turn ON chunkd.ready (priority DESC, turn) WHERE limited;
 
 ALTER TABLE chunkd.workers ADD COLUMN heartbeat_s float8
     CHECK (heartbeat_s IS NULL OR heartbeat_s > 0);

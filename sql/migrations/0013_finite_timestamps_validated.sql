@@ -1,10 +1,12 @@
 -- chunkd schema version 13: the timestamp checks of version 12 validated.
 --
 -- VALIDATE CONSTRAINT reads every row under a SHARE UPDATE EXCLUSIVE lock: daemons keep
--- claiming and writing meanwhile. A row that holds ±infinity (set by hand: chunkd itself wrote
--- one only in schedules.next_fire_at, which version 12 cleared) fails this migration, naming
--- the check (<table>_<column>_finite): give that row a real time, or NULL where the column
--- allows it, and run chunkd migrate again.
+-- claiming and writing meanwhile. Each check takes a time from 0001-01-01 to before
+-- 10000-01-01 UTC, what Python's datetime holds. A row that holds ±infinity or a time outside
+-- that range (set by hand: chunkd itself wrote only 'infinity', in schedules.next_fire_at,
+-- which version 12 cleared) fails this migration, naming the check
+-- (<table>_<column>_finite): give that row a real time, or NULL where the column allows it, and
+-- run chunkd migrate again.
 
 ALTER TABLE chunkd.attempts VALIDATE CONSTRAINT attempts_claimed_at_finite;
 ALTER TABLE chunkd.attempts VALIDATE CONSTRAINT attempts_ended_at_finite;

@@ -1,7 +1,11 @@
 -- The NOTIFYs that wake the daemons (functions in functions/notify.sql): a chunk joins the
 -- ready queue or is scheduled, a chunk of a limited job frees a slot, a delayed job commits.
 -- (CREATE OR REPLACE TRIGGER locks the table: these are re-applied only when this file changes.
--- A constraint trigger cannot be replaced, so it is dropped and created.)
+-- A constraint trigger cannot be replaced, so it is dropped and created.) The tables first, at
+-- once, in the lock order of docs/migrations.md: scheduled before the others, as every claim
+-- takes it (one that held chunks and jobs waited for ready, which this file held, while this
+-- file waited for jobs).
+LOCK TABLE chunkd.scheduled, chunkd.attempts, chunkd.jobs, chunkd.ready IN ACCESS EXCLUSIVE MODE;
 
 CREATE OR REPLACE TRIGGER ready_notify
     AFTER INSERT ON chunkd.ready

@@ -6,7 +6,7 @@
 -- of a kind, with who did it) are in job_events. A claim that spent no attempt ('released',
 -- 'snoozed') shows the attempts spent after it; delay_s is the seconds until the chunk could
 -- run again that a 'snoozed' or 'retry_scheduled' row asked for (NULL otherwise, and for rows
--- written before schema version 10); seq: the chunk's position in its job. A claim joins its job
+-- written before schema version 11); seq: the chunk's position in its job. A claim joins its job
 -- through its chunk (the same job): a job's claims are then read through the chunks' index.
 CREATE OR REPLACE VIEW chunkd.chunk_events AS
 SELECT c.queue_id, j.public_id AS sync_job_id, 'enqueued'::text AS event, 'pending'::text AS status,

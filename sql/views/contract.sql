@@ -10,26 +10,26 @@ CREATE OR REPLACE VIEW chunkd.all_jobs AS
 SELECT j.id, j.public_id, j.kind, j.payload, j.max_concurrency, j.max_attempts, j.priority,
        j.total_chunks, j.completed_chunks, j.failed_chunks, j.cancelled_chunks, j.cancelled_at,
        j.created_at, j.started_at, j.finished_at, j.open, j.on_finish_kind, j.appended_chunks,
-       j.run_at, j.dedupe_key, j.paused_at, j.max_per_second, j.concurrency_key,
-       NULL::text AS status, NULL::timestamptz AS expires_at
+       j.run_at, j.dedupe_key, j.paused_at, j.max_per_second, j.concurrency_key, j.label,
+       j.traceparent, NULL::text AS status, NULL::timestamptz AS expires_at
 FROM chunkd.jobs j
 UNION ALL
 SELECT h.id, h.public_id, h.kind, h.payload, h.max_concurrency, h.max_attempts, h.priority,
        h.total_chunks, h.completed_chunks, h.failed_chunks, h.cancelled_chunks, h.cancelled_at,
        h.created_at, h.started_at, h.finished_at, h.open, h.on_finish_kind, h.appended_chunks,
-       h.run_at, h.dedupe_key, h.paused_at, h.max_per_second, h.concurrency_key, h.status,
-       h.expires_at
+       h.run_at, h.dedupe_key, h.paused_at, h.max_per_second, h.concurrency_key, h.label,
+       h.traceparent, h.status, h.expires_at
 FROM chunkd.history_jobs h;
 
 CREATE OR REPLACE VIEW chunkd.sync_jobs AS
 SELECT j.public_id AS id, j.kind, j.payload, j.max_concurrency, j.max_attempts, j.priority,
        j.total_chunks, j.cancelled_at, j.created_at, j.started_at, j.finished_at, j.run_at,
-       j.dedupe_key, j.paused_at, j.max_per_second, j.concurrency_key
+       j.dedupe_key, j.paused_at, j.max_per_second, j.concurrency_key, j.label
 FROM chunkd.jobs j
 UNION ALL
 SELECT h.public_id, h.kind, h.payload, h.max_concurrency, h.max_attempts, h.priority,
        h.total_chunks, h.cancelled_at, h.created_at, h.started_at, h.finished_at, h.run_at,
-       h.dedupe_key, h.paused_at, h.max_per_second, h.concurrency_key
+       h.dedupe_key, h.paused_at, h.max_per_second, h.concurrency_key, h.label
 FROM chunkd.history_jobs h;
 
 CREATE OR REPLACE VIEW chunkd.chunked_sync_jobs AS

@@ -111,8 +111,15 @@ class App:
         Raises:
             ValueError: ``kind`` is empty, too long, or already registered.
             TypeError: the function is not callable, is a generator, or a payload type is
-                not a dataclass or pydantic model class.
+                not a dataclass or pydantic model class; ``@app.handler`` without its kind.
         """
+        if callable(kind) and not isinstance(kind, str):
+            # @app.handler without parentheses: the function arrived as the kind.
+            name = getattr(kind, "__name__", None) or repr(kind)
+            raise TypeError(
+                f'@app.handler needs the kind it handles: write @app.handler("kind") above '
+                f"{name}, not @app.handler"
+            )
         if not isinstance(kind, str) or not kind.strip() or len(kind) > MAX_KIND_CHARS:
             raise ValueError(f"a kind must be 1-{MAX_KIND_CHARS} characters, got {kind!r}")
         types = [None if t is None else payload_type(t) for t in (payload, job_payload)]

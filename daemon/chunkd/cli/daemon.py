@@ -19,6 +19,7 @@ from chunkd.errors import ChunkdError
 
 if TYPE_CHECKING:
     from chunkd.handlers import HandlerRegistry
+    from chunkd.observability.tracing import Tracing
     from chunkd.settings import RunSettings
 
 __all__ = ["migrate", "run"]
@@ -27,8 +28,13 @@ __all__ = ["migrate", "run"]
 @click.command()
 @dsn_option
 @click.option("--check", is_flag=True, help="Only check: exit 0 if current, 1 if behind or ahead.")
+@click.option(
+    "--reapply",
+    is_flag=True,
+    help="Also put back the definitions changed by hand since (what chunkd doctor reports).",
+)
 @lock_wait_option
-def migrate(dsn: str, check: bool, lock_wait: float) -> None:
+def migrate(dsn: str, check: bool, reapply: bool, lock_wait: float) -> None:
     """Install or upgrade the chunkd schema (safe to run concurrently and repeatedly)."""
     from chunkd.db import connect
     from chunkd.db.migrate import apply_migrations, check_version
@@ -46,7 +52,7 @@ def migrate(dsn: str, check: bool, lock_wait: float) -> None:
                         "than this one: upgrade this chunkd"
                     )
                 return
-            migrated = await apply_migrations(conn, lock_wait_s=lock_wait)
+            migrated = await apply_migrations(conn, lock_wait_s=lock_wait, reapply_edited=reapply)
             if migrated.versions:
                 click.echo(f"applied migration(s) {', '.join(map(str, migrated.versions))}")
             if len(migrated.definitions) == len(definitions()):
@@ -78,6 +84,7 @@ def _fail_line(message: str, code: int) -> int:
 @dsn_option
 @click.option(
     "--app-dir",
+    type=click.Path(exists=True, file_okay=False),
     default=".",
     show_default=True,
     envvar="CHUNKD_APP_DIR",
@@ -306,10 +313,16 @@ def run(
             "no handlers: pass an app (chunkd run myapp.tasks:app), --handler KIND=SPEC, or "
             "install a chunkd.handlers entry point"
         )
-    run_async(_run_until_signalled(settings, registry))
+    from chunkd.observability.tracing import configure
+
+    # After the app is imported: a tracer provider it set up itself is kept.
+    tracing = configure(os.environ)
+    run_async(_run_until_signalled(settings, registry, tracing))
 
 
-async def _run_until_signalled(settings: RunSettings, registry: HandlerRegistry) -> None:
+async def _run_until_signalled(
+    settings: RunSettings, registry: HandlerRegistry, tracing: Tracing | None
+) -> None:
     from chunkd.runtime.supervisor import run_daemon
 
     stop = asyncio.Event()
@@ -329,7 +342,9 @@ async def _run_until_signalled(settings: RunSettings, registry: HandlerRegistry)
         ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="chunkd-handler")
     )
     try:
-        await run_daemon(settings, registry, stop)
+        await run_daemon(settings, registry, stop, tracing=tracing)
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        if tracing is not None:
+            await asyncio.to_thread(tracing.shutdown)  # the last spans, at most 5 s

@@ -32,9 +32,9 @@ __all__ = ["doctor"]
     envvar="CHUNKD_DOCTOR_PROBLEM_AGE",
     help="... and older than this a problem.  [env: CHUNKD_DOCTOR_PROBLEM_AGE]",
 )
-@stale_after_option("counts as dead")
+@stale_after_option("counts as dead", own_heartbeats=True)
 def doctor(
-    dsn: str, as_json: bool, warn_age: float, problem_age: float, stale_after: float
+    dsn: str, as_json: bool, warn_age: float, problem_age: float, stale_after: float | None
 ) -> None:
     """Check the database for what hurts the queue, one line each with what to do.
 

@@ -20,9 +20,9 @@ from chunkd.cli.options import (
     TIMESTAMP,
     console,
     dsn_option,
+    heartbeats_or_stale_after_option,
     lock_wait_option,
     plural,
-    stale_after_option,
     with_connection,
 )
 from chunkd.errors import ChunkdError
@@ -124,6 +124,20 @@ __all__ = ["cancel", "enqueue", "retry", "status"]
     help="When the job finishes, a one-chunk job of this kind is created (its chunk carries "
     "the job's id, status and counts).  [env: CHUNKD_ON_FINISH_KIND]",
 )
+@click.option(
+    "--traceparent",
+    default=None,
+    envvar="TRACEPARENT",
+    help="The W3C trace context whose trace the job's chunk spans join "
+    "(00-<trace id>-<span id>-<flags>), e.g. a traced script's own.  [env: TRACEPARENT]",
+)
+@click.option(
+    "--label",
+    default=None,
+    envvar="CHUNKD_LABEL",
+    help="A short text to find the job by (1-200 characters): the dashboard shows it and "
+    "its search matches its start.  [env: CHUNKD_LABEL]",
+)
 @click.argument("source", metavar="[FILE|-]", type=click.File("rb"), required=False)
 def enqueue(
     dsn: str,
@@ -139,6 +153,8 @@ def enqueue(
     on_finish_kind: str | None,
     max_per_second: str | None,
     concurrency_key: str | None,
+    traceparent: str | None,
+    label: str | None,
     source: IO[bytes] | None,
 ) -> None:
     """Create a sync job from a JSON array of chunk payloads, or NDJSON (one payload per line),
@@ -153,6 +169,8 @@ def enqueue(
         raise ChunkdError("--at and --in both say when to start: give one of them")
     if dedupe_key is not None and not dedupe_key:
         raise ChunkdError("--dedupe-key must not be empty (leave it out for no key)")
+    if label is not None and not label:
+        raise ChunkdError("--label must not be empty (leave it out for no label)")
     if source is None:
         if sys.stdin.isatty() and not open_job:
             raise ChunkdError("no input: give FILE, or '-' and pipe the chunks to stdin")
@@ -178,6 +196,8 @@ def enqueue(
             on_finish_kind=on_finish_kind,
             max_per_second=rate,
             concurrency_key=concurrency_key,
+            traceparent=traceparent or None,
+            label=label,
         ),
     )
     click.echo(str(done.job_id))
@@ -221,7 +241,7 @@ def enqueue(
     envvar="CHUNKD_LIMIT",
     help="Newest jobs shown without JOB; 0 = all.  [env: CHUNKD_LIMIT]",
 )
-@stale_after_option("is not counted as live")
+@heartbeats_or_stale_after_option("is not counted as live")
 def status(
     dsn: str,
     job: UUID | None,
@@ -229,7 +249,7 @@ def status(
     as_json: bool,
     interval: float,
     limit: int,
-    stale_after: float,
+    stale_after: float | None,
 ) -> None:
     """Progress of all jobs (newest first), or of one JOB with its recent errors."""
     from chunkd.cli.status_view import watch as show

@@ -9,9 +9,9 @@ from chunkd.cli.options import (
     Duration,
     console,
     dsn_option,
+    heartbeats_or_stale_after_option,
     lock_wait_option,
     plural,
-    stale_after_option,
     with_connection,
 )
 from chunkd.errors import ChunkdError
@@ -55,9 +55,10 @@ def purge(dsn: str, older_than: float, lock_wait: float) -> None:
 @click.option(
     "--json", "as_json", is_flag=True, envvar="CHUNKD_JSON", help="JSON.  [env: CHUNKD_JSON]"
 )
-@stale_after_option("is shown as stale")
-def workers(dsn: str, as_json: bool, stale_after: float) -> None:
-    """Registered daemons: live, or stale (no heartbeat for --stale-after)."""
+@heartbeats_or_stale_after_option("is shown as stale")
+def workers(dsn: str, as_json: bool, stale_after: float | None) -> None:
+    """Registered daemons: live, or stale (missed three of its heartbeats, when the reaper
+    takes it for dead; or silent for --stale-after)."""
     import json
 
     from chunkd import ops

@@ -15,6 +15,7 @@ import click
 
 from chunkd.dsn import to_uri
 from chunkd.settings import POOLER_MODES, Dsn, parse_duration
+from chunkd.times import RANGE, storable
 
 if TYPE_CHECKING:
     import asyncpg
@@ -32,6 +33,7 @@ __all__ = [
     "Timestamp",
     "console",
     "dsn_option",
+    "heartbeats_or_stale_after_option",
     "lock_wait_option",
     "plural",
     "run_async",
@@ -91,6 +93,8 @@ class Timestamp(click.ParamType[datetime]):
                 param,
                 ctx,
             )
+        if not storable(when):
+            self.fail(f"{value!r} is not a time chunkd stores: give one {RANGE}", param, ctx)
         return when
 
 
@@ -169,10 +173,20 @@ INT32 = click.IntRange(min=-(2**31), max=2**31 - 1)
 STALE_AFTER_DEFAULT = "2m"
 
 
-def stale_after_option(meaning: str) -> Callable[[F], F]:
+def stale_after_option(meaning: str, *, own_heartbeats: bool = False) -> Callable[[F], F]:
     """``--stale-after DURATION`` (``CHUNKD_STALE_AFTER``, default 2m), the seconds without a
     heartbeat after which a worker counts as stale; ``meaning`` completes "A worker silent this
-    long ..." for the command's help."""
+    long ..." for the command's help. ``own_heartbeats``: no default (None), the command
+    judges each worker by three of its own heartbeats, as the reaper does."""
+    if own_heartbeats:
+        return click.option(
+            "--stale-after",
+            type=DURATION,
+            default=None,
+            envvar="CHUNKD_STALE_AFTER",
+            help=f"A worker silent this long {meaning}.  [default: three of the worker's own "
+            "heartbeats, as the reaper judges it]  [env: CHUNKD_STALE_AFTER]",
+        )
     return click.option(
         "--stale-after",
         type=DURATION,
@@ -180,6 +194,21 @@ def stale_after_option(meaning: str) -> Callable[[F], F]:
         show_default=True,
         envvar="CHUNKD_STALE_AFTER",
         help=f"A worker silent this long {meaning}.  [env: CHUNKD_STALE_AFTER]",
+    )
+
+
+def heartbeats_or_stale_after_option(meaning: str) -> Callable[[F], F]:
+    """``--stale-after DURATION`` (``CHUNKD_STALE_AFTER``), given or None: a worker counts as
+    stale once silent that long, or by default once it missed three of its own heartbeats (the
+    reaper's rule; 2m for a daemon that does not say how often it heartbeats); ``meaning``
+    completes "A worker silent this long ..." for the command's help."""
+    return click.option(
+        "--stale-after",
+        type=DURATION,
+        default=None,
+        envvar="CHUNKD_STALE_AFTER",
+        help=f"A worker silent this long {meaning}; by default one that missed three of its "
+        "heartbeats, when the reaper takes it for dead.  [env: CHUNKD_STALE_AFTER]",
     )
 
 

@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from chunkd import ops
+from chunkd.times import local_text
 
 if TYPE_CHECKING:
     import asyncpg
@@ -54,7 +55,7 @@ def _when(moment: datetime | str | None) -> str:
         return "-"
     if isinstance(moment, str):
         moment = datetime.fromisoformat(moment)
-    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    return local_text(moment)
 
 
 def _status(status: str) -> Text:
@@ -196,6 +197,8 @@ def job_view(detail: ops.JobDetail) -> RenderableType:
     facts.add_column()
     facts.add_row("job", str(p["sync_job_id"]))
     facts.add_row("kind", detail.kind)
+    if p.get("label") is not None:
+        facts.add_row("label", Text(str(p["label"])))
     facts.add_row("status", _status(detail.overall_status))
     facts.add_row("progress", _bar(float(p["progress_percentage"] or 0), detail.overall_status))
     facts.add_row(
@@ -279,7 +282,7 @@ def workers_table(workers: Sequence[ops.WorkerRow]) -> RenderableType:
 
 
 async def _snapshot(
-    conn: asyncpg.Connection, job_id: UUID | None, *, limit: int | None, stale_after_s: float
+    conn: asyncpg.Connection, job_id: UUID | None, *, limit: int | None, stale_after_s: float | None
 ) -> tuple[Snapshot, bool]:
     """What one redraw shows, and whether every shown job is terminal."""
     if job_id is not None:
@@ -304,7 +307,7 @@ async def watch(
     job_id: UUID | None,
     *,
     limit: int | None,
-    stale_after_s: float,
+    stale_after_s: float | None,
     interval_s: float,
     as_json: bool,
     once: bool,

@@ -22,9 +22,9 @@ import click
 from chunkd.cli.options import (
     DURATION,
     dsn_option,
+    heartbeats_or_stale_after_option,
     lock_wait_option,
     run_async,
-    stale_after_option,
 )
 from chunkd.errors import ChunkdError
 
@@ -103,7 +103,7 @@ def _bind(host: str, port: int) -> socket.socket:
     envvar="CHUNKD_REFRESH",
     help="How often pages and event streams re-read progress.  [env: CHUNKD_REFRESH]",
 )
-@stale_after_option("is shown as stale")
+@heartbeats_or_stale_after_option("is shown as stale")
 @lock_wait_option
 def web(
     dsn: str,
@@ -111,7 +111,7 @@ def web(
     port: int,
     token_file: Path | None,
     refresh: float,
-    stale_after: float,
+    stale_after: float | None,
     lock_wait: float,
 ) -> None:
     """Serve the web dashboard and the progress API (JSON, server-sent events)."""

@@ -126,6 +126,8 @@ async def create_sync_job(
     on_finish_kind: str | None = None,
     max_per_second: float | Decimal | None = None,
     concurrency_key: str | None = None,
+    traceparent: str | None = None,
+    label: str | None = None,
 ) -> UUID:
     """Creates one sync job and returns its id (``chunkd.create_sync_job``).
 
@@ -154,6 +156,13 @@ async def create_sync_job(
             none (docs: Flow control).
         concurrency_key: the key whose concurrency limit (``set_concurrency_limit``) this job
             shares with the other unfinished jobs of the key (e.g. a tenant); None: none.
+        traceparent: the W3C trace context the job's chunk spans join (docs: Observability,
+            Tracing); None: the current OpenTelemetry span's, if opentelemetry is installed
+            and a span is current, else none.
+        label: a short text to find the job by (the dashboard shows and searches it, and
+            ``get_progress`` returns it), 1-200 characters; None: none. A labeled job is
+            created through ``chunkd.create_jobs`` (the enqueue role of docs/security.md may
+            call it), since ``create_sync_job`` takes no label.
 
     Returns:
         The job's id, or the id of the unfinished job holding ``dedupe_key``.
@@ -166,11 +175,11 @@ async def create_sync_job(
             not exist: call again on a new connection with the same ``dedupe_key``.
         TypeError: ``conn`` is not a connection this module supports.
     """
-    args = job_params(
+    statement, args = job_params(
         kind, chunks, payload, max_concurrency, max_attempts, priority, run_at, dedupe_key,
-        open, on_finish_kind, max_per_second, concurrency_key,
+        open, on_finish_kind, max_per_second, concurrency_key, traceparent, label,
     )  # fmt: skip
-    ((job,),) = await fetch_statement(conn, "client_create_sync_job", args)
+    ((job,),) = await fetch_statement(conn, statement, args)
     return UUID(str(job))
 
 

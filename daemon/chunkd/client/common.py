@@ -22,6 +22,8 @@ from chunkd.errors import (
     JobNotFoundError,
     SchemaVersionError,
 )
+from chunkd.observability.tracing import current_traceparent
+from chunkd.times import RANGE, storable
 
 __all__ = [
     "Driver",
@@ -108,6 +110,10 @@ def _run_at(value: object) -> datetime | None:
             f"run_at {value.isoformat()} has no time zone: give an aware datetime "
             "(e.g. datetime.now(UTC) + timedelta(minutes=15))"
         )
+    if not storable(value):
+        raise InvalidInputError(
+            f"run_at must be a finite timestamp {RANGE} (None: at once), got {value.isoformat()}"
+        )
     return value
 
 
@@ -124,12 +130,17 @@ def job_params(
     on_finish_kind: object = None,
     max_per_second: object = None,
     concurrency_key: object = None,
-) -> tuple[Any, ...]:
-    """The bound values of ``client_create_sync_job``, checked for what the server could not
-    say clearly (types, time zones, NUL characters); the rest is the server's to refuse."""
+    traceparent: object = None,
+    label: object = None,
+) -> tuple[str, tuple[Any, ...]]:
+    """The named statement that creates the job and its bound values, checked for what the
+    server could not say clearly (types, time zones, NUL characters); the rest is the server's
+    to refuse. ``traceparent`` None: the current OpenTelemetry span's, if any. A job with a
+    label goes through ``client_create_labeled_job`` (``create_sync_job`` has no label
+    argument), any other through ``client_create_sync_job``."""
     if not isinstance(open_job, bool):
         raise InvalidInputError(f"open must be True or False, got {type(open_job).__name__}")
-    return (
+    values = (
         _text("kind", kind, optional=False),
         _json("chunks", chunks),
         _json("payload", {} if payload is None else payload),
@@ -142,7 +153,17 @@ def job_params(
         _text("on_finish_kind", on_finish_kind, optional=True),
         _rate("max_per_second", max_per_second),
         _text("concurrency_key", concurrency_key, optional=True),
+        _traceparent(traceparent),
     )
+    if label is None:
+        return "client_create_sync_job", values
+    return "client_create_labeled_job", (*values, _text("label", label, optional=False))
+
+
+def _traceparent(value: object) -> str | None:
+    """As given (the server checks its form), or the current OpenTelemetry span's for None."""
+    given = _text("traceparent", value, optional=True)
+    return current_traceparent() if given is None else given
 
 
 def _rate(name: str, value: object) -> Decimal | None:
@@ -156,7 +177,8 @@ def _rate(name: str, value: object) -> Decimal | None:
 
 def jobs_param(jobs: Iterable[Mapping[str, Any]]) -> str:
     """``create_sync_jobs``' one argument: the job objects as a JSON array, ``run_at``
-    datetimes as ISO 8601 text."""
+    datetimes as ISO 8601 text, the current OpenTelemetry span's ``traceparent`` in each job
+    that gives none."""
     encoded: list[dict[str, Any]] = []
     for index, job in enumerate(jobs):
         if not isinstance(job, Mapping):
@@ -165,6 +187,8 @@ def jobs_param(jobs: Iterable[Mapping[str, Any]]) -> str:
                 f"got {type(job).__name__}"
             )
         spec = dict(job)
+        if spec.get("traceparent") is None:
+            spec["traceparent"] = current_traceparent()  # the current span's, if any
         if "run_at" in spec:
             try:
                 at = _run_at(spec["run_at"])

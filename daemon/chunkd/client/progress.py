@@ -34,7 +34,8 @@ class Progress:
     ``open``: the job takes appended chunks until closed; ``total_is_final`` is false while
     chunks may still be appended (an open job, or one growing by continuations), and
     ``appended_chunks`` counts those added by continuations; ``on_finish_kind`` is the kind of
-    the follow-up job created when it finishes (None: none).
+    the follow-up job created when it finishes (None: none); ``label`` is the text the job was
+    created with to find it by (None: none).
     """
 
     sync_job_id: UUID
@@ -57,6 +58,7 @@ class Progress:
     total_is_final: bool = True
     appended_chunks: int = 0
     on_finish_kind: str | None = None
+    label: str | None = None
 
     @property
     def finished(self) -> bool:

@@ -90,15 +90,17 @@ def create_sync_job(
     on_finish_kind: str | None = None,
     max_per_second: float | Decimal | None = None,
     concurrency_key: str | None = None,
+    traceparent: str | None = None,
+    label: str | None = None,
 ) -> UUID:
     """Creates one sync job and returns its id (or that of the unfinished job holding
     ``dedupe_key``): :func:`chunkd.client.create_sync_job`, blocking. Same arguments (types,
     units, limits) and errors."""
-    args = job_params(
+    statement, args = job_params(
         kind, chunks, payload, max_concurrency, max_attempts, priority, run_at, dedupe_key,
-        open, on_finish_kind, max_per_second, concurrency_key,
+        open, on_finish_kind, max_per_second, concurrency_key, traceparent, label,
     )  # fmt: skip
-    ((job,),) = _fetch(conn, "client_create_sync_job", args)
+    ((job,),) = _fetch(conn, statement, args)
     return UUID(str(job))
 
 

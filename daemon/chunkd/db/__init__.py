@@ -31,7 +31,7 @@ if TYPE_CHECKING:
         validate_identifier,
     )
     from chunkd.db.listener import CHANNEL, Listener
-    from chunkd.db.queue import Claim, ClaimedRow, Queue
+    from chunkd.db.queue import Claim, ClaimedRow, Queue, WorkerRegistration
 
 __all__ = [
     "CHANNEL",
@@ -43,6 +43,7 @@ __all__ = [
     "Listener",
     "Queue",
     "UndecodableValueError",
+    "WorkerRegistration",
     "connect",
     "connection_failure",
     "create_pool",
@@ -57,6 +58,7 @@ _MODULE_OF = {
     "Claim": "queue",
     "ClaimedRow": "queue",
     "Queue": "queue",
+    "WorkerRegistration": "queue",
     "DATABASE_ERRORS": "connection",
     "TRANSIENT_ERRORS": "connection",
     "DatabaseError": "connection",

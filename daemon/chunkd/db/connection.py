@@ -159,12 +159,14 @@ class _Route:
             settings["search_path"] = SEARCH_PATH
         return settings
 
-    def connect_kwargs(self, application_name: str) -> dict[str, Any]:
+    def connect_kwargs(
+        self, application_name: str, *, prepared_statements: bool = True
+    ) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "server_settings": self.server_settings(application_name),
             "connection_class": Connection,
         }
-        if self.transaction_pooler:
+        if self.transaction_pooler or not prepared_statements:
             # Unnamed statements only: asyncpg then parses each statement again in the same
             # round trip as its execution, so no server connection keeps anything of ours.
             kwargs["statement_cache_size"] = 0
@@ -205,13 +207,9 @@ async def backend_pid(conn: asyncpg.Connection, timeout_s: float) -> int:
     return int(out.decode().strip())
 
 
-async def _open(
-    dsn: str, route: _Route, *, timeout_s: float, application_name: str
-) -> asyncpg.Connection:
+async def _open(dsn: str, timeout_s: float, kwargs: dict[str, Any]) -> asyncpg.Connection:
     try:
-        conn: asyncpg.Connection = await asyncpg.connect(
-            to_uri(dsn), timeout=timeout_s, **route.connect_kwargs(application_name)
-        )
+        conn: asyncpg.Connection = await asyncpg.connect(to_uri(dsn), timeout=timeout_s, **kwargs)
     except _CONNECT_ERRORS as exc:
         if _refused_startup_parameter(exc):
             raise
@@ -266,23 +264,25 @@ def _connect_failed(dsn: str, exc: BaseException) -> ConnectError:
 
 
 async def _route_and_connect(
-    dsn: str, *, timeout_s: float, application_name: str
+    dsn: str, timeout_s: float, application_name: str, prepared_statements: bool = True
 ) -> tuple[asyncpg.Connection, _Route]:
     """Connects as ``--pooler`` says (``auto``: finds out) and returns the route it took."""
     mode = pooler_mode(dsn)
+
+    async def _open_as(route: _Route) -> asyncpg.Connection:
+        options = route.connect_kwargs(application_name, prepared_statements=prepared_statements)
+        return await _open(dsn, timeout_s, options)
+
     if mode == "transaction":
-        route = _TRANSACTION_POOLER
-        conn = await _open(dsn, route, timeout_s=timeout_s, application_name=application_name)
-        return conn, route
+        return await _open_as(_TRANSACTION_POOLER), _TRANSACTION_POOLER
     try:
-        conn = await _open(dsn, _DIRECT, timeout_s=timeout_s, application_name=application_name)
+        conn = await _open_as(_DIRECT)
     except asyncpg.PostgresError as exc:
         # A pooler that refuses search_path as a startup parameter: a session pooler if the
         # user says so, otherwise assume transaction pooling (it works in either mode).
         route = _SESSION_POOLER if mode == "session" else _TRANSACTION_POOLER
         log.debug("db.startup_parameter_refused", error=str(exc), route=route.pin)
-        conn = await _open(dsn, route, timeout_s=timeout_s, application_name=application_name)
-        return conn, route
+        return await _open_as(route), route
     if mode == "session":
         return conn, _DIRECT
     # auto: a pooler announces a backend pid of its own (its cancel key), not the server's.
@@ -298,12 +298,15 @@ async def _route_and_connect(
     if not behind_pooler:
         return conn, _DIRECT
     await conn.close()
-    route = _TRANSACTION_POOLER
-    return await _open(dsn, route, timeout_s=timeout_s, application_name=application_name), route
+    return await _open_as(_TRANSACTION_POOLER), _TRANSACTION_POOLER
 
 
 async def connect(
-    dsn: str, *, timeout_s: float = 10.0, application_name: str = "chunkd"
+    dsn: str,
+    *,
+    timeout_s: float = 10.0,
+    application_name: str = "chunkd",
+    prepared_statements: bool = True,
 ) -> asyncpg.Connection:
     """A single connection (migrations, LISTEN, CLI commands), with errors made user-facing.
 
@@ -312,11 +315,14 @@ async def connect(
     a plain string) a connection pooler is detected. Built-ins resolve in ``pg_catalog`` first:
     ``search_path`` is pinned to ``pg_catalog, pg_temp`` except through a transaction pooler.
     The returned :class:`Connection` says whether it goes through a transaction pooler.
+    ``prepared_statements=False``: no named prepared statement on any route (asyncpg's
+    statement cache off), for a connection that must work whatever ``--pooler`` says and
+    whatever the pooler in between really does (``chunkd doctor``, which finds that out).
     Raises :class:`~chunkd.errors.ConnectError` (never with the password).
     """
     try:
         conn, route = await _route_and_connect(
-            dsn, timeout_s=timeout_s, application_name=application_name
+            dsn, timeout_s, application_name, prepared_statements
         )
     except TRANSIENT_ERRORS as exc:
         raise _went_away(dsn, exc) from None
@@ -354,7 +360,7 @@ async def create_pool(dsn: str, *, size: int, timeout_s: float = 10.0) -> asyncp
     """The daemon's pool of up to ``size`` connections, routed like :func:`connect`; raises
     :class:`~chunkd.errors.ConnectError`."""
     try:
-        probe, route = await _route_and_connect(dsn, timeout_s=timeout_s, application_name="chunkd")
+        probe, route = await _route_and_connect(dsn, timeout_s, "chunkd")
         try:
             idle_timeout_s = await idle_session_timeout_s(probe)
         finally:

@@ -20,15 +20,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+import asyncpg
+
+from chunkd.db.connection import DatabaseError
 from chunkd.db.sql_files import Definition, definitions, queries
 from chunkd.version import __version__
 
-if TYPE_CHECKING:
-    import asyncpg
-
 __all__ = [
+    "DefinitionFailed",
     "DefinitionsState",
     "Grant",
     "apply_definitions",
@@ -37,7 +37,35 @@ __all__ = [
     "grants_snapshot",
     "restore_grants",
     "schema_objects",
+    "successors",
 ]
+
+
+class DefinitionFailed(Exception):
+    """The server refused a definitions file: ``path`` (under ``sql/``), ``line`` (of the file,
+    where the server gave a position) and its ``error``."""
+
+    def __init__(self, path: str, line: int | None, error: DatabaseError):
+        where = f"sql/{path}" + (f", line {line}" if line is not None else "")
+        super().__init__(f"{where}: {error}")
+        self.path, self.line, self.error = path, line, error
+
+
+# A try that did not get its locks is tried again (chunkd.db.locks): not a failed file.
+_NOT_THE_FILE = (asyncpg.exceptions.LockNotAvailableError, asyncpg.exceptions.DeadlockDetectedError)
+
+
+async def _apply_file(conn: asyncpg.Connection, definition: Definition) -> None:
+    try:
+        await conn.execute(definition.sql)
+    except _NOT_THE_FILE:
+        raise
+    except DatabaseError as exc:
+        position = getattr(exc, "position", None)
+        line = None
+        if position is not None and str(position).isdigit():
+            line = definition.sql[: int(position) - 1].count("\n") + 1
+        raise DefinitionFailed(definition.path, line, exc) from exc
 
 
 @dataclass(frozen=True)
@@ -88,14 +116,18 @@ async def catalog_state(
     q = queries()
     files = definitions()
     recorded_query = "definitions_applied" if through_function else "definitions_recorded"
-    recorded = {r["path"]: r for r in await conn.fetch(q[recorded_query])}
     paths, kinds, names = [], [], []
     for d in files:
         for obj in d.objects:
             paths.append(d.path)
             kinds.append(obj.kind)
             names.append(obj.name)
-    rows = await conn.fetch(q["definitions_catalog"], paths, kinds, names)
+    async with conn.transaction():
+        # The catalog qualifies the names it prints as the search_path needs: one fixed path
+        # makes the fingerprint the same whatever the session's (a role may set chunkd in it).
+        await conn.execute(q["pin_search_path"])
+        recorded = {r["path"]: r for r in await conn.fetch(q[recorded_query])}
+        rows = await conn.fetch(q["definitions_catalog"], paths, kinds, names)
     catalog = {r["path"]: r for r in rows}
     changed = tuple(
         d.path
@@ -160,28 +192,70 @@ async def restore_grants(
 
 
 async def apply_definitions(
-    conn: asyncpg.Connection, grants_before: Sequence[Grant], *, migrated: bool = False
+    conn: asyncpg.Connection,
+    grants_before: Sequence[Grant],
+    *,
+    migrated: bool = False,
+    reapply_edited: bool = False,
 ) -> tuple[str, ...]:
     """Re-applies the definition files that changed or lost an object, inside the caller's
     transaction (it holds the migrate lock; this pins ``search_path``); returns their paths, in
     the order applied. ``grants_before``: :func:`grants_snapshot` taken before the versioned
-    migrations ran; ``migrated``: whether versioned migrations ran just before. Raises what the
-    server raised."""
+    migrations ran; ``migrated``: whether versioned migrations ran just before;
+    ``reapply_edited``: also the files whose objects were changed by hand since. Raises
+    :class:`DefinitionFailed` for a file the server refused, what the server raised otherwise
+    (a lock not got, among others)."""
     q = queries()
     await conn.execute(q["pin_search_path"])
     state = await catalog_state(conn)
-    todo = [d for d in definitions() if d.path in state.to_apply]
+    wanted = {*state.to_apply, *(state.edited if reapply_edited else ())}
+    todo = [d for d in definitions() if d.path in wanted]
+    # Also what the versioned migrations just granted (0005 carried create_sync_job's grants
+    # to its 12-argument form, which a definition now replaces in turn).
+    held = [*grants_before, *await grants_snapshot(conn)] if todo else []
     for definition in todo:
-        await conn.execute(definition.sql)
+        await _apply_file(conn, definition)
+    await _settle(conn, todo)
     if todo:
         await conn.execute(q["revoke_public"])
-        await restore_grants(conn, grants_before, _carries(todo))
+        await restore_grants(conn, held, _carries(todo))
     if todo or migrated:
         # What the catalog holds now is what was shipped: record it (a versioned migration may
         # have changed how an untouched definition reads). Otherwise write nothing: a hand edit
         # stays visible to `chunkd doctor`, and a current read-only database stays untouched.
         await _record(conn, todo, await catalog_state(conn))
     return tuple(d.path for d in todo)
+
+
+def successors() -> dict[str, str]:
+    """Old function -> the new one of the same name that a definitions file says inherits its
+    grants (``-- carry grants: chunkd.f(a) -> chunkd.f(a,b)``): the old one's arguments and more,
+    with defaults (``tests/test_sql_layout.py`` checks), so every call of the old one finds the
+    new one, and dropping the old one in the same transaction breaks no caller."""
+    return {
+        c.old: c.new
+        for d in definitions()
+        for c in d.carries
+        if c.old.split("(", 1)[0] == c.new.split("(", 1)[0]
+    }
+
+
+async def _settle(conn: asyncpg.Connection, applied: Sequence[Definition], rounds: int = 4) -> None:
+    """Re-applies each SQL-standard function body of ``applied`` from the catalog's own print
+    until the print stops changing (one round suffices on PostgreSQL 15), so that the recorded
+    fingerprint is what a dump restored elsewhere prints too, not a hand edit."""
+    names = sorted({o.name for d in applied for o in d.objects if o.kind == "function"})
+    if not names:
+        return
+    query = queries()["definitions_sql_bodies"]
+    printed = {r["function"]: r["def"] for r in await conn.fetch(query, names)}
+    for _ in range(rounds):
+        for text in printed.values():
+            await conn.execute(text)
+        again = {r["function"]: r["def"] for r in await conn.fetch(query, names)}
+        printed = {f: text for f, text in again.items() if printed.get(f) != text}
+        if not printed:
+            return
 
 
 def _carries(applied: Iterable[Definition]) -> list[tuple[str, str]]:

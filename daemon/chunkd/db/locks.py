@@ -13,7 +13,8 @@ stuck session (idle in a transaction) keeps every try at 50 ms. Then :func:`find
 named query
 ``lock_blockers``: ``pg_locks`` and ``pg_stat_activity``) says who holds what, and
 :class:`LockWaitError` is one line: the pid, its role and application, its state and for how
-long, its transaction's age and the lock it holds.
+long, its transaction's age and the lock it holds; or, when no transaction stayed in the way
+for a second, how many short ones of which sessions came and went in it (seen between tries).
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ class Wanted:
 class Blocker:
     """A session in the way: what ``pg_stat_activity`` shows of it to this role (``state``,
     ``state_s`` and ``xact_s``, in seconds, are None when it hides them), the lock it holds
-    (``granted``) or waits for ahead of us, and its transaction (virtual id)."""
+    (``granted``) or waits for ahead of us (on the relation wanted first), its transaction
+    (virtual id), and ``locks``: every lock of it in the way, that one first
+    (``RowExclusiveLock on chunkd.ready``)."""
 
     pid: int
     role: str | None
@@ -86,6 +89,10 @@ class Blocker:
     relation: str
     granted: bool
     transaction: str
+    locks: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "locks", tuple(self.locks or ()))
 
     def describe(self, viewer: str | None = None) -> str:
         """``pid 4242 (role app, application 'billing', idle in transaction for 12.3 s,
@@ -103,7 +110,9 @@ class Blocker:
             if self.xact_s is not None:
                 about.append(f"transaction open {self.xact_s:.1f} s")
         verb = "holds" if self.granted else "waits for"
-        return f"pid {self.pid} ({', '.join(about)}) {verb} {self.mode} on {self.relation}"
+        locks = list(self.locks) or [f"{self.mode} on {self.relation}"]
+        shown = ", ".join(locks[:4]) + (f" and {len(locks) - 4} more" if len(locks) > 4 else "")
+        return f"pid {self.pid} ({', '.join(about)}) {verb} {shown}"
 
 
 class LockWaitError(ChunkdError):
@@ -132,24 +141,40 @@ async def find_blockers(
     return [Blocker(**dict(r)) for r in rows]
 
 
-async def _in_the_way(
-    conn: asyncpg.Connection | PoolConnectionProxy, wanted: Sequence[Wanted]
-) -> set[str]:
-    return {b.transaction for b in await find_blockers(conn, wanted)}
-
-
 def blocked_message(
-    what: str, wait_s: float, blockers: Sequence[Blocker], viewer: str | None = None
+    what: str,
+    wait_s: float,
+    blockers: Sequence[Blocker],
+    viewer: str | None = None,
+    *,
+    passing: Sequence[Blocker] = (),
+    min_age_s: float = 1.0,
 ) -> str:
-    """One line: ``what`` could not get its locks within ``wait_s``, and who holds them."""
+    """One line: ``what`` could not get its locks within ``wait_s``, and who holds them:
+    ``blockers``, the sessions whose transaction in its way is ``min_age_s`` old or more; when
+    there are none, ``passing``: those seen in its way between its tries, whose transactions
+    came and went (a busy fleet, or claims waiting for the step while it waited for them)."""
     head = f"{what} waited {wait_s:g} s for locks other sessions hold; nothing was changed"
-    if not blockers:
-        return f"{head}; they are free now: run it again"
-    first = blockers[0]
-    more = f" (and {len(blockers) - 1} more session(s))" if len(blockers) > 1 else ""
+    if blockers:
+        first = blockers[0]
+        more = f" (and {len(blockers) - 1} more session(s))" if len(blockers) > 1 else ""
+        return (
+            f"{head}: {first.describe(viewer)}{more}; end that transaction (or SELECT "
+            f"pg_terminate_backend({first.pid})) and run it again"
+        )
+    if not passing:
+        return (
+            f"{head}: the transactions in its way ended before they could be named, and none "
+            "holds them now: run it again"
+        )
+    transactions = len({b.transaction for b in passing})
+    pids = sorted({b.pid for b in passing})
+    shown = ", ".join(map(str, pids[:5])) + (", ..." if len(pids) > 5 else "")
     return (
-        f"{head}: {first.describe(viewer)}{more}; end that transaction (or SELECT "
-        f"pg_terminate_backend({first.pid})) and run it again"
+        f"{head}: {transactions} short transaction{'s' if transactions > 1 else ''} of "
+        f"{len(pids)} session{'s' if len(pids) > 1 else ''} (pid {shown}) held them in turn, "
+        f"none for {min_age_s:g} s or more, and no try (of at most {LOCK_TRY_MAX_MS} ms) found "
+        "them free; run it again when they are fewer, or with a longer lock wait"
     )
 
 
@@ -173,6 +198,7 @@ async def with_lock_retry(
     started = time.monotonic()
     tries = 0
     try_ms = LOCK_TRY_MS
+    passing: dict[str, Blocker] = {}  # transaction -> its session, seen in the way
     while True:
         left_s = max(0.0, wait_s - (time.monotonic() - started))
         try:
@@ -184,11 +210,18 @@ async def with_lock_retry(
             left_s = wait_s - (time.monotonic() - started)
             if left_s <= 0:
                 break
-            before = await _in_the_way(conn, wanted)
+            before = {b.transaction: b for b in await find_blockers(conn, wanted)}
             delay_s = min(_BACKOFF_CAP_S, _BACKOFF_FIRST_S * 2 ** (tries - 1))
             await asyncio.sleep(min(left_s, delay_s * random.uniform(0.5, 1.0)))
-            stuck = before & await _in_the_way(conn, wanted)
+            after = {b.transaction: b for b in await find_blockers(conn, wanted)}
+            passing.update(before)
+            passing.update(after)
+            stuck = before.keys() & after.keys()
             try_ms = LOCK_TRY_MS if stuck else min(LOCK_TRY_MAX_MS, 2 * try_ms)
-    blockers = await find_blockers(conn, wanted, min_age_s=min(1.0, wait_s / 2))
+    min_age_s = min(1.0, wait_s / 2)
+    blockers = await find_blockers(conn, wanted, min_age_s=min_age_s)
     viewer = getattr(conn.get_settings(), "session_authorization", None)
-    raise LockWaitError(blocked_message(what, wait_s, blockers, viewer), blockers)
+    message = blocked_message(
+        what, wait_s, blockers, viewer, passing=list(passing.values()), min_age_s=min_age_s
+    )
+    raise LockWaitError(message, blockers)

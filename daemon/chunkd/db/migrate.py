@@ -5,8 +5,8 @@ Each versioned migration (``sql/migrations/``) runs in its own transaction, with
 ``search_path`` pinned to ``pg_catalog``; then the current definitions whose files changed are
 re-applied in one more (:mod:`chunkd.db.definitions`). All of it runs under one session
 advisory lock, so two ``chunkd migrate`` at once are safe: the second waits, then finds nothing
-to do. A step that drops a function or view while daemons of another chunkd version are alive
-is refused (a rolling upgrade: they may still call it). Before anything is written,
+to do. A step that drops a function or view that running daemons of another chunkd release
+call is refused (a rolling upgrade: :mod:`chunkd.db.drops`). Before anything is written,
 :func:`apply_migrations`
 checks what would make it fail half-way or run someone else's code: a read-only database, a
 ``chunkd`` schema (or an object in it) owned by another role, no right to create the schema,
@@ -18,7 +18,7 @@ ms while the sessions in its way come and go): a trigger's SHARE ROW EXCLUSIVE, 
 SHARE, a column's ACCESS EXCLUSIVE would otherwise queue every claim and enqueue behind it. A
 try that times out is rolled back and run again until
 ``lock_wait_s`` has passed; then one line names the session in the way
-(:func:`chunkd.db.locks.with_lock_retry`). Migrations 2, 3 and 5 to 9 were released with a
+(:func:`chunkd.db.locks.with_lock_retry`). Migrations 2, 3 and 5 to 8 (released) and 9 carry a
 ``SET LOCAL lock_timeout = '60s'`` of their own, which overrides it for their statements;
 migrations from version 10 on must not set one.
 """
@@ -32,15 +32,25 @@ from typing import TYPE_CHECKING
 
 from chunkd.db.connection import DatabaseError, sqlstate
 from chunkd.db.definitions import (
+    DefinitionFailed,
     Grant,
     apply_definitions,
     compare_versions,
     grants_snapshot,
     schema_objects,
+    successors,
 )
+from chunkd.db.drops import refuse_drops
 from chunkd.db.locks import DEFAULT_LOCK_WAIT_S, Wanted, with_lock_retry
 from chunkd.db.server_errors import quote_role, read_only_message
-from chunkd.db.sql_files import Migration, definitions, migrations, queries
+from chunkd.db.sql_files import (
+    Migration,
+    SqlFilesError,
+    definitions,
+    lock_head,
+    migrations,
+    queries,
+)
 from chunkd.errors import ChunkdError, SchemaVersionError
 from chunkd.version import __version__
 
@@ -49,7 +59,6 @@ if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
 
 __all__ = [
-    "LIVE_WORKER_S",
     "Migrated",
     "SchemaState",
     "apply_migrations",
@@ -58,13 +67,31 @@ __all__ = [
     "schema_state",
 ]
 
-#: What a migration step may lock: any relation of the schema, in any mode (to name who holds
-#: one when a step gives up).
+#: What a step without a LOCK TABLE first may lock: any relation of the schema, in any mode.
 _ANY_LOCK = (Wanted("chunkd.*", "AccessExclusiveLock"),)
+_ANY_READ = Wanted("chunkd.*", "AccessShareLock")
 
-#: A registered daemon whose last heartbeat is younger than this is taken to be running (it
-#: heartbeats every lease/3: 20 s at the default lease) when a migration would drop a function.
-LIVE_WORKER_S = 300.0
+
+def _wanted(migration: Migration) -> tuple[Wanted, ...]:
+    """The locks a migration takes, in order, to name the session in its way when it gives
+    up: its LOCK TABLE, then a read of any relation (in the way of ACCESS EXCLUSIVE only); any
+    lock on any relation when it does not begin with a LOCK TABLE."""
+    head = lock_head(migration.sql)
+    if head is None:
+        return _ANY_LOCK
+    return (*(Wanted(table, head[1]) for table in head[0]), _ANY_READ)
+
+
+def _definitions_wanted() -> tuple[Wanted, ...]:
+    """As :func:`_wanted`, for the definitions: in the manifest's order, each view (replaced:
+    ACCESS EXCLUSIVE) and each file's LOCK TABLE (functions take no table lock)."""
+    found: list[Wanted] = []
+    for d in definitions():
+        found += [Wanted(f"chunkd.{o.name}", "AccessExclusiveLock") for o in d.objects
+                  if o.kind == "view"]  # fmt: skip
+        head = lock_head(d.sql)
+        found += [Wanted(table, head[1]) for table in head[0]] if head else []
+    return (*found, _ANY_READ)
 
 
 @dataclass(frozen=True)
@@ -139,6 +166,7 @@ async def apply_migrations(
     *,
     up_to: int | None = None,
     lock_wait_s: float = DEFAULT_LOCK_WAIT_S,
+    reapply_edited: bool = False,
 ) -> Migrated:
     """Applies the versioned migrations that are missing, then the definition files that
     changed; returns what it applied.
@@ -146,14 +174,22 @@ async def apply_migrations(
     ``up_to`` (for tests that build an older release's schema) stops after that version and
     applies no definitions: the files hold the current release's, which may need later tables.
     ``lock_wait_s``: how long each step keeps trying for its locks (in tries of 50 to 200 ms).
+    ``reapply_edited``: also re-apply the definition files whose objects were changed by hand
+    since chunkd migrate applied them (what ``chunkd doctor`` reports).
 
     Raises :class:`~chunkd.errors.SchemaVersionError` for a schema newer than this chunkd, and
     :class:`~chunkd.errors.ChunkdError` for anything that stops it before it writes (see the
-    module docstring), a step the server refused (nothing of that step is applied), a step
+    module docstring; :class:`~chunkd.db.sql_files.SqlFilesError`: chunkd's own SQL files do
+    not fit together), a step the server refused (nothing of that step is applied), a step
     that would drop what running daemons of another version call, or a step that did not get
     its locks within ``lock_wait_s`` (:class:`~chunkd.db.locks.LockWaitError`, naming the
     session that holds them).
     """
+    try:  # chunkd's own files, read before anything is written
+        migrations()
+        definitions()
+    except SqlFilesError as exc:
+        raise SqlFilesError(f"{exc}; nothing was applied") from None
     if getattr(conn, "transaction_pooler", False):
         raise ChunkdError(
             "chunkd migrate needs a session connection (it holds an advisory lock across its "
@@ -189,17 +225,18 @@ async def apply_migrations(
                 await conn.execute(q["pin_search_path"])
                 await conn.execute(migration.sql)
                 await conn.execute(q["record_version"], migration.version, migration.name)
-                await _refuse_drops(conn, before, step)
+                await refuse_drops(conn, before, step)
 
             try:
-                await with_lock_retry(conn, apply, what=step, wanted=_ANY_LOCK, wait_s=lock_wait_s)
+                wanted = _wanted(migration)
+                await with_lock_retry(conn, apply, what=step, wanted=wanted, wait_s=lock_wait_s)
             except DatabaseError as exc:
                 raise ChunkdError(f"{step} failed: {exc}; nothing of it was applied") from None
             applied.append(migration.version)
         if up_to is not None and up_to < migrations()[-1].version:
             return Migrated(applied)
         definitions_applied = await _apply_definitions(
-            conn, grants, preflight, bool(applied), lock_wait_s
+            conn, grants, preflight, bool(applied), lock_wait_s, reapply_edited
         )
         return Migrated(applied, definitions_applied)
     finally:
@@ -212,45 +249,28 @@ async def _apply_definitions(
     preflight: asyncpg.Record,
     migrated: bool,
     lock_wait_s: float,
+    reapply_edited: bool,
 ) -> tuple[str, ...]:
     step = "the current definitions"
 
     async def apply() -> tuple[str, ...]:
         before = await schema_objects(conn)
-        applied = await apply_definitions(conn, grants, migrated=migrated)
-        await _refuse_drops(conn, before, step)
+        applied = await apply_definitions(
+            conn, grants, migrated=migrated, reapply_edited=reapply_edited
+        )
+        await refuse_drops(conn, before, step, successors=successors())
         return applied
 
     try:
-        applied = await with_lock_retry(
-            conn, apply, what=step, wanted=_ANY_LOCK, wait_s=lock_wait_s
-        )
-    except DatabaseError as exc:
+        wanted = _definitions_wanted()
+        applied = await with_lock_retry(conn, apply, what=step, wanted=wanted, wait_s=lock_wait_s)
+    except (DatabaseError, DefinitionFailed) as exc:
         if preflight["read_only"]:
             raise ChunkdError(read_only_message(in_recovery=preflight["in_recovery"])) from None
         raise ChunkdError(
             f"applying the current definitions failed: {exc}; nothing of them was applied"
         ) from None
     return applied
-
-
-async def _refuse_drops(conn: asyncpg.Connection, before: set[tuple[str, str]], step: str) -> None:
-    """Raises (rolling the step back) when it dropped a function or view while daemons of
-    another chunkd version are alive: they may still call it."""
-    dropped = sorted(obj for _, obj in before - await schema_objects(conn))
-    if not dropped:
-        return
-    live = await conn.fetch(queries()["live_workers_of_other_versions"], __version__, LIVE_WORKER_S)
-    if not live:
-        return
-    versions = ", ".join(sorted({r["version"] for r in live}))
-    workers = ", ".join(r["worker_id"] for r in live[:5]) + (" ..." if len(live) > 5 else "")
-    raise ChunkdError(
-        f"{step} drops {dropped[0]}"
-        + (f" and {len(dropped) - 1} more" if len(dropped) > 1 else "")
-        + f", which running daemons of chunkd {versions} may call: stop them first ({workers}), "
-        "then run chunkd migrate again; nothing of it was applied"
-    )
 
 
 async def _schema_exists(conn: asyncpg.Connection) -> bool:

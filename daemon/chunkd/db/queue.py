@@ -13,14 +13,30 @@ from chunkd.db.migrate import SchemaState, schema_state
 from chunkd.db.schedules import ScheduleStore
 from chunkd.db.sql_files import queries
 
-__all__ = ["Claim", "ClaimedRow", "Queue", "RetentionRound"]
+__all__ = ["Claim", "ClaimedRow", "Queue", "RetentionRound", "WorkerRegistration"]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRegistration:
+    """A daemon's row in the workers registry, as it registers: its id, host, pid, chunkd
+    version, handler kinds and ``--concurrency``."""
+
+    worker_id: str
+    host: str
+    pid: int
+    version: str
+    kinds: tuple[str, ...]
+    concurrency: int
 
 
 @dataclass(frozen=True, slots=True)
 class ClaimedRow:
     """One claimed chunk as the claim returns it; ``id`` is its internal key (outcomes use it),
     the uuids are its public identity. The payloads are JSON text as the database prints them
-    (decoded only if a handler reads them, so every number stays exactly as stored)."""
+    (decoded only if a handler reads them, so every number stays exactly as stored).
+    ``claim_n``: this claim's number among the chunk's claims (1: its first delivery; a retry,
+    a snooze, a release or a reap hands it out again); ``traceparent``: its job's W3C trace
+    context, or None (both for tracing)."""
 
     id: int
     queue_id: UUID
@@ -32,6 +48,8 @@ class ClaimedRow:
     payload_json: str
     job_payload_json: str
     lease_expires_at: datetime
+    claim_n: int = 1
+    traceparent: str | None = None
 
     def log_fields(self, worker_id: str) -> dict[str, object]:
         """The fields every per-chunk log line carries (ids as text), for ``worker_id``."""
@@ -120,7 +138,13 @@ class Queue:
             if record[0] is None:
                 wait_s = float(record[10])
             else:
-                rows.append(ClaimedRow(*record[:10]))
+                r = record
+                rows.append(
+                    ClaimedRow(
+                        r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9],
+                        claim_n=r[11], traceparent=r[12],
+                    )
+                )  # fmt: skip
         return Claim(rows, wait_s)
 
     async def complete(
@@ -248,9 +272,10 @@ class Queue:
         await self._pool.expire_connections()
 
     async def reap_expired(self) -> list[asyncpg.Record]:
-        """Returns the chunks whose lease ran out to the queue (or fails them for good, on
-        their last attempt): one record each (sync_job_id, chunk_id, queue_id, seq, attempt,
-        kind, worker_id, final)."""
+        """Returns the chunks whose lease ran out, or whose dead worker claimed them, to the
+        queue (or fails them for good, on their last attempt): one record each (sync_job_id,
+        chunk_id, queue_id, seq, attempt, kind, worker_id, final, rule: ``'lease'`` or
+        ``'worker'``, see ``chunkd.reap_attempts()``)."""
         return await self._pool.fetch(self._q["reap_expired"])
 
     async def retention_round(self, max_chunks: int) -> RetentionRound:
@@ -273,10 +298,19 @@ class Queue:
             self._q["register_worker"], worker_id, host, pid, version, list(kinds), concurrency
         )
 
-    async def worker_alive(self, worker_id: str, heartbeat_s: float) -> datetime:
+    async def worker_alive(self, worker: WorkerRegistration, heartbeat_s: float) -> datetime:
         """This daemon's heartbeat in the workers registry (``heartbeat_s``: seconds between
-        two); returns the database clock."""
-        clock: datetime = await self._pool.fetchval(self._q["worker_alive"], worker_id, heartbeat_s)
+        two), registering it again if its row was pruned; returns the database clock."""
+        clock: datetime = await self._pool.fetchval(
+            self._q["worker_alive"],
+            worker.worker_id,
+            heartbeat_s,
+            worker.host,
+            worker.pid,
+            worker.version,
+            list(worker.kinds),
+            worker.concurrency,
+        )
         return clock
 
     async def prune_workers(self, older_than_s: float) -> int:
@@ -300,3 +334,14 @@ class Queue:
             self._q["next_due_in"], list(kinds) if kinds is not None else None
         )
         return due_in_s
+
+    async def job_finished_by(
+        self, job: UUID, worker_id: str, chunk_ids: Sequence[int]
+    ) -> asyncpg.Record | None:
+        """Finished job ``job`` (kind, overall_status, the chunk counts, traceparent) if
+        ``worker_id``'s claim of one of ``chunk_ids`` ended in the transaction that finished it;
+        else None (tracing's job_finished, sent once per job by the daemon that finished it)."""
+        row: asyncpg.Record | None = await self._pool.fetchrow(
+            self._q["job_finished_by"], job, worker_id, list(chunk_ids)
+        )
+        return row

@@ -18,12 +18,16 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
+from chunkd.errors import ChunkdError
+
 __all__ = [
     "DefinedObject",
     "Definition",
     "GrantCarry",
     "Migration",
+    "SqlFilesError",
     "definitions",
+    "lock_head",
     "migrations",
     "queries",
     "sql_dir",
@@ -42,6 +46,16 @@ _DEFINED = re.compile(
 # gets the EXECUTE grants the old one had when it is first created.
 _CARRY = re.compile(r"^-- carry grants: (chunkd\.\S+\(.*?\)) -> (chunkd\.\S+\(.*?\))\s*$", re.M)
 _QUERY_HEADER = re.compile(r"^-- name: ([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
+# The LOCK TABLE that opens a step (docs/migrations.md, The lock order), comments aside.
+_LOCK_HEAD = re.compile(
+    r"\s*LOCK\s+TABLE\s+(chunkd\.\w+(?:\s*,\s*chunkd\.\w+)*)\s+IN\s+([A-Z ]+?)\s+MODE\s*;",
+    re.IGNORECASE,
+)
+
+
+class SqlFilesError(ChunkdError):
+    """chunkd's own SQL files do not fit together (a broken installation, or a checkout whose
+    manifest was not updated): one line saying what to change."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +117,7 @@ def migrations() -> tuple[Migration, ...]:
             found.append(Migration(int(match[1]), match[2], path.read_text(encoding="utf-8")))
     versions = [m.version for m in found]
     if versions != list(range(1, len(found) + 1)):
-        raise RuntimeError(f"chunkd migrations are not numbered 1..n without gaps: {versions}")
+        raise SqlFilesError(f"chunkd's migrations are not numbered 1..n without gaps: {versions}")
     return tuple(found)
 
 
@@ -111,7 +125,7 @@ def migrations() -> tuple[Migration, ...]:
 def definitions() -> tuple[Definition, ...]:
     """The current definitions, in the order of ``sql/definitions.txt``.
 
-    Raises RuntimeError (a packaging bug) for a listed file that is missing, a file under
+    Raises :class:`SqlFilesError` for a listed file that is missing, a file under
     ``functions/``, ``views/`` or ``triggers/`` that is not listed, or an object defined twice.
     """
     base = sql_dir()
@@ -126,8 +140,8 @@ def definitions() -> tuple[Definition, ...]:
         for p in (base / folder).glob("*.sql")
     }
     if set(listed) != on_disk or len(listed) != len(on_disk):
-        raise RuntimeError(
-            f"sql/definitions.txt and the definition files differ: {sorted(set(listed) ^ on_disk)}"
+        raise SqlFilesError(
+            "chunkd's SQL files do not match sql/definitions.txt: " + _differences(listed, on_disk)
         )
     found: list[Definition] = []
     seen: dict[DefinedObject, str] = {}
@@ -140,11 +154,43 @@ def definitions() -> tuple[Definition, ...]:
         )
         for obj in objects:
             if obj in seen:
-                raise RuntimeError(f"{obj.kind} {obj.name} is defined in {seen[obj]} and {path}")
+                raise SqlFilesError(
+                    f"chunkd's SQL files define {obj.kind} {obj.name} twice: in {seen[obj]} "
+                    f"and {path}"
+                )
             seen[obj] = path
         carries = tuple(GrantCarry(old, new) for old, new in _CARRY.findall(text))
         found.append(Definition(path, text, objects, carries))
     return tuple(found)
+
+
+def _differences(listed: list[str], on_disk: set[str]) -> str:
+    def some(paths: list[str], what: str) -> str:
+        verb = "is" if len(paths) == 1 else "are"
+        return (
+            paths[0] + (f" and {len(paths) - 1} more" if len(paths) > 1 else "") + f" {verb} {what}"
+        )
+
+    missing = sorted(set(listed) - on_disk)
+    unlisted = sorted(on_disk - set(listed))
+    twice = sorted({p for p in listed if listed.count(p) > 1})
+    found = [some(missing, "listed there but missing")] if missing else []
+    if unlisted:
+        found.append(some(unlisted, "not listed there (list it, after the files it uses)"))
+    if twice:
+        found.append(some(twice, "listed twice"))
+    return "; ".join(found)
+
+
+def lock_head(sql: str) -> tuple[tuple[str, ...], str] | None:
+    """The tables and the mode (as ``pg_locks`` spells it: ``AccessExclusiveLock``) of the
+    ``LOCK TABLE`` that opens ``sql``, comments aside; None when it does not open with one."""
+    found = _LOCK_HEAD.match(re.sub(r"--[^\n]*", "", sql))
+    if found is None:
+        return None
+    tables = tuple(t.strip() for t in found[1].split(","))
+    mode = "".join(word.capitalize() for word in found[2].split()) + "Lock"
+    return tables, mode
 
 
 @cache

@@ -10,7 +10,9 @@ outcome follows the command's exit (what is left of its process group is killed 
 the daemon's per-chunk timeout), stdout is read up to the 1 MiB result limit (past it the chunk
 fails and the command is stopped) and stderr kept as a rolling tail for the error excerpt, so a
 command costs the daemon the same memory whatever it prints and a descendant holding its pipes
-never holds the chunk.
+never holds the chunk. While the daemon traces, the command gets the chunk span's context in
+its environment as ``TRACEPARENT`` (and ``TRACESTATE``); the ones the daemon inherited are
+never passed on.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from chunkd.chunk import MAX_RESULT_BYTES, Chunk, PermanentError, too_deep
 from chunkd.handlers import HandlerError
 from chunkd.handlers.process import StdoutLimitError, run_command
 from chunkd.handlers.reserved import continuation_of
+from chunkd.observability.tracing import propagation_headers
 
 __all__ = ["EX_TEMPFAIL", "ExecHandler", "ExecRetryableError"]
 
@@ -83,8 +86,17 @@ _SECRET_ENV = (
 )
 
 
+# The environment as a trace context carrier (OpenTelemetry's convention). What the daemon
+# inherited names the span of whoever started it, not the chunk's: never passed on.
+_TRACE_ENV = ("TRACEPARENT", "TRACESTATE", "BAGGAGE")
+
+
 def _child_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV and k not in _TRACE_ENV}
+    traced = propagation_headers()  # None unless the daemon traces
+    if traced is not None:  # the chunk's span: TRACEPARENT, and TRACESTATE, BAGGAGE if any
+        env.update((name.upper(), value) for name, value in traced.items())
+    return env
 
 
 class ExecHandler:

@@ -6,6 +6,8 @@ chunks, see :mod:`chunkd.handlers.reserved`), 408/429/5xx/timeouts/connection er
 chunk at once. Configured headers usually carry credentials (``Authorization: Bearer …``),
 so their values never appear in logs, reprs or error messages, and they live only inside the
 ``aiohttp`` session so that tracebacks rendered with local variables do not show them either.
+While the daemon traces, each request carries the chunk span's ``traceparent`` (and
+``tracestate``), so the endpoint's own tracing joins the trace.
 
 Response bodies are streamed and read with a cap, never whole: a 2xx body above
 :data:`MAX_BODY_BYTES` (the daemon's result limit) fails the chunk at once, and of an error
@@ -36,6 +38,7 @@ from yarl import URL
 from chunkd.chunk import MAX_RESULT_BYTES, Chunk, PermanentError, RetryLater, too_deep
 from chunkd.handlers import HandlerError
 from chunkd.handlers.reserved import continuation_of
+from chunkd.observability.tracing import propagation_headers
 from chunkd.version import __version__
 
 __all__ = [
@@ -274,16 +277,17 @@ class HttpHandler:
             body = chunk.to_json()
         except (TypeError, ValueError) as exc:
             raise PermanentError(f"chunk is not JSON-serialisable: {exc}") from None
+        headers = {"Content-Type": "application/json", "Idempotency-Key": chunk.idempotency_key}
+        traced = propagation_headers()  # None unless the daemon traces: the chunk's span
+        if traced is not None:
+            headers.update(traced)
         # `from None` everywhere below: aiohttp's exception chain carries the request (and so
         # the configured headers) in frames that some traceback renderers print.
         try:
             async with session.post(
                 self.url,
                 data=body.encode(),
-                headers={
-                    "Content-Type": "application/json",
-                    "Idempotency-Key": chunk.idempotency_key,
-                },
+                headers=headers,
                 allow_redirects=False,
                 proxy=self._proxy,
                 proxy_auth=self._proxy_auth,
@@ -309,11 +313,7 @@ class HttpHandler:
                 content, more = await _read_capped(response, MAX_BODY_BYTES)
             if more:
                 response.close()  # not drained back into the pool: the rest is never read
-                of = f"of {size} bytes " if size is not None else ""
-                raise PermanentError(
-                    f"{prefix}: response body {of}is above the {MAX_BODY_BYTES}-byte result "
-                    "limit (store big results elsewhere)"
-                )
+                raise PermanentError(f"{prefix}: {_too_big(size)}")
             if not content.strip():
                 return None
             try:
@@ -355,6 +355,21 @@ class HttpHandler:
         for secret in self._secrets:
             text = text.replace(secret, "[redacted]")
         return text
+
+
+def _too_big(announced: int | None) -> str:
+    """Why a 2xx body is refused: it announced more than the cap (``announced`` bytes, its
+    Content-Length), or it announced nothing (chunked), or it announced less and outgrew the
+    cap as it was decoded (a compressed body: what was sent is not what was too big)."""
+    limit = f"the {MAX_BODY_BYTES}-byte result limit"
+    if announced is None:
+        return f"response body is above {limit} (store big results elsewhere)"
+    if announced > MAX_BODY_BYTES:
+        return f"response body of {announced} bytes is above {limit} (store big results elsewhere)"
+    return (
+        f"response body is above {limit} once decoded ({announced} bytes as sent; store big "
+        "results elsewhere)"
+    )
 
 
 async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:

@@ -4,18 +4,31 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 from typing import Any, Literal, TextIO
 
 import orjson
 import structlog
 
-__all__ = ["LogFormat", "configure_logging"]
+__all__ = ["LogFormat", "configure_logging", "exception_text"]
 
 LogFormat = Literal["auto", "json", "console"]
 
 
 def _orjson_dumps(obj: Any, **kwargs: Any) -> str:
     return orjson.dumps(obj, default=kwargs.get("default")).decode()
+
+
+def exception_text(exc: BaseException) -> str:
+    """``exc``'s traceback as the text a log line carries in ``exception``, as structlog renders
+    ``exc_info``: its chained causes and contexts included (not a chain cut with ``raise ...
+    from None``), never a frame's local variables, without a final newline, and with
+    characters a JSON line cannot hold (a lone surrogate) as backslash escapes."""
+    try:
+        text = "".join(traceback.format_exception(exc)).rstrip("\n")
+    except Exception as failure:  # a broken __str__ is handled by traceback; this is the rest
+        text = f"{type(exc).__name__} (its traceback could not be rendered: {failure!r})"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def configure_logging(

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import socket
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from chunkd.errors import ChunkdError
-
-if TYPE_CHECKING:
-    from chunkd.observability.probes import Probes
+from chunkd.observability.probes import PATHS, Probes, StartResponse, WsgiApp
 
 __all__ = ["HANDLER_BUCKETS_S", "Metrics"]
 
@@ -101,13 +100,16 @@ class Metrics:
         )
 
     def serve(self, port: int, addr: str = "0.0.0.0", *, probes: Probes | None = None) -> None:
-        """Serves ``/metrics`` (and, given ``probes``, ``/healthz`` and ``/readyz``) from a
-        daemon thread, so a busy event loop never delays a scrape or a probe, and a blocked
-        one is reported as such rather than by a timeout. Raises ChunkdError when the port
-        cannot be had (taken, or a privileged one)."""
-        app = make_wsgi_app(self.registry)
+        """Serves ``/metrics`` (also on ``/``) and, given ``probes``, ``/healthz`` and
+        ``/readyz`` (``404`` for any other path) from a daemon thread, so a busy event loop
+        never delays a scrape or a probe, and a blocked one is reported as such rather than by
+        a timeout. Raises ChunkdError when the port cannot be had (taken, or a privileged
+        one)."""
+        exposition = make_wsgi_app(self.registry)
+        routes = {"/": exposition, "/metrics": exposition}
         if probes is not None:
-            app = probes.wsgi(app)
+            routes.update(dict.fromkeys(PATHS, probes.wsgi()))
+        app = _routed(routes)
         # As prometheus_client.start_wsgi_server does: the address family the address needs.
         family, _, _, _, sockaddr = socket.getaddrinfo(
             addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -124,6 +126,26 @@ class Metrics:
                 f"cannot serve metrics on {addr}:{port} (--metrics-port): {exc.strerror or exc}"
             ) from None
         threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+
+
+def _routed(routes: dict[str, WsgiApp]) -> WsgiApp:
+    """``routes`` by exact path, ``404`` for any other. prometheus-client's own app serves
+    every path (for backwards compatibility), so a mistyped probe path (``/healthz/``) would
+    pass with the metrics text."""
+    known = ", ".join(p for p in routes if p != "/").encode()
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        route = routes.get(environ.get("PATH_INFO", ""))
+        if route is not None:
+            return route(environ, start_response)
+        body = b"404 not found: this port serves " + known + b"\n"
+        start_response(
+            "404 Not Found",
+            [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
+        )
+        return [b"" if environ.get("REQUEST_METHOD") == "HEAD" else body]
+
+    return app
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -25,7 +25,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["Phase", "Probes", "TaskState"]
+__all__ = ["PATHS", "Phase", "Probes", "StartResponse", "TaskState", "WsgiApp"]
+
+#: The paths :meth:`Probes.wsgi` answers.
+PATHS = ("/healthz", "/readyz")
 
 Phase = Literal["starting", "running", "stopping"]
 TaskState = Literal["running", "restarting", "ended"]
@@ -174,14 +177,12 @@ class Probes:
             }
         return (503 if problems else 200), body
 
-    def wsgi(self, fallback: WsgiApp) -> WsgiApp:
-        """A WSGI app answering ``/healthz`` and ``/readyz``, and anything else by
-        ``fallback`` (the Prometheus exposition)."""
+    def wsgi(self) -> WsgiApp:
+        """A WSGI app answering ``/healthz`` and ``/readyz`` (the metrics server routes only
+        those two paths here: :meth:`chunkd.observability.metrics.Metrics.serve`)."""
 
         def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
             path = environ.get("PATH_INFO", "")
-            if path not in ("/healthz", "/readyz"):
-                return fallback(environ, start_response)
             method = environ.get("REQUEST_METHOD", "GET")
             if method not in ("GET", "HEAD"):
                 start_response(_STATUS_LINE[405], [("Allow", "GET, HEAD")])

@@ -20,6 +20,7 @@ from chunkd.db.sql_files import queries
 from chunkd.errors import ChunkdError
 from chunkd.ops.errors import database_errors, rows_of, run_locked
 from chunkd.ops.flow import JobFlow
+from chunkd.ops.workers import LEGACY_STALE_AFTER_S
 
 if TYPE_CHECKING:
     import asyncpg
@@ -66,6 +67,8 @@ async def enqueue(
     on_finish_kind: str | None = None,
     max_per_second: Decimal | None = None,
     concurrency_key: str | None = None,
+    traceparent: str | None = None,
+    label: str | None = None,
 ) -> Enqueued:
     """One job through ``create_jobs``, the function behind ``create_sync_job``: job, chunks
     and queue rows in one transaction. ``run_in_s`` (seconds from now by the database clock)
@@ -73,8 +76,9 @@ async def enqueue(
     closed (``chunks`` may be empty); ``on_finish_kind``: the kind of the one-chunk job created
     when this one finishes; ``max_per_second``: the job's own rate limit (chunks per second);
     ``concurrency_key``: the key whose concurrency limit (``chunkd limit --key``) this job shares
-    with others. Numbers go as they were read (:class:`decimal.Decimal` written
-    exactly, never through a float)."""
+    with others; ``traceparent``: the W3C trace context its chunks' spans join; ``label``: a
+    text to find the job by (the dashboard shows and searches it). Numbers go as they were read
+    (:class:`decimal.Decimal` written exactly, never through a float)."""
     spec = {
         "kind": kind,
         "chunks": chunks,
@@ -88,6 +92,8 @@ async def enqueue(
         "on_finish_kind": on_finish_kind,
         "max_per_second": max_per_second,
         "concurrency_key": concurrency_key,
+        "traceparent": traceparent,
+        "label": label,
     }
     with database_errors(conn):
         (row,) = await conn.fetch(
@@ -230,8 +236,15 @@ class JobDetail:
 
 
 async def job_detail(
-    conn: asyncpg.Connection, job_id: UUID, *, stale_after_s: float, errors_limit: int = 10
+    conn: asyncpg.Connection,
+    job_id: UUID,
+    *,
+    stale_after_s: float | None = None,
+    errors_limit: int = 10,
 ) -> JobDetail:
+    """The job's progress, settings, latest errors, and whether a live worker can run its kind
+    (heard from within ``stale_after_s`` seconds; None: within three of its own heartbeats, as
+    the reaper counts)."""
     q = queries()
     with database_errors(conn):
         progress = await conn.fetchval(q["ops_job_progress"], job_id)
@@ -240,7 +253,7 @@ async def job_detail(
             raise ChunkdError(f"no sync job {job_id}")
         errors = await conn.fetch(q["ops_recent_errors"], job_id, errors_limit)
         live = await conn.fetchval(
-            q["ops_live_worker_for_kind"], progress["kind"], timedelta(seconds=stale_after_s)
+            q["ops_live_worker_for_kind"], progress["kind"], stale_after_s, LEGACY_STALE_AFTER_S
         )
     return JobDetail(
         progress=progress,

@@ -12,7 +12,12 @@ from chunkd.ops.errors import database_errors
 if TYPE_CHECKING:
     import asyncpg
 
-__all__ = ["WorkerRow", "list_workers"]
+__all__ = ["LEGACY_STALE_AFTER_S", "WorkerRow", "list_workers"]
+
+#: How long a silence makes a daemon stale when it does not say how often it heartbeats
+#: (chunkd 0.2 daemons; seconds). Any other is stale after three of its heartbeats, when the
+#: reaper takes it for dead.
+LEGACY_STALE_AFTER_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,8 @@ class WorkerRow:
     last_heartbeat_at: datetime
     heartbeat_age_s: float
     live: bool
+    stale_after_s: float  # the silence that makes it stale (seconds)
+    heartbeat_s: float | None = None  # how often it says it heartbeats (None: it does not say)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -39,15 +46,20 @@ class WorkerRow:
             "started_at": self.started_at.isoformat(),
             "last_heartbeat_at": self.last_heartbeat_at.isoformat(),
             "heartbeat_age_s": round(self.heartbeat_age_s, 1),
+            "stale_after_s": self.stale_after_s,
             "state": "live" if self.live else "stale",
         }
 
 
-async def list_workers(conn: asyncpg.Connection, *, stale_after_s: float) -> list[WorkerRow]:
+async def list_workers(
+    conn: asyncpg.Connection, *, stale_after_s: float | None = None
+) -> list[WorkerRow]:
     """Registered daemons; ages come from the database clock, so a skewed client cannot make a
-    live worker look stale."""
+    live worker look stale. A daemon is stale once silent for ``stale_after_s`` seconds, or
+    with None for three of its own heartbeats, as the reaper counts
+    (:data:`LEGACY_STALE_AFTER_S` for a daemon that does not say how often it heartbeats)."""
     with database_errors(conn):
-        rows = await conn.fetch(queries()["ops_workers"])
+        rows = await conn.fetch(queries()["ops_workers"], stale_after_s, LEGACY_STALE_AFTER_S)
     return [
         WorkerRow(
             worker_id=r["worker_id"],
@@ -59,7 +71,9 @@ async def list_workers(conn: asyncpg.Connection, *, stale_after_s: float) -> lis
             started_at=r["started_at"],
             last_heartbeat_at=r["last_heartbeat_at"],
             heartbeat_age_s=float(r["heartbeat_age_s"]),
-            live=float(r["heartbeat_age_s"]) <= stale_after_s,
+            live=float(r["heartbeat_age_s"]) <= r["stale_after_s"],
+            stale_after_s=r["stale_after_s"],
+            heartbeat_s=r["heartbeat_s"],
         )
         for r in rows
     ]

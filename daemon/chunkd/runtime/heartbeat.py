@@ -10,9 +10,10 @@ passes and the handler is cancelled all the same.
 The registry row is heartbeated more often, every ``heartbeat_s`` (at most 5 s): the reaper
 returns the chunks of a daemon that missed three heartbeats without waiting for each lease, and
 this process gives its claims up at the same moment on its own clock if its heartbeats stop
-getting through. Each heartbeat also reads the database clock: a step between it and this
-host's monotonic clock (one of the two clocks was set) is logged once per step, since leases
-and reaps follow the database clock.
+getting through. A heartbeat that finds the row gone (pruned while this process was stopped or
+the database clock stepped ahead) registers it again. Each heartbeat also reads the database
+clock: a step between it and this host's monotonic clock (one of the two clocks was set) is
+logged once per step, since leases and reaps follow the database clock.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from datetime import datetime
 
 import structlog
 
-from chunkd.db import DATABASE_ERRORS, Queue
+from chunkd.db import DATABASE_ERRORS, Queue, WorkerRegistration
 from chunkd.runtime.health import DatabaseHealth
 from chunkd.runtime.inflight import InFlight
 
@@ -46,13 +47,14 @@ class Heartbeat:
         inflight: InFlight,
         health: DatabaseHealth,
         *,
-        worker_id: str,
+        worker: WorkerRegistration,
         lease_s: float,
     ) -> None:
         self._queue = queue
         self._inflight = inflight
         self._health = health
-        self._worker_id = worker_id
+        self._worker = worker
+        self._worker_id = worker.worker_id
         self._lease_s = lease_s
         self.lease_interval_s = lease_s / 3
         self.interval_s = min(self.lease_interval_s, REGISTRY_HEARTBEAT_MAX_S)
@@ -74,10 +76,10 @@ class Heartbeat:
     async def beat(self) -> None:
         """The registry heartbeat: this process is alive (and the clocks agree)."""
         sent_at = asyncio.get_running_loop().time()
-        db_clock = await self._queue.worker_alive(self._worker_id, self.interval_s)
-        dead_after_s = REGISTRY_MISSES * self.interval_s
-        if dead_after_s < self._lease_s:  # else the lease runs out first anyway
-            self._inflight.alive(sent_at, dead_after_s)
+        db_clock = await self._queue.worker_alive(self._worker, self.interval_s)
+        # Always armed, even when it equals the lease: claims and renewals made after this
+        # heartbeat end later than it, and the reaper takes this daemon for dead from here.
+        self._inflight.alive(sent_at, REGISTRY_MISSES * self.interval_s)
         self._check_clock(sent_at, db_clock)
 
     async def run_once(self) -> int:

@@ -206,12 +206,13 @@ class InFlight:
         if self._attempt_of.get(chunk_id) == attempt:
             del self._attempt_of[chunk_id]
 
-    def reaped(self, queue_id: object, attempt: int) -> None:
-        """The reaper (ours or another's) ended this claim: if we still hold it, it is lost."""
+    def reaped(self, queue_id: object, attempt: int, why: str) -> None:
+        """The reaper (ours or another's) ended this claim, for ``why`` (its lease had run
+        out, its worker missed three heartbeats): if we still hold it, it is lost."""
         for claim in list(self._claims.values()):
             if claim.row.queue_id == queue_id and claim.row.attempt == attempt:
                 if claim.lost is None:
-                    self._lose(claim, "the reaper returned the chunk (its lease had run out)")
+                    self._lose(claim, f"the reaper returned the chunk ({why})")
                 return
 
     # --- the workers registry ----------------------------------------------------------------

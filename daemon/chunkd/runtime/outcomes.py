@@ -68,6 +68,19 @@ class Outcome:
     snooze: bool = False
     # A continuation: a JSON array of chunks appended to the job with this completion.
     append_json: str | None = None
+    # The handler's exception as traceback text, set only at --log-level debug (the worker's
+    # choice): the outcome's log line carries it as `exception`.
+    traceback_text: str | None = None
+
+    @property
+    def trace_name(self) -> str:
+        """The span attribute ``chunkd.outcome``: completed, error (retried while attempts
+        remain), failed (for good) or snoozed."""
+        if self.error is None:
+            return "completed"
+        if self.snooze:
+            return "snoozed"
+        return "error" if self.retryable else "failed"
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -299,7 +312,9 @@ class Outcomes:
                 # cannot hold, a retry delay out of range): send it again in plain ASCII
                 # with the default backoff (a failure: a snooze's delay may be the cause).
                 plain = error.encode("ascii", "backslashreplace").decode("ascii")
-                again = Outcome(error=plain, retryable=outcome.retryable)
+                again = Outcome(
+                    error=plain, retryable=outcome.retryable, traceback_text=outcome.traceback_text
+                )
                 self._failures.append(replace(item, outcome=again, plain=True))
                 return True
             self._inflight.settled(row)  # the reaper will return the chunk
@@ -307,19 +322,19 @@ class Outcomes:
                 "chunk.outcome_unstorable",
                 error=error,
                 refused=first_line(exc),
-                **self._fields(row, item.duration_ms),
+                **self._fields(row, item.duration_ms, outcome),
             )
             return True
         self._health.wrote()
         self._failures.remove(item)
         self._inflight.settled(row)
-        fields = self._fields(row, item.duration_ms)
+        fields = self._fields(row, item.duration_ms, outcome)
         if outcome.snooze and status != "snoozed":
             # A RetryLater past the snooze limit is a failure like any other: say why.
             fields["snooze_limit_reached"] = self._max_snoozes
         if status is None:
             fenced = "snoozed" if outcome.snooze else "failed"
-            self._fenced(row, item.duration_ms, fenced, error=error)
+            self._fenced(row, item.duration_ms, fenced, error=error, outcome=outcome)
         elif status == "snoozed":
             self._for_kind(row.kind).snoozed.inc()
             self._progress.tally(row).snoozed += 1
@@ -337,10 +352,18 @@ class Outcomes:
 
     # --- reporting -----------------------------------------------------------------------
 
-    def _fenced(self, row: ClaimedRow, duration_ms: float, outcome: str, **extra: str) -> None:
+    def _fenced(
+        self,
+        row: ClaimedRow,
+        duration_ms: float,
+        name: str,
+        outcome: Outcome | None = None,
+        **extra: str,
+    ) -> None:
         self._inflight.settled(row)
         self._metrics.fenced.inc()
-        log.warning("chunk.fenced", outcome=outcome, **extra, **self._fields(row, duration_ms))
+        fields = self._fields(row, duration_ms, outcome)
+        log.warning("chunk.fenced", outcome=name, **extra, **fields)
 
     def _for_kind(self, kind: str) -> _KindMetrics:
         # labels() looks the child up under a lock on every call: resolve once per kind.
@@ -355,8 +378,12 @@ class Outcomes:
             )
         return cached
 
-    def _fields(self, row: ClaimedRow, duration_ms: float) -> dict[str, object]:
+    def _fields(
+        self, row: ClaimedRow, duration_ms: float, outcome: Outcome | None = None
+    ) -> dict[str, object]:
         # Built only when an event is logged: nothing is bound per chunk on the hot path.
         fields = row.log_fields(self._worker_id)
         fields["duration_ms"] = duration_ms
+        if outcome is not None and outcome.traceback_text is not None:
+            fields["exception"] = outcome.traceback_text  # the handler's, at debug only
         return fields

@@ -57,10 +57,15 @@ class ReadinessChecks:
     async def _database_and_schema(self) -> dict[str, dict[str, Any]]:
         started = time.monotonic()
         try:
-            state = await asyncio.wait_for(
-                self._queue.schema_state(self._timeout_s), self._timeout_s
-            )
+            # asyncio.timeout, not wait_for: wait_for runs the query in a task of its own, and
+            # when the stop cancels this round while asyncpg turns that cancel into its own
+            # TimeoutError, the task's exception is never retrieved and asyncio logs a traceback.
+            async with asyncio.timeout(self._timeout_s):
+                state = await self._queue.schema_state(self._timeout_s)
         except (ChunkdError, *DATABASE_ERRORS) as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError from exc  # the stop, not the database's answer
             if isinstance(exc, TimeoutError):
                 error = f"no answer within {self._timeout_s:g} s"
             elif isinstance(exc, OSError):  # a new pool connection refused: no DSN in it

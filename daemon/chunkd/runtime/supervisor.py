@@ -27,6 +27,7 @@ from chunkd.db import (
     TRANSIENT_ERRORS,
     Listener,
     Queue,
+    WorkerRegistration,
     connect,
     create_pool,
 )
@@ -36,6 +37,8 @@ from chunkd.handlers import HandlerRegistry
 from chunkd.observability.metrics import Metrics
 from chunkd.observability.probes import Probes
 from chunkd.observability.sdnotify import Notifier
+from chunkd.observability.tracing import Tracing
+from chunkd.runtime import loop_errors
 from chunkd.runtime.claimer import Claimer
 from chunkd.runtime.health import DatabaseHealth
 from chunkd.runtime.heartbeat import Heartbeat
@@ -119,15 +122,20 @@ async def run_daemon(
     *,
     notifier: Notifier | None = None,
     metrics: Metrics | None = None,
+    tracing: Tracing | None = None,
 ) -> None:
     """Runs until ``stop`` is set, then shuts down gracefully and returns.
 
     With ``settings.metrics_port``, ``/metrics``, ``/healthz`` and ``/readyz`` are served from
-    the start (``/readyz`` says "starting" while the database is waited for).
+    the start (``/readyz`` says "starting" while the database is waited for). ``tracing``: the
+    spans of chunks and jobs (None: off); the caller shuts it down.
     """
+    loop_errors.install()
     notifier = notifier or Notifier()
     metrics = metrics or Metrics()
     worker_id = make_worker_id()
+    if tracing is not None:
+        tracing.worker_id = worker_id
     probes = Probes(
         stall_threshold_s=settings.stall_threshold_s,
         stale_after_s=STALE_AFTER_S,
@@ -149,7 +157,7 @@ async def run_daemon(
             deadline,
         )
         try:
-            outside = _Outside(notifier, metrics, probes)
+            outside = _Outside(notifier, metrics, probes, tracing)
             await _serve(settings, registry, stop, Queue(pool), outside, worker_id, deadline)
         finally:
             try:
@@ -165,11 +173,12 @@ async def run_daemon(
 
 @dataclass(frozen=True)
 class _Outside:
-    """What the daemon tells the outside world: systemd, the metrics, the probes."""
+    """What the daemon tells the outside world: systemd, the metrics, the probes, traces."""
 
     notifier: Notifier
     metrics: Metrics
     probes: Probes
+    tracing: Tracing | None
 
 
 async def _serve(
@@ -190,10 +199,18 @@ async def _serve(
         kinds=kinds,
         settings=settings.public_dict(),
     )
+    me = WorkerRegistration(
+        worker_id,
+        socket.gethostname(),
+        os.getpid(),
+        __version__,
+        tuple(kinds),
+        settings.concurrency,
+    )
     await _when_ready(
         "register worker",
         lambda: queue.register_worker(
-            worker_id, socket.gethostname(), os.getpid(), __version__, kinds, settings.concurrency
+            me.worker_id, me.host, me.pid, me.version, me.kinds, me.concurrency
         ),
         startup_deadline,
     )
@@ -225,6 +242,7 @@ async def _serve(
         metrics,
         chunk_timeout_s=settings.chunk_timeout_s,
         on_slot_freed=lambda kind, handler_s: claimer.slot_freed(kind, handler_s),
+        tracing=outside.tracing,
     )
     claimer = Claimer(
         queue,
@@ -237,7 +255,7 @@ async def _serve(
         wake_workers=lambda chunks: pool.wake(chunks),
     )
     pool = WorkerPool(worker, inflight, claimer.take, claimer.work_signalled)
-    heartbeat = Heartbeat(queue, inflight, health, worker_id=worker_id, lease_s=settings.lease_s)
+    heartbeat = Heartbeat(queue, inflight, health, worker=me, lease_s=settings.lease_s)
     reaper = Reaper(
         queue,
         metrics,
@@ -288,6 +306,13 @@ async def _serve(
     }
     if notifier.enabled:
         services["systemd"] = tell_systemd
+    if outside.tracing is not None:
+        from chunkd.runtime.finished import JOB_FINISHED_CHANNEL, FinishedJobs
+
+        finished = FinishedJobs(queue, outside.tracing, worker_id=worker_id)
+        heard = Listener(settings.dsn, finished.on_notify, finished.connected,
+                         channel=JOB_FINISHED_CHANNEL)  # fmt: skip
+        services.update(job_finished=finished.run, job_finished_listener=heard.run)
     if settings.progress_interval_s > 0:
         services["progress"] = progress.run
     if settings.schedule_interval_s > 0:

@@ -11,17 +11,21 @@ lease, so the chunk is released at the stop or returned by the reaper.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import structlog
 
 from chunkd.db import ClaimedRow
 from chunkd.handlers import Handler
+from chunkd.observability.logs import exception_text
 from chunkd.observability.metrics import Metrics
+from chunkd.observability.tracing import Tracing
 from chunkd.runtime.inflight import InFlight
-from chunkd.runtime.invoke import chunk_of, invoke
+from chunkd.runtime.invoke import Invocation, chunk_of, invoke
 from chunkd.runtime.outcomes import Outcome, Outcomes
 
 __all__ = ["Worker"]
@@ -39,6 +43,7 @@ class Worker:
         *,
         chunk_timeout_s: float,
         on_slot_freed: Callable[[str, float], None],
+        tracing: Tracing | None = None,
     ) -> None:
         self._handlers = handlers
         self._outcomes = outcomes
@@ -47,6 +52,7 @@ class Worker:
         self._timeout_s = chunk_timeout_s
         self._on_slot_freed = on_slot_freed
         self._handler_seconds: dict[str, Any] = {}
+        self._tracing = tracing  # None: tracing is off, and costs this one check per chunk
 
     async def run(self, row: ClaimedRow) -> None:
         """Runs the handler and queues its outcome; runs in a worker of the pool
@@ -81,10 +87,34 @@ class Worker:
 
     async def _call_handler(self, row: ClaimedRow) -> Outcome:
         # The chunk timeout is InFlight's: it cancels this task and marks the claim.
-        called = await invoke(
-            self._handlers[row.kind],
-            chunk_of(row),
-            timed_out=lambda: self._inflight.timed_out(row),
-            timeout_s=self._timeout_s,
-        )
+        if self._tracing is None:
+            called = await invoke(
+                self._handlers[row.kind],
+                chunk_of(row),
+                timed_out=lambda: self._inflight.timed_out(row),
+                timeout_s=self._timeout_s,
+            )
+            return _with_traceback(called)
+        with self._tracing.chunk(
+            job_id=row.sync_job_id, kind=row.kind, seq=row.seq, attempt=row.attempt,
+            claim_n=row.claim_n, traceparent=row.traceparent, chunk_id=row.id,
+        ) as span:  # fmt: skip
+            called = await invoke(
+                self._handlers[row.kind],
+                chunk_of(row),
+                timed_out=lambda: self._inflight.timed_out(row),
+                timeout_s=self._timeout_s,
+            )
+            outcome = called.outcome
+            span.outcome(outcome.trace_name, error=outcome.error, raised=called.raised)
+        return _with_traceback(called)
+
+
+def _with_traceback(called: Invocation) -> Outcome:
+    """The outcome of the call; when the handler raised and debug lines are logged, with the
+    exception's traceback as text, which the outcome's log line (``chunk.retry_scheduled``,
+    ``chunk.failed``, ...) carries as ``exception``. At info the line keeps the one-line
+    ``error``, and nothing is rendered."""
+    if called.raised is None or not log.is_enabled_for(logging.DEBUG):
         return called.outcome
+    return replace(called.outcome, traceback_text=exception_text(called.raised))

@@ -9,13 +9,14 @@ entry point, ``pytest -p chunkd.testing``; to turn it off, ``-p no:chunkd.testin
 Both are synchronous, so they serve any test: plain, pytest-asyncio or anyio. When no
 PostgreSQL can be had, a test that asks for one is skipped with one line saying what was
 tried, or fails with it where the ``CI`` environment variable is set (a CI run that
-skips every database test would pass while testing nothing).
+skips every database test would pass while testing nothing). A ``CHUNKD_TEST_DSN`` that
+cannot be reached or whose role may not create databases fails with one line, CI or not.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, NoReturn
 
 import pytest
@@ -52,11 +53,41 @@ def chunkd_server() -> Iterator[TestServer]:
     if missing:
         _missing(missing)  # outside the except: one line, not the exception chain
     try:
-        in_thread(lambda: create_template(server))
+        unusable = _unusable(server, lambda: in_thread(lambda: create_template(server)))
+        if unusable:
+            _refused(server, unusable)
         yield server
     finally:
         drop_template(server)
         server.close()
+
+
+def _unusable(server: TestServer, make_template: Callable[[], object]) -> str:
+    """Runs ``make_template``; the one line saying why the server cannot be used when it
+    cannot be reached or its role may not create databases, else ''. Other errors (a bug, a
+    failed migration) propagate with their traceback."""
+    import asyncpg
+
+    from chunkd.errors import ConnectError
+
+    try:
+        make_template()
+    except ConnectError as exc:  # unreachable, refused, a wrong password: the DSN redacted
+        reason = str(exc)
+    except asyncpg.InsufficientPrivilegeError as exc:
+        reason = f"{exc} (its role needs CREATEDB)"
+    else:
+        return ""
+    return f"{server.source} cannot be used for the tests: {reason.splitlines()[0]}"
+
+
+def _refused(server: TestServer, message: str) -> NoReturn:
+    """A server named by ``CHUNKD_TEST_DSN`` that cannot be used fails the test (it was asked
+    for by name: skipping would pass a run that tested nothing); one that chunkd found or
+    started goes the way of no server at all (:func:`_missing`)."""
+    if server.source == "CHUNKD_TEST_DSN":
+        pytest.fail(message, pytrace=False)
+    _missing(message)
 
 
 @pytest.fixture

@@ -22,11 +22,11 @@ import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from chunkd.db import connect, validate_identifier
 from chunkd.db.migrate import apply_migrations
 from chunkd.demo.cluster import ClusterError, PostgresCluster
+from chunkd.dsn import with_dbname
 
 __all__ = [
     "NoPostgresError",
@@ -59,9 +59,9 @@ class TestServer:
     _stop: Callable[[], None] | None = field(default=None, repr=False)
 
     def dsn(self, dbname: str) -> str:
-        """The DSN of database ``dbname`` on this server."""
-        parts = urlsplit(self.admin_dsn)
-        return urlunsplit(parts._replace(path=f"/{dbname}"))
+        """The DSN of database ``dbname`` on this server: a ``postgresql://`` URI, whichever
+        of libpq's forms ``admin_dsn`` is in (``CHUNKD_TEST_DSN`` may be key=value pairs)."""
+        return with_dbname(self.admin_dsn, dbname)
 
     def close(self) -> None:
         """Stops what was started for this server (the cluster, the container)."""
@@ -119,19 +119,31 @@ def start_server() -> TestServer:
 
 async def create_template(server: TestServer) -> str:
     """Creates and migrates the template database (a name of its own per run, so that two runs
-    on one ``CHUNKD_TEST_DSN`` do not clash); returns its name, also set on ``server``."""
+    on one ``CHUNKD_TEST_DSN`` do not clash); returns its name, also set on ``server``.
+
+    The name is set on ``server`` as soon as the database exists, so that :func:`drop_template`
+    drops it whatever happens next (the run interrupted while it is migrated); when connecting
+    to it or migrating it fails, it is dropped at once and the error raised, so no test
+    database is ever cloned from a template that is not migrated.
+    """
     name = f"chunkd_template_{uuid.uuid4().hex[:12]}"
     admin = await connect(server.admin_dsn)
     try:
         await admin.execute(f"CREATE DATABASE {_quoted(name)}")
+        server.template = name
     finally:
         await admin.close()
-    conn = await connect(server.dsn(name))
     try:
-        await apply_migrations(conn)
-    finally:
-        await conn.close()
-    server.template = name
+        conn = await connect(server.dsn(name))
+        try:
+            await apply_migrations(conn)
+        finally:
+            await conn.close()
+    except Exception:
+        with contextlib.suppress(Exception):  # the error to raise is the one above
+            await drop_database(server, name, attempts=1)
+            server.template = None
+        raise
     return name
 
 

@@ -1,8 +1,10 @@
-"""The operator actions of the job page: each a POST behind a confirmation page, CSRF and
-the operator token, calling one public SQL function.
+"""The operator actions of the job page and of a kind's page (the jobs page filtered by the
+kind): each a POST behind a confirmation page, CSRF and the operator token, calling one public
+SQL function.
 
-Adding one is one :class:`Action` in :data:`ACTIONS` and its named statement in
-``sql/web.sql``: the routes, the confirmation page and the buttons are generic.
+Adding one is one :class:`Action` in :data:`ACTIONS` (a job's) or :data:`KIND_ACTIONS` and its
+named statement in ``sql/web.sql``: the routes, the confirmation page and the buttons are
+generic.
 """
 
 from __future__ import annotations
@@ -22,22 +24,23 @@ if TYPE_CHECKING:
 
     from chunkd.web.data import FlowControls
 
-__all__ = ["ACTIONS", "Action", "available", "run_action"]
+__all__ = ["ACTIONS", "KIND_ACTIONS", "Action", "available", "kind_actions", "run_action"]
 
 
 @dataclass(frozen=True)
 class Action:
-    """``name`` is the URL segment (``/jobs/{id}/{name}``); ``statement`` the named block of
-    ``sql/web.sql`` it runs with the job id; ``applies`` says, from the job's progress
-    document and its flow controls, whether the button is shown; ``question`` and ``done`` are
-    the texts of the confirmation page (``{...}``: the progress document's keys) and of the
-    result (``{n}`` = the function's return value); ``wanted``: the locks the function takes,
-    to name their holders when it cannot get them."""
+    """``name`` is the URL segment (``/jobs/{id}/{name}``, ``/kinds/{name}?kind=K``);
+    ``statement`` the named block of ``sql/web.sql`` it runs with the job id or the kind;
+    ``applies`` says, from the job's progress document and its flow controls (a kind's: its
+    ``kind_state`` row and None), whether the button is shown; ``question`` and ``done`` are
+    the texts of the confirmation page (``{...}``: the progress document's keys, or the kind
+    state's and ``{kind}``) and of the result (``{n}`` = the function's return value);
+    ``wanted``: the locks the function takes, to name their holders when it cannot get them."""
 
     name: str
     label: str
     statement: str
-    applies: Callable[[dict[str, Any], FlowControls], bool]
+    applies: Callable[[dict[str, Any], Any], bool]
     question: str
     done: str
     wanted: tuple[Wanted, ...]
@@ -97,27 +100,68 @@ ACTIONS: dict[str, Action] = {
 }
 
 
+# A kind's pause and resume (chunkd pause --kind, resume --kind): every job of the kind, present
+# and future. A job paused on its own stays paused when its kind is resumed.
+KIND_ACTIONS: dict[str, Action] = {
+    a.name: a
+    for a in (
+        Action(
+            name="pause",
+            label="Pause kind",
+            statement="web_pause_kind",
+            applies=lambda k, _: k["paused_at"] is None,
+            question="Pause kind {kind}, for its {active_jobs} unfinished job(s) and every job "
+            "of the kind enqueued later? None of its {pending} pending chunk(s) is claimed "
+            "until the kind is resumed; its {processing} chunk(s) processing now finish "
+            "normally, and nothing is cancelled or spent.",
+            done="kind paused: {n} pending chunk(s) held back",
+            wanted=(Wanted("chunkd.ready", "ShareLock"), *rows_of("kind_flow")),
+        ),
+        Action(
+            name="resume",
+            label="Resume kind",
+            statement="web_resume_kind",
+            applies=lambda k, _: k["paused_at"] is not None,
+            question="Resume kind {kind}? Its {pending} pending chunk(s) may be claimed again "
+            "at once, but for those of jobs paused on their own.",
+            done="kind resumed: {n} pending chunk(s)",
+            wanted=rows_of("kind_flow"),
+        ),
+    )
+}
+
+
 def available(progress: dict[str, Any], flow: FlowControls) -> list[Action]:
     """The actions that apply to a job in this state, in display order."""
     return [a for a in ACTIONS.values() if a.applies(progress, flow)]
 
 
+def kind_actions(state: dict[str, Any]) -> list[Action]:
+    """The actions that apply to a kind in this state (its ``kind_state`` row)."""
+    return [a for a in KIND_ACTIONS.values() if a.applies(state, None)]
+
+
 async def run_action(
-    pool: asyncpg.Pool, action: Action, job_id: UUID, lock_wait_s: float = DEFAULT_LOCK_WAIT_S
+    pool: asyncpg.Pool,
+    action: Action,
+    subject: UUID | str,
+    lock_wait_s: float = DEFAULT_LOCK_WAIT_S,
 ) -> int:
-    """Runs the action; returns the function's count (chunks retried, cancelled, held back by
-    the pause, pending after the resume). Its lock waits last 50 ms (at most 200 ms),
+    """Runs the action on ``subject``, a job id (:data:`ACTIONS`) or a kind
+    (:data:`KIND_ACTIONS`); returns the function's count (chunks retried, cancelled, held back
+    by the pause, pending after the resume). Its lock waits last 50 ms (at most 200 ms),
     ``lock_wait_s`` in all (:func:`chunkd.ops.errors.run_locked`), so it never holds the fleet
     up. Raises
     ChunkdError with one line when the server refuses (no such job, a cancelled job, a role
     without the grant: the GRANT line names the dashboard's role) or when the locks stayed
     taken (naming the session that holds them)."""
+    what = f"job {subject}" if isinstance(subject, UUID) else f"kind {subject!r}"
     async with pool.acquire() as conn:
         n: int = await run_locked(
             conn,
             queries("web.sql")[action.statement],
-            job_id,
-            what=f"{action.name} of job {job_id}",
+            subject,
+            what=f"{action.name} of {what}",
             wanted=action.wanted,
             wait_s=lock_wait_s,
         )

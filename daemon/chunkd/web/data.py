@@ -12,12 +12,14 @@ from uuid import UUID
 
 from chunkd.db.sql_files import queries
 from chunkd.ops import TERMINAL_STATUSES, database_errors
+from chunkd.ops.workers import LEGACY_STALE_AFTER_S
 
 if TYPE_CHECKING:
     import asyncpg
 
 __all__ = [
     "JOB_STATUSES",
+    "MAX_SEARCH_CHARS",
     "PAGE_SIZE",
     "QUEUE_STATUSES",
     "ChunkDetail",
@@ -33,12 +35,16 @@ __all__ = [
     "job_progress",
     "job_state",
     "jobs_listing",
+    "kind_state",
     "queue_depth",
     "queue_totals",
+    "search_problem",
     "workers",
 ]
 
 PAGE_SIZE = 50
+# The longest search: a dedupe key's limit (kinds and labels end at 200 characters).
+MAX_SEARCH_CHARS = 256
 # Every overall_status, in the order a job goes through them (the filter's and the counts').
 JOB_STATUSES = (
     "scheduled", "pending", "processing", "paused", "completed", "partial_failure", "cancelled"
@@ -57,32 +63,68 @@ def _sql() -> dict[str, str]:
 @dataclass(frozen=True)
 class JobsListing:
     """One page of the jobs list: ``rows`` (dicts of ``web_jobs_page``), whether a next page
-    exists, the jobs of the chosen kind by status, and every kind (for the filter)."""
+    exists, the jobs of the chosen kind by status (None while searching: the counts are not
+    those of the matches), every kind (for the filter), and the chosen kind's ``kind_state``
+    row (None: no kind chosen)."""
 
     rows: list[dict[str, Any]]
     has_next: bool
-    facets: dict[str, int]
+    facets: dict[str, int] | None
     kinds: list[str]
+    kind_state: dict[str, Any] | None = None
+
+
+def search_problem(search: str | None) -> str | None:
+    """Why ``search`` (stripped) cannot be searched for, in one line; None when it can."""
+    if search is None:
+        return None
+    if len(search) > MAX_SEARCH_CHARS:
+        return (
+            f"a search is at most {MAX_SEARCH_CHARS} characters (the start of a kind, a label, "
+            f"a dedupe key or a job id), got {len(search)}"
+        )
+    if "\x00" in search:
+        return "a search cannot contain a NUL character (no kind, label or dedupe key can)"
+    return None
 
 
 async def jobs_listing(
-    pool: asyncpg.Pool, *, kind: str | None, status: str | None, page: int
+    pool: asyncpg.Pool,
+    *,
+    kind: str | None,
+    status: str | None,
+    page: int,
+    search: str | None = None,
 ) -> JobsListing:
+    """One page of jobs, newest first, of ``kind`` and ``status`` (None: any) matching
+    ``search`` (None: every job; see ``chunkd.search_sync_jobs``), which
+    :func:`search_problem` must have passed."""
     q = _sql()
     with database_errors():
         async with pool.acquire() as conn:
             rows = await conn.fetch(
-                q["web_jobs_page"], kind, status, PAGE_SIZE + 1, (page - 1) * PAGE_SIZE
+                q["web_jobs_page"], search, kind, status, PAGE_SIZE + 1, (page - 1) * PAGE_SIZE
             )
-            facets = await conn.fetch(q["web_job_facets"], kind)
+            facets = None if search else await conn.fetch(q["web_job_facets"], kind)
             kinds = await conn.fetch(q["web_kinds"])
+            state = await conn.fetchrow(q["web_kind_state"], kind) if kind else None
     shown = [_with_eta(dict(r)) for r in rows[:PAGE_SIZE]]
     return JobsListing(
         rows=shown,
         has_next=len(rows) > PAGE_SIZE,
-        facets={r["overall_status"]: r["jobs"] for r in facets},
+        facets=None if facets is None else {r["overall_status"]: r["jobs"] for r in facets},
         kinds=[r["kind"] for r in kinds],
+        kind_state=None if state is None else dict(state),
     )
+
+
+async def kind_state(pool: asyncpg.Pool, kind: str) -> dict[str, Any]:
+    """Kind ``kind``'s ``chunkd.kind_state`` row: its pause, its rate, its chunks processing and
+    pending and its unfinished jobs."""
+    with database_errors():
+        row = await pool.fetchrow(_sql()["web_kind_state"], kind)
+    assert row is not None  # kind_state always returns one row
+    return dict(row)
 
 
 def _with_eta(row: dict[str, Any]) -> dict[str, Any]:
@@ -174,7 +216,7 @@ def _bucket_s(started_at: datetime, until: datetime) -> float:
 
 
 async def job_page(
-    pool: asyncpg.Pool, job_id: UUID, *, stale_after_s: float, errors_limit: int = 10
+    pool: asyncpg.Pool, job_id: UUID, *, stale_after_s: float | None, errors_limit: int = 10
 ) -> JobPage | None:
     q = _sql()
     with database_errors():
@@ -201,7 +243,7 @@ async def job_page(
             errors = await conn.fetch(q["web_job_errors"], job_id, errors_limit)
             events = await conn.fetch(q["web_job_events"], job_id, JOB_EVENTS_LIMIT)
             live = await conn.fetchval(
-                q["web_live_worker_for_kind"], progress["kind"], stale_after_s
+                q["web_live_worker_for_kind"], progress["kind"], stale_after_s, LEGACY_STALE_AFTER_S
             )
     return JobPage(
         progress=progress,
@@ -275,12 +317,13 @@ async def chunk_payload(pool: asyncpg.Pool, job_id: UUID, seq: int) -> str | Non
     return text
 
 
-async def workers(pool: asyncpg.Pool, *, stale_after_s: float) -> list[dict[str, Any]]:
-    """Registered daemons, each with ``live`` (heartbeat within ``stale_after_s``) and
-    ``in_flight`` (chunks it holds now)."""
+async def workers(pool: asyncpg.Pool, *, stale_after_s: float | None) -> list[dict[str, Any]]:
+    """Registered daemons, each with ``live`` (a heartbeat within ``stale_after_s`` seconds;
+    None: within three of its own heartbeats, as the reaper counts), the silence that makes
+    it stale (``stale_after_s``) and ``in_flight`` (chunks it holds now)."""
     with database_errors():
-        rows = await pool.fetch(_sql()["web_workers"])
-    return [{**dict(r), "live": float(r["heartbeat_age_s"]) <= stale_after_s} for r in rows]
+        rows = await pool.fetch(_sql()["web_workers"], stale_after_s, LEGACY_STALE_AFTER_S)
+    return [{**dict(r), "live": r["heartbeat_age_s"] <= r["stale_after_s"]} for r in rows]
 
 
 async def queue_totals(pool: asyncpg.Pool) -> dict[str, int]:

@@ -1,4 +1,5 @@
-"""The HTML pages: jobs, job detail (with its fragments), workers, queue, login, actions.
+"""The HTML pages: jobs (a kind's page when filtered by kind), job detail (with its
+fragments), workers, queue, login, actions on a job and on a kind.
 
 A page's live parts are fragments of the same templates: ``?part=...`` returns just that part
 and the page's script swaps it in every ``--refresh`` (no full-page reloads). A fragment that
@@ -18,7 +19,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from chunkd.web import data, present
-from chunkd.web.actions import ACTIONS, run_action
+from chunkd.web.actions import ACTIONS, KIND_ACTIONS, run_action
 from chunkd.web.render import render
 from chunkd.web.security import SESSION_COOKIE, Scope, cookie_header, origin_ok
 
@@ -37,6 +38,7 @@ def routes() -> list[BaseRoute]:
         Route("/jobs/{job_id:uuid}/chunks/{seq:int}", chunk),
         Route("/jobs/{job_id:uuid}/chunks/{seq:int}/payload", chunk_payload),
         Route("/jobs/{job_id:uuid}/{action:str}", action, methods=["GET", "POST"]),
+        Route("/kinds/{action:str}", kind_action, methods=["GET", "POST"]),
         Route("/workers", workers),
         Route("/queue", queue),
         Route("/login", login, methods=["GET", "POST"]),
@@ -50,27 +52,44 @@ def _choice(request: Request, name: str, allowed: list[str] | tuple[str, ...]) -
 
 
 async def jobs(request: Request) -> Response:
+    """The jobs list: filtered by kind (then it is the kind's page, with its pause and rate and
+    the kind's actions) and status, and by a search (``q``: the start of a job id, kind, label
+    or dedupe key). A search that cannot be run is one line and status 400."""
     pool = request.app.state.pool
     kind = request.query_params.get("kind") or None
     status = _choice(request, "status", data.JOB_STATUSES)
+    search = request.query_params.get("q", "").strip() or None
     try:
         page = max(1, min(int(request.query_params.get("page", "1")), 100_000))
     except ValueError:
         page = 1
-    listing = await data.jobs_listing(pool, kind=kind, status=status, page=page)
-    filters = {k: v for k, v in (("kind", kind), ("status", status)) if v}
+    problem = data.search_problem(search)
+    if problem is None:
+        listing = await data.jobs_listing(pool, kind=kind, status=status, page=page, search=search)
+    else:
+        listing = data.JobsListing(rows=[], has_next=False, facets=None, kinds=[])
+    filters = {k: v for k, v in (("kind", kind), ("status", status), ("q", search)) if v}
+    done = None
+    if kind and request.query_params.get("done") in KIND_ACTIONS:
+        n = request.query_params.get("n", "")
+        done = KIND_ACTIONS[request.query_params["done"]].done.format(n=n if n.isdigit() else "?")
     context = {
         "listing": listing,
         "kind": kind,
         "status": status,
+        "search": search,
+        "search_problem": problem,
+        "max_search": data.MAX_SEARCH_CHARS,
+        "done": done,
         "page": page,
         "statuses": data.JOB_STATUSES,
         "query": lambda **changes: urlencode({**filters, **changes}),
         "part_url": f"/jobs?{urlencode({**filters, 'page': page, 'part': 'rows'})}",
     }
+    code = 200 if problem is None else 400
     if request.query_params.get("part") == "rows":
-        return render(request, "_job_rows.html", context)
-    return render(request, "jobs.html", context)
+        return render(request, "_job_rows.html", context, status_code=code)
+    return render(request, "jobs.html", context, status_code=code)
 
 
 async def _job_page(request: Request) -> data.JobPage:
@@ -175,8 +194,40 @@ async def action(request: Request) -> Response:
         "action": chosen,
         "job_id": job_id,
         "progress": progress,
+        "form_url": f"/jobs/{job_id}/{chosen.name}",
+        "back_url": f"/jobs/{job_id}",
         "question": chosen.question.format(**progress),
         "applies": chosen.applies(progress, flow),
+    }
+    return render(request, "confirm.html", context)
+
+
+async def kind_action(request: Request) -> Response:
+    """A kind's action (``/kinds/{action}?kind=K``): GET is its confirmation page, POST (with
+    the form's CSRF token) runs it and leads back to the kind's page."""
+    chosen = KIND_ACTIONS.get(request.path_params["action"])
+    if chosen is None:
+        raise HTTPException(404, "no such page")
+    kind = request.query_params.get("kind", "")
+    if not kind or len(kind) > 200 or "\x00" in kind:
+        raise HTTPException(400, "give the kind as ?kind=NAME (1-200 characters)")
+    pool = request.app.state.pool
+    kind_page = f"/jobs?{urlencode({'kind': kind})}"
+    if request.method == "POST":
+        await checked_form(request)
+        n = await run_action(pool, chosen, kind, request.app.state.settings.lock_wait_s)
+        return RedirectResponse(
+            f"{kind_page}&{urlencode({'done': chosen.name, 'n': n})}", status_code=303
+        )
+    state = await data.kind_state(pool, kind)
+    context = {
+        "action": chosen,
+        "kind": kind,
+        "kind_state": state,
+        "form_url": f"/kinds/{chosen.name}?{urlencode({'kind': kind})}",
+        "back_url": kind_page,
+        "question": chosen.question.format(kind=kind, **state),
+        "applies": chosen.applies(state, None),
     }
     return render(request, "confirm.html", context)
 

@@ -13,7 +13,7 @@ from starlette.responses import HTMLResponse
 from chunkd.ops import format_rate
 from chunkd.version import __version__
 from chunkd.web import present
-from chunkd.web.actions import available
+from chunkd.web.actions import available, kind_actions
 
 __all__ = ["make_environment", "render"]
 
@@ -39,6 +39,7 @@ def make_environment() -> Environment:
         eta=present.eta,
         states=present.STATES,
         available_actions=available,
+        kind_actions=kind_actions,
     )
     return env
 

@@ -31,7 +31,8 @@ class WebSettings:
     """``dsn``: where the queue lives; ``host``/``port``: where to listen (port 0 = any free
     port); ``token``: the operator token (None = none: then only a loopback ``host`` is
     allowed); ``refresh_s``: how often pages and the event stream re-read progress;
-    ``stale_after_s``: a worker silent this long is shown as stale; ``pool_size``: database
+    ``stale_after_s``: a worker silent this long is shown as stale (None: one that missed
+    three of its heartbeats, as the reaper counts); ``pool_size``: database
     connections; ``lock_wait_s``: how long an operator action keeps trying for locks other
     sessions hold (50 ms at a time, at most 200 ms), then answers with one line naming the
     session. Raises ValueError, with a message for the user, on an unsafe or invalid
@@ -42,7 +43,7 @@ class WebSettings:
     port: int = 8080
     token: str | None = None
     refresh_s: float = 2.0
-    stale_after_s: float = 120.0
+    stale_after_s: float | None = None
     pool_size: int = 4
     lock_wait_s: float = 10.0
 
@@ -61,7 +62,7 @@ class WebSettings:
             raise ValueError(f"--port must be 0..65535, got {self.port}")
         if self.refresh_s < 0.1:
             raise ValueError("--refresh must be at least 100ms")
-        if self.stale_after_s <= 0:
+        if self.stale_after_s is not None and self.stale_after_s <= 0:
             raise ValueError("--stale-after must be positive")
         if not 0 <= self.lock_wait_s <= 3600:
             raise ValueError("--lock-wait must be 0 to 3600 seconds")

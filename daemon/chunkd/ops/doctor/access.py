@@ -18,7 +18,7 @@ from typing import Any
 from chunkd.db.connection import DatabaseError
 from chunkd.db.definitions import catalog_state
 from chunkd.db.migrate import daemon_functions, schema_state
-from chunkd.db.server_errors import quote_role
+from chunkd.db.server_errors import describe_server_error, quote_role
 from chunkd.db.sql_files import definitions, queries
 from chunkd.errors import ChunkdError
 from chunkd.ops.doctor.context import Context
@@ -42,6 +42,8 @@ _WEB_ACTIONS = (
     "web_cancel_sync_job",
     "web_pause_sync_job",
     "web_resume_sync_job",
+    "web_pause_kind",
+    "web_resume_kind",
 )
 # What tells a role the schema's versions and definitions (chunkd.db.migrate.check_version).
 _SCHEMA = ("schema_definitions", "schema_versions")
@@ -132,9 +134,21 @@ async def definitions_changed_by_hand(ctx: Context) -> Finding:
     (:func:`chunkd.db.definitions.catalog_state`) against the fingerprint recorded when it was
     applied. A file this chunkd ships differently is the schema check's business (migrate)."""
     try:
+        schema = await schema_state(ctx.conn)
+    except ChunkdError:
+        schema = None  # the schema check says why; the definitions may still be readable
+    if schema is not None and (not schema.applied or schema.pending):
+        why = (
+            f"the schema is behind this chunkd (version {max(schema.applied)} applied, "
+            f"{max(schema.known)} expected)"
+            if schema.applied
+            else "no chunkd schema in this database"
+        )
+        return not_checked("definitions", why, "run chunkd migrate (as the schema's owner)")
+    try:
         state = await catalog_state(ctx.conn, through_function=True)
     except DatabaseError as exc:
-        return not_checked("definitions", f"cannot read the recorded definitions: {exc}")
+        return not_checked("definitions", describe_server_error(exc, role=ctx.role))
     details: dict[str, Any] = {
         "edited": list(state.edited),
         "missing": list(state.missing),
@@ -156,8 +170,8 @@ async def definitions_changed_by_hand(ctx: Context) -> Finding:
             f"the definitions of sql/{state.edited[0]}"
             + (f" and {len(state.edited) - 1} more files" if len(state.edited) > 1 else "")
             + " were changed by hand since chunkd migrate applied them",
-            "compare them with the shipped files (pg_get_functiondef); chunkd migrate puts the "
-            "shipped ones back only when their file changes: reapply by hand or upgrade",
+            "compare them with the shipped files (pg_get_functiondef); chunkd migrate "
+            "--reapply puts the shipped ones back",
             details=details,
         )
     return Finding(

@@ -5,24 +5,35 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from chunkd.db import connect
 from chunkd.ops.doctor.findings import Level
 
 if TYPE_CHECKING:
     import asyncpg
 
-__all__ = ["Context", "DoctorOptions"]
+__all__ = ["Context", "DoctorOptions", "doctor_connection"]
+
+
+async def doctor_connection(dsn: str) -> asyncpg.Connection:
+    """A connection of the doctor's, routed as ``--pooler`` says but without named prepared
+    statements: through a transaction pooler the doctor was told is a session pooler, a named
+    statement would meet one of another client's on the server connection it lands on
+    (``prepared statement "__asyncpg_stmt_1__" already exists``) before the connection check
+    could say so. Raises :class:`~chunkd.errors.ConnectError`."""
+    return await connect(dsn, application_name="chunkd-doctor", prepared_statements=False)
 
 
 @dataclass(frozen=True)
 class DoctorOptions:
     """``warn_age_s`` and ``problem_age_s``: a transaction, snapshot or idle-in-transaction
     session older than these is a warning, a problem (``--warn-age``, ``--problem-age``);
-    ``stale_after_s``: a worker silent this long is dead (``--stale-after``);
+    ``stale_after_s``: a worker silent this long is dead (``--stale-after``; None: three of
+    the heartbeats each worker's row says it sends, as the reaper judges it);
     ``notify_timeout_s``: how long the LISTEN/NOTIFY round trip may take."""
 
     warn_age_s: float = 60.0
     problem_age_s: float = 900.0
-    stale_after_s: float = 120.0
+    stale_after_s: float | None = None
     notify_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:

@@ -35,6 +35,12 @@ class Finding:
     checked: bool = True
     details: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # One line per check, whatever a check put in: a server error's DETAIL or HINT, a
+        # value with a newline, joined onto the line.
+        for name in ("message", "advice"):
+            object.__setattr__(self, name, _one_line(getattr(self, name)))
+
     def line(self) -> str:
         """The finding as one line of text: level, check, message, and what to do."""
         text = f"{self.message}; {self.advice}" if self.advice else self.message
@@ -49,6 +55,10 @@ class Finding:
             "advice": self.advice,
             "details": self.details,
         }
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def not_checked(check: str, why: str, advice: str = "") -> Finding:

@@ -24,8 +24,9 @@ def _dead_advice(worker_id: str) -> str:
 
 
 async def workers(ctx: Context) -> Finding:
-    """Live and dead (silent for ``--stale-after``) workers; live ones of another version than
-    this chunkd. No live worker at all is a warning: nothing claims chunks."""
+    """Live and dead workers (silent for ``--stale-after``, by default for three of the
+    heartbeats each one's row says it sends); live ones of another version than this chunkd.
+    No live worker at all is a warning: nothing claims chunks."""
     stale_after_s = ctx.options.stale_after_s
     found = await ctx.conn.fetch(queries()["doctor_privileges"], [], ["workers"])
     if not found:
@@ -45,6 +46,7 @@ async def workers(ctx: Context) -> Finding:
         "live": [w.worker_id for w in live],
         "dead": [w.worker_id for w in dead],
         "versions": sorted({w.version for w in live}),
+        "stale_after_s": {w.worker_id: w.stale_after_s for w in rows},
     }
     if others:
         odd = [w for w in live if w.version != __version__]
@@ -58,12 +60,20 @@ async def workers(ctx: Context) -> Finding:
         )
     if dead:
         oldest = max(dead, key=lambda w: w.heartbeat_age_s)
+        age = human_duration(oldest.heartbeat_age_s)
+        if stale_after_s is not None:
+            bound, example = human_duration(stale_after_s), oldest.worker_id
+        elif oldest.heartbeat_s is not None:  # the reaper's rule
+            bound = "three of their heartbeats"
+            example = f"{oldest.worker_id}, heartbeat every {oldest.heartbeat_s:g}s"
+        else:  # a daemon of 0.2
+            bound = human_duration(oldest.stale_after_s)
+            example = f"{oldest.worker_id}, which does not say how often it heartbeats"
         return Finding(
             "workers",
             Level.WARNING,
-            f"{len(dead)} registered daemon(s) silent for more than {human_duration(stale_after_s)}"
-            f" (e.g. {oldest.worker_id}, last heartbeat {human_duration(oldest.heartbeat_age_s)}"
-            f" ago); {len(live)} live",
+            f"{len(dead)} registered daemon(s) silent for more than {bound} (e.g. {example}, "
+            f"last heartbeat {age} ago); {len(live)} live",
             _dead_advice(oldest.worker_id),
             details=details,
         )

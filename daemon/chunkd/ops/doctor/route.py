@@ -14,11 +14,10 @@ import secrets
 import time
 from typing import Any
 
-from chunkd.db import connect
 from chunkd.db.connection import backend_pid
 from chunkd.db.listener import POOLER_POLL_INTERVAL_S
 from chunkd.db.sql_files import queries
-from chunkd.ops.doctor.context import Context
+from chunkd.ops.doctor.context import Context, doctor_connection
 from chunkd.ops.doctor.findings import Finding, Level
 from chunkd.settings import pooler_mode
 
@@ -38,7 +37,7 @@ _TRANSACTION_MODE = (
 
 
 async def _shares_server_connections(ctx: Context) -> bool:
-    other = await connect(ctx.dsn, application_name="chunkd-doctor")
+    other = await doctor_connection(ctx.dsn)
     try:
         first = await backend_pid(ctx.conn, _TIMEOUT_S)
         return await backend_pid(other, _TIMEOUT_S) == first
@@ -108,7 +107,7 @@ async def listen_notify(ctx: Context) -> Finding:
         if payload == token and not got.done():
             got.set_result(time.monotonic())
 
-    listener = await connect(ctx.dsn, application_name="chunkd-doctor")
+    listener = await doctor_connection(ctx.dsn)
     try:
         await listener.add_listener(channel, on_notify)
         sent = time.monotonic()

@@ -1,4 +1,4 @@
--- chunkd schema version 14: retention, and the finished history apart from the live queue.
+-- chunkd schema version 16: retention, and the finished history apart from the live queue.
 --
 -- Until now nothing removed finished work but `chunkd purge`, a DELETE run by hand that left
 -- dead tuples behind in the tables the claim reads. Now a policy per terminal state says how
@@ -38,7 +38,8 @@ CREATE TABLE chunkd.retention (
     state      text PRIMARY KEY CHECK (state IN ('completed', 'failed', 'cancelled')),
     keep_s     float8 NOT NULL CHECK (keep_s >= 1 AND keep_s <= 3153600000),
     changed_at timestamptz NOT NULL DEFAULT now()
-        CONSTRAINT retention_changed_at_finite CHECK (isfinite(changed_at))
+        CONSTRAINT retention_changed_at_finite CHECK (
+            changed_at >= '0001-01-01 00:00+00' AND changed_at < '10000-01-01 00:00+00')
 );
 INSERT INTO chunkd.retention (state, keep_s) VALUES
     ('completed', 3 * 86400), ('cancelled', 7 * 86400), ('failed', 30 * 86400);
@@ -47,12 +48,15 @@ INSERT INTO chunkd.retention (state, keep_s) VALUES
 -- one partition in each of the four tables, named <table>_p<suffix>.
 CREATE TABLE chunkd.history_partitions (
     from_at    timestamptz PRIMARY KEY
-        CONSTRAINT history_partitions_from_at_finite CHECK (isfinite(from_at)),
+        CONSTRAINT history_partitions_from_at_finite CHECK (
+            from_at >= '0001-01-01 00:00+00' AND from_at < '10000-01-01 00:00+00'),
     to_at      timestamptz NOT NULL
-        CONSTRAINT history_partitions_to_at_finite CHECK (isfinite(to_at)),
+        CONSTRAINT history_partitions_to_at_finite CHECK (
+            to_at >= '0001-01-01 00:00+00' AND to_at < '10000-01-01 00:00+00'),
     suffix     text NOT NULL UNIQUE CHECK (suffix ~ '^[0-9]{8}t[0-9]{6}$'),
     created_at timestamptz NOT NULL DEFAULT now()
-        CONSTRAINT history_partitions_created_at_finite CHECK (isfinite(created_at)),
+        CONSTRAINT history_partitions_created_at_finite CHECK (
+            created_at >= '0001-01-01 00:00+00' AND created_at < '10000-01-01 00:00+00'),
     CHECK (to_at > from_at)
 );
 
@@ -61,7 +65,8 @@ CREATE TABLE chunkd.history_partitions (
 -- go with it.
 CREATE TABLE chunkd.history_counts (
     from_at timestamptz NOT NULL REFERENCES chunkd.history_partitions ON DELETE CASCADE
-        CONSTRAINT history_counts_from_at_finite CHECK (isfinite(from_at)),
+        CONSTRAINT history_counts_from_at_finite CHECK (
+            from_at >= '0001-01-01 00:00+00' AND from_at < '10000-01-01 00:00+00'),
     kind    text NOT NULL,
     status  text NOT NULL,
     jobs    bigint NOT NULL CHECK (jobs >= 0),
@@ -75,7 +80,8 @@ CREATE TABLE chunkd.history_counts (
 CREATE TABLE chunkd.history_moving (
     job_id       bigint PRIMARY KEY,
     expires_at   timestamptz NOT NULL
-        CONSTRAINT history_moving_expires_at_finite CHECK (isfinite(expires_at)),
+        CONSTRAINT history_moving_expires_at_finite CHECK (
+            expires_at >= '0001-01-01 00:00+00' AND expires_at < '10000-01-01 00:00+00'),
     moved_chunks int NOT NULL CHECK (moved_chunks >= 0)
 );
 
@@ -83,7 +89,8 @@ CREATE TABLE chunkd.history_jobs (
     LIKE chunkd.jobs INCLUDING CONSTRAINTS,
     status     text NOT NULL CHECK (status IN ('completed', 'partial_failure', 'cancelled')),
     expires_at timestamptz NOT NULL
-        CONSTRAINT history_jobs_expires_at_finite CHECK (isfinite(expires_at))
+        CONSTRAINT history_jobs_expires_at_finite CHECK (
+            expires_at >= '0001-01-01 00:00+00' AND expires_at < '10000-01-01 00:00+00')
 ) PARTITION BY RANGE (expires_at);
 ALTER TABLE chunkd.history_jobs ALTER COLUMN finished_at SET NOT NULL;
 -- The job by its ids (a schedule names its last job by its internal id); the jobs page, newest
@@ -93,6 +100,13 @@ CREATE INDEX history_jobs_public_id ON chunkd.history_jobs (public_id);
 CREATE INDEX history_jobs_created ON chunkd.history_jobs (created_at);
 CREATE INDEX history_jobs_kind_created ON chunkd.history_jobs (kind, created_at);
 CREATE INDEX history_jobs_status_created ON chunkd.history_jobs (status, created_at);
+-- The dashboard's search (chunkd.search_sync_jobs): the start of a kind, a label, a dedupe key,
+-- as migration 15 indexes the live jobs.
+CREATE INDEX history_jobs_kind_search ON chunkd.history_jobs ((lower(kind) COLLATE "C"));
+CREATE INDEX history_jobs_label_search ON chunkd.history_jobs ((lower(label) COLLATE "C"))
+    WHERE label IS NOT NULL;
+CREATE INDEX history_jobs_dedupe_key_search ON chunkd.history_jobs
+    ((lower(dedupe_key) COLLATE "C")) WHERE dedupe_key IS NOT NULL;
 
 -- Each history table also holds what reading it needs of the job and the chunk (the job's public
 -- id and kind, the chunk's queue id and seq), so that every read of the history is a read of one
@@ -104,9 +118,11 @@ CREATE TABLE chunkd.history_chunks (
     attempts      int NOT NULL,
     max_attempts  int NOT NULL,
     started_at    timestamptz
-        CONSTRAINT history_chunks_started_at_finite CHECK (isfinite(started_at)),
+        CONSTRAINT history_chunks_started_at_finite CHECK (
+            started_at >= '0001-01-01 00:00+00' AND started_at < '10000-01-01 00:00+00'),
     completed_at  timestamptz
-        CONSTRAINT history_chunks_completed_at_finite CHECK (isfinite(completed_at)),
+        CONSTRAINT history_chunks_completed_at_finite CHECK (
+            completed_at >= '0001-01-01 00:00+00' AND completed_at < '10000-01-01 00:00+00'),
     error_message text,
     worker_id     text,
     result        jsonb,
@@ -114,7 +130,8 @@ CREATE TABLE chunkd.history_chunks (
     kind          text NOT NULL,
     priority      int NOT NULL,
     expires_at    timestamptz NOT NULL
-        CONSTRAINT history_chunks_expires_at_finite CHECK (isfinite(expires_at))
+        CONSTRAINT history_chunks_expires_at_finite CHECK (
+            expires_at >= '0001-01-01 00:00+00' AND expires_at < '10000-01-01 00:00+00')
 ) PARTITION BY RANGE (expires_at);
 -- A job's chunks in order; a chunk by its queue id; the newest chunks (the seed's check query).
 CREATE INDEX history_chunks_job ON chunkd.history_chunks (sync_job_id, seq);
@@ -128,7 +145,8 @@ CREATE TABLE chunkd.history_attempts (
     seq         int NOT NULL,
     kind        text NOT NULL,
     expires_at  timestamptz NOT NULL
-        CONSTRAINT history_attempts_expires_at_finite CHECK (isfinite(expires_at))
+        CONSTRAINT history_attempts_expires_at_finite CHECK (
+            expires_at >= '0001-01-01 00:00+00' AND expires_at < '10000-01-01 00:00+00')
 ) PARTITION BY RANGE (expires_at);
 -- A job's claims, and a chunk's (by its job and seq); a job's errors.
 CREATE INDEX history_attempts_job ON chunkd.history_attempts (sync_job_id, seq);
@@ -145,8 +163,10 @@ CREATE TABLE chunkd.history_events (
     seq         int,
     job_kind    text NOT NULL,
     expires_at  timestamptz NOT NULL
-        CONSTRAINT history_events_expires_at_finite CHECK (isfinite(expires_at)),
-    CONSTRAINT history_events_at_finite CHECK (isfinite(at))
+        CONSTRAINT history_events_expires_at_finite CHECK (
+            expires_at >= '0001-01-01 00:00+00' AND expires_at < '10000-01-01 00:00+00'),
+    CONSTRAINT history_events_at_finite CHECK (
+            at >= '0001-01-01 00:00+00' AND at < '10000-01-01 00:00+00')
 ) PARTITION BY RANGE (expires_at);
 -- A job's events, and a chunk's (by its job and seq).
 CREATE INDEX history_events_job ON chunkd.history_events (sync_job_id, seq);

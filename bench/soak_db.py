@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-# With retention (schema version 14 on the retention branch) the daemons' maintenance moves a
+# With retention (schema version 16) the daemons' maintenance moves a
 # finished job's rows out of the live tables into history_jobs, history_chunks and
 # history_attempts in one transaction: in any snapshot a chunk is in one place or the other, and
 # the reads below take the union when the history tables exist.

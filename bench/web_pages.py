@@ -19,7 +19,15 @@ browser's own timings:
 and prints a table of medians and maxima, then one JSON line (also written to
 bench/results/web_pages.json).
 
+``--history N`` (issue 25) adds N finished chunks in the history (jobs of ``--history-job-size``
+chunks, and one of ``--big`` chunks), written straight into the history tables
+(bench/history_fill.py) and analyzed, and the pages of jobs in the history; and times
+``chunkd status`` and ``chunkd status JOB`` (a job in the history) as processes, ``--reps``
+times each, and ``chunkd --version`` (the process's start-up alone), and their statements
+alone on one connection.
+
     .venv/bin/python bench/web_pages.py [--reps 5] [--jobs 10000] [--big 100000]
+                                        [--history 10000000] [--history-job-size 10]
 """
 
 from __future__ import annotations
@@ -27,14 +35,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from history_fill import fill_history
 from web_common import chromium, require_chromium, web_server
 
 from chunkd import __version__
@@ -157,7 +168,10 @@ async def measure(url: str, pages: dict[str, str], reps: int) -> dict[str, list[
             for name, path in pages.items():
                 context = await browser.new_context(viewport={"width": 1280, "height": 900})
                 page = await context.new_page()
-                await page.goto(url + path, wait_until="load")
+                response = await page.goto(url + path, wait_until="load")
+                if response is None or response.status != 200:
+                    body = (await page.content())[:2000]
+                    raise RuntimeError(f"{path}: {response and response.status}\n{body}")
                 if "map" in name:
                     deadline = time.monotonic() + 30
                     while not await page.evaluate(
@@ -171,17 +185,92 @@ async def measure(url: str, pages: dict[str, str], reps: int) -> dict[str, list[
     return results
 
 
+async def populate_history(dsn: str, chunks: int, job_size: int, big: int) -> dict[str, str]:
+    """``chunks`` finished chunks in the history (and one job of ``big``); the ids of a failed
+    job of ``job_size`` chunks and of the big one."""
+    conn = await connect(dsn)
+    try:
+        await fill_history(conn, chunks // job_size, job_size)
+        await fill_history(conn, 1, big)
+        await conn.execute(
+            "ANALYZE chunkd.history_jobs, chunkd.history_chunks, chunkd.history_attempts,"
+            " chunkd.history_events"
+        )
+        await conn.execute("VACUUM ANALYZE")
+        return {
+            "old": str(await conn.fetchval(
+                "SELECT public_id FROM chunkd.history_jobs WHERE status = 'partial_failure'"
+                " AND total_chunks = $1 ORDER BY created_at DESC LIMIT 1", job_size)),
+            "old_big": str(await conn.fetchval(
+                "SELECT public_id FROM chunkd.history_jobs WHERE total_chunks = $1", big)),
+        }  # fmt: skip
+    finally:
+        await conn.close()
+
+
+def time_status(dsn: str, job: str, reps: int) -> dict[str, list[float]]:
+    """Wall time of ``chunkd status`` and ``chunkd status JOB``, each a process of its own (as
+    an operator runs it), ms."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUNKD_")}
+    env["CHUNKD_DSN"] = dsn
+    times: dict[str, list[float]] = {
+        "chunkd status": [], "chunkd status JOB (history)": [], "chunkd --version": []
+    }  # fmt: skip
+    for _ in range(reps):
+        for name, args in (
+            ("chunkd status", ["status"]),
+            ("chunkd status JOB (history)", ["status", job]),
+            ("chunkd --version", ["--version"]),
+        ):
+            started = time.monotonic()
+            subprocess.run(
+                [sys.executable, "-m", "chunkd.cli", *args],
+                env=env, check=True, capture_output=True,
+            )  # fmt: skip
+            times[name].append((time.monotonic() - started) * 1000)
+    return times
+
+
+async def time_status_statements(dsn: str, job: str, reps: int) -> dict[str, list[float]]:
+    """What ``chunkd status`` and ``chunkd status JOB`` ask the database, alone (in this
+    process, one connection, each call timed), ms."""
+    from uuid import UUID
+
+    from chunkd import ops
+
+    conn = await connect(dsn)
+    times: dict[str, list[float]] = {"status statements": [], "status JOB statements": []}
+    try:
+        for _ in range(reps):
+            started = time.monotonic()
+            await ops.list_jobs(conn, limit=20)
+            await ops.flow_limits(conn)
+            times["status statements"].append((time.monotonic() - started) * 1000)
+            started = time.monotonic()
+            await ops.job_detail(conn, UUID(job), stale_after_s=30)
+            times["status JOB statements"].append((time.monotonic() - started) * 1000)
+    finally:
+        await conn.close()
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--jobs", type=int, default=10_000)
     parser.add_argument("--big", type=int, default=100_000)
+    parser.add_argument("--history", type=int, default=0)
+    parser.add_argument("--history-job-size", type=int, default=10)
     args = parser.parse_args()
     require_chromium()
     with throwaway_cluster() as cluster, tempfile.TemporaryDirectory() as tmp:
         dsn = cluster.dsn("postgres")
         started = time.monotonic()
         ids = asyncio.run(populate(dsn, args.jobs, args.big))
+        if args.history:
+            ids.update(
+                asyncio.run(populate_history(dsn, args.history, args.history_job_size, args.big))
+            )
         print(f"data loaded in {time.monotonic() - started:.0f}s", file=sys.stderr)
         pages = {
             "jobs (newest 50)": "/jobs",
@@ -196,11 +285,19 @@ def main() -> None:
             "workers": "/workers",
             "queue": "/queue",
         }
+        if args.history:
+            pages["jobs ?status=partial_failure"] = "/jobs?status=partial_failure"
+            pages[f"job in history, {args.history_job_size} chunks + map"] = f"/jobs/{ids['old']}"
+            pages[f"job in history, {args.big:,} chunks + map"] = f"/jobs/{ids['old_big']}"
         with web_server(dsn, Path(tmp) / "web.log") as url:
             results = asyncio.run(measure(url, pages, args.reps))
+        status = time_status(dsn, ids["old"], args.reps) if args.history else {}
+        if args.history:
+            status.update(asyncio.run(time_status_statements(dsn, ids["old"], args.reps)))
     summary = {}
-    print(f"\nchunkd {__version__} web pages, {args.jobs:,} jobs, one of {args.big:,} chunks; "
-          f"median (max) of {args.reps} loads in Chromium, ms\n")  # fmt: skip
+    history = f", {args.history:,} finished chunks in the history" if args.history else ""
+    print(f"\nchunkd {__version__} web pages, {args.jobs:,} jobs, one of {args.big:,} chunks"
+          f"{history}; median (max) of {args.reps} loads in Chromium, ms\n")  # fmt: skip
     print(f"| {'page':<32} | {'first paint':>16} | {'html':>14} | {'map drawn':>16} | KB html |")
     print(f"|{'-' * 34}|{'-' * 18}|{'-' * 16}|{'-' * 18}|---------|")
     for name, runs in results.items():
@@ -217,8 +314,12 @@ def main() -> None:
 
         print(f"| {name:<32} | {cell(row['first_paint_ms']):>16} | {cell(row['html_ms']):>14} | "
               f"{cell(row['map_ms']):>16} | {row['html_kb']:7.1f} |")  # fmt: skip
+    for name, runs_ms in status.items():
+        print(f"{name}: median {statistics.median(runs_ms):,.0f} ms (max {max(runs_ms):,.0f})")
     record = {
         "bench": "web_pages",
+        "history_chunks": args.history,
+        "status_ms": {k: statistics.median(v) for k, v in status.items()},
         "version": __version__,
         "machine": f"{platform.machine()}, {platform.python_version()}",
         "jobs": args.jobs,

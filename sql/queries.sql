@@ -401,6 +401,13 @@ SELECT r.sync_job_id, r.chunk_id, r.queue_id, r.seq, r.attempt, r.kind, r.worker
        r.rule
 FROM chunkd.reap_attempts() r;
 
+-- name: retention_round
+-- The maintenance: finished jobs (up to $1 chunks) to the history, expired partitions dropped;
+-- ran false when another daemon's round holds the lock.
+SELECT r.ran, r.moved_jobs, r.moved_chunks, r.expired_jobs, r.created_partitions,
+       r.dropped_partitions, r.more
+FROM chunkd.retention_round($1) r;
+
 -- name: register_worker
 SELECT chunkd.register_worker($1, $2, $3, $4, $5, $6);
 
@@ -464,9 +471,9 @@ SELECT chunkd.close_sync_job($1);
 
 -- name: ops_job_state
 -- `chunkd wait`: the job's overall status and whether it is finished (NULL: no such job).
-SELECT s.overall_status, j.finished_at IS NOT NULL AS finished
-FROM chunkd.jobs j JOIN chunkd.chunk_processing_status s ON s.parent_sync_job_id = j.public_id
-WHERE j.public_id = $1;
+SELECT s.overall_status, s.finished_at IS NOT NULL AS finished
+FROM chunkd.chunk_processing_status s
+WHERE s.parent_sync_job_id = $1;
 
 -- name: ops_create_schedule
 SELECT chunkd.create_schedule($1, $2, $3, $4::jsonb, $5::jsonb, $6, $7, $8, $9, $10);
@@ -483,15 +490,21 @@ SELECT chunkd.resume_schedule($1);
 -- name: ops_schedules
 SELECT s.name, s.cron, s.timezone, s.kind, s.dedupe, s.paused_at, s.next_fire_at,
        s.last_fired_at, j.public_id AS last_job_id, s.last_error
-FROM chunkd.schedules s LEFT JOIN chunkd.jobs j ON j.id = s.last_job_id
+FROM chunkd.schedules s LEFT JOIN chunkd.all_jobs j ON j.id = s.last_job_id
 ORDER BY s.name;
 
 -- name: ops_recent_job_ids
--- The newest jobs first ($1 = how many; NULL = all) and how many jobs there are in all.
-SELECT j.id, pg_catalog.count(*) OVER () AS total_jobs
+-- The newest jobs first ($1 = how many; NULL = all), live or in the history.
+SELECT j.id
 FROM chunkd.sync_jobs j
 ORDER BY j.created_at DESC, j.id
 LIMIT $1;
+
+-- name: ops_job_total
+-- How many jobs there are in all: the live ones counted, the history's from its counts (never
+-- a scan of the history).
+SELECT COALESCE(pg_catalog.sum(c.jobs), 0)::bigint
+FROM chunkd.sync_job_status_counts(NULL) c;
 
 -- name: ops_job_status_rows
 -- Filtered by job id so the view's GROUP BY reads only these jobs' chunks.
@@ -506,14 +519,13 @@ ORDER BY s.created_at DESC, s.parent_sync_job_id;
 SELECT chunkd.get_sync_job_progress($1);
 
 -- name: ops_job_settings
--- With the flow controls that apply to the job: its own, its key's and its kind's.
+-- With the flow controls that apply to the job: its own, its key's and its kind's (a job's
+-- burst is the one its bucket got at enqueue), live or in the history.
 SELECT j.priority, j.max_concurrency, j.max_attempts, j.dedupe_key, j.paused_at, j.max_per_second,
-       r.burst::int AS job_burst, j.concurrency_key, l.max_concurrency AS key_max_concurrency,
-       k.paused_at AS kind_paused_at, k.per_second AS kind_per_second, k.burst AS kind_burst
-FROM chunkd.jobs j
-LEFT JOIN chunkd.job_rates r ON r.job_id = j.id
-LEFT JOIN chunkd.concurrency_limits l ON l.key = j.concurrency_key
-LEFT JOIN chunkd.kind_flow k ON k.kind = j.kind
+       f.burst AS job_burst, j.concurrency_key, f.key_max_concurrency,
+       f.kind_paused_at, f.kind_per_second, f.kind_burst
+FROM chunkd.all_jobs j
+CROSS JOIN LATERAL chunkd.job_flow(j.public_id) f
 WHERE j.public_id = $1;
 
 -- name: ops_recent_errors
@@ -532,6 +544,15 @@ FROM (
     FROM chunkd.events_v1 v
     JOIN chunkd.chunks c ON c.queue_id = v.queue_id
     WHERE v.sync_job_id = $1 AND v.error IS NOT NULL
+    UNION ALL
+    -- The history: the same from the attempts and the version 1 audit rows a job moved there.
+    SELECT a.ended_at, a.seq, a.outcome, a.attempt, a.worker_id, a.error
+    FROM chunkd.history_attempts a
+    WHERE a.sync_job_id = $1 AND a.error IS NOT NULL
+    UNION ALL
+    SELECT e.at, e.seq, e.event, e.attempt, e.worker_id, e.error
+    FROM chunkd.history_events e
+    WHERE e.sync_job_id = $1 AND e.v1 AND e.error IS NOT NULL
 ) e
 ORDER BY e.at DESC
 LIMIT $2;
@@ -554,6 +575,12 @@ SELECT chunkd.cancel_sync_job($1);
 
 -- name: ops_purge_finished_jobs
 SELECT chunkd.purge_finished_jobs($1);
+
+-- name: ops_retention_policies
+SELECT r.state, r.keep_s, r.changed_at FROM chunkd.retention_policies() r;
+
+-- name: ops_set_retention
+SELECT chunkd.set_retention($1, $2);
 
 -- name: ops_workers
 -- Heartbeat ages by the database clock, so the client's clock does not matter. stale_after_s:

@@ -36,8 +36,8 @@ SELECT k.paused_at, k.per_second, k.burst, k.tokens, k.processing, k.pending, k.
 FROM chunkd.kind_state($1) k;
 
 -- name: web_kinds
--- Every job kind, for the filter.
-SELECT DISTINCT j.kind FROM chunkd.sync_jobs j ORDER BY j.kind;
+-- Every job kind, for the filter (the history's from its counts: never a scan of it).
+SELECT k.kind FROM chunkd.sync_job_kinds() k ORDER BY k.kind;
 
 -- name: web_job_progress
 SELECT chunkd.get_sync_job_progress($1);
@@ -109,9 +109,8 @@ ORDER BY 1;
 
 -- name: web_job_errors
 -- The job's latest errors, newest first, with the chunk's position.
-SELECT e.at, c.seq, e.event, e.attempt, e.worker_id, e.error
+SELECT e.at, e.seq, e.event, e.attempt, e.worker_id, e.error
 FROM chunkd.chunk_events e
-JOIN chunkd.chunk_processing_queue c ON c.id = e.queue_id
 WHERE e.sync_job_id = $1 AND e.error IS NOT NULL
 ORDER BY e.at DESC
 LIMIT $2;
@@ -125,10 +124,10 @@ FROM chunkd.chunk_processing_queue q
 WHERE q.parent_sync_job_id = $1 AND q.seq = $2;
 
 -- name: web_chunk_events
--- The audit trail of one chunk, oldest first.
+-- The audit trail of one chunk (job $1, position $2), oldest first.
 SELECT e.at, e.event, e.status, e.attempt, e.worker_id, e.error
 FROM chunkd.chunk_events e
-WHERE e.queue_id = $1
+WHERE e.sync_job_id = $1 AND e.seq = $2
 ORDER BY e.at, e.attempt;
 
 -- name: web_chunk_payload

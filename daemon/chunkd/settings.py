@@ -86,6 +86,9 @@ class RunSettings:
     schedule_clock_file: str | None = None
     # An event loop that does not run for longer is stalled: logged, and /healthz says so.
     stall_threshold_s: float = 1.0
+    # Retention: seconds between two maintenance rounds (chunkd.runtime.maintenance); 0 = this
+    # daemon runs none.
+    maintenance_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -99,6 +102,8 @@ class RunSettings:
             raise ValueError("--stall-threshold must be at least 500ms (checked every 250ms)")
         if self.progress_interval_s < 0:
             raise ValueError("--progress-interval must not be negative (0 turns it off)")
+        if self.maintenance_interval_s < 0:
+            raise ValueError("--maintenance-interval must not be negative (0 turns it off)")
         if self.retry_cap_s < self.retry_base_s:
             raise ValueError("--retry-cap must not be below --retry-base")
         for name in ("lease_s", "retry_cap_s"):
@@ -132,4 +137,5 @@ class RunSettings:
             "http_headers": sorted(self.http_headers),
             "schedule_interval_s": self.schedule_interval_s,
             "stall_threshold_s": self.stall_threshold_s,
+            "maintenance_interval_s": self.maintenance_interval_s,
         }

@@ -56,6 +56,7 @@ RETURNS TABLE (
 )
 LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET jit = off  -- `chunkd status` reads it; see functions/progress.sql
 BEGIN ATOMIC
     SELECT 'kind', k.kind, k.paused_at, k.per_second, k.burst,
            CASE WHEN k.per_second IS NOT NULL
@@ -237,6 +238,10 @@ BEGIN
         END;
     END LOOP;
     IF job IS NULL THEN
+        -- A finished job whose rows moved to the history holds nothing back.
+        IF EXISTS (SELECT 1 FROM chunkd.history_jobs h WHERE h.public_id = sync_job_id) THEN
+            RETURN 0;
+        END IF;
         RAISE EXCEPTION 'chunkd: no sync job %', sync_job_id USING ERRCODE = 'P0002';
     END IF;
     IF job_cancelled IS NOT NULL THEN
@@ -258,6 +263,9 @@ DECLARE
 BEGIN
     SELECT j.id INTO job FROM chunkd.jobs j WHERE j.public_id = sync_job_id;
     IF NOT FOUND THEN
+        IF EXISTS (SELECT 1 FROM chunkd.history_jobs h WHERE h.public_id = sync_job_id) THEN
+            RETURN 0;  -- finished, in the history: nothing pending
+        END IF;
         RAISE EXCEPTION 'chunkd: no sync job %', sync_job_id USING ERRCODE = 'P0002';
     END IF;
     UPDATE chunkd.jobs j SET paused_at = NULL WHERE j.id = job AND j.paused_at IS NOT NULL;

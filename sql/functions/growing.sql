@@ -14,6 +14,11 @@ BEGIN
     SELECT x.id, x.open, x.cancelled_at INTO j
     FROM chunkd.jobs x WHERE x.public_id = append_chunks.job FOR NO KEY UPDATE;
     IF NOT FOUND THEN
+        -- A finished job (never open) whose rows moved to the history.
+        SELECT x.id, false AS open, x.cancelled_at INTO j
+        FROM chunkd.history_jobs x WHERE x.public_id = append_chunks.job;
+    END IF;
+    IF NOT FOUND THEN
         RAISE EXCEPTION 'chunkd: no sync job %', append_chunks.job USING ERRCODE = 'P0002';
     END IF;
     IF j.cancelled_at IS NOT NULL THEN
@@ -43,6 +48,11 @@ BEGIN
     SELECT x.id, x.open INTO j
     FROM chunkd.jobs x WHERE x.public_id = close_sync_job.job FOR NO KEY UPDATE;
     IF NOT FOUND THEN
+        -- A finished job whose rows moved to the history: closed already.
+        IF EXISTS (SELECT 1 FROM chunkd.history_jobs x WHERE x.public_id = close_sync_job.job)
+        THEN
+            RETURN false;
+        END IF;
         RAISE EXCEPTION 'chunkd: no sync job %', close_sync_job.job USING ERRCODE = 'P0002';
     END IF;
     IF NOT j.open THEN

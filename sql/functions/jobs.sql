@@ -194,7 +194,11 @@ AS $$
 DECLARE
     n int;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM chunkd.scheduled s WHERE s.run_at <= now()) THEN
+    -- The earliest run_at, through its index whatever the statistics say (an EXISTS of due
+    -- rows was planned as a scan of the whole table while it had none: every claim read every
+    -- waiting retry).
+    IF NOT coalesce((SELECT s.run_at FROM chunkd.scheduled s ORDER BY s.run_at LIMIT 1) <= now(),
+                    false) THEN
         RETURN 0;
     END IF;
     WITH due AS (

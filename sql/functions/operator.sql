@@ -1,7 +1,7 @@
 -- Operator actions on a job: cancel, retry its failed chunks, purge finished history.
 
 -- Cancel also closes an open job, and finishes it (announced) even when it has no chunk left
--- to cancel.
+-- to cancel. A finished job, live or in the history, has nothing to cancel: 0.
 CREATE OR REPLACE FUNCTION chunkd.cancel_sync_job(sync_job_id uuid) RETURNS int
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -15,6 +15,9 @@ DECLARE
 BEGIN
     SELECT j.id, j.open INTO job, job_open FROM chunkd.jobs j WHERE j.public_id = sync_job_id;
     IF NOT FOUND THEN
+        IF EXISTS (SELECT 1 FROM chunkd.history_jobs h WHERE h.public_id = sync_job_id) THEN
+            RETURN 0;
+        END IF;
         RAISE EXCEPTION 'chunkd: no sync job %', sync_job_id USING ERRCODE = 'P0002';
     END IF;
     -- Pending chunks leave the queue; the event records who they were.
@@ -58,6 +61,8 @@ BEGIN
 END;
 $$;
 
+-- Failed chunks back to pending, attempts reset. A job whose rows moved to the history (all of
+-- them, or some: a big job moving in pieces) is restored to the live tables first, ids kept.
 CREATE OR REPLACE FUNCTION chunkd.retry_failed_chunks(sync_job_id uuid) RETURNS int
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -69,13 +74,29 @@ DECLARE
     job_kind text;
     job_key text;
     holder uuid;
+    n_failed int;
     r_ids bigint[];
     r_claims int[];
 BEGIN
     SELECT j.id, j.cancelled_at, j.kind, j.dedupe_key INTO job, job_cancelled, job_kind, job_key
     FROM chunkd.jobs j WHERE j.public_id = sync_job_id FOR NO KEY UPDATE;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'chunkd: no sync job %', sync_job_id USING ERRCODE = 'P0002';
+        SELECT h.cancelled_at, h.failed_chunks INTO job_cancelled, n_failed
+        FROM chunkd.history_jobs h WHERE h.public_id = sync_job_id;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'chunkd: no sync job %', sync_job_id USING ERRCODE = 'P0002';
+        END IF;
+        IF job_cancelled IS NULL AND n_failed = 0 THEN
+            RETURN 0;
+        END IF;
+        IF job_cancelled IS NULL THEN
+            PERFORM chunkd.restore_job(sync_job_id);
+            SELECT j.id, j.kind, j.dedupe_key INTO job, job_kind, job_key
+            FROM chunkd.jobs j WHERE j.public_id = sync_job_id FOR NO KEY UPDATE;
+        END IF;
+    ELSIF job_cancelled IS NULL
+          AND EXISTS (SELECT 1 FROM chunkd.history_moving m WHERE m.job_id = job) THEN
+        PERFORM chunkd.restore_job(sync_job_id);
     END IF;
     IF job_cancelled IS NOT NULL THEN
         RAISE EXCEPTION 'chunkd: sync job % is cancelled; its chunks cannot be retried',
@@ -107,28 +128,45 @@ BEGIN
 END;
 $$;
 
--- Deletes jobs (with their chunks, attempts and audit rows) finished before now() - older_than.
+-- Deletes jobs (with their chunks, attempts and audit rows) finished before now() - older_than,
+-- live or in the history (the one place that deletes from the history: retention drops whole
+-- partitions instead).
 CREATE OR REPLACE FUNCTION chunkd.purge_finished_jobs(older_than interval) RETURNS int
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    cutoff timestamptz;
     doomed bigint[];
     doomed_public uuid[];
+    n_history int;
 BEGIN
     IF older_than IS NULL OR older_than < interval '0' THEN
         RAISE EXCEPTION 'chunkd: older_than must be a non-negative interval' USING ERRCODE = '22023';
     END IF;
+    cutoff := now() - chunkd.seconds(chunkd.seconds_of(older_than));
+    n_history := chunkd.purge_history(cutoff);
     SELECT array_agg(d.id), array_agg(d.public_id) INTO doomed, doomed_public
     FROM (
         SELECT j.id, j.public_id
         FROM chunkd.jobs j
-        WHERE j.finished_at < now() - chunkd.seconds(chunkd.seconds_of(older_than))
+        WHERE j.finished_at < cutoff
         FOR UPDATE SKIP LOCKED
     ) d;
     IF doomed IS NULL THEN
-        RETURN 0;
+        RETURN n_history;
     END IF;
+    -- A job moving in pieces has some of its chunks in the history already.
+    DELETE FROM chunkd.history_attempts a USING chunkd.history_moving m, chunkd.jobs j
+    WHERE m.job_id = ANY (doomed) AND j.id = m.job_id
+      AND a.sync_job_id = j.public_id AND a.expires_at = m.expires_at;
+    DELETE FROM chunkd.history_events e USING chunkd.history_moving m, chunkd.jobs j
+    WHERE m.job_id = ANY (doomed) AND j.id = m.job_id
+      AND e.sync_job_id = j.public_id AND e.expires_at = m.expires_at;
+    DELETE FROM chunkd.history_chunks c USING chunkd.history_moving m, chunkd.jobs j
+    WHERE m.job_id = ANY (doomed) AND j.id = m.job_id
+      AND c.sync_job_id = j.public_id AND c.expires_at = m.expires_at;
+    DELETE FROM chunkd.history_moving m WHERE m.job_id = ANY (doomed);
     DELETE FROM chunkd.attempts a USING chunkd.chunks c
     WHERE c.job_id = ANY (doomed) AND a.chunk_id = c.id;
     DELETE FROM chunkd.legacy_outcomes o USING chunkd.chunks c
@@ -136,6 +174,6 @@ BEGIN
     DELETE FROM chunkd.events e WHERE e.job_id = ANY (doomed);
     DELETE FROM chunkd.events_v1 e WHERE e.sync_job_id = ANY (doomed_public);
     DELETE FROM chunkd.jobs j WHERE j.id = ANY (doomed);  -- chunks go with it (ON DELETE CASCADE)
-    RETURN cardinality(doomed);
+    RETURN n_history + cardinality(doomed);
 END;
 $$;

@@ -1,17 +1,27 @@
 -- Progress and monitoring, read-only: a job's progress, the queue's depth, and the pages of the
 -- dashboard (`chunkd web`). After the views: some read them.
 
--- The seed's progress report of one job, as JSON (docs/sql-api.md lists its keys).
+-- Every function here is read on a schedule (the metrics, the dashboard, `chunkd status`), so
+-- none may compile its plan to machine code (SET jit = off): PostgreSQL does that for a plan
+-- whose estimated cost passes jit_above_cost, which a table never analyzed (a fresh database,
+-- a burst of writes before autovacuum's first ANALYZE) makes easy, and the compilation alone
+-- took 30 ms where the query took 1 (queue_depth() with 40,000 finished jobs).
+
+-- The seed's progress report of one job, as JSON (docs/sql-api.md lists its keys), live or in
+-- the history. PL/pgSQL so that a session keeps its plan: planning the history's partitions is
+-- most of its cost (a SQL function's body is planned again at every call).
 -- total_is_final: false while the job is open, or while it grows by continuations and is not
 -- finished (any running chunk may append more); eta_seconds then covers the chunks known so far.
 -- Times in UTC, whatever the session's TimeZone: printed in another zone, a time near either
 -- end of what chunkd stores would read as year 10000 or BC, which no datetime can parse.
 CREATE OR REPLACE FUNCTION chunkd.get_sync_job_progress(sync_job_id uuid) RETURNS jsonb
-LANGUAGE sql STABLE SECURITY DEFINER
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET jit = off
 SET TimeZone = 'UTC'
-BEGIN ATOMIC
-    SELECT jsonb_build_object(
+AS $$
+BEGIN
+    RETURN (SELECT jsonb_build_object(
         'sync_job_id', s.parent_sync_job_id,
         'kind', s.kind,
         'total_chunks', s.total_chunks,
@@ -39,7 +49,7 @@ BEGIN ATOMIC
         'on_finish_kind', j.on_finish_kind,
         'label', j.label)
     FROM chunkd.chunk_processing_status s
-    JOIN chunkd.jobs j ON j.public_id = s.parent_sync_job_id
+    JOIN chunkd.all_jobs j ON j.public_id = s.parent_sync_job_id
     CROSS JOIN LATERAL (
         SELECT CASE WHEN s.started_at IS NULL THEN NULL
                     ELSE round((s.completed_chunks + s.failed_chunks)::numeric
@@ -47,17 +57,20 @@ BEGIN ATOMIC
                                    coalesce(s.finished_at, now()) - s.started_at), 0.001), 2)
                END AS chunks_per_second
     ) r
-    WHERE s.parent_sync_job_id = get_sync_job_progress.sync_job_id;
+    WHERE s.parent_sync_job_id = get_sync_job_progress.sync_job_id);
 END;
+$$;
 
 -- Live queue depth for metrics: pending (due now and free to run), paused (due, held by a
 -- paused job or kind), throttled (due, under a rate limit or a concurrency key's limit: they
 -- run at its pace), scheduled (waiting for a retry's run_at) and processing. Reads only live
--- rows, never the finished history.
+-- rows, never the finished history. A limited chunk's job is looked up by its key, chunk by
+-- chunk (a join with jobs was hashed over every job when the tables had no statistics).
 CREATE OR REPLACE FUNCTION chunkd.queue_depth()
 RETURNS TABLE (status text, chunks bigint)
 LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET jit = off
 BEGIN ATOMIC
     WITH paused_jobs AS (
         SELECT j.id FROM chunkd.jobs j
@@ -68,15 +81,17 @@ BEGIN ATOMIC
                         OR r.job_id = ANY (ARRAY(SELECT p.id FROM paused_jobs p))
                    THEN 'paused'
                    WHEN k.per_second IS NOT NULL
-                        OR (r.limited AND (j.max_per_second IS NOT NULL
-                                           OR EXISTS (SELECT 1 FROM chunkd.concurrency_limits l
-                                                      WHERE l.key = j.concurrency_key)))
+                        OR (r.limited AND EXISTS (
+                                SELECT 1 FROM chunkd.jobs j
+                                WHERE j.id = r.job_id
+                                  AND (j.max_per_second IS NOT NULL
+                                       OR EXISTS (SELECT 1 FROM chunkd.concurrency_limits l
+                                                  WHERE l.key = j.concurrency_key))))
                    THEN 'throttled'
                    ELSE 'pending'
                END AS status
         FROM chunkd.ready r
         LEFT JOIN chunkd.kind_flow k ON k.kind = r.kind
-        LEFT JOIN chunkd.jobs j ON r.limited AND j.id = r.job_id
     )
     SELECT s.status, coalesce(n.chunks, 0)
     FROM (VALUES (1, 'pending'), (2, 'paused'), (3, 'throttled')) AS s(o, status)
@@ -96,6 +111,7 @@ CREATE OR REPLACE FUNCTION chunkd.queue_depth_by_kind()
 RETURNS TABLE (kind text, status text, chunks bigint)
 LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET jit = off
 BEGIN ATOMIC
     WITH paused_jobs AS (
         SELECT j.id FROM chunkd.jobs j
@@ -107,15 +123,17 @@ BEGIN ATOMIC
                         OR r.job_id = ANY (ARRAY(SELECT p.id FROM paused_jobs p))
                    THEN 'paused'
                    WHEN k.per_second IS NOT NULL
-                        OR (r.limited AND (j.max_per_second IS NOT NULL
-                                           OR EXISTS (SELECT 1 FROM chunkd.concurrency_limits l
-                                                      WHERE l.key = j.concurrency_key)))
+                        OR (r.limited AND EXISTS (
+                                SELECT 1 FROM chunkd.jobs j
+                                WHERE j.id = r.job_id
+                                  AND (j.max_per_second IS NOT NULL
+                                       OR EXISTS (SELECT 1 FROM chunkd.concurrency_limits l
+                                                  WHERE l.key = j.concurrency_key))))
                    THEN 'throttled'
                    ELSE 'pending'
                END AS status
         FROM chunkd.ready r
         LEFT JOIN chunkd.kind_flow k ON k.kind = r.kind
-        LEFT JOIN chunkd.jobs j ON r.limited AND j.id = r.job_id
     )
     SELECT d.kind, d.status, count(*) FROM due d GROUP BY d.kind, d.status
     UNION ALL
@@ -127,37 +145,114 @@ BEGIN ATOMIC
     GROUP BY j.kind;
 END;
 
+-- How many jobs (of one kind, or all) are in each overall_status: the live jobs counted, the
+-- history's from chunkd.history_counts (kept by every statement that adds or removes history),
+-- so the count never scans the history, however long it is kept. The live jobs are grouped by
+-- what overall_status() reads (its kind and seven yes-or-no facts, as bits: so every job of a
+-- group has the same status) and the status is computed once per group, on its first job:
+-- calling it for every row cost 5 us a row (its body holds a subquery, so it is never inlined),
+-- 140 ms for 27,000 live jobs.
 CREATE OR REPLACE FUNCTION chunkd.sync_job_status_counts(kind text DEFAULT NULL)
 RETURNS TABLE (overall_status text, jobs bigint)
 LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET jit = off
 BEGIN ATOMIC
-    SELECT chunkd.overall_status(j), count(*)
-    FROM chunkd.jobs j
-    WHERE sync_job_status_counts.kind IS NULL OR j.kind = sync_job_status_counts.kind
-    GROUP BY 1;
+    SELECT x.overall_status, sum(x.jobs)::bigint
+    FROM (
+        SELECT chunkd.overall_status(r) AS overall_status, g.n AS jobs
+        FROM (
+            SELECT min(j.id) AS id, count(*) AS n
+            FROM chunkd.jobs j
+            WHERE sync_job_status_counts.kind IS NULL OR j.kind = sync_job_status_counts.kind
+            GROUP BY j.kind,
+                     (j.cancelled_at IS NULL)::int | (j.finished_at IS NULL)::int << 1
+                     | (j.paused_at IS NULL)::int << 2 | (j.started_at IS NULL)::int << 3
+                     | coalesce(j.run_at > now(), false)::int << 4
+                     | (j.failed_chunks > 0)::int << 5 | (j.cancelled_chunks > 0)::int << 6
+        ) g
+        JOIN chunkd.jobs r ON r.id = g.id
+        UNION ALL
+        SELECT c.status, sum(c.jobs)
+        FROM chunkd.history_counts c
+        WHERE sync_job_status_counts.kind IS NULL OR c.kind = sync_job_status_counts.kind
+        GROUP BY 1
+    ) x
+    GROUP BY 1
+    HAVING sum(x.jobs) > 0;
 END;
 
-CREATE OR REPLACE FUNCTION chunkd.sync_jobs_page(kind text DEFAULT NULL, status text DEFAULT NULL,
-                                      page_size int DEFAULT 50, skip int DEFAULT 0)
+-- Every job kind, live or in the history (the dashboard's filter), without scanning the history.
+-- carry grants: chunkd.sync_jobs_page(text,text,integer,integer) -> chunkd.sync_job_kinds()
+CREATE OR REPLACE FUNCTION chunkd.sync_job_kinds() RETURNS TABLE (kind text)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET jit = off
+BEGIN ATOMIC
+    SELECT j.kind FROM chunkd.jobs j
+    UNION
+    SELECT c.kind FROM chunkd.history_counts c WHERE c.jobs > 0
+    ORDER BY 1;
+END;
+
+-- One page of jobs, newest first: the live jobs and the history merged. Each part is read
+-- newest first through its created_at index (of the kind, of the status, in the history) and
+-- only as far as the page reaches, so a page costs its size and its offset, not the history's.
+-- The statement is built for the filters given (EXECUTE: planned with them each time, never
+-- with one plan for "any kind, any status"); values are bound, never spliced. Behind
+-- sync_jobs_page (whose argument names, the same as its columns', PL/pgSQL refuses).
+CREATE OR REPLACE FUNCTION chunkd.jobs_page(p_kind text, p_status text, p_size int, p_skip int)
 RETURNS TABLE (parent_sync_job_id uuid, kind text, total_chunks int, pending_chunks int,
                processing_chunks int, completed_chunks int, failed_chunks int,
                cancelled_chunks int, overall_status text, progress_percentage numeric,
                created_at timestamptz, started_at timestamptz, finished_at timestamptz,
                run_at timestamptz)
-LANGUAGE sql STABLE SECURITY DEFINER
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
-BEGIN ATOMIC
-    WITH page AS (
+AS $$
+DECLARE
+    live_where text := 'true';
+    old_where text := 'true';
+BEGIN
+    IF p_kind IS NOT NULL THEN
+        live_where := live_where || ' AND j.kind = $1';
+        old_where := old_where || ' AND h.kind = $1';
+    END IF;
+    IF p_status IS NOT NULL THEN
+        -- What the status implies of the row's columns first (cheap), then the status itself
+        -- (a function call per row: only on the rows that may have it).
+        live_where := live_where || CASE p_status
+            WHEN 'completed' THEN ' AND j.finished_at IS NOT NULL AND j.cancelled_at IS NULL'
+                                  ' AND j.failed_chunks = 0 AND j.cancelled_chunks = 0'
+            WHEN 'partial_failure' THEN ' AND j.finished_at IS NOT NULL AND j.cancelled_at IS NULL'
+                                        ' AND j.failed_chunks > 0'
+            WHEN 'cancelled' THEN ' AND (j.cancelled_at IS NOT NULL OR j.finished_at IS NOT NULL'
+                                  ' AND j.failed_chunks = 0 AND j.cancelled_chunks > 0)'
+            ELSE ' AND j.finished_at IS NULL AND j.cancelled_at IS NULL' END
+            || ' AND chunkd.overall_status(j) = $2';
+        old_where := old_where || ' AND h.status = $2';
+    END IF;
+    RETURN QUERY EXECUTE format($q$
+    WITH live AS (
         SELECT j.id, j.public_id, j.kind, j.total_chunks, j.completed_chunks, j.failed_chunks,
                j.cancelled_chunks, j.created_at, j.started_at, j.finished_at, j.run_at,
                chunkd.overall_status(j) AS overall_status
         FROM chunkd.jobs j
-        WHERE (sync_jobs_page.kind IS NULL OR j.kind = sync_jobs_page.kind)
-          AND (sync_jobs_page.status IS NULL
-               OR chunkd.overall_status(j) = sync_jobs_page.status)
+        WHERE %s
         ORDER BY j.created_at DESC, j.public_id
-        LIMIT greatest(sync_jobs_page.page_size, 0) OFFSET greatest(sync_jobs_page.skip, 0)
+        LIMIT $3 + $4
+    ), old AS (
+        SELECT h.id, h.public_id, h.kind, h.total_chunks, h.completed_chunks, h.failed_chunks,
+               h.cancelled_chunks, h.created_at, h.started_at, h.finished_at, h.run_at,
+               h.status AS overall_status
+        FROM chunkd.history_jobs h
+        WHERE %s
+        ORDER BY h.created_at DESC, h.public_id
+        LIMIT $3 + $4
+    ), page AS (
+        SELECT x.* FROM (SELECT * FROM live UNION ALL SELECT * FROM old) x
+        ORDER BY x.created_at DESC, x.public_id
+        LIMIT $3 OFFSET $4
     ), running AS (
         SELECT a.job_id, count(*)::int AS n
         FROM chunkd.attempts a
@@ -173,7 +268,25 @@ BEGIN ATOMIC
                           / nullif(p.total_chunks, 0), 2), 0),
            p.created_at, p.started_at, p.finished_at, p.run_at
     FROM page p LEFT JOIN running r ON r.job_id = p.id
-    ORDER BY p.created_at DESC, p.public_id;
+    ORDER BY p.created_at DESC, p.public_id
+    $q$, live_where, old_where)
+    USING p_kind, p_status, greatest(p_size, 0), greatest(p_skip, 0);
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION chunkd.sync_jobs_page(kind text DEFAULT NULL, status text DEFAULT NULL,
+                                      page_size int DEFAULT 50, skip int DEFAULT 0)
+RETURNS TABLE (parent_sync_job_id uuid, kind text, total_chunks int, pending_chunks int,
+               processing_chunks int, completed_chunks int, failed_chunks int,
+               cancelled_chunks int, overall_status text, progress_percentage numeric,
+               created_at timestamptz, started_at timestamptz, finished_at timestamptz,
+               run_at timestamptz)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET jit = off
+BEGIN ATOMIC
+    SELECT * FROM chunkd.jobs_page(sync_jobs_page.kind, sync_jobs_page.status,
+                                   sync_jobs_page.page_size, sync_jobs_page.skip);
 END;
 
 -- The least text above every text that starts with `prefix`, in byte order (COLLATE "C"):
@@ -203,19 +316,20 @@ END;
 $$;
 
 -- One page of jobs, newest first, as sync_jobs_page gives them (the same columns, then the
--- job's label and dedupe key), of kind `only_kind` and overall_status `only_status` (NULL:
--- any), and matching `search` (NULL or blank: every job). A search matches the start of a
--- job's kind, label or dedupe key, ignoring case, and, when it can begin a job id (hex digits,
--- with dashes where an id has them), the start of the id. At most 256 characters (22023
--- beyond). The dashboard's jobs page; its read-only role, which could call sync_jobs_page
--- before, may call this one after the upgrade.
+-- job's label and dedupe key), live or in the history, of kind `only_kind` and overall_status
+-- `only_status` (NULL: any), and matching `search` (NULL or blank: every job). A search
+-- matches the start of a job's kind, label or dedupe key, ignoring case, and, when it can
+-- begin a job id (hex digits, with dashes where an id has them), the start of the id. At most
+-- 256 characters (22023 beyond). The dashboard's jobs page; its read-only role, which could
+-- call sync_jobs_page before, may call this one after the upgrade.
 --
--- Every match is a range of an index (migration 15): public_id between the prefix padded with
--- 0s and with fs; lower(kind), lower(label), lower(dedupe_key) in byte order from the prefix
--- to text_after_prefix(prefix). Each field gives at most skip + page_size jobs, newest first,
--- then the page is cut from their union. The statement runs through EXECUTE, so it is planned
--- with the values at hand: a prefix that matches few jobs reads them from its index, one that
--- matches most (a busy kind) walks jobs_created from the newest instead, as the planner's
+-- Every match is a range of an index, the live jobs' (migration 15) and the history's
+-- (migration 16): public_id between the prefix padded with 0s and with fs; lower(kind),
+-- lower(label), lower(dedupe_key) in byte order from the prefix to text_after_prefix(prefix).
+-- Each field of each table gives at most skip + page_size jobs, newest first, then the page is
+-- cut from their union. The statement runs through EXECUTE, so it is planned with the values
+-- at hand: a prefix that matches few jobs reads them from its index, one that matches most (a
+-- busy kind) walks the table's created_at index from the newest instead, as the planner's
 -- statistics say.
 -- carry grants: chunkd.sync_jobs_page(text,text,integer,integer) -> chunkd.search_sync_jobs(text,text,text,integer,integer)
 CREATE OR REPLACE FUNCTION chunkd.search_sync_jobs(search text DEFAULT NULL,
@@ -295,13 +409,54 @@ BEGIN
                AND ($2::text IS NULL OR j.kind = $2)
                AND ($3::text IS NULL OR chunkd.overall_status(j) = $3)
              ORDER BY j.created_at DESC, j.public_id LIMIT $4)
+        ), old_hits AS (
+            (SELECT h.id FROM chunkd.history_jobs h
+             WHERE $1 IS NULL
+               AND ($2::text IS NULL OR h.kind = $2)
+               AND ($3::text IS NULL OR h.status = $3)
+             ORDER BY h.created_at DESC, h.public_id LIMIT $4)
+            UNION
+            (SELECT h.id FROM chunkd.history_jobs h
+             WHERE $5 AND h.public_id BETWEEN $6 AND $7
+               AND ($2::text IS NULL OR h.kind = $2)
+               AND ($3::text IS NULL OR h.status = $3)
+             ORDER BY h.created_at DESC, h.public_id LIMIT $4)
+            UNION
+            (SELECT h.id FROM chunkd.history_jobs h
+             WHERE lower(h.kind) COLLATE "C" >= $8
+               AND ($9::text IS NULL OR lower(h.kind) COLLATE "C" < $9)
+               AND starts_with(lower(h.kind), $8)
+               AND ($2::text IS NULL OR h.kind = $2)
+               AND ($3::text IS NULL OR h.status = $3)
+             ORDER BY h.created_at DESC, h.public_id LIMIT $4)
+            UNION
+            (SELECT h.id FROM chunkd.history_jobs h
+             WHERE h.label IS NOT NULL AND lower(h.label) COLLATE "C" >= $8
+               AND ($9::text IS NULL OR lower(h.label) COLLATE "C" < $9)
+               AND starts_with(lower(h.label), $8)
+               AND ($2::text IS NULL OR h.kind = $2)
+               AND ($3::text IS NULL OR h.status = $3)
+             ORDER BY h.created_at DESC, h.public_id LIMIT $4)
+            UNION
+            (SELECT h.id FROM chunkd.history_jobs h
+             WHERE h.dedupe_key IS NOT NULL AND lower(h.dedupe_key) COLLATE "C" >= $8
+               AND ($9::text IS NULL OR lower(h.dedupe_key) COLLATE "C" < $9)
+               AND starts_with(lower(h.dedupe_key), $8)
+               AND ($2::text IS NULL OR h.kind = $2)
+               AND ($3::text IS NULL OR h.status = $3)
+             ORDER BY h.created_at DESC, h.public_id LIMIT $4)
         ), page AS (
-            SELECT j.id, j.public_id, j.kind, j.total_chunks, j.completed_chunks,
-                   j.failed_chunks, j.cancelled_chunks, j.created_at, j.started_at,
-                   j.finished_at, j.run_at, j.label, j.dedupe_key,
-                   chunkd.overall_status(j) AS overall_status
-            FROM hits h JOIN chunkd.jobs j ON j.id = h.id
-            ORDER BY j.created_at DESC, j.public_id
+            (SELECT j.id, j.public_id, j.kind, j.total_chunks, j.completed_chunks,
+                    j.failed_chunks, j.cancelled_chunks, j.created_at, j.started_at,
+                    j.finished_at, j.run_at, j.label, j.dedupe_key,
+                    chunkd.overall_status(j) AS overall_status
+             FROM hits x JOIN chunkd.jobs j ON j.id = x.id)
+            UNION ALL
+            (SELECT h.id, h.public_id, h.kind, h.total_chunks, h.completed_chunks,
+                    h.failed_chunks, h.cancelled_chunks, h.created_at, h.started_at,
+                    h.finished_at, h.run_at, h.label, h.dedupe_key, h.status
+             FROM old_hits x JOIN chunkd.history_jobs h ON h.id = x.id)
+            ORDER BY created_at DESC, public_id
             LIMIT $10 OFFSET $11
         ), running AS (
             SELECT a.job_id, count(*)::int AS n
@@ -362,14 +517,17 @@ CREATE OR REPLACE FUNCTION chunkd.in_flight_by_worker()
 RETURNS TABLE (worker_id text, chunks bigint)
 LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET jit = off
 BEGIN ATOMIC
     SELECT a.worker_id, count(*) FROM chunkd.attempts a
     WHERE a.ended_at IS NULL
     GROUP BY a.worker_id;
 END;
 
--- Zero rows for an unknown job. Times by the database clock; tokens as flow_limits() reads them
--- (whole tokens are chunks that may start now).
+-- Zero rows for an unknown job; a finished job (live or in the history) has no tokens. Times by
+-- the database clock; tokens as flow_limits() reads them (whole tokens are chunks that may start
+-- now). A job's burst is what create_sync_job gave its bucket. PL/pgSQL: a session keeps the
+-- plan (see get_sync_job_progress).
 CREATE OR REPLACE FUNCTION chunkd.job_flow(sync_job_id uuid)
 RETURNS TABLE (
     paused_at timestamptz,         -- the job's own pause
@@ -384,11 +542,16 @@ RETURNS TABLE (
     kind_burst int,
     kind_tokens float8
 )
-LANGUAGE sql STABLE SECURITY DEFINER
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-BEGIN ATOMIC
-    SELECT j.paused_at, j.max_per_second, r.burst::int,
-           CASE WHEN r.job_id IS NOT NULL
+SET jit = off
+AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    SELECT j.paused_at, j.max_per_second,
+           CASE WHEN j.max_per_second IS NOT NULL THEN chunkd.default_burst(j.max_per_second) END,
+           CASE WHEN r.job_id IS NOT NULL AND j.finished_at IS NULL
                 THEN chunkd.bucket_level(r.tokens, r.refilled_at, r.per_second, r.burst,
                                          clock_timestamp())
            END,
@@ -404,9 +567,10 @@ BEGIN ATOMIC
                 THEN chunkd.bucket_level(k.tokens, k.refilled_at, k.per_second::float8, k.burst,
                                          clock_timestamp())
            END
-    FROM chunkd.jobs j
+    FROM chunkd.all_jobs j
     LEFT JOIN chunkd.job_rates r ON r.job_id = j.id
     LEFT JOIN chunkd.concurrency_limits l ON l.key = j.concurrency_key
     LEFT JOIN chunkd.kind_flow k ON k.kind = j.kind
     WHERE j.public_id = job_flow.sync_job_id;
 END;
+$$;

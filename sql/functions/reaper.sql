@@ -14,12 +14,16 @@
 -- that held the lease. Safe from many daemons at once (SKIP LOCKED), never touches a lease
 -- renewed meanwhile or a worker heard from meanwhile. Fencing stays exact: a worker presumed
 -- dead that comes back finds its attempt ended.
+-- SET enable_seqscan = off, jit = off: on tables not analyzed yet, the update of the expired
+-- attempts was planned as a hash join over a scan of every attempt (docs/storage.md).
 -- carry grants: chunkd.reap_expired() -> chunkd.reap_attempts()
 CREATE OR REPLACE FUNCTION chunkd.reap_attempts()
 RETURNS TABLE (sync_job_id uuid, chunk_id uuid, queue_id uuid, seq int, attempt int, kind text,
                worker_id text, final boolean, rule text)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET jit = off
 AS $$
 #variable_conflict use_column
 DECLARE

@@ -61,14 +61,14 @@ def _register_commands() -> None:
     from chunkd.cli.flow import limit, pause, resume
     from chunkd.cli.growing import append, close, wait
     from chunkd.cli.jobs import cancel, enqueue, retry, status
-    from chunkd.cli.maintenance import purge, reap, workers
+    from chunkd.cli.maintenance import purge, reap, retention, workers
     from chunkd.cli.schedules import schedule
     from chunkd.cli.web import web
     from chunkd.demo.command import demo
 
     for command in (
         migrate, run, enqueue, append, close, status, wait, retry, cancel, pause, resume, limit,
-        schedule, reap, purge, workers, doctor, web, demo,
+        schedule, reap, purge, retention, workers, doctor, web, demo,
     ):  # fmt: skip
         cli.add_command(command)
 

@@ -224,6 +224,16 @@ def _fail_line(message: str, code: int) -> int:
     "daemon fires no schedule.  [env: CHUNKD_SCHEDULE_INTERVAL]",
 )
 @click.option(
+    "--maintenance-interval",
+    type=DURATION,
+    default="10s",
+    show_default=True,
+    envvar="CHUNKD_MAINTENANCE_INTERVAL",
+    help="How often finished jobs move to the history and expired history is dropped (one "
+    "daemon of the fleet at a time does it); 0 = this daemon does none.  "
+    "[env: CHUNKD_MAINTENANCE_INTERVAL]",
+)
+@click.option(
     "--schedule-clock-file",
     default=None,
     hidden=True,
@@ -250,6 +260,7 @@ def run(
     progress_interval: float,
     http_headers: tuple[str, ...],
     schedule_interval: float,
+    maintenance_interval: float,
     schedule_clock_file: str | None,
 ) -> None:
     """Run the daemon: claim chunks and run their handlers until SIGTERM/SIGINT.
@@ -284,6 +295,7 @@ def run(
             progress_interval_s=progress_interval,
             http_headers=headers,
             schedule_interval_s=schedule_interval,
+            maintenance_interval_s=maintenance_interval,
             schedule_clock_file=schedule_clock_file,
         )
     except ValueError as exc:

@@ -1,4 +1,4 @@
-"""The maintenance commands: reap, purge, workers."""
+"""The maintenance commands: reap, purge, retention, workers."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import click
 
 from chunkd.cli.options import (
     DURATION,
+    Duration,
     console,
     dsn_option,
     heartbeats_or_stale_after_option,
@@ -13,8 +14,9 @@ from chunkd.cli.options import (
     plural,
     with_connection,
 )
+from chunkd.errors import ChunkdError
 
-__all__ = ["purge", "reap", "workers"]
+__all__ = ["purge", "reap", "retention", "workers"]
 
 
 @click.command()
@@ -67,3 +69,43 @@ def workers(dsn: str, as_json: bool, stale_after: float | None) -> None:
         click.echo(json.dumps([w.as_json() for w in rows]))
     else:
         console().print(workers_table(rows))
+
+
+@click.command()
+@click.argument("words", nargs=-1, metavar="[set STATE DURATION]")
+@dsn_option
+@click.option(
+    "--json", "as_json", is_flag=True, envvar="CHUNKD_JSON", help="JSON.  [env: CHUNKD_JSON]"
+)
+@lock_wait_option
+def retention(dsn: str, words: tuple[str, ...], as_json: bool, lock_wait: float) -> None:
+    """How long finished jobs are kept, per state: completed, failed, cancelled.
+
+    `chunkd retention set STATE DURATION` sets one (durations as 30s, 15m, 3d) for jobs that
+    finish from then on. The daemons move finished jobs to the history and drop it once
+    expired (docs/storage.md).
+    """
+    import json
+
+    from chunkd import ops
+
+    if words:
+        if words[0] != "set" or len(words) != 3:
+            raise click.UsageError(
+                "use `chunkd retention` to show the policies, or `chunkd retention set STATE "
+                "DURATION` (e.g. set completed 3d) to change one"
+            )
+        state, text = words[1].lower(), words[2]
+        keep_s = Duration().convert(text, None, None)
+        if keep_s < 1:
+            raise ChunkdError(f"a retention must be at least 1 second, got {text!r}")
+        with_connection(
+            dsn, lambda conn: ops.set_retention(conn, state, keep_s, lock_wait_s=lock_wait)
+        )
+    policies = with_connection(dsn, ops.retention_policies)
+    if as_json:
+        click.echo(json.dumps([p.as_json() for p in policies]))
+        return
+    width = max(len(p.state) for p in policies)
+    for p in policies:
+        click.echo(f"{p.state:<{width}}  kept {ops.format_keep(p.keep_s)} after it finished")

@@ -13,7 +13,7 @@ from chunkd.db.migrate import SchemaState, schema_state
 from chunkd.db.schedules import ScheduleStore
 from chunkd.db.sql_files import queries
 
-__all__ = ["Claim", "ClaimedRow", "Queue", "WorkerRegistration"]
+__all__ = ["Claim", "ClaimedRow", "Queue", "RetentionRound", "WorkerRegistration"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +73,29 @@ class Claim:
 
     rows: list[ClaimedRow]
     wait_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionRound:
+    """What one maintenance round did (``chunkd.retention_round``): ``ran`` False when another
+    daemon's round held the lock; jobs and chunks moved to the history, jobs deleted because
+    they had expired before they moved, partitions created and dropped; ``more``: work is left
+    for the next round now."""
+
+    ran: bool
+    moved_jobs: int
+    moved_chunks: int
+    expired_jobs: int
+    created_partitions: int
+    dropped_partitions: int
+    more: bool
+
+    @property
+    def did_something(self) -> bool:
+        return any(
+            (self.moved_chunks, self.moved_jobs, self.expired_jobs, self.created_partitions,
+             self.dropped_partitions)
+        )  # fmt: skip
 
 
 class Queue:
@@ -254,6 +277,13 @@ class Queue:
         chunk_id, queue_id, seq, attempt, kind, worker_id, final, rule: ``'lease'`` or
         ``'worker'``, see ``chunkd.reap_attempts()``)."""
         return await self._pool.fetch(self._q["reap_expired"])
+
+    async def retention_round(self, max_chunks: int) -> RetentionRound:
+        """One maintenance round: finished jobs (up to ``max_chunks`` chunks) to the history,
+        expired history partitions dropped; nothing when another daemon's round runs."""
+        row = await self._pool.fetchrow(self._q["retention_round"], max_chunks)
+        assert row is not None
+        return RetentionRound(**dict(row))
 
     async def register_worker(
         self,

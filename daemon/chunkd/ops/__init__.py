@@ -6,6 +6,7 @@
 - :mod:`~chunkd.ops.growing`: open jobs (append, close) and waiting for a job to finish;
 - :mod:`~chunkd.ops.schedules`: recurring schedules;
 - :mod:`~chunkd.ops.workers`: the registered daemons;
+- :mod:`~chunkd.ops.retention`: how long finished jobs are kept;
 - :mod:`~chunkd.ops.errors`: server errors as one readable line.
 """
 
@@ -38,6 +39,13 @@ from chunkd.ops.jobs import (
     reap,
     retry_failed,
 )
+from chunkd.ops.retention import (
+    RETENTION_STATES,
+    Policy,
+    format_keep,
+    retention_policies,
+    set_retention,
+)
 from chunkd.ops.schedules import (
     ScheduleRow,
     add_schedule,
@@ -51,12 +59,14 @@ from chunkd.ops.workers import WorkerRow, list_workers
 __all__ = [
     "JOB_FINISHED_CHANNEL",
     "MAX_INPUT_BYTES",
+    "RETENTION_STATES",
     "TERMINAL_STATUSES",
     "Enqueued",
     "FlowLimit",
     "JobDetail",
     "JobFlow",
     "JobRow",
+    "Policy",
     "ScheduleRow",
     "WorkerRow",
     "add_schedule",
@@ -66,6 +76,7 @@ __all__ = [
     "database_errors",
     "enqueue",
     "flow_limits",
+    "format_keep",
     "format_rate",
     "job_detail",
     "list_jobs",
@@ -83,8 +94,10 @@ __all__ = [
     "resume_job",
     "resume_kind",
     "resume_schedule",
+    "retention_policies",
     "retry_failed",
     "set_concurrency_limit",
     "set_rate_limit",
+    "set_retention",
     "wait",
 ]

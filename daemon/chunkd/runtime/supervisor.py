@@ -1,12 +1,12 @@
 """One ``chunkd run`` process: starts the tasks, restarts any that dies, and stops gracefully.
 
 Tasks: the LISTEN connection, the claim loop, the outcome writers, heartbeats, the reaper,
-the safety poll, the stall detector, the readiness checks (``/readyz``), and the systemd
-notifier; each task's state and the stall detector's ticks feed ``/healthz``. Chunks run in a
-pool of ``--concurrency`` long-lived worker tasks (:mod:`chunkd.runtime.pool`). Stopping
-(:mod:`chunkd.runtime.stop`): no new claims, in-flight chunks get ``--shutdown-timeout`` to
-finish, outcomes already produced are written, the rest is released without spending an
-attempt, and the worker row is removed.
+the maintenance (retention), the safety poll, the stall detector, the readiness checks
+(``/readyz``), and the systemd notifier; each task's state and the stall detector's ticks
+feed ``/healthz``. Chunks run in a pool of ``--concurrency`` long-lived worker tasks
+(:mod:`chunkd.runtime.pool`). Stopping (:mod:`chunkd.runtime.stop`): no new claims, in-flight
+chunks get ``--shutdown-timeout`` to finish, outcomes already produced are written, the rest
+is released without spending an attempt, and the worker row is removed.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from chunkd.runtime.claimer import Claimer
 from chunkd.runtime.health import DatabaseHealth
 from chunkd.runtime.heartbeat import Heartbeat
 from chunkd.runtime.inflight import InFlight
+from chunkd.runtime.maintenance import Maintenance
 from chunkd.runtime.outcomes import Outcomes
 from chunkd.runtime.pool import WorkerPool
 from chunkd.runtime.progress import Progress
@@ -316,6 +317,10 @@ async def _serve(
         services["progress"] = progress.run
     if settings.schedule_interval_s > 0:
         services["schedules"] = _scheduler(settings, queue, worker_id, health).run
+    if settings.maintenance_interval_s > 0:
+        services["maintenance"] = Maintenance(
+            queue, health, interval_s=settings.maintenance_interval_s, worker_id=worker_id
+        ).run
     if settings.metrics_port is not None:
         from chunkd.runtime.depth import QueueDepthSampler
 

@@ -298,7 +298,7 @@ async def chunk_detail(pool: asyncpg.Pool, job_id: UUID, seq: int) -> ChunkDetai
             chunk = await conn.fetchrow(q["web_chunk"], job_id, seq)
             if chunk is None:
                 return None
-            events = await conn.fetch(q["web_chunk_events"], chunk["id"])
+            events = await conn.fetch(q["web_chunk_events"], job_id, seq)
     return ChunkDetail(chunk=dict(chunk), events=[dict(e) for e in events])
 
 

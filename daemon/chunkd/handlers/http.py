@@ -225,6 +225,7 @@ class HttpHandler:
                 raise HandlerError(str(exc)) from None
             extra[checked_name] = checked_value
         self.url = url
+        self._target = URL(url)  # parsed once: aiohttp would parse the string per request
         self.display_url = _display_url(url)
         self.timeout_s = float(timeout_s)
         self._headers = extra
@@ -245,7 +246,7 @@ class HttpHandler:
             # HTTP_PROXY / HTTPS_PROXY / NO_PROXY, looked up once: aiohttp's trust_env would
             # read the environment (and ~/.netrc) again for every request.
             try:
-                self._proxy, self._proxy_auth = get_env_proxy_for_url(URL(self.url))
+                self._proxy, self._proxy_auth = get_env_proxy_for_url(self._target)
             except LookupError:  # no proxy for this URL
                 self._proxy, self._proxy_auth = None, None
             # Created on first use: a session belongs to the running event loop.
@@ -285,7 +286,7 @@ class HttpHandler:
         # the configured headers) in frames that some traceback renderers print.
         try:
             async with session.post(
-                self.url,
+                self._target,
                 data=body.encode(),
                 headers=headers,
                 allow_redirects=False,
@@ -309,7 +310,14 @@ class HttpHandler:
         if 200 <= status < 300:
             size = response.content_length  # None when not announced (chunked)
             content, more = b"", True  # announced too big: not a byte of it is read
-            if size is None or size <= MAX_BODY_BYTES:
+            if (
+                size is not None
+                and size <= MAX_BODY_BYTES
+                and not response.headers.get("Content-Encoding")
+            ):
+                # Announced and within the cap: the parser reads exactly that many bytes.
+                content, more = await response.read(), False
+            elif size is None or size <= MAX_BODY_BYTES:
                 content, more = await _read_capped(response, MAX_BODY_BYTES)
             if more:
                 response.close()  # not drained back into the pool: the rest is never read

@@ -58,6 +58,16 @@ async def _fleet_unharmed(fleet: Fleet, since: Any, action: asyncio.Future[Any])
     assert gap_s < MAX_CLAIM_GAP_S, f"the stream went {gap_s:.3f}s without a claim"
 
 
+async def _migrate(dsn: str, lock_wait_s: float) -> Any:
+    """``chunkd migrate`` on a session of its own: the fleet's watch connection stays free to
+    read while the migration tries for its locks."""
+    own = await connect(dsn)
+    try:
+        return await apply_migrations(own, lock_wait_s=lock_wait_s)
+    finally:
+        await own.close()
+
+
 def _names(line: str, holder: Holder, lock: str) -> None:
     """The line names the holder: pid, application, state and for how long, the lock."""
     assert "\n" not in line
@@ -166,7 +176,7 @@ async def test_a_repeatable_read_reader_does_not_hold_a_pause_and_migrate_names_
             monkeypatch, "ready_probe", "ALTER TABLE chunkd.ready ADD COLUMN probe int;"
         )
         since = await fleet.now()
-        migrate = asyncio.ensure_future(apply_migrations(conn, lock_wait_s=2))
+        migrate = asyncio.ensure_future(_migrate(database.dsn, 2))
         await _fleet_unharmed(fleet, since, migrate)
         with pytest.raises(ChunkdError) as gave_up:
             await asyncio.wait_for(migrate, 30)
@@ -195,7 +205,7 @@ async def test_migrate_behind_an_idle_enqueue_names_it_then_applies_once_it_comm
     holder = await hold(database.dsn, IDLE_ENQUEUE)
     try:
         since = await fleet.now()
-        migrate = asyncio.ensure_future(apply_migrations(conn, lock_wait_s=2))
+        migrate = asyncio.ensure_future(_migrate(database.dsn, 2))
         await _fleet_unharmed(fleet, since, migrate)
         with pytest.raises(ChunkdError) as gave_up:
             await asyncio.wait_for(migrate, 30)
@@ -203,7 +213,7 @@ async def test_migrate_behind_an_idle_enqueue_names_it_then_applies_once_it_comm
         assert await conn.fetchval("SELECT to_regclass('chunkd.ready_probe')") is None
 
         since = await fleet.now()
-        migrate = asyncio.ensure_future(apply_migrations(conn, lock_wait_s=10))
+        migrate = asyncio.ensure_future(_migrate(database.dsn, 10))
         await _fleet_unharmed(fleet, since, migrate)
         await holder.commit()
         assert (await asyncio.wait_for(migrate, 30)).versions == [planted.version]
@@ -227,7 +237,7 @@ async def test_the_definitions_step_replacing_a_trigger_waits_politely(
     holder = await hold(database.dsn, IDLE_ENQUEUE)
     try:
         since = await fleet.now()
-        migrate = asyncio.ensure_future(apply_migrations(conn, lock_wait_s=10))
+        migrate = asyncio.ensure_future(_migrate(database.dsn, 10))
         await _fleet_unharmed(fleet, since, migrate)
         await holder.commit()
         migrated = await asyncio.wait_for(migrate, 30)

@@ -206,6 +206,21 @@ def test_handler_spec_that_does_not_resolve_is_exit_2(database, spec: str, expec
     assert expected in result.one_error_line()
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("--maintenance-interval", "1ms", "--maintenance-interval must be at least 100ms, or 0"),
+        ("--lease", "9" * 30 + "s", "is too long (at most 999999999 days)"),
+    ],
+)
+def test_run_option_out_of_range_is_exit_2(
+    database, option: str, value: str, expected: str
+) -> None:
+    result = chunkd("run", "--dsn", database.dsn, "--handler", "x=bad_handlers:echo", option, value)
+    assert result.code == EXIT_USAGE
+    assert expected in result.one_error_line()
+
+
 # --------------------------------------------------------------------------------------------
 # DSNs and schemas
 # --------------------------------------------------------------------------------------------

@@ -593,6 +593,14 @@ async def test_purge_deletes_only_jobs_finished_long_enough_ago(database, conn) 
     assert result.stdout.strip() == "purged 1 finished job"
     assert {r["id"] for r in await conn.fetch("SELECT id FROM chunkd.sync_jobs")} == {unfinished}
 
+    # An age older than any time chunkd stores purges what exists that old (nothing), however
+    # far back; past what Python's timedelta holds it is one line.
+    result = await run_cli("purge", "--older-than", "999999999d", dsn=database.dsn)
+    assert (result.exit_code, result.stdout.strip()) == (0, "purged 0 finished jobs"), result
+    result = await run_cli("purge", "--older-than", "9" * 30 + "s", dsn=database.dsn)
+    assert result.exit_code == 2
+    assert "is too long (at most 999999999 days)" in result.error_line()
+    assert "Traceback" not in result.stderr
     result = await run_cli("purge", "--older-than", "soon", dsn=database.dsn)
     assert result.exit_code == 2
     assert "'soon' is not a duration" in result.error_line()

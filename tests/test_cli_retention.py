@@ -43,8 +43,13 @@ async def test_policies_are_shown_and_set(database, conn) -> None:
     [
         (("set", "done", "3d"), "no retention state 'done': completed, failed or cancelled"),
         (("set", "completed", "soon"), "'soon' is not a duration"),
-        (("set", "completed", "500ms"), "a retention must be at least 1 second, got '500ms'"),
-        (("set", "completed", "-3d"), "No such option '-3'"),
+        (
+            ("set", "completed", "500ms"),
+            "a retention must be between 1 second and 36500 days, got '500ms'",
+        ),
+        (("set", "completed", "36501d"), "between 1 second and 36500 days, got '36501d'"),
+        (("set", "completed", "-3d"), "'-3d' is not a duration"),
+        (("set", "completed", "9" * 30 + "s"), "is too long (at most 999999999 days)"),
         (("set", "completed"), "use `chunkd retention` to show the policies, or"),
         (("show",), "use `chunkd retention` to show the policies, or"),
     ],

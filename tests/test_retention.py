@@ -308,13 +308,28 @@ async def test_one_daemon_at_a_time_and_an_operator_holding_a_job_goes_first(
     ("state", "keep", "message"),
     [
         ("done", "1 day", "no retention state 'done': completed, failed or cancelled"),
-        ("completed", "0 seconds", "between 1 second and 100 years"),
-        ("failed", None, "between 1 second and 100 years"),
+        ("completed", "0 seconds", "between 1 second and 36500 days"),
+        ("failed", None, "between 1 second and 36500 days"),
     ],
 )
 async def test_bad_policies_are_refused(conn, state: str, keep: str | None, message: str) -> None:
     with pytest.raises(asyncpg.InvalidParameterValueError, match=message):
         await conn.execute("SELECT chunkd.set_retention($1, $2::text::interval)", state, keep)
+
+
+@pytest.mark.parametrize("max_chunks", [0, -1, None, 1_000_001, 2_147_483_647])
+async def test_a_round_of_no_size_or_beyond_a_million_chunks_is_refused(
+    conn, max_chunks: int | None
+) -> None:
+    with pytest.raises(asyncpg.InvalidParameterValueError, match="between 1 and 1000000"):
+        await conn.execute("SELECT * FROM chunkd.retention_round($1)", max_chunks)
+
+
+async def test_partial_failure_names_the_failed_policy(conn) -> None:
+    await conn.execute("SELECT chunkd.set_retention('Partial_Failure', '5 days')")
+    assert await conn.fetchval("SELECT keep_s FROM chunkd.retention WHERE state = 'failed'") == (
+        5 * 86400
+    )
 
 
 async def test_the_partition_width_follows_the_policies(conn) -> None:

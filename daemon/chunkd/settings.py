@@ -37,6 +37,9 @@ def pooler_mode(dsn: str) -> PoolerMode:
     return dsn.pooler if isinstance(dsn, Dsn) else "auto"
 
 
+#: The longest duration any option takes: Python's timedelta.max, in whole days.
+MAX_DURATION_DAYS = 999_999_999
+MAX_DURATION_S = MAX_DURATION_DAYS * 86400.0
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
@@ -52,6 +55,8 @@ def parse_duration(text: str | float | int) -> float:
         seconds = float(match[1]) * _UNIT_S[match[2]]
     if seconds < 0:
         raise ValueError(f"duration {text!r} must not be negative")
+    if seconds > MAX_DURATION_S:
+        raise ValueError(f"duration {text!r} is too long (at most {MAX_DURATION_DAYS} days)")
     return seconds
 
 
@@ -102,8 +107,8 @@ class RunSettings:
             raise ValueError("--stall-threshold must be at least 500ms (checked every 250ms)")
         if self.progress_interval_s < 0:
             raise ValueError("--progress-interval must not be negative (0 turns it off)")
-        if self.maintenance_interval_s < 0:
-            raise ValueError("--maintenance-interval must not be negative (0 turns it off)")
+        if self.maintenance_interval_s != 0 and not 0.1 <= self.maintenance_interval_s:
+            raise ValueError("--maintenance-interval must be at least 100ms, or 0 to turn it off")
         if self.retry_cap_s < self.retry_base_s:
             raise ValueError("--retry-cap must not be below --retry-base")
         for name in ("lease_s", "retry_cap_s"):

@@ -37,7 +37,7 @@ BEGIN
             coalesce(quote_literal(set_retention.state), 'NULL') USING ERRCODE = '22023';
     END IF;
     IF secs IS NULL OR secs < 1 OR secs > 3153600000 THEN
-        RAISE EXCEPTION 'chunkd: a retention must be between 1 second and 100 years, got %',
+        RAISE EXCEPTION 'chunkd: a retention must be between 1 second and 36500 days, got %',
             coalesce(set_retention.keep::text, 'NULL') USING ERRCODE = '22023';
     END IF;
     UPDATE chunkd.retention r SET keep_s = secs, changed_at = now()
@@ -45,9 +45,9 @@ BEGIN
 END;
 $$;
 
--- The width of new history partitions, in whole seconds: a quarter of the shortest policy
--- (a job is removed at most that long after it expired), between 1 second and 1 day, and at
--- least a sixtieth of the longest policy (so about 60 partitions per table at most).
+-- The width of new history partitions, in whole seconds: a quarter of the shortest policy,
+-- between 1 second and 1 day, and at least a sixtieth of the longest policy (so about 60
+-- partitions per table at most). A job is removed at most one width after it expired.
 CREATE OR REPLACE FUNCTION chunkd.history_width_s() RETURNS float8
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -364,9 +364,9 @@ DECLARE
     dropped int := 0;
     left_over boolean := false;
 BEGIN
-    IF max_chunks IS NULL OR max_chunks < 1 THEN
-        RAISE EXCEPTION 'chunkd: max_chunks must be >= 1, got %', coalesce(max_chunks::text, 'NULL')
-            USING ERRCODE = '22023';
+    IF max_chunks IS NULL OR max_chunks < 1 OR max_chunks > 1000000 THEN
+        RAISE EXCEPTION 'chunkd: max_chunks must be between 1 and 1000000, got %',
+            coalesce(max_chunks::text, 'NULL') USING ERRCODE = '22023';
     END IF;
     IF NOT pg_try_advisory_xact_lock(hashtext('chunkd.retention')) THEN
         RETURN QUERY SELECT false, 0, 0, 0, 0, 0, false;

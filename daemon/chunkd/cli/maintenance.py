@@ -71,7 +71,9 @@ def workers(dsn: str, as_json: bool, stale_after: float | None) -> None:
         console().print(workers_table(rows))
 
 
-@click.command()
+# A negative duration (`set completed -5s`) reaches the command as a word, to be refused as a
+# duration, not as an unknown option `-5`.
+@click.command(context_settings={"ignore_unknown_options": True})
 @click.argument("words", nargs=-1, metavar="[set STATE DURATION]")
 @dsn_option
 @click.option(
@@ -97,8 +99,8 @@ def retention(dsn: str, words: tuple[str, ...], as_json: bool, lock_wait: float)
             )
         state, text = words[1].lower(), words[2]
         keep_s = Duration().convert(text, None, None)
-        if keep_s < 1:
-            raise ChunkdError(f"a retention must be at least 1 second, got {text!r}")
+        if not 1 <= keep_s <= ops.MAX_RETENTION_S:
+            raise ChunkdError(f"a retention must be between 1 second and 36500 days, got {text!r}")
         with_connection(
             dsn, lambda conn: ops.set_retention(conn, state, keep_s, lock_wait_s=lock_wait)
         )

@@ -40,6 +40,7 @@ from chunkd.ops.jobs import (
     retry_failed,
 )
 from chunkd.ops.retention import (
+    MAX_RETENTION_S,
     RETENTION_STATES,
     Policy,
     format_keep,
@@ -59,6 +60,7 @@ from chunkd.ops.workers import WorkerRow, list_workers
 __all__ = [
     "JOB_FINISHED_CHANNEL",
     "MAX_INPUT_BYTES",
+    "MAX_RETENTION_S",
     "RETENTION_STATES",
     "TERMINAL_STATUSES",
     "Enqueued",

@@ -40,6 +40,9 @@ __all__ = [
 ]
 
 TERMINAL_STATUSES = frozenset({"completed", "partial_failure", "cancelled"})
+# An age that reaches from any time PostgreSQL's clock may show back past 0001-01-01 (6,000
+# years of 365.25 days), and whose now() minus it PostgreSQL still holds (from 4713 BC).
+_OLDEST_AGE_S = 6000 * 365.25 * 86400
 
 
 @dataclass(frozen=True)
@@ -344,6 +347,9 @@ async def purge_finished(
 ) -> int:
     """Jobs finished more than ``older_than_s`` ago, deleted with all their rows; how many.
     Jobs another session holds are skipped (SKIP LOCKED); lock waits as every operator action."""
+    # chunkd stores no time before 0001-01-01 (chunkd.times), so an age beyond what reaches back
+    # there purges the same jobs as that age, and now() minus it stays a time PostgreSQL holds.
+    older_than_s = min(older_than_s, _OLDEST_AGE_S)
     count: int = await run_locked(
         conn,
         queries()["ops_purge_finished_jobs"],

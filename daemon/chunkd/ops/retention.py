@@ -16,11 +16,20 @@ from chunkd.ops.errors import database_errors, rows_of, run_locked
 if TYPE_CHECKING:
     import asyncpg
 
-__all__ = ["RETENTION_STATES", "Policy", "format_keep", "retention_policies", "set_retention"]
+__all__ = [
+    "MAX_RETENTION_S",
+    "RETENTION_STATES",
+    "Policy",
+    "format_keep",
+    "retention_policies",
+    "set_retention",
+]
 
 #: The states a policy is set for; a job that finished with a failed chunk (partial_failure) is
 #: kept as 'failed'.
 RETENTION_STATES = ("completed", "failed", "cancelled")
+#: The longest policy (seconds): 36,500 days (chunkd.retention's check).
+MAX_RETENTION_S = 36500 * 86400.0
 
 _UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
 
@@ -71,6 +80,8 @@ async def set_retention(
 
     :raises ChunkdError: an unknown state or a duration under 1 second (one line).
     """
+    if state == "partial_failure":  # the overall_status of a job kept as `failed`
+        state = "failed"
     if state not in RETENTION_STATES:
         raise ChunkdError(
             f"no retention state {state!r}: {', '.join(RETENTION_STATES[:-1])} or "

@@ -80,6 +80,10 @@ DAEMON_ARGS = [
     "--retry-cap", "2s",
     "--poll-interval", "5s",
     "--shutdown-timeout", "5s",
+    # The checks read every claim from the live tables (chunkd.attempts, chunks, jobs), which
+    # the maintenance empties as jobs finish: it is off here (the soak, bench/soak.py, runs it
+    # under load; tests/test_daemon_maintenance.py in a daemon).
+    "--maintenance-interval", "0",
 ]  # fmt: skip
 # Enough attempts that chaos (kills, cut connections) plus planned failures never exhaust one:
 # a chunk failed for good would be legal, but it would hide whether the run really converged.

@@ -29,7 +29,7 @@ import re
 import statistics
 import sys
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +122,7 @@ def statements(ids: dict[str, Any]) -> list[tuple[str, str, tuple[Any, ...], flo
         ("renew_attempts", ("w1", [1, 2, 3], [1, 1, 1], 60.0)),
         ("reap_expired", ()),
         ("prune_workers", (900.0,)),
-        ("worker_alive", ("w1", 5.0)),
+        ("worker_alive", ("w1", 5.0, "h", 1, "0.3.0", [], 4)),
         ("next_due_in", (None,)),
         ("schedules_due", (now, 100)),
         ("next_schedule_at", ()),
@@ -138,18 +138,19 @@ def statements(ids: dict[str, Any]) -> list[tuple[str, str, tuple[Any, ...], flo
         ("ops_job_progress", (live,)),
         ("ops_job_settings", (live,)),
         ("ops_recent_errors", (live, 10)),
-        ("ops_live_worker_for_kind", ("import", timedelta(seconds=30))),
+        ("ops_live_worker_for_kind", ("import", None, 120.0)),
     ]
     dashboard = [
-        ("web_jobs_page", (None, None, 51, 0)),
-        ("web_jobs_page", (None, "partial_failure", 51, 0)),
-        ("web_jobs_page", ("import", None, 51, 0)),
-        ("web_jobs_page", (None, None, 51, 100)),
+        ("web_jobs_page", (None, None, None, 51, 0)),
+        ("web_jobs_page", (None, None, "partial_failure", 51, 0)),
+        ("web_jobs_page", (None, "import", None, 51, 0)),
+        ("web_jobs_page", ("imp", None, None, 51, 0)),
+        ("web_jobs_page", (None, None, None, 51, 100)),
         ("web_job_facets", (None,), COUNT_MS),
         ("web_kinds", (), COUNT_MS),
         ("web_queue_depth", ()),
         ("web_queue_depth_by_kind", ()),
-        ("web_workers", ()),
+        ("web_workers", (None, 120.0)),
         *[
             (name, (job, *rest))
             for job in (old, live)

@@ -327,7 +327,8 @@ $$;
 -- (migration 16): public_id between the prefix padded with 0s and with fs; lower(kind),
 -- lower(label), lower(dedupe_key) in byte order from the prefix to text_after_prefix(prefix).
 -- Each field of each table gives at most skip + page_size jobs, newest first, then the page is
--- cut from their union. The statement runs through EXECUTE, so it is planned with the values
+-- cut from their union (the history's rows whole: no join back, whose plan would depend on
+-- statistics a fresh partition does not have). The statement runs through EXECUTE, so it is planned with the values
 -- at hand: a prefix that matches few jobs reads them from its index, one that matches most (a
 -- busy kind) walks the table's created_at index from the newest instead, as the planner's
 -- statistics say.
@@ -354,7 +355,22 @@ DECLARE
     high text;
     lim bigint := greatest(coalesce(page_size, 50), 0);
     off bigint := greatest(coalesce(skip, 0), 0);
+    -- A status filter of the live jobs: what the status implies of the row's columns first
+    -- (cheap), then the status itself (a function call per row: only on the rows that may
+    -- have it), as jobs_page does.
+    live_status text := 'true';
 BEGIN
+    IF only_status IS NOT NULL THEN
+        live_status := CASE only_status
+            WHEN 'completed' THEN 'j.finished_at IS NOT NULL AND j.cancelled_at IS NULL'
+                                  ' AND j.failed_chunks = 0 AND j.cancelled_chunks = 0'
+            WHEN 'partial_failure' THEN 'j.finished_at IS NOT NULL AND j.cancelled_at IS NULL'
+                                        ' AND j.failed_chunks > 0'
+            WHEN 'cancelled' THEN '(j.cancelled_at IS NOT NULL OR j.finished_at IS NOT NULL'
+                                  ' AND j.failed_chunks = 0 AND j.cancelled_chunks > 0)'
+            ELSE 'j.finished_at IS NULL AND j.cancelled_at IS NULL' END
+            || ' AND chunkd.overall_status(j) = $3';
+    END IF;
     IF length(term) > 256 THEN
         RAISE EXCEPTION 'chunkd: a search is at most 256 characters (the start of a kind, a '
             'label, a dedupe key or a job id), got %', length(term) USING ERRCODE = '22023';
@@ -372,18 +388,18 @@ BEGIN
             id_high := rpad(hex, 32, 'f')::uuid;
         END IF;
     END IF;
-    RETURN QUERY EXECUTE $q$
+    RETURN QUERY EXECUTE format($q$
         WITH hits AS (
             (SELECT j.id FROM chunkd.jobs j
              WHERE $1 IS NULL
                AND ($2::text IS NULL OR j.kind = $2)
-               AND ($3::text IS NULL OR chunkd.overall_status(j) = $3)
+               AND %1$s
              ORDER BY j.created_at DESC, j.public_id LIMIT $4)
             UNION
             (SELECT j.id FROM chunkd.jobs j
              WHERE $5 AND j.public_id BETWEEN $6 AND $7
                AND ($2::text IS NULL OR j.kind = $2)
-               AND ($3::text IS NULL OR chunkd.overall_status(j) = $3)
+               AND %1$s
              ORDER BY j.created_at DESC, j.public_id LIMIT $4)
             UNION
             (SELECT j.id FROM chunkd.jobs j
@@ -391,7 +407,7 @@ BEGIN
                AND ($9::text IS NULL OR lower(j.kind) COLLATE "C" < $9)
                AND starts_with(lower(j.kind), $8)
                AND ($2::text IS NULL OR j.kind = $2)
-               AND ($3::text IS NULL OR chunkd.overall_status(j) = $3)
+               AND %1$s
              ORDER BY j.created_at DESC, j.public_id LIMIT $4)
             UNION
             (SELECT j.id FROM chunkd.jobs j
@@ -399,7 +415,7 @@ BEGIN
                AND ($9::text IS NULL OR lower(j.label) COLLATE "C" < $9)
                AND starts_with(lower(j.label), $8)
                AND ($2::text IS NULL OR j.kind = $2)
-               AND ($3::text IS NULL OR chunkd.overall_status(j) = $3)
+               AND %1$s
              ORDER BY j.created_at DESC, j.public_id LIMIT $4)
             UNION
             (SELECT j.id FROM chunkd.jobs j
@@ -407,22 +423,31 @@ BEGIN
                AND ($9::text IS NULL OR lower(j.dedupe_key) COLLATE "C" < $9)
                AND starts_with(lower(j.dedupe_key), $8)
                AND ($2::text IS NULL OR j.kind = $2)
-               AND ($3::text IS NULL OR chunkd.overall_status(j) = $3)
+               AND %1$s
              ORDER BY j.created_at DESC, j.public_id LIMIT $4)
         ), old_hits AS (
-            (SELECT h.id FROM chunkd.history_jobs h
+            (SELECT h.id, h.public_id, h.kind, h.total_chunks, h.completed_chunks,
+                    h.failed_chunks, h.cancelled_chunks, h.created_at, h.started_at,
+                    h.finished_at, h.run_at, h.label, h.dedupe_key, h.status
+             FROM chunkd.history_jobs h
              WHERE $1 IS NULL
                AND ($2::text IS NULL OR h.kind = $2)
                AND ($3::text IS NULL OR h.status = $3)
              ORDER BY h.created_at DESC, h.public_id LIMIT $4)
             UNION
-            (SELECT h.id FROM chunkd.history_jobs h
+            (SELECT h.id, h.public_id, h.kind, h.total_chunks, h.completed_chunks,
+                    h.failed_chunks, h.cancelled_chunks, h.created_at, h.started_at,
+                    h.finished_at, h.run_at, h.label, h.dedupe_key, h.status
+             FROM chunkd.history_jobs h
              WHERE $5 AND h.public_id BETWEEN $6 AND $7
                AND ($2::text IS NULL OR h.kind = $2)
                AND ($3::text IS NULL OR h.status = $3)
              ORDER BY h.created_at DESC, h.public_id LIMIT $4)
             UNION
-            (SELECT h.id FROM chunkd.history_jobs h
+            (SELECT h.id, h.public_id, h.kind, h.total_chunks, h.completed_chunks,
+                    h.failed_chunks, h.cancelled_chunks, h.created_at, h.started_at,
+                    h.finished_at, h.run_at, h.label, h.dedupe_key, h.status
+             FROM chunkd.history_jobs h
              WHERE lower(h.kind) COLLATE "C" >= $8
                AND ($9::text IS NULL OR lower(h.kind) COLLATE "C" < $9)
                AND starts_with(lower(h.kind), $8)
@@ -430,7 +455,10 @@ BEGIN
                AND ($3::text IS NULL OR h.status = $3)
              ORDER BY h.created_at DESC, h.public_id LIMIT $4)
             UNION
-            (SELECT h.id FROM chunkd.history_jobs h
+            (SELECT h.id, h.public_id, h.kind, h.total_chunks, h.completed_chunks,
+                    h.failed_chunks, h.cancelled_chunks, h.created_at, h.started_at,
+                    h.finished_at, h.run_at, h.label, h.dedupe_key, h.status
+             FROM chunkd.history_jobs h
              WHERE h.label IS NOT NULL AND lower(h.label) COLLATE "C" >= $8
                AND ($9::text IS NULL OR lower(h.label) COLLATE "C" < $9)
                AND starts_with(lower(h.label), $8)
@@ -438,7 +466,10 @@ BEGIN
                AND ($3::text IS NULL OR h.status = $3)
              ORDER BY h.created_at DESC, h.public_id LIMIT $4)
             UNION
-            (SELECT h.id FROM chunkd.history_jobs h
+            (SELECT h.id, h.public_id, h.kind, h.total_chunks, h.completed_chunks,
+                    h.failed_chunks, h.cancelled_chunks, h.created_at, h.started_at,
+                    h.finished_at, h.run_at, h.label, h.dedupe_key, h.status
+             FROM chunkd.history_jobs h
              WHERE h.dedupe_key IS NOT NULL AND lower(h.dedupe_key) COLLATE "C" >= $8
                AND ($9::text IS NULL OR lower(h.dedupe_key) COLLATE "C" < $9)
                AND starts_with(lower(h.dedupe_key), $8)
@@ -452,10 +483,7 @@ BEGIN
                     chunkd.overall_status(j) AS overall_status
              FROM hits x JOIN chunkd.jobs j ON j.id = x.id)
             UNION ALL
-            (SELECT h.id, h.public_id, h.kind, h.total_chunks, h.completed_chunks,
-                    h.failed_chunks, h.cancelled_chunks, h.created_at, h.started_at,
-                    h.finished_at, h.run_at, h.label, h.dedupe_key, h.status
-             FROM old_hits x JOIN chunkd.history_jobs h ON h.id = x.id)
+            (SELECT * FROM old_hits)
             ORDER BY created_at DESC, public_id
             LIMIT $10 OFFSET $11
         ), running AS (
@@ -474,7 +502,7 @@ BEGIN
                p.created_at, p.started_at, p.finished_at, p.run_at, p.label, p.dedupe_key
         FROM page p LEFT JOIN running r ON r.job_id = p.id
         ORDER BY p.created_at DESC, p.public_id
-    $q$ USING term, only_kind, only_status, lim + off, by_id, id_low, id_high, low, high, lim,
+    $q$, live_status) USING term, only_kind, only_status, lim + off, by_id, id_low, id_high, low, high, lim,
               off;
 END;
 $$;

@@ -310,13 +310,9 @@ class HttpHandler:
         if 200 <= status < 300:
             size = response.content_length  # None when not announced (chunked)
             content, more = b"", True  # announced too big: not a byte of it is read
-            if (
-                size is not None
-                and size <= MAX_BODY_BYTES
-                and not response.headers.get("Content-Encoding")
-            ):
-                # Announced and within the cap: the parser reads exactly that many bytes.
-                content, more = await response.read(), False
+            plain = not response.headers.get("Content-Encoding")
+            if size is not None and size <= MAX_BODY_BYTES and plain:
+                content, more = await response.read(), False  # exactly the announced bytes
             elif size is None or size <= MAX_BODY_BYTES:
                 content, more = await _read_capped(response, MAX_BODY_BYTES)
             if more:

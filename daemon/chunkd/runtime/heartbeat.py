@@ -60,6 +60,9 @@ class Heartbeat:
         self.interval_s = min(self.lease_interval_s, REGISTRY_HEARTBEAT_MAX_S)
         self._next_renewal = 0.0
         self._clock: tuple[float, datetime] | None = None  # (loop time sent, database clock)
+        # Held while a round is in flight; once halted, no round starts (see halt()).
+        self._round = asyncio.Lock()
+        self._halted = False
 
     async def renew_leases(self) -> int:
         """Renews what is held; returns how many leases were renewed."""
@@ -122,7 +125,23 @@ class Heartbeat:
             # the next renewal towards the end of the lease.
             await asyncio.sleep(max(0.0, next_at - loop.time()))
             next_at = loop.time() + self.interval_s
-            try:
-                await self.run_once()
-            except DATABASE_ERRORS as exc:
-                await self._health.failed("heartbeat", exc)
+            async with self._round:
+                if self._halted:
+                    return
+                try:
+                    await self.run_once()
+                except DATABASE_ERRORS as exc:
+                    await self._health.failed("heartbeat", exc)
+
+    async def halt(self, timeout_s: float) -> None:
+        """No heartbeat after this returns: a round in flight is waited for (at most
+        ``timeout_s`` seconds), so the server has run it before whatever the caller sends next.
+        The stop calls it right before it deregisters: a heartbeat after that would register
+        this stopped daemon again (worker_alive registers a row it finds gone)."""
+        self._halted = True
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._round.acquire()
+        except TimeoutError:
+            return  # the database does not answer: neither will it to the deregistration
+        self._round.release()

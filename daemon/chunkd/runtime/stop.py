@@ -4,8 +4,9 @@
    release below sees it committed. Meanwhile running handlers get ``--shutdown-timeout`` to
    finish; the rest are cancelled.
 2. Outcomes already produced are written.
-3. One statement hands back every chunk the worker still holds on the server, whether or not
-   this process knows of it (a claim whose reply never came), and removes its row.
+3. Heartbeats stop (one in flight is waited for); then one statement hands back every chunk
+   the worker still holds on the server, whether or not this process knows of it (a claim
+   whose reply never came), and removes its row.
 
 Every step is bounded, so a stop takes at most ``--shutdown-timeout`` plus 15 s however slow
 the database answers: 2 s for cancelled handlers to unwind (or 3 s for the claim), 10 s for
@@ -26,6 +27,7 @@ from chunkd.observability.metrics import Metrics
 from chunkd.observability.sdnotify import Notifier
 from chunkd.runtime.claimer import Claimer
 from chunkd.runtime.health import first_line
+from chunkd.runtime.heartbeat import Heartbeat
 from chunkd.runtime.inflight import InFlight
 from chunkd.runtime.outcomes import Outcomes
 from chunkd.runtime.pool import WorkerPool
@@ -53,6 +55,7 @@ class Stopping:
     queue: Queue
     claimer: Claimer
     claimer_task: asyncio.Task[None]
+    heartbeat: Heartbeat
     inflight: InFlight
     outcomes: Outcomes
     pool: WorkerPool
@@ -79,6 +82,10 @@ async def stop_gracefully(s: Stopping) -> None:
         )
     try:
         timeout_s = max(RELEASE_RESERVE_S, deadline - loop.time())
+        # Heartbeats (and lease renewals) went on while handlers finished; none may follow the
+        # deregistration, or it would register this daemon again.
+        await s.heartbeat.halt(timeout_s / 2)
+        timeout_s = max(RELEASE_RESERVE_S / 2, deadline - loop.time())
         released = await asyncio.wait_for(s.queue.stop_worker(s.worker_id), timeout=timeout_s)
     except (TimeoutError, *DATABASE_ERRORS) as exc:
         log.error(

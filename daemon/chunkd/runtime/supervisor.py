@@ -342,6 +342,7 @@ async def _serve(
                 queue=queue,
                 claimer=claimer,
                 claimer_task=service_tasks["claimer"],
+                heartbeat=heartbeat,
                 inflight=inflight,
                 outcomes=outcomes,
                 pool=pool,

@@ -486,6 +486,19 @@ async def sample_stuck(db: Db, chaos: Chaos) -> None:
     chaos.stuck.update((r["chunk_id"], r["n"]) for r in rows)
 
 
+# How long the final stop waits for a daemon still starting to be up (seconds).
+READY_WAIT_S = 30.0
+
+
+async def _until_up(daemon: DaemonProcess, timeout_s: float) -> None:
+    """Until ``daemon`` logged daemon.ready or exited, at most ``timeout_s`` seconds."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and daemon.process.poll() is None:
+        if "daemon.ready" in daemon.log_path.read_text(errors="replace"):
+            return
+        await asyncio.sleep(0.1)
+
+
 async def replace_dead(fleet: Fleet, chaos: Chaos, db: Db) -> None:
     """A daemon that exited by itself is started again (as systemd would)."""
     for daemon in fleet.running:
@@ -1033,6 +1046,10 @@ async def soak(args: argparse.Namespace, cluster: PostgresCluster, work_dir: Pat
             else "did NOT converge"
         )
         for daemon in fleet.running:  # graceful: flushes the logs, deregisters
+            # One started late in the chaos may not be up yet: a SIGTERM before its signal
+            # handlers exist just kills it (-15, as systemd's stop would, which counts that as
+            # a clean stop). Each is given until it is ready, or has exited, to be stopped.
+            await _until_up(daemon, READY_WAIT_S)
             code = await fleet.sigterm(daemon, db)
             if code != 0:
                 chaos.daemon_exits.append((daemon.pid, code))

@@ -78,6 +78,10 @@ class Daemon:
         full_env = dict(os.environ)
         full_env.update(
             CHUNKD_DSN=dsn,
+            # No maintenance unless a test asks for it (--maintenance-interval, or env): the
+            # tests read a finished job's claims and chunks from the live tables, which the
+            # maintenance empties within its 10 s (tests/test_daemon_maintenance.py runs it).
+            CHUNKD_MAINTENANCE_INTERVAL="0",
             PYTHONPATH=os.pathsep.join(
                 filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])
             ),
